@@ -1,0 +1,138 @@
+// orthoconv/backend.hpp: the narrow interface every layer is written against.
+//
+// Layers (SOC, GS-SOC, MaxMin, ...) never see oneDNN or CUDA: they call these primitives, and each device
+// implements them once (lib/backend/cpu with oneDNN, lib/backend/cuda with cuDNN). All pointers are device
+// pointers of the backend's device; all activations are NCHW float32, contiguous.
+//
+// Convolutions: grouped 2-D, stride 1, odd square kernel k, zero "same" padding k/2, no bias. Weights are
+// laid out [groups, c_out/groups, c_in/groups, k, k] (a SocConv filter [g, C, C, k, k] as it is stored).
+// Implementations create each vendor primitive once per ConvShape and reuse it.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "orthoconv/tensor.hpp"
+
+namespace orthoconv {
+
+enum class ConvPass { forward, backward_data };
+
+struct ConvShape {
+  int64_t batch = 1;
+  int64_t in_channels = 1;
+  int64_t out_channels = 1;
+  int64_t height = 1;
+  int64_t width = 1;
+  int64_t kernel = 1;
+  int64_t groups = 1;
+
+  int64_t weight_count() const { return out_channels * (in_channels / groups) * kernel * kernel; }
+  // Multiply-adds of one forward pass.
+  int64_t macs() const { return batch * height * width * weight_count(); }
+  bool operator==(const ConvShape& other) const;
+  std::string str() const;
+  void validate() const;  // throws ConfigError for impossible settings
+};
+
+// The persistent power-iteration state of one SocConv filter [g, C, C, k, k]: four (u, v) pairs per group,
+// one for each reshape of the filter into a matrix (see SocConv). Sizes per group:
+//   u1 [C_in, w] v1 [C_out, h];  u2 [C_in, h] v2 [C_out, w];  u3 [C_in, h, w] v3 [C_out];  u4 [C_out, h, w] v4 [C_in].
+struct PowerIterationState {
+  Tensor u[4];
+  Tensor v[4];
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;
+
+  // ---- convolutions ----
+  // Convolutions run on buffers in the backend's own "conv layout" (oneDNN's blocked nChw16c on the CPU, plain
+  // NCHW on CUDA): convert once at a layer's entry and exit, run every series term in that layout. Elementwise
+  // ops below (fill, copy, axpby) are layout-agnostic and may be applied to such buffers as flat arrays: padded
+  // channel slots hold zeros and stay zero. The batch is the outermost axis in every conv layout, so a buffer
+  // of k * batch images is k buffers of batch images back to back.
+  // Activation buffers hold shape.in_channels (== shape.out_channels: the layers only convolve square).
+  virtual int64_t conv_buffer_size(const ConvShape& shape) = 0;  // floats
+  virtual void to_conv_layout(const ConvShape& shape, const float* nchw, float* dst) = 0;
+  virtual void from_conv_layout(const ConvShape& shape, const float* src, float* nchw) = 0;
+  // Weights in the layout the forward or backward-data primitive wants, converted from the plain
+  // [g, c_out/g, c_in/g, k, k] layout. Scaling such a buffer elementwise scales the filter.
+  virtual int64_t conv_weights_size(const ConvShape& shape, ConvPass pass) = 0;  // floats
+  virtual void weights_to_conv_layout(const ConvShape& shape, ConvPass pass, const float* plain, float* dst) = 0;
+
+  // dst = conv(src, weights), or with accumulate dst += conv(src, weights). Conv layout; weights in the
+  // forward conv layout.
+  virtual void conv_forward(const ConvShape& shape, const float* src, const float* weights, float* dst,
+                            bool accumulate) = 0;
+  // diff_src = conv^T(diff_dst, weights), overwritten. Conv layout; weights in the backward-data conv layout.
+  virtual void conv_backward_data(const ConvShape& shape, const float* diff_dst, const float* weights,
+                                  float* diff_src) = 0;
+  // diff_weights (plain layout) = gradient of <diff_dst, conv(src, w)> in w, overwritten. Conv layout inputs.
+  virtual void conv_backward_weights(const ConvShape& shape, const float* src, const float* diff_dst,
+                                     float* diff_weights) = 0;
+
+  // ---- elementwise ----
+  virtual void fill(float* dst, int64_t count, float value) = 0;
+  virtual void copy(const float* src, float* dst, int64_t count) = 0;
+  // y = alpha * x + beta * y
+  virtual void axpby(float alpha, const float* x, float beta, float* y, int64_t count) = 0;
+  // dst[b, c, :] (+)= src[b, c, :] for c < min(src_channels, dst_channels); with !accumulate the channels of
+  // dst beyond src_channels are zeroed. Covers channel zero-padding and truncation (and their gradients).
+  virtual void copy_channels(const float* src, int64_t src_channels, float* dst, int64_t dst_channels,
+                             int64_t batch, int64_t plane, bool accumulate) = 0;
+  // dst[b, destination[c], :] = src[b, c, :]  (a channel permutation).
+  virtual void permute_channels(const float* src, float* dst, const int32_t* destination, int64_t batch,
+                                int64_t channels, int64_t plane) = 0;
+  // input [b, c, s*i+p, s*j+q] <-> output [b, c*s*s + s*p + q, i, j]; inverse does the opposite.
+  virtual void pixel_unshuffle(const float* src, float* dst, int64_t batch, int64_t channels, int64_t height,
+                               int64_t width, int64_t stride, bool inverse) = 0;
+  // MaxMin. Plain: halves A = x[:, :n/2], B = x[:, n/2:], out = [min(A,B), max(A,B)].
+  // Paired: on channel pairs (2i, 2i+1): out 2i = min, 2i+1 = max.
+  virtual void maxmin_forward(const float* src, float* dst, int64_t batch, int64_t channels, int64_t plane,
+                              bool paired) = 0;
+  virtual void maxmin_backward(const float* src, const float* diff_dst, float* diff_src, int64_t batch,
+                               int64_t channels, int64_t plane, bool paired) = 0;
+  virtual void add_bias(float* dst, const float* bias, int64_t batch, int64_t channels, int64_t plane) = 0;
+  // diff_bias[c] += sum over batch and plane of diff_dst.
+  virtual void bias_backward(const float* diff_dst, float* diff_bias, int64_t batch, int64_t channels,
+                             int64_t plane) = 0;
+
+  // ---- SOC filter preparation, on [groups, C, C, k, k] filters ----
+  // dst = (src - src^T) / 2, ^T swapping the channel axes and flipping both spatial axes. Linear and
+  // self-adjoint up to sign structure: the gradient of M is skew_symmetrize(gradient of A).
+  virtual void skew_symmetrize(const float* src, float* dst, int64_t groups, int64_t channels,
+                               int64_t kernel) = 0;
+  // Runs `iterations` power-iteration rounds on each of the four reshapes (v then u, normalised per group),
+  // then writes per group sigma[g] = min_i <A_g, u_i (x) v_i> and which[g] = the argmin i (0..3).
+  virtual void power_iteration(const float* filter, PowerIterationState& state, int64_t groups,
+                               int64_t channels, int64_t kernel, int iterations, float* sigma,
+                               int32_t* which) = 0;
+  // scaled = scale[g] * filter for each group g (scale has `groups` entries, host memory).
+  virtual void scale_groups(const float* filter, const float* scale, float* scaled, int64_t groups,
+                            int64_t group_size) = 0;
+  // diff_filter[g] += coefficient[g] * (u_which (x) v_which) for each group (the gradient of sigma).
+  virtual void add_sigma_gradient(const PowerIterationState& state, const int32_t* which,
+                                  const float* coefficient, float* diff_filter, int64_t groups,
+                                  int64_t channels, int64_t kernel) = 0;
+  // Per-group inner products out[g] = <a_g, b_g> (host memory out).
+  virtual void group_dot(const float* a, const float* b, float* out, int64_t groups, int64_t group_size) = 0;
+
+  // Copies between this backend's memory and host memory.
+  virtual void to_host(const float* src, float* host_dst, int64_t count) = 0;
+  virtual void from_host(const float* host_src, float* dst, int64_t count) = 0;
+  virtual void synchronize() {}
+};
+
+// The CPU backend (oneDNN). One instance per process is enough; it is thread-compatible, not thread-safe.
+std::shared_ptr<Backend> cpu_backend();
+// The CUDA backend, when built with it and a GPU is present; throws Error otherwise.
+std::shared_ptr<Backend> cuda_backend();
+bool cuda_available();
+std::shared_ptr<Backend> backend_for(Device device);
+
+}  // namespace orthoconv

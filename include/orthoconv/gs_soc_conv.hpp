@@ -1,0 +1,56 @@
+// orthoconv/gs_soc_conv.hpp: Group-and-Shuffle SOC (Gorbunov et al., NeurIPS 2024).
+//
+// GsSocConv with groups (a, b):
+//   ChannelShuffle(a) on the input (skipped when c_in is not divisible by a)
+//   -> SocConv k x k, a groups, the stride, c_in -> c_out
+//   -> ChannelShuffle(b) on c_out channels
+//   -> SocConv 1 x 1, b groups, stride 1, c_out -> c_out.
+// The single-stage variant (a, -) stops after the grouped k x k SocConv. `paired` selects the paired shuffles.
+// Each stage is orthogonal (or a coordinate projection of one), so the layer is 1-Lipschitz.
+// (The reference code has a variant that computes the middle shuffle and discards it; this one applies it.)
+#pragma once
+
+#include <memory>
+#include <optional>
+
+#include "orthoconv/channel_shuffle.hpp"
+#include "orthoconv/soc_conv.hpp"
+
+namespace orthoconv {
+
+struct GsSocConfig {
+  SocConfig base;                          // in/out channels, kernel, stride, terms, ...; base.groups ignored
+  int64_t groups_first = 4;                // a
+  std::optional<int64_t> groups_second;    // b, or none for the single-stage (a, -) variant
+  bool paired = false;
+  void validate() const;
+};
+
+class GsSocConv : public Layer {
+ public:
+  explicit GsSocConv(const GsSocConfig& config, std::shared_ptr<Backend> backend = cpu_backend());
+  std::string kind() const override { return "gs-soc"; }
+  std::string describe() const override;
+  Shape output_shape(const Shape& input) const override;
+  void forward(const Tensor& input, Tensor& output) override;
+  void backward(const Tensor& diff_output, Tensor& diff_input) override;
+  std::vector<Parameter*> parameters() override;
+  std::vector<Buffer> buffers() override;
+  void set_training(bool training) override;
+
+  SocConv& first() { return *first_; }
+  SocConv* second() { return second_.get(); }
+  const GsSocConfig& config() const { return config_; }
+  bool shuffles_input() const { return static_cast<bool>(input_shuffle_); }
+
+ private:
+  GsSocConfig config_;
+  std::unique_ptr<ChannelShuffle> input_shuffle_;
+  std::unique_ptr<SocConv> first_;
+  std::unique_ptr<ChannelShuffle> middle_shuffle_;
+  std::unique_ptr<SocConv> second_;
+  Tensor shuffled_, first_out_, middle_;
+  Tensor diff_a_, diff_b_;
+};
+
+}  // namespace orthoconv

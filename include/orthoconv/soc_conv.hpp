@@ -1,0 +1,116 @@
+// orthoconv/soc_conv.hpp: skew-orthogonal convolution (Singla & Feizi 2021), optionally grouped.
+//
+// SocConv(c_in -> c_out, kernel k odd, stride s in {1, 2}, groups g):
+//   M            free parameter [g, C, C, k, k], C = max(c_out, c_in*s*s) / g, init N(0, 1/C)
+//   A = (M - M^T)/2   M^T swaps the channel axes and flips both spatial axes: with zero "same" padding the
+//                     convolution by A is exactly skew-symmetric, so exp(A) is orthogonal
+//   sigma_g      per group, the minimum of four power-iteration estimates <A_g, u_i (x) v_i> over the reshapes
+//                (out*h)x(in*w), (out*w)x(in*h), out x(in*h*w), (out*h*w)x in; u, v persist across steps:
+//                50 iterations at construction; in training mode 50 when the step counter is a multiple of
+//                update_every (200), else 1, then the counter advances; none in evaluation mode.
+//                Gradients flow through sigma with u, v held fixed.
+//   A_n = correction * A / (sigma + 1e-12), correction 0.7 for k > 1 and 1.0 for k = 1 unless set
+//   input  [N, c_in, H, W] -> pixel-unshuffle by s -> zero channels appended up to C*g
+//   y = sum_{i=0..K} A_n^i x / i!   (evaluated by Horner's rule: p = x; p = x + A_n p / j for j = K..1)
+//          K = 5 terms in training, 12 in evaluation (configurable)
+//   keep c_out channels (the first c_out, or the first c_out/g of each group), add the bias.
+// Truncation: with rho = ||A_n||_2 the series misses exp(A_n) by at most sum_{i>K} rho^i / i! in norm.
+// Output [N, c_out, H/s, W/s]. Requires H, W divisible by s.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "orthoconv/layer.hpp"
+
+namespace orthoconv {
+
+enum class KeepChannels { first, per_group };
+
+struct SocConfig {
+  int64_t in_channels = 0;
+  int64_t out_channels = 0;
+  int64_t kernel = 3;
+  int64_t stride = 1;
+  int64_t groups = 1;
+  bool bias = true;
+  int train_terms = 5;
+  int eval_terms = 12;
+  std::optional<float> correction;  // default: 0.7 for kernel > 1, 1.0 for kernel 1
+  int init_iterations = 50;
+  int update_iterations = 1;
+  int update_every = 200;
+  KeepChannels keep = KeepChannels::first;
+  uint64_t seed = 0;
+
+  void validate() const;  // throws ConfigError naming the setting and the value
+  int64_t unshuffled_channels() const { return in_channels * stride * stride; }
+  int64_t group_channels() const;  // C
+  float effective_correction() const;
+};
+
+class SocConv : public Layer {
+ public:
+  explicit SocConv(const SocConfig& config, std::shared_ptr<Backend> backend = cpu_backend());
+
+  std::string kind() const override { return "soc"; }
+  std::string describe() const override;
+  Shape output_shape(const Shape& input) const override;
+  void forward(const Tensor& input, Tensor& output) override;
+  void backward(const Tensor& diff_output, Tensor& diff_input) override;
+  std::vector<Parameter*> parameters() override;
+  std::vector<Buffer> buffers() override;
+
+  const SocConfig& config() const { return config_; }
+  int terms() const { return training_ ? config_.train_terms : config_.eval_terms; }
+  void set_terms(int train_terms, int eval_terms);
+
+  Parameter& weight() { return weight_; }
+  Parameter& bias() { return bias_; }
+  int64_t step() const { return step_; }
+  void set_step(int64_t step) { step_ = step; }
+  // The last scales used by forward (per group), and how many power iterations the last forward ran.
+  const std::vector<float>& sigma() const { return sigma_; }
+  int last_power_iterations() const { return last_power_iterations_; }
+
+  // The skew filter A = (M - M^T)/2 and the scaled filter A_n (plain layout [g, C, C, k, k]), computed from the
+  // current M and power-iteration vectors without advancing anything.
+  Tensor skew_filter();
+  Tensor scaled_filter();
+  // Re-runs `iterations` power iterations (used at construction and by tools), without a forward pass.
+  void refresh_sigma(int iterations);
+
+ private:
+  ConvShape series_shape(int64_t batch) const;
+  void prepare_filter(int iterations);
+
+  SocConfig config_;
+  std::shared_ptr<Backend> backend_;
+  Parameter weight_;
+  Parameter bias_;
+  PowerIterationState power_;
+  int64_t step_ = 0;
+  int last_power_iterations_ = 0;
+
+  // per-forward state kept for backward
+  Tensor skew_;            // A [g, C, C, k, k]
+  Tensor scaled_;          // A_n, plain layout
+  std::vector<float> sigma_;
+  std::vector<float> scale_;      // correction / (sigma + 1e-12)
+  std::vector<int32_t> which_;
+  Tensor weights_forward_;        // [K+1] copies in forward conv layout: slot j = A_n / j (slot 0 = A_n)
+  Tensor weights_backward_;       // [K+1] copies in backward-data conv layout
+  Tensor series_;                 // [K+1] x (batch in conv layout): slot s holds p_{s+1}; slot K = x0
+  Tensor diff_series_;            // [K+1] x (batch in conv layout): slot j-1 holds g_j / j
+  Tensor staging_;                // NCHW, C*g channels
+  Tensor diff_weights_;           // plain, dA_n
+  Tensor diff_skew_;              // plain, dM
+  Tensor scratch_;                // NCHW, the unshuffled channels
+  Shape input_shape_;
+  int forward_terms_ = 0;
+  int64_t buffer_size_ = 0;
+};
+
+}  // namespace orthoconv

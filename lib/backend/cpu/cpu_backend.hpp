@@ -1,0 +1,87 @@
+// The CPU backend: oneDNN for every convolution, plain OpenMP loops for the rest.
+//
+// Convolutions run in oneDNN's blocked layout (nChw16c with AVX-512, nChw8c otherwise), chosen here once:
+// with plain NCHW oneDNN 2.6 falls back to im2col + GEMM, 2 to 5 times slower at LipConvnet's shapes.
+// Every primitive (forward, forward-accumulate, backward-data, backward-weights, reorders) is created once
+// per ConvShape and kept in a cache.
+#pragma once
+
+#include <dnnl.hpp>
+#include <map>
+#include <memory>
+#include <tuple>
+
+#include "orthoconv/backend.hpp"
+
+namespace orthoconv::cpu {
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend();
+  ~CpuBackend() override;
+  Device device() const override { return Device::cpu; }
+  std::string name() const override;
+
+  int64_t conv_buffer_size(const ConvShape& shape) override;
+  void to_conv_layout(const ConvShape& shape, const float* nchw, float* dst) override;
+  void from_conv_layout(const ConvShape& shape, const float* src, float* nchw) override;
+  int64_t conv_weights_size(const ConvShape& shape, ConvPass pass) override;
+  void weights_to_conv_layout(const ConvShape& shape, ConvPass pass, const float* plain, float* dst) override;
+  void conv_forward(const ConvShape& shape, const float* src, const float* weights, float* dst,
+                    bool accumulate) override;
+  void conv_backward_data(const ConvShape& shape, const float* diff_dst, const float* weights,
+                          float* diff_src) override;
+  void conv_backward_weights(const ConvShape& shape, const float* src, const float* diff_dst,
+                             float* diff_weights) override;
+
+  void fill(float* dst, int64_t count, float value) override;
+  void copy(const float* src, float* dst, int64_t count) override;
+  void axpby(float alpha, const float* x, float beta, float* y, int64_t count) override;
+  void copy_channels(const float* src, int64_t src_channels, float* dst, int64_t dst_channels, int64_t batch,
+                     int64_t plane, bool accumulate) override;
+  void permute_channels(const float* src, float* dst, const int32_t* destination, int64_t batch,
+                        int64_t channels, int64_t plane) override;
+  void pixel_unshuffle(const float* src, float* dst, int64_t batch, int64_t channels, int64_t height,
+                       int64_t width, int64_t stride, bool inverse) override;
+  void maxmin_forward(const float* src, float* dst, int64_t batch, int64_t channels, int64_t plane,
+                      bool paired) override;
+  void maxmin_backward(const float* src, const float* diff_dst, float* diff_src, int64_t batch,
+                       int64_t channels, int64_t plane, bool paired) override;
+  void add_bias(float* dst, const float* bias, int64_t batch, int64_t channels, int64_t plane) override;
+  void bias_backward(const float* diff_dst, float* diff_bias, int64_t batch, int64_t channels,
+                     int64_t plane) override;
+
+  void skew_symmetrize(const float* src, float* dst, int64_t groups, int64_t channels, int64_t kernel) override;
+  void power_iteration(const float* filter, PowerIterationState& state, int64_t groups, int64_t channels,
+                       int64_t kernel, int iterations, float* sigma, int32_t* which) override;
+  void scale_groups(const float* filter, const float* scale, float* scaled, int64_t groups,
+                    int64_t group_size) override;
+  void add_sigma_gradient(const PowerIterationState& state, const int32_t* which, const float* coefficient,
+                          float* diff_filter, int64_t groups, int64_t channels, int64_t kernel) override;
+  void group_dot(const float* a, const float* b, float* out, int64_t groups, int64_t group_size) override;
+
+  void to_host(const float* src, float* host_dst, int64_t count) override;
+  void from_host(const float* host_src, float* dst, int64_t count) override;
+
+  // The oneDNN implementation chosen for each pass of `shape` ("jit:avx512_core", ...), for benchmarks.
+  std::string implementation(const ConvShape& shape);
+
+ private:
+  struct ConvPrimitives;
+  struct ShapeKey {
+    int64_t n, ci, co, h, w, k, g;
+    bool operator<(const ShapeKey& o) const {
+      return std::tie(n, ci, co, h, w, k, g) < std::tie(o.n, o.ci, o.co, o.h, o.w, o.k, o.g);
+    }
+  };
+  ConvPrimitives& primitives(const ConvShape& shape);
+  dnnl::memory::desc activation_desc(const ConvShape& shape, int64_t channels) const;
+  dnnl::memory::desc plain_weights_desc(const ConvShape& shape) const;
+
+  dnnl::engine engine_;
+  dnnl::stream stream_;
+  dnnl::memory::format_tag blocked_tag_;
+  std::map<ShapeKey, std::unique_ptr<ConvPrimitives>> cache_;
+};
+
+}  // namespace orthoconv::cpu

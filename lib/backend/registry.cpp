@@ -1,0 +1,47 @@
+// Which backend serves which device; ConvShape helpers.
+#include <sstream>
+
+#include "backend/cpu/cpu_backend.hpp"
+#include "orthoconv/backend.hpp"
+
+namespace orthoconv {
+
+bool ConvShape::operator==(const ConvShape& o) const {
+  return batch == o.batch && in_channels == o.in_channels && out_channels == o.out_channels &&
+         height == o.height && width == o.width && kernel == o.kernel && groups == o.groups;
+}
+
+std::string ConvShape::str() const {
+  std::ostringstream out;
+  out << "[batch " << batch << ", " << in_channels << "->" << out_channels << " channels, " << height << "x"
+      << width << ", kernel " << kernel << ", groups " << groups << "]";
+  return out.str();
+}
+
+void ConvShape::validate() const {
+  require(batch > 0, "convolution batch must be positive, got ", batch);
+  require(in_channels > 0 && out_channels > 0, "convolution channels must be positive, got ", in_channels,
+          "->", out_channels);
+  require(height > 0 && width > 0, "convolution input must be non-empty, got ", height, "x", width);
+  require(kernel > 0 && kernel % 2 == 1, "convolution kernel must be odd and positive, got ", kernel);
+  require(groups > 0 && in_channels % groups == 0 && out_channels % groups == 0, "convolution groups (", groups,
+          ") must divide in_channels (", in_channels, ") and out_channels (", out_channels, ")");
+}
+
+std::shared_ptr<Backend> cpu_backend() {
+  static std::shared_ptr<Backend> instance = std::make_shared<cpu::CpuBackend>();
+  return instance;
+}
+
+#ifndef ORTHOCONV_WITH_CUDA
+std::shared_ptr<Backend> cuda_backend() {
+  throw BackendError("this build of orthoconv has no CUDA backend (configure with -DORTHOCONV_CUDA=ON)");
+}
+bool cuda_available() { return false; }
+#endif
+
+std::shared_ptr<Backend> backend_for(Device device) {
+  return device == Device::cpu ? cpu_backend() : cuda_backend();
+}
+
+}  // namespace orthoconv

@@ -1,0 +1,112 @@
+#include "orthoconv/gs_soc_conv.hpp"
+
+#include <sstream>
+
+namespace orthoconv {
+
+void GsSocConfig::validate() const {
+  require(groups_first > 0, "GS-SOC first groups (a) must be positive, got ", groups_first);
+  if (groups_second)
+    require(*groups_second > 0, "GS-SOC second groups (b) must be positive, got ", *groups_second);
+  SocConfig first = base;
+  first.groups = groups_first;
+  first.validate();
+  if (groups_second) {
+    require(base.out_channels % *groups_second == 0, "GS-SOC second groups (b = ", *groups_second,
+            ") must divide out_channels (", base.out_channels, ")");
+    if (paired)
+      require(base.out_channels % (2 * *groups_second) == 0, "paired GS-SOC needs 2*b (", 2 * *groups_second,
+              ") to divide out_channels (", base.out_channels, ")");
+  }
+}
+
+GsSocConv::GsSocConv(const GsSocConfig& config, std::shared_ptr<Backend> backend) : config_(config) {
+  config_.validate();
+  const int64_t a = config_.groups_first;
+  const int64_t c_in = config_.base.in_channels, c_out = config_.base.out_channels;
+  bool shuffle_input = c_in % a == 0 && (!config_.paired || c_in % (2 * a) == 0);
+  if (shuffle_input) input_shuffle_ = std::make_unique<ChannelShuffle>(c_in, a, config_.paired, false, backend);
+  SocConfig first = config_.base;
+  first.groups = a;
+  first_ = std::make_unique<SocConv>(first, backend);
+  if (config_.groups_second) {
+    const int64_t b = *config_.groups_second;
+    middle_shuffle_ = std::make_unique<ChannelShuffle>(c_out, b, config_.paired, false, backend);
+    SocConfig second = config_.base;
+    second.in_channels = c_out;
+    second.kernel = 1;
+    second.stride = 1;
+    second.groups = b;
+    second.correction.reset();
+    second.keep = KeepChannels::first;
+    second.seed = config_.base.seed ^ 0x9e3779b97f4a7c15ULL;
+    second_ = std::make_unique<SocConv>(second, backend);
+  }
+}
+
+std::string GsSocConv::describe() const {
+  std::ostringstream out;
+  out << "gs-soc (" << config_.groups_first << ",";
+  if (config_.groups_second)
+    out << *config_.groups_second;
+  else
+    out << "-";
+  out << ")" << (config_.paired ? " paired" : "") << ": " << (input_shuffle_ ? "shuffle, " : "")
+      << first_->describe();
+  if (second_) out << ", shuffle, " << second_->describe();
+  return out.str();
+}
+
+Shape GsSocConv::output_shape(const Shape& input) const { return first_->output_shape(input); }
+
+std::vector<Parameter*> GsSocConv::parameters() {
+  auto out = first_->parameters();
+  if (second_)
+    for (Parameter* p : second_->parameters()) out.push_back(p);
+  return out;
+}
+
+std::vector<Buffer> GsSocConv::buffers() {
+  auto out = first_->buffers();
+  if (second_)
+    for (Buffer b : second_->buffers()) out.push_back(b);
+  return out;
+}
+
+void GsSocConv::set_training(bool training) {
+  Layer::set_training(training);
+  first_->set_training(training);
+  if (second_) second_->set_training(training);
+}
+
+void GsSocConv::forward(const Tensor& input, Tensor& output) {
+  const Tensor* x = &input;
+  if (input_shuffle_) {
+    input_shuffle_->forward(input, shuffled_);
+    x = &shuffled_;
+  }
+  if (!second_) {
+    first_->forward(*x, output);
+    return;
+  }
+  first_->forward(*x, first_out_);
+  middle_shuffle_->forward(first_out_, middle_);
+  second_->forward(middle_, output);
+}
+
+void GsSocConv::backward(const Tensor& diff_output, Tensor& diff_input) {
+  const Tensor* d = &diff_output;
+  if (second_) {
+    second_->backward(diff_output, diff_a_);
+    middle_shuffle_->backward(diff_a_, diff_b_);
+    d = &diff_b_;
+  }
+  if (!input_shuffle_) {
+    first_->backward(*d, diff_input);
+    return;
+  }
+  first_->backward(*d, diff_a_);
+  input_shuffle_->backward(diff_a_, diff_input);
+}
+
+}  // namespace orthoconv

@@ -1,0 +1,336 @@
+// SocConv: the exponential of a (grouped) skew-symmetric convolution, by a truncated Taylor series, written
+// once on the Backend interface. See include/orthoconv/soc_conv.hpp for the exact semantics.
+//
+// Forward (Horner): p_{K+1} = x0; p_j = x0 + (A_n / j) p_{j+1} for j = K..1; y = p_1. That is K convolutions,
+// each one fused with its accumulation (oneDNN sum post-op), weights A_n / j precomputed per step.
+// Backward: with h_j = (dL/dp_j) / j:  h_1 = dL/dy,  h_{j+1} = A_n^T h_j / (j+1),  dL/dx0 = sum_j j h_j + A_n^T h_K,
+// dL/dA_n = sum_j h_j (x) p_{j+1}: all K products in ONE backward-weights call over a batch of K*N images,
+// since the p_{j+1} and the h_j are stored back to back.
+#include "orthoconv/soc_conv.hpp"
+
+#include <cmath>
+#include <random>
+#include <sstream>
+
+namespace orthoconv {
+
+void SocConfig::validate() const {
+  require(in_channels > 0, "SocConv in_channels must be positive, got ", in_channels);
+  require(out_channels > 0, "SocConv out_channels must be positive, got ", out_channels);
+  require(kernel > 0 && kernel % 2 == 1, "SocConv kernel must be odd and positive, got ", kernel);
+  require(stride == 1 || stride == 2, "SocConv stride must be 1 or 2, got ", stride);
+  require(groups > 0, "SocConv groups must be positive, got ", groups);
+  int64_t channels = std::max(out_channels, unshuffled_channels());
+  require(channels % groups == 0, "SocConv groups (", groups, ") must divide the series channels max(out ",
+          out_channels, ", in*stride^2 ", unshuffled_channels(), ") = ", channels);
+  require(train_terms > 0, "SocConv train_terms must be positive, got ", train_terms);
+  require(eval_terms > 0, "SocConv eval_terms must be positive, got ", eval_terms);
+  require(init_iterations >= 0 && update_iterations >= 0, "SocConv power iterations must be >= 0, got ",
+          init_iterations, " and ", update_iterations);
+  require(update_every > 0, "SocConv update_every must be positive, got ", update_every);
+  require(!correction || (*correction > 0.0f && std::isfinite(*correction)),
+          "SocConv correction must be positive and finite, got ", correction.value_or(0.0f));
+  if (keep == KeepChannels::per_group)
+    require(out_channels % groups == 0, "SocConv keep=per-group needs groups (", groups,
+            ") to divide out_channels (", out_channels, ")");
+}
+
+int64_t SocConfig::group_channels() const { return std::max(out_channels, unshuffled_channels()) / groups; }
+
+float SocConfig::effective_correction() const {
+  if (correction) return *correction;
+  return kernel > 1 ? 0.7f : 1.0f;
+}
+
+namespace {
+
+Tensor on_device(const std::vector<float>& host, const Shape& shape, Backend& backend) {
+  Tensor t(shape, backend.device());
+  backend.from_host(host.data(), t.data(), t.numel());
+  return t;
+}
+
+// Rows / columns of the four reshapes, per group (see PowerIterationState).
+int64_t reshape_cols(int which, int64_t c, int64_t k) { return which < 2 ? c * k : which == 2 ? c * k * k : c; }
+int64_t reshape_rows(int which, int64_t c, int64_t k) { return which < 2 ? c * k : which == 2 ? c : c * k * k; }
+
+}  // namespace
+
+SocConv::SocConv(const SocConfig& config, std::shared_ptr<Backend> backend)
+    : config_(config), backend_(std::move(backend)) {
+  config_.validate();
+  require(backend_ != nullptr, "SocConv needs a backend");
+  const int64_t g = config_.groups, c = config_.group_channels(), k = config_.kernel;
+  Shape filter_shape{g, c, c, k, k};
+  std::mt19937_64 rng(config_.seed);
+
+  std::vector<float> host(static_cast<size_t>(filter_shape.numel()));
+  std::normal_distribution<float> normal(0.0f, 1.0f / std::sqrt(static_cast<float>(c)));
+  for (float& x : host) x = normal(rng);
+  weight_.name = "weight";
+  weight_.value = on_device(host, filter_shape, *backend_);
+  weight_.grad = Tensor(filter_shape, backend_->device());
+
+  if (config_.bias) {
+    std::vector<float> b(static_cast<size_t>(config_.out_channels));
+    float bound = 1.0f / std::sqrt(static_cast<float>(config_.out_channels));
+    std::uniform_real_distribution<float> uniform(-bound, bound);
+    for (float& x : b) x = uniform(rng);
+    bias_.name = "bias";
+    bias_.value = on_device(b, Shape{config_.out_channels}, *backend_);
+    bias_.grad = Tensor(Shape{config_.out_channels}, backend_->device());
+  }
+
+  std::normal_distribution<float> unit(0.0f, 1.0f);
+  auto random_unit_rows = [&](int64_t rows_per_group) {
+    std::vector<float> v(static_cast<size_t>(g * rows_per_group));
+    for (int64_t gi = 0; gi < g; ++gi) {
+      double norm = 0.0;
+      for (int64_t i = 0; i < rows_per_group; ++i) {
+        float x = unit(rng);
+        v[static_cast<size_t>(gi * rows_per_group + i)] = x;
+        norm += static_cast<double>(x) * x;
+      }
+      norm = std::max(std::sqrt(norm), 1e-12);
+      for (int64_t i = 0; i < rows_per_group; ++i)
+        v[static_cast<size_t>(gi * rows_per_group + i)] /= static_cast<float>(norm);
+    }
+    return on_device(v, Shape{g, rows_per_group}, *backend_);
+  };
+  for (int w = 0; w < 4; ++w) {
+    power_.u[w] = random_unit_rows(reshape_cols(w, c, k));
+    power_.v[w] = random_unit_rows(reshape_rows(w, c, k));
+  }
+  refresh_sigma(config_.init_iterations);
+}
+
+std::string SocConv::describe() const {
+  std::ostringstream out;
+  out << "soc " << config_.in_channels << "->" << config_.out_channels << " k" << config_.kernel << " s"
+      << config_.stride << " g" << config_.groups << " (series on " << config_.group_channels() * config_.groups
+      << " ch, terms " << config_.train_terms << "/" << config_.eval_terms << ")";
+  return out.str();
+}
+
+Shape SocConv::output_shape(const Shape& input) const {
+  require<ShapeError>(input.rank() == 4, "SocConv expects an NCHW input, got shape ", input.str());
+  require<ShapeError>(input[1] == config_.in_channels, "SocConv expects ", config_.in_channels,
+                      " input channels, got shape ", input.str());
+  require<ShapeError>(input[2] > 0 && input[3] > 0 && input[2] % config_.stride == 0 &&
+                          input[3] % config_.stride == 0,
+                      "SocConv with stride ", config_.stride, " needs a non-empty input with height and width "
+                      "divisible by the stride, got shape ", input.str());
+  require<ShapeError>(input[0] > 0, "SocConv got an empty batch, shape ", input.str());
+  return Shape{input[0], config_.out_channels, input[2] / config_.stride, input[3] / config_.stride};
+}
+
+std::vector<Parameter*> SocConv::parameters() {
+  std::vector<Parameter*> out{&weight_};
+  if (config_.bias) out.push_back(&bias_);
+  return out;
+}
+
+std::vector<Buffer> SocConv::buffers() {
+  std::vector<Buffer> out;
+  for (int w = 0; w < 4; ++w) {
+    out.push_back({"u" + std::to_string(w + 1), &power_.u[w]});
+    out.push_back({"v" + std::to_string(w + 1), &power_.v[w]});
+  }
+  return out;
+}
+
+void SocConv::set_terms(int train_terms, int eval_terms) {
+  require(train_terms > 0 && eval_terms > 0, "SocConv terms must be positive, got ", train_terms, " and ",
+          eval_terms);
+  config_.train_terms = train_terms;
+  config_.eval_terms = eval_terms;
+}
+
+ConvShape SocConv::series_shape(int64_t batch) const {
+  const int64_t channels = config_.group_channels() * config_.groups;
+  ConvShape s;
+  s.batch = batch;
+  s.in_channels = s.out_channels = channels;
+  s.height = input_shape_[2] / config_.stride;
+  s.width = input_shape_[3] / config_.stride;
+  s.kernel = config_.kernel;
+  s.groups = config_.groups;
+  return s;
+}
+
+void SocConv::prepare_filter(int iterations) {
+  const int64_t g = config_.groups, c = config_.group_channels(), k = config_.kernel;
+  skew_.resize(weight_.value.shape());
+  scaled_.resize(weight_.value.shape());
+  backend_->skew_symmetrize(weight_.value.data(), skew_.data(), g, c, k);
+  sigma_.resize(static_cast<size_t>(g));
+  scale_.resize(static_cast<size_t>(g));
+  which_.resize(static_cast<size_t>(g));
+  backend_->power_iteration(skew_.data(), power_, g, c, k, iterations, sigma_.data(), which_.data());
+  const float correction = config_.effective_correction();
+  for (int64_t i = 0; i < g; ++i) scale_[i] = correction / (sigma_[i] + 1e-12f);
+  backend_->scale_groups(skew_.data(), scale_.data(), scaled_.data(), g, c * c * k * k);
+}
+
+void SocConv::refresh_sigma(int iterations) { prepare_filter(iterations); }
+
+Tensor SocConv::skew_filter() {
+  Tensor a(weight_.value.shape(), backend_->device());
+  backend_->skew_symmetrize(weight_.value.data(), a.data(), config_.groups, config_.group_channels(),
+                            config_.kernel);
+  return a;
+}
+
+Tensor SocConv::scaled_filter() {
+  prepare_filter(0);
+  Tensor out(scaled_.shape(), backend_->device());
+  backend_->copy(scaled_.data(), out.data(), out.numel());
+  return out;
+}
+
+void SocConv::forward(const Tensor& input, Tensor& output) {
+  const Shape out_shape = output_shape(input.shape());
+  input_shape_ = input.shape();
+  int iterations = 0;
+  if (training_) {
+    iterations = step_ % config_.update_every == 0 ? config_.init_iterations : config_.update_iterations;
+    ++step_;
+  }
+  prepare_filter(iterations);
+  last_power_iterations_ = iterations;
+
+  const int K = terms();
+  forward_terms_ = K;
+  const int64_t n = input_shape_[0], g = config_.groups, c = config_.group_channels();
+  const ConvShape shape = series_shape(n);
+  const int64_t plane = shape.height * shape.width, channels = shape.in_channels;
+  const int64_t unshuffled = config_.unshuffled_channels();
+  buffer_size_ = backend_->conv_buffer_size(shape);
+  Backend& be = *backend_;
+
+  // x0: pixel-unshuffle, then zero channels up to C*g, then into the conv layout (series slot K).
+  staging_.resize(Shape{n, channels, shape.height, shape.width});
+  const float* x = input.data();
+  if (config_.stride > 1) {
+    float* target = staging_.data();
+    if (unshuffled != channels) {
+      scratch_.resize(Shape{n, unshuffled, shape.height, shape.width});
+      target = scratch_.data();
+    }
+    be.pixel_unshuffle(x, target, n, config_.in_channels, input_shape_[2], input_shape_[3], config_.stride, false);
+    x = target;
+  }
+  if (unshuffled != channels) {
+    be.copy_channels(x, unshuffled, staging_.data(), channels, n, plane, false);
+    x = staging_.data();
+  }
+  series_.resize(Shape{(K + 1) * buffer_size_});
+  auto slot = [&](int s) { return series_.data() + s * buffer_size_; };
+  be.to_conv_layout(shape, x, slot(K));
+
+  const int64_t wsize = be.conv_weights_size(shape, ConvPass::forward);
+  weights_forward_.resize(Shape{(K + 1) * wsize});
+  be.weights_to_conv_layout(shape, ConvPass::forward, scaled_.data(), weights_forward_.data());
+  for (int j = 1; j <= K; ++j)
+    be.axpby(1.0f / static_cast<float>(j), weights_forward_.data(), 0.0f, weights_forward_.data() + j * wsize,
+             wsize);
+
+  for (int j = K; j >= 1; --j) {
+    be.copy(slot(K), slot(j - 1), buffer_size_);
+    be.conv_forward(shape, slot(j), weights_forward_.data() + j * wsize, slot(j - 1), true);
+  }
+
+  output.resize(out_shape);
+  float* y = output.data();
+  const bool direct = config_.out_channels == channels;
+  be.from_conv_layout(shape, slot(0), direct ? y : staging_.data());
+  if (!direct) {
+    if (config_.keep == KeepChannels::first)
+      be.copy_channels(staging_.data(), channels, y, config_.out_channels, n, plane, false);
+    else
+      be.copy_channels(staging_.data(), c, y, config_.out_channels / g, n * g, plane, false);
+  }
+  if (config_.bias) be.add_bias(y, bias_.value.data(), n, config_.out_channels, plane);
+}
+
+void SocConv::backward(const Tensor& diff_output, Tensor& diff_input) {
+  require<ShapeError>(forward_terms_ > 0, "SocConv::backward called before forward");
+  check_shape(diff_output, output_shape(input_shape_), "SocConv::backward diff_output");
+  const int K = forward_terms_;
+  const int64_t n = input_shape_[0], g = config_.groups, c = config_.group_channels(), k = config_.kernel;
+  const ConvShape shape = series_shape(n);
+  const int64_t plane = shape.height * shape.width, channels = shape.in_channels;
+  const int64_t unshuffled = config_.unshuffled_channels();
+  Backend& be = *backend_;
+  const float* dy = diff_output.data();
+
+  if (config_.bias) be.bias_backward(dy, bias_.grad.data(), n, config_.out_channels, plane);
+
+  // h_1 = dL/dy expanded to the series channels (zeros where channels were dropped).
+  const float* expanded = dy;
+  if (config_.out_channels != channels) {
+    staging_.resize(Shape{n, channels, shape.height, shape.width});
+    if (config_.keep == KeepChannels::first)
+      be.copy_channels(dy, config_.out_channels, staging_.data(), channels, n, plane, false);
+    else
+      be.copy_channels(dy, config_.out_channels / g, staging_.data(), c, n * g, plane, false);
+    expanded = staging_.data();
+  }
+  diff_series_.resize(Shape{(K + 2) * buffer_size_});
+  auto dslot = [&](int s) { return diff_series_.data() + s * buffer_size_; };
+  float* dx0 = dslot(K + 1);
+  be.to_conv_layout(shape, expanded, dslot(0));
+  be.copy(dslot(0), dx0, buffer_size_);
+
+  const int64_t wsize = be.conv_weights_size(shape, ConvPass::backward_data);
+  weights_backward_.resize(Shape{(K + 1) * wsize});
+  be.weights_to_conv_layout(shape, ConvPass::backward_data, scaled_.data(), weights_backward_.data());
+  for (int j = 1; j <= K; ++j)
+    be.axpby(1.0f / static_cast<float>(j), weights_backward_.data(), 0.0f, weights_backward_.data() + j * wsize,
+             wsize);
+  for (int j = 1; j < K; ++j) {
+    be.conv_backward_data(shape, dslot(j - 1), weights_backward_.data() + (j + 1) * wsize, dslot(j));
+    be.axpby(static_cast<float>(j + 1), dslot(j), 1.0f, dx0, buffer_size_);
+  }
+  be.conv_backward_data(shape, dslot(K - 1), weights_backward_.data(), dslot(K));
+  be.axpby(1.0f, dslot(K), 1.0f, dx0, buffer_size_);
+
+  // dL/dA_n in one call over the K stored (p_{j+1}, h_j) pairs.
+  ConvShape stacked = shape;
+  stacked.batch = K * n;
+  diff_weights_.resize(weight_.value.shape());
+  be.conv_backward_weights(stacked, series_.data() + buffer_size_, dslot(0), diff_weights_.data());
+
+  // Through A_n = correction * A / sigma(A) (u, v fixed), then A = (M - M^T) / 2.
+  const int64_t group_size = c * c * k * k;
+  std::vector<float> dots(static_cast<size_t>(g)), coefficient(static_cast<size_t>(g));
+  be.group_dot(diff_weights_.data(), skew_.data(), dots.data(), g, group_size);
+  for (int64_t i = 0; i < g; ++i) coefficient[i] = -scale_[i] * dots[i] / (sigma_[i] + 1e-12f);
+  be.scale_groups(diff_weights_.data(), scale_.data(), diff_weights_.data(), g, group_size);
+  be.add_sigma_gradient(power_, which_.data(), coefficient.data(), diff_weights_.data(), g, c, k);
+  // skew_symmetrize is its own adjoint: dM = (dA - dA^T) / 2.
+  diff_skew_.resize(weight_.value.shape());
+  be.skew_symmetrize(diff_weights_.data(), diff_skew_.data(), g, c, k);
+  be.axpby(1.0f, diff_skew_.data(), 1.0f, weight_.grad.data(), weight_.grad.numel());
+
+  // dL/dx: out of the conv layout, drop the padded channels, undo the pixel-unshuffle.
+  diff_input.resize(input_shape_);
+  const bool direct = config_.stride == 1 && unshuffled == channels;
+  staging_.resize(Shape{n, channels, shape.height, shape.width});
+  be.from_conv_layout(shape, dx0, direct ? diff_input.data() : staging_.data());
+  if (direct) return;
+  if (config_.stride == 1) {
+    be.copy_channels(staging_.data(), channels, diff_input.data(), unshuffled, n, plane, false);
+    return;
+  }
+  const float* unshuffled_grad = staging_.data();
+  if (unshuffled != channels) {
+    scratch_.resize(Shape{n, unshuffled, shape.height, shape.width});
+    be.copy_channels(staging_.data(), channels, scratch_.data(), unshuffled, n, plane, false);
+    unshuffled_grad = scratch_.data();
+  }
+  be.pixel_unshuffle(unshuffled_grad, diff_input.data(), n, config_.in_channels, input_shape_[2],
+                     input_shape_[3], config_.stride, true);
+}
+
+}  // namespace orthoconv
