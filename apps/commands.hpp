@@ -1,15 +1,19 @@
-// The orthoconv subcommands: each file registers one with the CLI11 app and runs it.
+// The orthoconv subcommands. Each apps/<name>.cpp defines one and registers it with a static
+//   const bool registered = orthoconv::apps::register_command("name", setup);
+// where setup(app) adds the CLI11 subcommand (options bound to its own state) and returns the function that
+// runs it once parsed. main() parses, runs, and is the only place that catches orthoconv::Error.
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <cstdint>
 #include <functional>
+#include <string>
 
 namespace orthoconv::apps {
 
-// Each register_* adds a subcommand to `app` and returns the function that runs it once parsed.
 using Runner = std::function<int()>;
-Runner register_verify(CLI::App& app);
-Runner register_bench(CLI::App& app);
+using Setup = std::function<Runner(CLI::App& app)>;
+bool register_command(const std::string& name, Setup setup);
 
 // "4,1" -> (4, 1); "4,-" or "4" -> (4, none). Throws orthoconv::Error on anything else.
 struct GroupPair {

@@ -1,6 +1,8 @@
 // orthoconv: the command line. main() is the only place that catches orthoconv::Error: one line, exit 1.
 #include <cstdio>
+#include <algorithm>
 #include <map>
+#include <vector>
 #include <string>
 
 #include "commands.hpp"
@@ -34,14 +36,27 @@ GroupPair parse_groups(const std::string& text) {
   return out;
 }
 
+namespace {
+std::vector<std::pair<std::string, Setup>>& command_table() {
+  static std::vector<std::pair<std::string, Setup>> table;
+  return table;
+}
+}  // namespace
+
+bool register_command(const std::string& name, Setup setup) {
+  command_table().emplace_back(name, std::move(setup));
+  return true;
+}
+
 }  // namespace orthoconv::apps
 
 int main(int argc, char** argv) {
   CLI::App app{"orthoconv: train and certify 1-Lipschitz convolutional networks built from orthogonal convolutions"};
   app.require_subcommand(1);
   std::map<std::string, orthoconv::apps::Runner> runners;
-  runners["verify"] = orthoconv::apps::register_verify(app);
-  runners["bench"] = orthoconv::apps::register_bench(app);
+  auto table = orthoconv::apps::command_table();
+  std::sort(table.begin(), table.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (auto& [name, setup] : table) runners[name] = setup(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -49,7 +64,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForAllHelp& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "orthoconv: %s\n", e.what());
+    std::fprintf(stderr, "orthoconv: %s (see --help)\n", e.what());
     return 2;
   }
   try {

@@ -94,7 +94,8 @@ int run_verify(const VerifyOptions& o) {
 
 }  // namespace
 
-Runner register_verify(CLI::App& app) {
+namespace {
+Runner setup_verify(CLI::App& app) {
   auto o = std::make_shared<VerifyOptions>();
   auto* cmd = app.add_subcommand("verify", "Check that a random SOC / GS-SOC layer is orthogonal (Jacobian singular values)");
   cmd->add_option("--layer", o->layer, "soc or gs-soc")->capture_default_str();
@@ -109,5 +110,9 @@ Runner register_verify(CLI::App& app) {
   cmd->add_flag("--json", o->json, "print one JSON object");
   return [o] { return run_verify(*o); };
 }
+
+}  // namespace
+
+static const bool registered = register_command("verify", setup_verify);
 
 }  // namespace orthoconv::apps
