@@ -1,0 +1,84 @@
+// orthoconv/data.hpp: CIFAR-100 (binary version) reading, augmentation and batching.
+//
+// Records: 1 byte coarse label (0..19), 1 byte fine label (0..99), 3072 bytes of pixels (1024 R, 1024 G, 1024 B,
+// each 32x32 row-major). train.bin holds 50,000 records, test.bin 10,000. Every problem (missing file, size not a
+// multiple of 3074 or not the expected record count, a label out of range) is one IoError naming the file.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "orthoconv/tensor.hpp"
+
+namespace orthoconv {
+
+constexpr int64_t kCifarSide = 32;
+constexpr int64_t kCifarPixels = 3 * kCifarSide * kCifarSide;  // 3072
+constexpr int64_t kCifarRecord = 2 + kCifarPixels;             // 3074
+constexpr int64_t kCifarClasses = 100;
+
+struct CifarSplit {
+  std::string path;                    // the file it was read from
+  std::vector<uint8_t> pixels;         // size() * 3072, R, G, B planes per image
+  std::vector<int32_t> fine_labels;    // 0..99
+  std::vector<int32_t> coarse_labels;  // 0..19
+  int64_t size() const { return static_cast<int64_t>(fine_labels.size()); }
+};
+
+// split: "train" (expects 50,000 records) or "test" (10,000). dir holds train.bin / test.bin.
+CifarSplit load_cifar100(const std::string& dir, const std::string& split);
+
+// The dataset directory: `hint` if not empty (must hold train.bin and test.bin), else $ORTHOCONV_DATA, else the
+// first of ../shared/cifar100/cifar-100-binary, data/cifar-100-binary, ~/.cache/orthoconv/cifar-100-binary
+// (relative to the current directory) that holds both files. Throws IoError listing what was tried.
+std::string find_cifar100(const std::string& hint = "");
+
+struct Normalization {
+  std::array<float, 3> mean{0.4914f, 0.4822f, 0.4465f};
+  std::array<float, 3> std{0.2507f, 0.2507f, 0.2507f};
+  // Lipschitz constant of x -> (x - mean) / std: 1 / min(std).
+  float lipschitz() const;
+};
+
+struct Batch {
+  Tensor images;               // [n, 3, 32, 32], normalized, float32, CPU
+  std::vector<int32_t> labels; // fine labels
+  std::vector<int64_t> indices;  // record indices in the split
+};
+
+// Fills `out` with images[indices] (no augmentation), normalized.
+void make_batch(const CifarSplit& split, const std::vector<int64_t>& indices, const Normalization& norm,
+                Batch& out);
+
+// Iterates one split in batches, preparing the next batch on a background thread while the caller computes.
+// Augmentation (training): random crop 32 from the image zero-padded by 4 on each side, random horizontal flip
+// (probability 1/2). Order and augmentation are a pure function of (seed, epoch): resuming at an epoch
+// reproduces it bit for bit. The last batch may be smaller (drop_last = false).
+class BatchLoader {
+ public:
+  struct Options {
+    int64_t batch_size = 128;
+    bool shuffle = true;
+    bool augment = true;
+    bool drop_last = false;
+    uint64_t seed = 42;
+  };
+  BatchLoader(const CifarSplit& split, std::vector<int64_t> indices, Normalization norm, Options options);
+  ~BatchLoader();
+  BatchLoader(const BatchLoader&) = delete;
+  BatchLoader& operator=(const BatchLoader&) = delete;
+
+  void start_epoch(int64_t epoch);   // must be called before next()
+  bool next(Batch& out);             // false at the end of the epoch
+  int64_t batches_per_epoch() const;
+  int64_t size() const;              // images per epoch
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace orthoconv
