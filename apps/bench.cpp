@@ -1,10 +1,404 @@
+// orthoconv bench: speed measurements (not tests).
+//
+// `orthoconv bench layers`: at the shapes of LipConvnet-15's layers (batch 128: 32ch 32x32, 64ch 16x16, 128ch 8x8,
+// 256ch 4x4, 512ch 2x2) the time of SocConv (groups 1, k3, C -> C), GsSocConv (4,1) and (4,-): forward in
+// training mode (5 terms, one power iteration), forward + backward in training mode, forward in evaluation mode
+// (12 terms); and, in the same run and interleaved with them, a plain 3x3 convolution of the same shape through
+// the same Backend (conv layout in and out; forward, and forward + backward-data + backward-weights).
+// The figure of merit is the throughput ratio
+//     (FLOPs of the layer's series convolutions / layer time) / (plain convolution FLOPs / plain time),
+// with the series FLOPs counted exactly: each series term is one convolution of 2 * N*H*W * C * (C/g) * k*k
+// FLOPs forward, and as much again for its backward-data and for its share of the batched backward-weights.
+// Everything else a layer does (layout reorders, Horner's additions, the power iteration, the filter's
+// skew-symmetrization and scaling, shuffles, bias) is time without FLOPs: it lowers the ratio.
+//
+// On a machine shared with other jobs run it with OMP_WAIT_POLICY=passive: with OpenMP's default spinning waits
+// an oversubscribed machine turns every barrier into a wait for a descheduled thread, which penalizes layers
+// (many short parallel regions) far more than one long convolution.
+//
+// `orthoconv bench train`: full training steps of a LipConvnet (apps/bench_train.cpp).
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstdio>
+#include <functional>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+#include <vector>
+
+#include "backend/cpu/cpu_backend.hpp"
+#include "bench_train.hpp"
 #include "commands.hpp"
+#include "orthoconv/orthoconv.hpp"
+
 namespace orthoconv::apps {
+
 namespace {
-Runner setup_bench(CLI::App& app) {
-  app.add_subcommand("bench", "Benchmarks (JSON output)");
-  return [] { return 0; };
+
+struct LayerBenchOptions {
+  bool json = false;
+  int64_t batch = 128;
+  int repeats = 7;
+  int warmup = 2;
+  int threads = 0;               // 0: the OpenMP default
+  std::vector<int64_t> channels{32, 64, 128, 256, 512};
+  std::vector<std::string> layers{"soc", "gs-soc(4,1)", "gs-soc(4,-)"};
+  int train_terms = 5;
+  int eval_terms = 12;
+  uint64_t seed = 1;
+};
+
+// The CLI does not link OpenMP itself; the library's runtime (loaded through liborthoconv and oneDNN) is found
+// at run time. Returns the thread count in effect, or 0 when no OpenMP runtime is present.
+int set_openmp_threads(int threads) {
+  using SetFn = void (*)(int);
+  using GetFn = int (*)();
+  auto set = reinterpret_cast<SetFn>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
+  auto get = reinterpret_cast<GetFn>(dlsym(RTLD_DEFAULT, "omp_get_max_threads"));
+  if (threads > 0 && set) set(threads);
+  return get ? get() : 0;
 }
+
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+void fill_random(Tensor& t, std::mt19937_64& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> host(static_cast<size_t>(t.numel()));
+  for (float& x : host) x = normal(rng);
+  cpu_backend()->from_host(host.data(), t.data(), t.numel());
+}
+
+// One timed thing: a function run `warmup` times untimed, then once per repeat (interleaved with the others).
+struct Timed {
+  std::string name;
+  std::function<void()> run;
+  std::vector<double> ms;
+  double median_ms() const { return median(ms); }
+};
+
+// The series convolutions of a layer: its ConvShapes (one per SOC stage).
+struct LayerCase {
+  std::string name;
+  std::unique_ptr<Layer> layer;
+  std::vector<ConvShape> series;   // one per SOC stage
+  Tensor input, output, diff_output, diff_input;
+  double series_macs() const {
+    double m = 0.0;
+    for (const auto& s : series) m += static_cast<double>(s.macs());
+    return m;
+  }
+};
+
+std::unique_ptr<LayerCase> make_case(const std::string& name, int64_t channels, int64_t size, int64_t batch,
+                                     int64_t groups_first, int64_t groups_second, const LayerBenchOptions& o) {
+  auto c = std::make_unique<LayerCase>();
+  c->name = name;
+  SocConfig base;
+  base.in_channels = base.out_channels = channels;
+  base.kernel = 3;
+  base.train_terms = o.train_terms;
+  base.eval_terms = o.eval_terms;
+  base.seed = o.seed;
+  ConvShape s;
+  s.batch = batch;
+  s.in_channels = s.out_channels = channels;
+  s.height = s.width = size;
+  s.kernel = 3;
+  if (groups_first == 0) {
+    c->layer = std::make_unique<SocConv>(base);
+    s.groups = 1;
+    c->series.push_back(s);
+  } else {
+    GsSocConfig config;
+    config.base = base;
+    config.groups_first = groups_first;
+    if (groups_second > 0) config.groups_second = groups_second;
+    c->layer = std::make_unique<GsSocConv>(config);
+    s.groups = groups_first;
+    c->series.push_back(s);
+    if (groups_second > 0) {
+      s.kernel = 1;
+      s.groups = groups_second;
+      c->series.push_back(s);
+    }
+  }
+  std::mt19937_64 rng(o.seed + 17);
+  c->input = Tensor(Shape{batch, channels, size, size});
+  c->diff_output = Tensor(Shape{batch, channels, size, size});
+  fill_random(c->input, rng);
+  fill_random(c->diff_output, rng);
+  return c;
+}
+
+// Keeps every training-mode forward on the steady-state schedule (one power iteration, not the 50 of every
+// 200th step), so that repeats measure the same work.
+void steady_step(Layer& layer) {
+  if (auto* soc = dynamic_cast<SocConv*>(&layer)) {
+    soc->set_step(1);
+  } else if (auto* gs = dynamic_cast<GsSocConv*>(&layer)) {
+    gs->first().set_step(1);
+    if (gs->second()) gs->second()->set_step(1);
+  }
+}
+
+nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::CpuBackend* cpu) {
+  auto backend = cpu_backend();
+  Backend& be = *backend;
+  const int64_t size = 32 * 32 / channels;  // LipConvnet-15: C * H = 1024
+  const int64_t batch = o.batch;
+
+  // The plain 3x3 convolution of the same shape, in the conv layout, through the same Backend.
+  ConvShape plain;
+  plain.batch = batch;
+  plain.in_channels = plain.out_channels = channels;
+  plain.height = plain.width = size;
+  plain.kernel = 3;
+  plain.groups = 1;
+  const int64_t buffer = be.conv_buffer_size(plain);
+  std::mt19937_64 rng(o.seed);
+  Tensor src(Shape{buffer}), dst(Shape{buffer}), diff_dst(Shape{buffer}), diff_src(Shape{buffer});
+  Tensor plain_w(Shape{plain.weight_count()}), diff_w(Shape{plain.weight_count()});
+  fill_random(src, rng);
+  fill_random(diff_dst, rng);
+  fill_random(plain_w, rng);
+  Tensor w_fwd(Shape{be.conv_weights_size(plain, ConvPass::forward)});
+  Tensor w_bwd(Shape{be.conv_weights_size(plain, ConvPass::backward_data)});
+  be.weights_to_conv_layout(plain, ConvPass::forward, plain_w.data(), w_fwd.data());
+  be.weights_to_conv_layout(plain, ConvPass::backward_data, plain_w.data(), w_bwd.data());
+
+  std::vector<std::unique_ptr<LayerCase>> cases;
+  auto wanted = [&](const std::string& name) {
+    return std::find(o.layers.begin(), o.layers.end(), name) != o.layers.end();
+  };
+  if (wanted("soc")) cases.push_back(make_case("soc", channels, size, batch, 0, 0, o));
+  if (wanted("gs-soc(4,1)")) cases.push_back(make_case("gs-soc(4,1)", channels, size, batch, 4, 1, o));
+  if (wanted("gs-soc(4,-)")) cases.push_back(make_case("gs-soc(4,-)", channels, size, batch, 4, 0, o));
+
+  std::vector<Timed> timed;
+  timed.push_back({"plain forward", [&] { be.conv_forward(plain, src.data(), w_fwd.data(), dst.data(), false); }, {}});
+  timed.push_back({"plain train", [&] {
+                     be.conv_forward(plain, src.data(), w_fwd.data(), dst.data(), false);
+                     be.conv_backward_data(plain, diff_dst.data(), w_bwd.data(), diff_src.data());
+                     be.conv_backward_weights(plain, src.data(), diff_dst.data(), diff_w.data());
+                   }, {}});
+  for (auto& c : cases) {
+    LayerCase* lc = c.get();
+    timed.push_back({lc->name + " forward", [lc] {
+                       lc->layer->set_training(true);
+                       steady_step(*lc->layer);
+                       lc->layer->forward(lc->input, lc->output);
+                     }, {}});
+    timed.push_back({lc->name + " train", [lc] {
+                       lc->layer->set_training(true);
+                       steady_step(*lc->layer);
+                       lc->layer->forward(lc->input, lc->output);
+                       lc->layer->backward(lc->diff_output, lc->diff_input);
+                     }, {}});
+    timed.push_back({lc->name + " eval", [lc] {
+                       lc->layer->set_training(false);
+                       lc->layer->forward(lc->input, lc->output);
+                     }, {}});
+  }
+  for (int w = 0; w < o.warmup; ++w)
+    for (auto& t : timed) t.run();
+  for (int r = 0; r < o.repeats; ++r)
+    for (auto& t : timed) {
+      be.synchronize();
+      double start = now_ms();
+      t.run();
+      be.synchronize();
+      t.ms.push_back(now_ms() - start);
+    }
+  auto ms_of = [&](const std::string& name) {
+    for (auto& t : timed)
+      if (t.name == name) return t.median_ms();
+    throw Error("bench: no timing named " + name);
+  };
+
+  const double plain_flops = 2.0 * static_cast<double>(plain.macs());
+  const double plain_fwd_ms = ms_of("plain forward"), plain_train_ms = ms_of("plain train");
+  const double plain_fwd_rate = plain_flops / plain_fwd_ms * 1e-6;          // GFLOP/s
+  const double plain_train_rate = 3.0 * plain_flops / plain_train_ms * 1e-6;
+  nlohmann::json record{{"channels", channels},
+                        {"size", size},
+                        {"batch", batch},
+                        {"plain", {{"forward_ms", plain_fwd_ms},
+                                   {"train_ms", plain_train_ms},
+                                   {"forward_flops", plain_flops},
+                                   {"train_flops", 3.0 * plain_flops},
+                                   {"forward_gflops", plain_fwd_rate},
+                                   {"train_gflops", plain_train_rate},
+                                   {"implementation", cpu ? cpu->implementation(plain) : be.name()}}},
+                        {"layers", nlohmann::json::array()}};
+  double soc_ms[3] = {0, 0, 0};
+  for (auto& c : cases) {
+    const double conv_flops = 2.0 * c->series_macs();  // one series term over all stages
+    const double fwd_flops = o.train_terms * conv_flops, train_flops = 3.0 * fwd_flops;
+    const double eval_flops = o.eval_terms * conv_flops;
+    const double fwd_ms = ms_of(c->name + " forward"), train_ms = ms_of(c->name + " train");
+    const double eval_ms = ms_of(c->name + " eval");
+    if (c->name == "soc") {
+      soc_ms[0] = fwd_ms;
+      soc_ms[1] = train_ms;
+      soc_ms[2] = eval_ms;
+    }
+    nlohmann::json impls = nlohmann::json::array();
+    for (const auto& s : c->series)
+      impls.push_back({{"shape", s.str()}, {"implementation", cpu ? cpu->implementation(s) : be.name()}});
+    record["layers"].push_back(
+        {{"layer", c->name},
+         {"description", c->layer->describe()},
+         {"forward_ms", fwd_ms},
+         {"train_ms", train_ms},
+         {"eval_forward_ms", eval_ms},
+         {"forward_flops", fwd_flops},
+         {"train_flops", train_flops},
+         {"eval_forward_flops", eval_flops},
+         {"forward_gflops", fwd_flops / fwd_ms * 1e-6},
+         {"train_gflops", train_flops / train_ms * 1e-6},
+         {"eval_forward_gflops", eval_flops / eval_ms * 1e-6},
+         {"forward_ratio", fwd_flops / fwd_ms * 1e-6 / plain_fwd_rate},
+         {"train_ratio", train_flops / train_ms * 1e-6 / plain_train_rate},
+         {"eval_forward_ratio", eval_flops / eval_ms * 1e-6 / plain_fwd_rate},
+         {"speedup_over_soc", {{"forward", soc_ms[0] / fwd_ms},
+                               {"train", soc_ms[1] / train_ms},
+                               {"eval_forward", soc_ms[2] / eval_ms}}},
+         {"series_convolutions", impls}});
+  }
+  return record;
+}
+
+void print_header(const nlohmann::json& out) {
+  std::printf("orthoconv bench layers: %s, %d OpenMP threads (OMP_WAIT_POLICY %s), batch %lld, median of %d "
+              "repeats after %d warm-up\n",
+              out["backend"].get<std::string>().c_str(), out["threads"].get<int>(),
+              out["omp_wait_policy"].get<std::string>().c_str(),
+              (long long)out["batch"].get<int64_t>(), out["repeats"].get<int>(), out["warmup"].get<int>());
+  std::printf("train = forward + backward, %d terms, 1 power iteration; eval = forward, %d terms.\n",
+              out["train_terms"].get<int>(), out["eval_terms"].get<int>());
+  std::printf("ratio = (series conv FLOP/s) / (plain 3x3 conv FLOP/s, same shape, same run); "
+              "xSOC = SOC time / layer time\n\n");
+  std::printf("%-13s %-12s %9s %7s %6s %9s %7s %6s %9s %7s %6s %6s %6s %6s\n", "shape", "layer", "fwd ms",
+              "GF/s", "ratio", "train ms", "GF/s", "ratio", "eval ms", "GF/s", "ratio", "xSOCf", "xSOCt", "xSOCe");
+  std::fflush(stdout);
+}
+
+void print_shape(const nlohmann::json& r) {
+  char shape[32];
+  std::snprintf(shape, sizeof shape, "%lldch %lldx%lld", (long long)r["channels"].get<int64_t>(),
+                (long long)r["size"].get<int64_t>(), (long long)r["size"].get<int64_t>());
+  const auto& p = r["plain"];
+  std::printf("%-13s %-12s %9.2f %7.1f %6s %9.2f %7.1f %6s\n", shape, "plain conv", p["forward_ms"].get<double>(),
+              p["forward_gflops"].get<double>(), "1", p["train_ms"].get<double>(), p["train_gflops"].get<double>(),
+              "1");
+  for (const auto& l : r["layers"]) {
+    const auto& s = l["speedup_over_soc"];
+    std::printf("%-13s %-12s %9.2f %7.1f %6.2f %9.2f %7.1f %6.2f %9.2f %7.1f %6.2f %6.2f %6.2f %6.2f\n", "",
+                l["layer"].get<std::string>().c_str(), l["forward_ms"].get<double>(),
+                l["forward_gflops"].get<double>(), l["forward_ratio"].get<double>(), l["train_ms"].get<double>(),
+                l["train_gflops"].get<double>(), l["train_ratio"].get<double>(), l["eval_forward_ms"].get<double>(),
+                l["eval_forward_gflops"].get<double>(), l["eval_forward_ratio"].get<double>(),
+                s["forward"].get<double>(), s["train"].get<double>(), s["eval_forward"].get<double>());
+  }
+  std::fflush(stdout);
+}
+
+void print_implementations(const nlohmann::json& out) {
+  std::printf("\noneDNN implementations:\n");
+  for (const auto& r : out["shapes"]) {
+    std::printf("  plain %lldch: %s\n", (long long)r["channels"].get<int64_t>(),
+                r["plain"]["implementation"].get<std::string>().c_str());
+    for (const auto& l : r["layers"])
+      for (const auto& s : l["series_convolutions"])
+        std::printf("  %-12s %s: %s\n", l["layer"].get<std::string>().c_str(), s["shape"].get<std::string>().c_str(),
+                    s["implementation"].get<std::string>().c_str());
+  }
+}
+
+int run_layer_bench(const LayerBenchOptions& o) {
+  require(o.batch > 0, "--batch must be positive, got ", o.batch);
+  require(o.repeats > 0, "--repeats must be positive, got ", o.repeats);
+  require(o.warmup >= 0, "--warmup must be >= 0, got ", o.warmup);
+  require(o.threads >= 0, "--threads must be >= 0, got ", o.threads);
+  for (int64_t c : o.channels)
+    require(c >= 4 && c <= 1024 && 1024 % c == 0, "--channels: each must divide 1024 (C * H = 1024), got ", c);
+  const int threads = set_openmp_threads(o.threads);
+  auto backend = cpu_backend();
+  auto* cpu = dynamic_cast<cpu::CpuBackend*>(backend.get());
+  const char* wait_policy = std::getenv("OMP_WAIT_POLICY");
+  nlohmann::json out{{"benchmark", "layers"},
+                     {"backend", backend->name()},
+                     {"threads", threads},
+                     {"omp_wait_policy", wait_policy ? wait_policy : "default"},
+                     {"batch", o.batch},
+                     {"repeats", o.repeats},
+                     {"warmup", o.warmup},
+                     {"train_terms", o.train_terms},
+                     {"eval_terms", o.eval_terms},
+                     {"shapes", nlohmann::json::array()}};
+  if (!o.json) print_header(out);
+  for (int64_t c : o.channels) {
+    out["shapes"].push_back(bench_shape(c, o, cpu));
+    if (!o.json) print_shape(out["shapes"].back());
+  }
+  if (o.json)
+    std::printf("%s\n", out.dump(2).c_str());
+  else
+    print_implementations(out);
+  return 0;
+}
+
+Runner setup_bench(CLI::App& app) {
+  auto* cmd = app.add_subcommand("bench", "Benchmarks: layers (SOC / GS-SOC vs a plain convolution), train");
+  cmd->require_subcommand(1);
+
+  auto lo = std::make_shared<LayerBenchOptions>();
+  auto* layers = cmd->add_subcommand("layers", "SocConv / GsSocConv at LipConvnet-15's shapes vs a plain 3x3 conv");
+  layers->add_flag("--json", lo->json, "print one JSON object");
+  layers->add_option("--batch", lo->batch, "batch size")->capture_default_str();
+  layers->add_option("--repeats", lo->repeats, "timed repeats (median reported)")->capture_default_str();
+  layers->add_option("--warmup", lo->warmup, "untimed runs first")->capture_default_str();
+  layers->add_option("--threads", lo->threads, "OpenMP threads (0: default)")->capture_default_str();
+  layers->add_option("--channels", lo->channels, "shapes to run, by channel count (C x 1024/C x 1024/C)")
+      ->capture_default_str();
+  layers->add_option("--layers", lo->layers, "layers to run: soc, gs-soc(4,1), gs-soc(4,-)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"soc", "gs-soc(4,1)", "gs-soc(4,-)"}));
+  layers->add_option("--train-terms", lo->train_terms, "series terms in training mode")->capture_default_str();
+  layers->add_option("--eval-terms", lo->eval_terms, "series terms in evaluation mode")->capture_default_str();
+  layers->add_option("--seed", lo->seed, "random seed")->capture_default_str();
+
+  auto to = std::make_shared<TrainBenchOptions>();
+  auto* train = cmd->add_subcommand("train", "images/s of full LipConvnet training steps");
+  train->add_option("--conv", to->conv, "soc or gs-soc")->capture_default_str();
+  train->add_option("--groups", to->groups, "GS-SOC groups 'a,b' or 'a,-'")->capture_default_str();
+  train->add_option("--depth", to->depth, "LipConvnet depth")->capture_default_str();
+  train->add_option("--batch", to->batch, "batch size")->capture_default_str();
+  train->add_option("--steps", to->steps, "timed steps")->capture_default_str();
+  train->add_option("--warmup", to->warmup, "untimed steps first")->capture_default_str();
+  train->add_option("--device", to->device, "cpu or cuda")->capture_default_str();
+  train->add_flag("--json", to->json, "print one JSON object");
+
+  return [layers, train, lo, to]() -> int {
+    if (layers->parsed()) return run_layer_bench(*lo);
+    if (train->parsed()) return run_train_benchmark(*to);
+    return 2;
+  };
+}
+
 }  // namespace
 
 static const bool registered = register_command("bench", setup_bench);

@@ -38,7 +38,8 @@ struct ConvShape {
 
 // The persistent power-iteration state of one SocConv filter [g, C, C, k, k]: four (u, v) pairs per group,
 // one for each reshape of the filter into a matrix (see SocConv). Sizes per group:
-//   u1 [C_in, w] v1 [C_out, h];  u2 [C_in, h] v2 [C_out, w];  u3 [C_in, h, w] v3 [C_out];  u4 [C_out, h, w] v4 [C_in].
+//   u1 [C_in, w] v1 [C_out, h];  u2 [C_in, h] v2 [C_out, w];  u3 [C_in, h, w] v3 [C_out];  u4 [C_in] v4 [C_out, h, w]
+// (u always spans the columns, v the rows; each round updates v from u, then u from v).
 struct PowerIterationState {
   Tensor u[4];
   Tensor v[4];
@@ -75,12 +76,31 @@ class Backend {
   // diff_weights (plain layout) = gradient of <diff_dst, conv(src, w)> in w, overwritten. Conv layout inputs.
   virtual void conv_backward_weights(const ConvShape& shape, const float* src, const float* diff_dst,
                                      float* diff_weights) = 0;
+  // dst = alpha * conv(src, weights) + addend, or dst = alpha * conv(src, weights) when addend is null. Conv
+  // layout, forward weights; dst aliases neither src nor addend. One fused pass where the vendor allows it
+  // (oneDNN post-ops; cuDNN's conv-bias-activation z input): SocConv's Horner step x0 + (A/j) p. The default
+  // is conv_forward followed by an axpby.
+  virtual void conv_forward_scaled(const ConvShape& shape, const float* src, const float* weights, float alpha,
+                                   const float* addend, float* dst) {
+    conv_forward(shape, src, weights, dst, false);
+    if (addend)
+      axpby(1.0f, addend, alpha, dst, conv_buffer_size(shape));
+    else if (alpha != 1.0f)
+      axpby(alpha, dst, 0.0f, dst, conv_buffer_size(shape));
+  }
 
   // ---- elementwise ----
   virtual void fill(float* dst, int64_t count, float value) = 0;
   virtual void copy(const float* src, float* dst, int64_t count) = 0;
   // y = alpha * x + beta * y
   virtual void axpby(float alpha, const float* x, float beta, float* y, int64_t count) = 0;
+  // dst = sum_i scales[i] * sources[i] over `count` floats; `inputs` >= 1 sources and scales in host arrays; dst
+  // aliases no source. One pass where implemented; the default is `inputs` axpby passes.
+  virtual void weighted_sum(const float* const* sources, const float* scales, int inputs, float* dst,
+                            int64_t count) {
+    axpby(scales[0], sources[0], 0.0f, dst, count);
+    for (int i = 1; i < inputs; ++i) axpby(scales[i], sources[i], 1.0f, dst, count);
+  }
   // dst[b, c, :] (+)= src[b, c, :] for c < min(src_channels, dst_channels); with !accumulate the channels of
   // dst beyond src_channels are zeroed. Covers channel zero-padding and truncation (and their gradients).
   virtual void copy_channels(const float* src, int64_t src_channels, float* dst, int64_t dst_channels,
@@ -121,6 +141,18 @@ class Backend {
                                   int64_t channels, int64_t kernel) = 0;
   // Per-group inner products out[g] = <a_g, b_g> (host memory out).
   virtual void group_dot(const float* a, const float* b, float* out, int64_t groups, int64_t group_size) = 0;
+
+  // ---- training: loss and optimizer ----
+  // Softmax cross-entropy over logits [batch, classes] (row-major) with host labels in [0, classes):
+  // diff_logits = (softmax(logits) - onehot(label)) / batch, the gradient of the MEAN loss. Adds the summed
+  // per-image loss (in double, natural log) to *loss_sum and the count of images whose first arg-max equals the
+  // label to *correct (both host). Non-finite logits make *loss_sum non-finite; they are not an error here.
+  virtual void softmax_cross_entropy(const float* logits, const int32_t* labels, int64_t batch, int64_t classes,
+                                     float* diff_logits, double* loss_sum, int64_t* correct) = 0;
+  // SGD with momentum, PyTorch semantics, in place on `count` floats:
+  //   d = grad + weight_decay * param;  buf = first_step ? d : momentum_coef * buf + d;  param -= lr * buf.
+  virtual void sgd_momentum(float* param, const float* grad, float* momentum, int64_t count, float lr,
+                            float momentum_coef, float weight_decay, bool first_step) = 0;
 
   // Copies between this backend's memory and host memory.
   virtual void to_host(const float* src, float* host_dst, int64_t count) = 0;

@@ -101,7 +101,6 @@ class SocConv : public Layer {
   std::vector<float> scale_;      // correction / (sigma + 1e-12)
   std::vector<int32_t> which_;
   Tensor weights_forward_;        // [K+1] copies in forward conv layout: slot j = A_n / j (slot 0 = A_n)
-  Tensor weights_backward_;       // [K+1] copies in backward-data conv layout
   Tensor series_;                 // [K+1] x (batch in conv layout): slot s holds p_{s+1}; slot K = x0
   Tensor diff_series_;            // [K+1] x (batch in conv layout): slot j-1 holds g_j / j
   Tensor staging_;                // NCHW, C*g channels

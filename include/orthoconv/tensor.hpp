@@ -58,6 +58,10 @@ class Tensor {
   // Reallocates only when the element count grows beyond the current storage (no allocation in the
   // steady state). Views cannot be resized to a larger size.
   void resize(const Shape& shape);
+  // The same, and moves the tensor to `device` first when it is elsewhere (an owning tensor's old contents are
+  // dropped; a view on another device throws). Layers size their outputs and buffers with this, so a
+  // default-constructed Tensor lands on the layer's device.
+  void resize(const Shape& shape, Device device);
   // Same memory, another shape with the same element count.
   Tensor reshaped(const Shape& shape) const;
 

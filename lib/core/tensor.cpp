@@ -62,6 +62,18 @@ void Tensor::resize(const Shape& shape) {
   shape_ = shape;
 }
 
+void Tensor::resize(const Shape& shape, Device device) {
+  if (device != device_) {
+    require<ShapeError>(storage_ != nullptr || data_ == nullptr, "cannot move a view of ", device_name(device_),
+                        " memory to ", device_name(device));
+    storage_.reset();
+    data_ = nullptr;
+    capacity_ = 0;
+    device_ = device;
+  }
+  resize(shape);
+}
+
 Tensor Tensor::reshaped(const Shape& shape) const {
   require<ShapeError>(shape.numel() == numel(), "cannot reshape ", shape_.str(), " to ", shape.str());
   Tensor t = *this;

@@ -45,13 +45,13 @@ Shape ChannelShuffle::output_shape(const Shape& input) const {
 }
 
 void ChannelShuffle::forward(const Tensor& input, Tensor& output) {
-  output.resize(output_shape(input.shape()));
+  output.resize(output_shape(input.shape()), backend_->device());
   backend_->permute_channels(input.data(), output.data(), destination_.data(), input.dim(0), channels_,
                              input.dim(2) * input.dim(3));
 }
 
 void ChannelShuffle::backward(const Tensor& diff_output, Tensor& diff_input) {
-  diff_input.resize(output_shape(diff_output.shape()));
+  diff_input.resize(output_shape(diff_output.shape()), backend_->device());
   backend_->permute_channels(diff_output.data(), diff_input.data(), source_.data(), diff_output.dim(0), channels_,
                              diff_output.dim(2) * diff_output.dim(3));
 }

@@ -12,8 +12,8 @@ Shape MaxMin::output_shape(const Shape& input) const {
 }
 
 void MaxMin::forward(const Tensor& input, Tensor& output) {
-  output.resize(output_shape(input.shape()));
-  input_.resize(input.shape());
+  output.resize(output_shape(input.shape()), backend_->device());
+  input_.resize(input.shape(), backend_->device());
   backend_->copy(input.data(), input_.data(), input.numel());
   backend_->maxmin_forward(input.data(), output.data(), input.dim(0), input.dim(1), input.dim(2) * input.dim(3),
                            paired_);
@@ -21,7 +21,7 @@ void MaxMin::forward(const Tensor& input, Tensor& output) {
 
 void MaxMin::backward(const Tensor& diff_output, Tensor& diff_input) {
   check_shape(diff_output, input_.shape(), "MaxMin::backward diff_output");
-  diff_input.resize(input_.shape());
+  diff_input.resize(input_.shape(), backend_->device());
   backend_->maxmin_backward(input_.data(), diff_output.data(), diff_input.data(), input_.dim(0), input_.dim(1),
                             input_.dim(2) * input_.dim(3), paired_);
 }

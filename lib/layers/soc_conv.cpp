@@ -2,15 +2,21 @@
 // once on the Backend interface. See include/orthoconv/soc_conv.hpp for the exact semantics.
 //
 // Forward (Horner): p_{K+1} = x0; p_j = x0 + (A_n / j) p_{j+1} for j = K..1; y = p_1. That is K convolutions,
-// each one fused with its accumulation (oneDNN sum post-op), weights A_n / j precomputed per step.
+// each ONE fused conv_forward_scaled call: the addition of x0 (and the 1/j, or filter copies A_n / j where
+// the filter is small) are post-ops of the convolution, so the series costs K convolutions and no extra passes.
 // Backward: with h_j = (dL/dp_j) / j:  h_1 = dL/dy,  h_{j+1} = A_n^T h_j / (j+1),  dL/dx0 = sum_j j h_j + A_n^T h_K,
 // dL/dA_n = sum_j h_j (x) p_{j+1}: all K products in ONE backward-weights call over a batch of K*N images,
 // since the p_{j+1} and the h_j are stored back to back.
+// A_n is exactly skew-symmetric as an operator (A = (M - M^T)/2 is computed elementwise, so A^T = -A holds
+// bit for bit, and scaling keeps it), so the transposed convolution A_n^T h is the FORWARD convolution by A_n
+// with scale -1: the backward runs on the same forward primitive and weights, with -1/(j+1) as a post-op,
+// and dL/dx0 is one weighted sum of the K+1 terms.
 #include "orthoconv/soc_conv.hpp"
 
 #include <cmath>
 #include <random>
 #include <sstream>
+#include <vector>
 
 namespace orthoconv {
 
@@ -160,8 +166,8 @@ ConvShape SocConv::series_shape(int64_t batch) const {
 
 void SocConv::prepare_filter(int iterations) {
   const int64_t g = config_.groups, c = config_.group_channels(), k = config_.kernel;
-  skew_.resize(weight_.value.shape());
-  scaled_.resize(weight_.value.shape());
+  skew_.resize(weight_.value.shape(), backend_->device());
+  scaled_.resize(weight_.value.shape(), backend_->device());
   backend_->skew_symmetrize(weight_.value.data(), skew_.data(), g, c, k);
   sigma_.resize(static_cast<size_t>(g));
   scale_.resize(static_cast<size_t>(g));
@@ -209,12 +215,12 @@ void SocConv::forward(const Tensor& input, Tensor& output) {
   Backend& be = *backend_;
 
   // x0: pixel-unshuffle, then zero channels up to C*g, then into the conv layout (series slot K).
-  staging_.resize(Shape{n, channels, shape.height, shape.width});
+  staging_.resize(Shape{n, channels, shape.height, shape.width}, backend_->device());
   const float* x = input.data();
   if (config_.stride > 1) {
     float* target = staging_.data();
     if (unshuffled != channels) {
-      scratch_.resize(Shape{n, unshuffled, shape.height, shape.width});
+      scratch_.resize(Shape{n, unshuffled, shape.height, shape.width}, backend_->device());
       target = scratch_.data();
     }
     be.pixel_unshuffle(x, target, n, config_.in_channels, input_shape_[2], input_shape_[3], config_.stride, false);
@@ -224,23 +230,29 @@ void SocConv::forward(const Tensor& input, Tensor& output) {
     be.copy_channels(x, unshuffled, staging_.data(), channels, n, plane, false);
     x = staging_.data();
   }
-  series_.resize(Shape{(K + 1) * buffer_size_});
+  series_.resize(Shape{(K + 1) * buffer_size_}, backend_->device());
   auto slot = [&](int s) { return series_.data() + s * buffer_size_; };
   be.to_conv_layout(shape, x, slot(K));
 
+  // Slot 0 of weights_forward_ holds A_n in the conv layout (the backward uses it too). Where the filter is
+  // small next to the activations (the wide early layers), slots 1..K hold A_n / j and the Horner steps only
+  // add x0; elsewhere the 1/j is a post-op scale (with both post-ops oneDNN's kernels slow down at few channels,
+  // up to 2.7x at 32 channels; copying a 9.4 MB filter K times would cost more at 512).
   const int64_t wsize = be.conv_weights_size(shape, ConvPass::forward);
-  weights_forward_.resize(Shape{(K + 1) * wsize});
-  be.weights_to_conv_layout(shape, ConvPass::forward, scaled_.data(), weights_forward_.data());
-  for (int j = 1; j <= K; ++j)
-    be.axpby(1.0f / static_cast<float>(j), weights_forward_.data(), 0.0f, weights_forward_.data() + j * wsize,
-             wsize);
-
+  const bool scaled_copies = K * wsize <= buffer_size_;
+  weights_forward_.resize(Shape{(scaled_copies ? K + 1 : 1) * wsize}, backend_->device());
+  float* w = weights_forward_.data();
+  be.weights_to_conv_layout(shape, ConvPass::forward, scaled_.data(), w);
+  if (scaled_copies)
+    for (int j = 2; j <= K; ++j) be.axpby(1.0f / static_cast<float>(j), w, 0.0f, w + j * wsize, wsize);
   for (int j = K; j >= 1; --j) {
-    be.copy(slot(K), slot(j - 1), buffer_size_);
-    be.conv_forward(shape, slot(j), weights_forward_.data() + j * wsize, slot(j - 1), true);
+    if (scaled_copies)
+      be.conv_forward_scaled(shape, slot(j), j == 1 ? w : w + j * wsize, 1.0f, slot(K), slot(j - 1));
+    else
+      be.conv_forward_scaled(shape, slot(j), w, 1.0f / static_cast<float>(j), slot(K), slot(j - 1));
   }
 
-  output.resize(out_shape);
+  output.resize(out_shape, backend_->device());
   float* y = output.data();
   const bool direct = config_.out_channels == channels;
   be.from_conv_layout(shape, slot(0), direct ? y : staging_.data());
@@ -269,36 +281,36 @@ void SocConv::backward(const Tensor& diff_output, Tensor& diff_input) {
   // h_1 = dL/dy expanded to the series channels (zeros where channels were dropped).
   const float* expanded = dy;
   if (config_.out_channels != channels) {
-    staging_.resize(Shape{n, channels, shape.height, shape.width});
+    staging_.resize(Shape{n, channels, shape.height, shape.width}, backend_->device());
     if (config_.keep == KeepChannels::first)
       be.copy_channels(dy, config_.out_channels, staging_.data(), channels, n, plane, false);
     else
       be.copy_channels(dy, config_.out_channels / g, staging_.data(), c, n * g, plane, false);
     expanded = staging_.data();
   }
-  diff_series_.resize(Shape{(K + 2) * buffer_size_});
+  diff_series_.resize(Shape{(K + 2) * buffer_size_}, backend_->device());
   auto dslot = [&](int s) { return diff_series_.data() + s * buffer_size_; };
   float* dx0 = dslot(K + 1);
   be.to_conv_layout(shape, expanded, dslot(0));
-  be.copy(dslot(0), dx0, buffer_size_);
 
-  const int64_t wsize = be.conv_weights_size(shape, ConvPass::backward_data);
-  weights_backward_.resize(Shape{(K + 1) * wsize});
-  be.weights_to_conv_layout(shape, ConvPass::backward_data, scaled_.data(), weights_backward_.data());
-  for (int j = 1; j <= K; ++j)
-    be.axpby(1.0f / static_cast<float>(j), weights_backward_.data(), 0.0f, weights_backward_.data() + j * wsize,
-             wsize);
-  for (int j = 1; j < K; ++j) {
-    be.conv_backward_data(shape, dslot(j - 1), weights_backward_.data() + (j + 1) * wsize, dslot(j));
-    be.axpby(static_cast<float>(j + 1), dslot(j), 1.0f, dx0, buffer_size_);
+  // h_{j+1} = A_n^T h_j / (j+1) = -(A_n h_j) / (j+1), on the forward weights of this step.
+  const float* w = weights_forward_.data();
+  for (int j = 1; j < K; ++j)
+    be.conv_forward_scaled(shape, dslot(j - 1), w, -1.0f / static_cast<float>(j + 1), nullptr, dslot(j));
+  // dL/dx0 = sum_j j h_j + A_n^T h_K: the last product into slot K, then the sum in one pass.
+  be.conv_forward_scaled(shape, dslot(K - 1), w, -1.0f, nullptr, dslot(K));
+  std::vector<const float*> sources(static_cast<size_t>(K + 1));
+  std::vector<float> weights(static_cast<size_t>(K + 1));
+  for (int j = 1; j <= K + 1; ++j) {
+    sources[static_cast<size_t>(j - 1)] = dslot(j - 1);
+    weights[static_cast<size_t>(j - 1)] = j <= K ? static_cast<float>(j) : 1.0f;
   }
-  be.conv_backward_data(shape, dslot(K - 1), weights_backward_.data(), dslot(K));
-  be.axpby(1.0f, dslot(K), 1.0f, dx0, buffer_size_);
+  be.weighted_sum(sources.data(), weights.data(), K + 1, dx0, buffer_size_);
 
   // dL/dA_n in one call over the K stored (p_{j+1}, h_j) pairs.
   ConvShape stacked = shape;
   stacked.batch = K * n;
-  diff_weights_.resize(weight_.value.shape());
+  diff_weights_.resize(weight_.value.shape(), backend_->device());
   be.conv_backward_weights(stacked, series_.data() + buffer_size_, dslot(0), diff_weights_.data());
 
   // Through A_n = correction * A / sigma(A) (u, v fixed), then A = (M - M^T) / 2.
@@ -309,14 +321,14 @@ void SocConv::backward(const Tensor& diff_output, Tensor& diff_input) {
   be.scale_groups(diff_weights_.data(), scale_.data(), diff_weights_.data(), g, group_size);
   be.add_sigma_gradient(power_, which_.data(), coefficient.data(), diff_weights_.data(), g, c, k);
   // skew_symmetrize is its own adjoint: dM = (dA - dA^T) / 2.
-  diff_skew_.resize(weight_.value.shape());
+  diff_skew_.resize(weight_.value.shape(), backend_->device());
   be.skew_symmetrize(diff_weights_.data(), diff_skew_.data(), g, c, k);
   be.axpby(1.0f, diff_skew_.data(), 1.0f, weight_.grad.data(), weight_.grad.numel());
 
   // dL/dx: out of the conv layout, drop the padded channels, undo the pixel-unshuffle.
-  diff_input.resize(input_shape_);
+  diff_input.resize(input_shape_, backend_->device());
   const bool direct = config_.stride == 1 && unshuffled == channels;
-  staging_.resize(Shape{n, channels, shape.height, shape.width});
+  staging_.resize(Shape{n, channels, shape.height, shape.width}, backend_->device());
   be.from_conv_layout(shape, dx0, direct ? diff_input.data() : staging_.data());
   if (direct) return;
   if (config_.stride == 1) {
@@ -325,7 +337,7 @@ void SocConv::backward(const Tensor& diff_output, Tensor& diff_input) {
   }
   const float* unshuffled_grad = staging_.data();
   if (unshuffled != channels) {
-    scratch_.resize(Shape{n, unshuffled, shape.height, shape.width});
+    scratch_.resize(Shape{n, unshuffled, shape.height, shape.width}, backend_->device());
     be.copy_channels(staging_.data(), channels, scratch_.data(), unshuffled, n, plane, false);
     unshuffled_grad = scratch_.data();
   }

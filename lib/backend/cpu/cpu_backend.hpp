@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <tuple>
+#include <vector>
 
 #include "orthoconv/backend.hpp"
 
@@ -33,10 +34,14 @@ class CpuBackend final : public Backend {
                           float* diff_src) override;
   void conv_backward_weights(const ConvShape& shape, const float* src, const float* diff_dst,
                              float* diff_weights) override;
+  void conv_forward_scaled(const ConvShape& shape, const float* src, const float* weights, float alpha,
+                           const float* addend, float* dst) override;
 
   void fill(float* dst, int64_t count, float value) override;
   void copy(const float* src, float* dst, int64_t count) override;
   void axpby(float alpha, const float* x, float beta, float* y, int64_t count) override;
+  void weighted_sum(const float* const* sources, const float* scales, int inputs, float* dst,
+                    int64_t count) override;
   void copy_channels(const float* src, int64_t src_channels, float* dst, int64_t dst_channels, int64_t batch,
                      int64_t plane, bool accumulate) override;
   void permute_channels(const float* src, float* dst, const int32_t* destination, int64_t batch,
@@ -60,6 +65,11 @@ class CpuBackend final : public Backend {
                           float* diff_filter, int64_t groups, int64_t channels, int64_t kernel) override;
   void group_dot(const float* a, const float* b, float* out, int64_t groups, int64_t group_size) override;
 
+  void softmax_cross_entropy(const float* logits, const int32_t* labels, int64_t batch, int64_t classes,
+                             float* diff_logits, double* loss_sum, int64_t* correct) override;
+  void sgd_momentum(float* param, const float* grad, float* momentum, int64_t count, float lr,
+                    float momentum_coef, float weight_decay, bool first_step) override;
+
   void to_host(const float* src, float* host_dst, int64_t count) override;
   void from_host(const float* host_src, float* dst, int64_t count) override;
 
@@ -75,13 +85,16 @@ class CpuBackend final : public Backend {
     }
   };
   ConvPrimitives& primitives(const ConvShape& shape);
-  dnnl::memory::desc activation_desc(const ConvShape& shape, int64_t channels) const;
+  dnnl::memory::desc activation_desc(const ConvShape& shape, int64_t channels,
+                                     dnnl::memory::format_tag layout) const;
   dnnl::memory::desc plain_weights_desc(const ConvShape& shape) const;
 
   dnnl::engine engine_;
   dnnl::stream stream_;
   dnnl::memory::format_tag blocked_tag_;
   std::map<ShapeKey, std::unique_ptr<ConvPrimitives>> cache_;
+  // Scratch of the filter passes (filter.cpp), grown once: expanded vectors / accumulators, per-thread bins.
+  std::vector<float> filter_scratch_, thread_scratch_;
 };
 
 }  // namespace orthoconv::cpu
