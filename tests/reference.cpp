@@ -1,0 +1,332 @@
+// The double-precision reference: plain loops, written from the specification (see reference.hpp).
+#include "reference.hpp"
+
+#include <cmath>
+#include <stdexcept>
+
+namespace orthoconv::reference {
+
+Vec to_double(const std::vector<float>& values) { return Vec(values.begin(), values.end()); }
+
+Vec to_double(const Tensor& tensor) { return to_double(tensor.to_vector()); }
+
+std::vector<float> to_float(const Vec& values) {
+  std::vector<float> out(values.size());
+  for (size_t i = 0; i < values.size(); ++i) out[i] = static_cast<float>(values[i]);
+  return out;
+}
+
+Tensor to_tensor(const Vec& values, const Shape& shape) { return Tensor::from_vector(to_float(values), shape); }
+
+double dot(const Vec& a, const Vec& b) {
+  if (a.size() != b.size()) throw std::invalid_argument("reference::dot: size mismatch");
+  double sum = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+double norm(const Vec& a) { return std::sqrt(dot(a, a)); }
+
+double max_relative_error(const Vec& actual, const Vec& expected) {
+  if (actual.size() != expected.size()) throw std::invalid_argument("max_relative_error: size mismatch");
+  double worst = 0.0, scale = 0.0;
+  for (size_t i = 0; i < actual.size(); ++i) {
+    worst = std::max(worst, std::abs(actual[i] - expected[i]));
+    scale = std::max(scale, std::abs(expected[i]));
+  }
+  return scale > 0.0 ? worst / scale : worst;
+}
+
+double norm_relative_error(const Vec& actual, const Vec& expected) {
+  if (actual.size() != expected.size()) throw std::invalid_argument("norm_relative_error: size mismatch");
+  double diff = 0.0;
+  for (size_t i = 0; i < actual.size(); ++i) diff += (actual[i] - expected[i]) * (actual[i] - expected[i]);
+  const double scale = norm(expected);
+  return scale > 0.0 ? std::sqrt(diff) / scale : std::sqrt(diff);
+}
+
+Vec random_normal(size_t count, uint64_t seed, double stddev) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal(0.0, stddev);
+  Vec out(count);
+  for (double& x : out) x = normal(rng);
+  return out;
+}
+
+Vec random_uniform(size_t count, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> uniform(-1.0, 1.0);
+  Vec out(count);
+  for (double& x : out) x = uniform(rng);
+  return out;
+}
+
+// ---- grouped convolution ----
+
+namespace {
+
+void check_sizes(const ConvDims& d, size_t a, int64_t expected_a, const char* what) {
+  if (static_cast<int64_t>(a) != expected_a) throw std::invalid_argument(std::string("reference conv: bad ") + what);
+  if (d.in_channels % d.groups || d.out_channels % d.groups || d.kernel % 2 == 0)
+    throw std::invalid_argument("reference conv: bad dims");
+}
+
+// Calls body(input index, output index, weight index) for every multiply-add of the convolution.
+template <typename Body>
+void for_each_tap(const ConvDims& d, Body&& body) {
+  const int64_t ci = d.in_channels / d.groups, co = d.out_channels / d.groups, k = d.kernel, pad = k / 2;
+  for (int64_t n = 0; n < d.batch; ++n)
+    for (int64_t g = 0; g < d.groups; ++g)
+      for (int64_t o = 0; o < co; ++o)
+        for (int64_t i = 0; i < ci; ++i)
+          for (int64_t ky = 0; ky < k; ++ky)
+            for (int64_t kx = 0; kx < k; ++kx) {
+              const int64_t w = (((g * co + o) * ci + i) * k + ky) * k + kx;
+              for (int64_t y = 0; y < d.height; ++y) {
+                const int64_t sy = y + ky - pad;
+                if (sy < 0 || sy >= d.height) continue;
+                for (int64_t x = 0; x < d.width; ++x) {
+                  const int64_t sx = x + kx - pad;
+                  if (sx < 0 || sx >= d.width) continue;
+                  const int64_t in = ((n * d.in_channels + g * ci + i) * d.height + sy) * d.width + sx;
+                  const int64_t out = ((n * d.out_channels + g * co + o) * d.height + y) * d.width + x;
+                  body(in, out, w);
+                }
+              }
+            }
+}
+
+}  // namespace
+
+Vec conv_forward(const ConvDims& d, const Vec& input, const Vec& weights) {
+  check_sizes(d, input.size(), d.input_size(), "input size");
+  check_sizes(d, weights.size(), d.weight_size(), "weight size");
+  Vec out(static_cast<size_t>(d.output_size()), 0.0);
+  for_each_tap(d, [&](int64_t in, int64_t o, int64_t w) { out[o] += weights[w] * input[in]; });
+  return out;
+}
+
+Vec conv_backward_data(const ConvDims& d, const Vec& diff_output, const Vec& weights) {
+  check_sizes(d, diff_output.size(), d.output_size(), "diff_output size");
+  check_sizes(d, weights.size(), d.weight_size(), "weight size");
+  Vec out(static_cast<size_t>(d.input_size()), 0.0);
+  for_each_tap(d, [&](int64_t in, int64_t o, int64_t w) { out[in] += weights[w] * diff_output[o]; });
+  return out;
+}
+
+Vec conv_backward_weights(const ConvDims& d, const Vec& input, const Vec& diff_output) {
+  check_sizes(d, input.size(), d.input_size(), "input size");
+  check_sizes(d, diff_output.size(), d.output_size(), "diff_output size");
+  Vec out(static_cast<size_t>(d.weight_size()), 0.0);
+  for_each_tap(d, [&](int64_t in, int64_t o, int64_t w) { out[w] += input[in] * diff_output[o]; });
+  return out;
+}
+
+// ---- SOC pieces ----
+
+Vec skew(const Vec& m, int64_t groups, int64_t c, int64_t k) {
+  Vec a(m.size());
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t o = 0; o < c; ++o)
+      for (int64_t i = 0; i < c; ++i)
+        for (int64_t y = 0; y < k; ++y)
+          for (int64_t x = 0; x < k; ++x) {
+            const int64_t direct = (((g * c + o) * c + i) * k + y) * k + x;
+            const int64_t transposed = (((g * c + i) * c + o) * k + (k - 1 - y)) * k + (k - 1 - x);
+            a[direct] = 0.5 * (m[direct] - m[transposed]);
+          }
+  return a;
+}
+
+Vec pixel_unshuffle(const Vec& input, int64_t batch, int64_t channels, int64_t height, int64_t width,
+                    int64_t s) {
+  const int64_t oh = height / s, ow = width / s;
+  Vec out(input.size());
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t y = 0; y < height; ++y)
+        for (int64_t x = 0; x < width; ++x) {
+          const int64_t p = y % s, q = x % s, i = y / s, j = x / s;
+          const int64_t oc = c * s * s + s * p + q;
+          out[((b * channels * s * s + oc) * oh + i) * ow + j] = input[((b * channels + c) * height + y) * width + x];
+        }
+  return out;
+}
+
+Vec power_sigma(const Vec& a, const std::array<Vec, 4>& u, const std::array<Vec, 4>& v, int64_t groups, int64_t c,
+                int64_t k) {
+  // (row, column) of filter entry (o, i, y, x) in reshape `which`.
+  auto row = [&](int which, int64_t o, int64_t y, int64_t x) -> int64_t {
+    switch (which) {
+      case 0: return o * k + y;
+      case 1: return o * k + x;
+      case 2: return o;
+      default: return (o * k + y) * k + x;
+    }
+  };
+  auto col = [&](int which, int64_t i, int64_t y, int64_t x) -> int64_t {
+    switch (which) {
+      case 0: return i * k + x;
+      case 1: return i * k + y;
+      case 2: return (i * k + y) * k + x;
+      default: return i;
+    }
+  };
+  const std::array<int64_t, 4> rows{c * k, c * k, c, c * k * k}, cols{c * k, c * k, c * k * k, c};
+  for (int w = 0; w < 4; ++w)
+    if (static_cast<int64_t>(u[w].size()) != groups * cols[w] || static_cast<int64_t>(v[w].size()) != groups * rows[w])
+      throw std::invalid_argument("power_sigma: u" + std::to_string(w + 1) + "/v" + std::to_string(w + 1) +
+                                  " have the wrong size");
+  Vec sigma(static_cast<size_t>(groups));
+  for (int64_t g = 0; g < groups; ++g) {
+    double best = 0.0;
+    for (int w = 0; w < 4; ++w) {
+      double s = 0.0;
+      for (int64_t o = 0; o < c; ++o)
+        for (int64_t i = 0; i < c; ++i)
+          for (int64_t y = 0; y < k; ++y)
+            for (int64_t x = 0; x < k; ++x)
+              s += a[(((g * c + o) * c + i) * k + y) * k + x] * u[w][g * cols[w] + col(w, i, y, x)] *
+                   v[w][g * rows[w] + row(w, o, y, x)];
+      best = w == 0 ? s : std::min(best, s);
+    }
+    sigma[g] = best;
+  }
+  return sigma;
+}
+
+SocParams soc_params(SocConv& layer) {
+  const SocConfig& c = layer.config();
+  SocParams p;
+  p.in_channels = c.in_channels;
+  p.out_channels = c.out_channels;
+  p.kernel = c.kernel;
+  p.stride = c.stride;
+  p.groups = c.groups;
+  p.keep_per_group = c.keep == KeepChannels::per_group;
+  p.terms = layer.terms();
+  p.correction = c.effective_correction();
+  p.weight = to_double(layer.weight().value);
+  if (c.bias) p.bias = to_double(layer.bias().value);
+  for (const Buffer& b : layer.buffers()) {
+    const int index = b.name.size() == 2 ? b.name[1] - '1' : -1;
+    if ((b.name[0] != 'u' && b.name[0] != 'v') || index < 0 || index > 3)
+      throw std::invalid_argument("soc_params: unexpected buffer '" + b.name + "'");
+    (b.name[0] == 'u' ? p.u : p.v)[index] = to_double(*b.tensor);
+  }
+  return p;
+}
+
+Vec soc_sigma(const SocParams& p) {
+  if (!p.sigma.empty()) return p.sigma;
+  return power_sigma(skew(p.weight, p.groups, p.group_channels(), p.kernel), p.u, p.v, p.groups, p.group_channels(),
+                     p.kernel);
+}
+
+Vec soc_forward(const SocParams& p, const Vec& input, int64_t batch, int64_t height, int64_t width) {
+  const int64_t s = p.stride, g = p.groups, c = p.group_channels(), k = p.kernel;
+  const int64_t channels = g * c, unshuffled = p.in_channels * s * s;
+  const int64_t h = height / s, w = width / s, plane = h * w;
+  if (static_cast<int64_t>(input.size()) != batch * p.in_channels * height * width)
+    throw std::invalid_argument("soc_forward: input size");
+
+  // Scaled filter A_n = correction * A / (sigma + 1e-12), per group.
+  Vec a = skew(p.weight, g, c, k);
+  const Vec sigma = soc_sigma(p);
+  for (int64_t gi = 0; gi < g; ++gi) {
+    const double scale = p.correction / (sigma[gi] + 1e-12);
+    for (int64_t j = 0; j < c * c * k * k; ++j) a[gi * c * c * k * k + j] *= scale;
+  }
+
+  // x0: unshuffle, zero channels up to C*g.
+  const Vec unshuffled_input = s > 1 ? pixel_unshuffle(input, batch, p.in_channels, height, width, s) : input;
+  Vec x(static_cast<size_t>(batch * channels * plane), 0.0);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t ch = 0; ch < unshuffled; ++ch)
+      for (int64_t i = 0; i < plane; ++i)
+        x[(b * channels + ch) * plane + i] = unshuffled_input[(b * unshuffled + ch) * plane + i];
+
+  // y = sum_{i=0..K} A_n^i x / i!
+  ConvDims d{batch, channels, channels, h, w, k, g};
+  Vec term = x, y = x;
+  for (int i = 1; i <= p.terms; ++i) {
+    term = conv_forward(d, term, a);
+    for (double& t : term) t /= i;
+    for (size_t j = 0; j < y.size(); ++j) y[j] += term[j];
+  }
+
+  // Keep c_out channels (the first, or the first c_out/g of each group), add the bias.
+  Vec out(static_cast<size_t>(batch * p.out_channels * plane));
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t o = 0; o < p.out_channels; ++o) {
+      const int64_t per_group = p.out_channels / g;
+      const int64_t from = p.keep_per_group ? (o / per_group) * c + o % per_group : o;
+      for (int64_t i = 0; i < plane; ++i)
+        out[(b * p.out_channels + o) * plane + i] =
+            y[(b * channels + from) * plane + i] + (p.bias.empty() ? 0.0 : p.bias[o]);
+    }
+  return out;
+}
+
+// ---- permutations and activations ----
+
+std::vector<int64_t> shuffle_destination(int64_t n, int64_t g, bool paired) {
+  std::vector<int64_t> dest(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    dest[i] = paired ? ((i / 2) % g) * (n / g) + 2 * (i / (2 * g)) + (i % 2) : (i % g) * (n / g) + i / g;
+  return dest;
+}
+
+Vec permute_channels(const Vec& input, const std::vector<int64_t>& dest, int64_t batch, int64_t channels,
+                     int64_t plane, bool inverse) {
+  Vec out(input.size());
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t i = 0; i < plane; ++i) {
+        const int64_t from = inverse ? dest[c] : c, to = inverse ? c : dest[c];
+        out[(b * channels + to) * plane + i] = input[(b * channels + from) * plane + i];
+      }
+  return out;
+}
+
+Vec maxmin(const Vec& input, int64_t batch, int64_t channels, int64_t plane, bool paired) {
+  Vec out(input.size());
+  const int64_t half = channels / 2;
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t c = 0; c < half; ++c) {
+      const int64_t ca = paired ? 2 * c : c, cb = paired ? 2 * c + 1 : c + half;
+      for (int64_t i = 0; i < plane; ++i) {
+        const double x = input[(b * channels + ca) * plane + i], y = input[(b * channels + cb) * plane + i];
+        out[(b * channels + ca) * plane + i] = std::min(x, y);
+        out[(b * channels + cb) * plane + i] = std::max(x, y);
+      }
+    }
+  return out;
+}
+
+GsSocParams gs_soc_params(GsSocConv& layer) {
+  GsSocParams p;
+  const GsSocConfig& c = layer.config();
+  p.groups_first = c.groups_first;
+  p.groups_second = c.groups_second.value_or(0);
+  p.paired = c.paired;
+  const int64_t a = c.groups_first, c_in = c.base.in_channels;
+  p.shuffle_input = c_in % a == 0 && (!c.paired || c_in % (2 * a) == 0);
+  p.first = soc_params(layer.first());
+  if (layer.second()) p.second = soc_params(*layer.second());
+  return p;
+}
+
+Vec gs_soc_forward(const GsSocParams& p, const Vec& input, int64_t batch, int64_t height, int64_t width) {
+  const int64_t c_in = p.first.in_channels;
+  Vec x = p.shuffle_input ? permute_channels(input, shuffle_destination(c_in, p.groups_first, p.paired), batch,
+                                             c_in, height * width)
+                          : input;
+  Vec y = soc_forward(p.first, x, batch, height, width);
+  if (p.groups_second == 0) return y;
+  const int64_t h = height / p.first.stride, w = width / p.first.stride, c_out = p.first.out_channels;
+  y = permute_channels(y, shuffle_destination(c_out, p.groups_second, p.paired), batch, c_out, h * w);
+  return soc_forward(p.second, y, batch, h, w);
+}
+
+}  // namespace orthoconv::reference

@@ -1,0 +1,132 @@
+// tests/reference.hpp: a naive double-precision reference of every layer, for the tests to compare against.
+//
+// Written straight from the formulas with plain loops, sharing no code with lib/: if a backend or a
+// layer and this file agree, both read the specification the same way. Everything is double precision, so the
+// reference is exact to ~1e-15 relative and any difference of a float32 implementation beyond float rounding
+// (~6e-8 per operation) is a bug. Layouts: activations NCHW, row-major; filters [g, c_out/g, c_in/g, k, k].
+// All convolutions: stride 1, odd square kernel k, zero "same" padding k/2 (cross-correlation, as in oneDNN).
+//
+// Reusable by every test file: include "reference.hpp" (the tests directory is on the include path).
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "orthoconv/orthoconv.hpp"
+
+namespace orthoconv::reference {
+
+using Vec = std::vector<double>;
+
+// ---- small helpers ----
+Vec to_double(const std::vector<float>& values);
+Vec to_double(const Tensor& tensor);
+std::vector<float> to_float(const Vec& values);
+Tensor to_tensor(const Vec& values, const Shape& shape);
+double dot(const Vec& a, const Vec& b);
+double norm(const Vec& a);
+// max |a - b| / max |b|: the error normalised by the reference's magnitude (0 when both are zero).
+double max_relative_error(const Vec& actual, const Vec& expected);
+// ||a - b||_2 / ||b||_2.
+double norm_relative_error(const Vec& actual, const Vec& expected);
+// Deterministic N(0, stddev^2) / U(-1, 1) vectors.
+Vec random_normal(size_t count, uint64_t seed, double stddev = 1.0);
+Vec random_uniform(size_t count, uint64_t seed);
+
+// ---- grouped convolution ----
+struct ConvDims {
+  int64_t batch = 1;
+  int64_t in_channels = 1;
+  int64_t out_channels = 1;
+  int64_t height = 1;
+  int64_t width = 1;
+  int64_t kernel = 1;
+  int64_t groups = 1;
+  int64_t input_size() const { return batch * in_channels * height * width; }
+  int64_t output_size() const { return batch * out_channels * height * width; }
+  int64_t weight_size() const { return out_channels * (in_channels / groups) * kernel * kernel; }
+};
+
+// y[n, o, y, x] = sum_{i in group(o), ky, kx} w[g, o', i', ky, kx] * x[n, i, y + ky - k/2, x + kx - k/2].
+Vec conv_forward(const ConvDims& dims, const Vec& input, const Vec& weights);
+// The adjoint in the input: dx = conv^T(dy).
+Vec conv_backward_data(const ConvDims& dims, const Vec& diff_output, const Vec& weights);
+// The adjoint in the weights: dw = gradient of <dy, conv(x, w)> in w.
+Vec conv_backward_weights(const ConvDims& dims, const Vec& input, const Vec& diff_output);
+
+// ---- SOC pieces ----
+// A = (M - M^T) / 2 on [groups, C, C, k, k]: M^T swaps the channel axes and flips both spatial axes.
+Vec skew(const Vec& m, int64_t groups, int64_t channels, int64_t kernel);
+// input[b, c, s*i + p, s*j + q] -> output[b, c*s*s + s*p + q, i, j].
+Vec pixel_unshuffle(const Vec& input, int64_t batch, int64_t channels, int64_t height, int64_t width,
+                    int64_t stride);
+// Per group g: min over the four reshapes i of <A_g, u_i (x) v_i>, with u over the columns and v over the rows of
+//   i=0: rows (out, h) cols (in, w);   i=1: rows (out, w) cols (in, h);
+//   i=2: rows out      cols (in, h, w); i=3: rows (out, h, w) cols in.
+// u[i] / v[i] hold `groups` vectors back to back (SocConv::buffers() u1..u4, v1..v4).
+Vec power_sigma(const Vec& skew_filter, const std::array<Vec, 4>& u, const std::array<Vec, 4>& v, int64_t groups,
+                int64_t channels, int64_t kernel);
+
+// Everything that defines one SocConv's function. Fill it from a layer with soc_params().
+struct SocParams {
+  int64_t in_channels = 0, out_channels = 0, kernel = 3, stride = 1, groups = 1;
+  bool keep_per_group = false;
+  int terms = 5;
+  double correction = 0.7;
+  Vec weight;                  // M [groups, C, C, k, k]
+  Vec bias;                    // [out_channels], empty for none
+  std::array<Vec, 4> u, v;     // power-iteration vectors (held fixed)
+  Vec sigma;                   // if not empty, used as given; else power_sigma(skew(weight), u, v)
+  int64_t series_channels() const { return std::max(out_channels, in_channels * stride * stride); }
+  int64_t group_channels() const { return series_channels() / groups; }
+};
+
+// The layer's current M, bias, u, v (as they are now: call after the forward whose function you want),
+// correction, stride, ... and `terms` (SocConv::terms() of its current mode).
+SocParams soc_params(SocConv& layer);
+// The sigma a SocParams implies (given, or computed from M, u, v).
+Vec soc_sigma(const SocParams& params);
+// SocConv's function: unshuffle, zero channels up to C*g, y = sum_{i=0..K} A_n^i x / i! with
+// A_n = correction * A / (sigma + 1e-12) per group, keep c_out channels, add the bias.
+Vec soc_forward(const SocParams& params, const Vec& input, int64_t batch, int64_t height, int64_t width);
+
+// ---- permutations and activations ----
+// destination[i] = (i mod g)(n/g) + floor(i/g); paired: (floor(i/2) mod g)(n/g) + 2 floor(i/(2g)) + (i mod 2).
+std::vector<int64_t> shuffle_destination(int64_t channels, int64_t groups, bool paired);
+// out[b, destination[c]] = in[b, c]; inverse: out[b, c] = in[b, destination[c]].
+Vec permute_channels(const Vec& input, const std::vector<int64_t>& destination, int64_t batch, int64_t channels,
+                     int64_t plane, bool inverse = false);
+// Plain: [min(A, B), max(A, B)] of the halves; paired: min / max of channel pairs (2i, 2i+1).
+Vec maxmin(const Vec& input, int64_t batch, int64_t channels, int64_t plane, bool paired);
+
+// GS-SOC (a, b) / (a, -): shuffle(a) when it applies -> SOC k x k, a groups -> shuffle(b) -> SOC 1 x 1, b groups.
+struct GsSocParams {
+  bool shuffle_input = true;
+  int64_t groups_first = 4;
+  int64_t groups_second = 0;  // 0: single stage
+  bool paired = false;
+  SocParams first, second;
+};
+GsSocParams gs_soc_params(GsSocConv& layer);
+Vec gs_soc_forward(const GsSocParams& params, const Vec& input, int64_t batch, int64_t height, int64_t width);
+
+// Central finite differences of a scalar function of a vector, in double: d/dx_j f at x, step h, every j.
+template <typename F>
+Vec finite_difference_gradient(F&& f, Vec x, double h) {
+  Vec grad(x.size());
+  for (size_t j = 0; j < x.size(); ++j) {
+    const double keep = x[j];
+    x[j] = keep + h;
+    const double plus = f(x);
+    x[j] = keep - h;
+    const double minus = f(x);
+    x[j] = keep;
+    grad[j] = (plus - minus) / (2.0 * h);
+  }
+  return grad;
+}
+
+}  // namespace orthoconv::reference
