@@ -23,6 +23,7 @@ struct CheckpointTensor {
 struct Checkpoint {
   std::map<std::string, std::string> metadata;
   std::map<std::string, CheckpointTensor> tensors;
+  std::string path;  // the file it was loaded from (empty when built in memory); named in error messages
 
   // Throws IoError "checkpoint <file>: missing tensor '<name>'" / wrong shape.
   const CheckpointTensor& tensor(const std::string& name, const std::vector<int64_t>& expected_shape) const;

@@ -53,6 +53,34 @@ struct Batch {
 void make_batch(const CifarSplit& split, const std::vector<int64_t>& indices, const Normalization& norm,
                 Batch& out);
 
+// ---- The pieces BatchLoader is made of, public so that tests and tools can check them one by one. ----
+
+// (v / 255 - mean[c]) / std[c] in float32 for every byte v and channel c, the same arithmetic as the reference
+// (ToTensor, then Normalize): normalizing is one table lookup per pixel.
+using NormalizationTable = std::array<std::array<float, 256>, 3>;
+NormalizationTable normalization_table(const Normalization& norm);
+
+// One image's augmentation: the top-left corner (crop_x, crop_y), each 0..8, of the 32x32 window cut from the
+// image zero-padded by 4 on each side, then a horizontal flip of that window. {4, 4, false} is the identity.
+struct Augmentation {
+  int32_t crop_x = 4;
+  int32_t crop_y = 4;
+  bool flip = false;
+};
+
+// out[c][y][x] = padded[c][y + crop_y][flip ? 31 - x + crop_x : x + crop_x], where padded is the record's
+// 40x40 image with pixel value 0 (before normalization) around it. `pixels`: 3072 bytes, `out`: 3072 floats.
+void augment_image(const uint8_t* pixels, const Augmentation& augmentation, const NormalizationTable& table,
+                   float* out);
+
+// The augmentation BatchLoader applies to the image at `position` (0-based, in visiting order) of `epoch`:
+// a pure function of its arguments (a counter-based hash, the same on every platform).
+Augmentation augmentation_at(uint64_t seed, int64_t epoch, int64_t position);
+
+// The order in which BatchLoader visits positions 0..count-1 of its index list in `epoch` when shuffling:
+// a permutation that is a pure function of (seed, epoch, count) (Fisher-Yates on a splitmix64 stream).
+std::vector<int64_t> epoch_permutation(uint64_t seed, int64_t epoch, int64_t count);
+
 // Iterates one split in batches, preparing the next batch on a background thread while the caller computes.
 // Augmentation (training): random crop 32 from the image zero-padded by 4 on each side, random horizontal flip
 // (probability 1/2). Order and augmentation are a pure function of (seed, epoch): resuming at an epoch
@@ -66,6 +94,7 @@ class BatchLoader {
     bool drop_last = false;
     uint64_t seed = 42;
   };
+  // Keeps a reference to `split` (the caller keeps it alive and unchanged); `indices` are the records iterated.
   BatchLoader(const CifarSplit& split, std::vector<int64_t> indices, Normalization norm, Options options);
   ~BatchLoader();
   BatchLoader(const BatchLoader&) = delete;
