@@ -1,0 +1,162 @@
+// orthoconv/model.hpp: LipConvnet-N, the 1-Lipschitz network of the SOC and GS-SOC papers.
+//
+// N = 5 * block_size. Five stages of block_size blocks; a block is one orthogonal convolution then MaxMin.
+// In every stage the strides are [1, ..., 1, 2] (the stride-2 block last) and the kernels are 3, except the
+// last block of stage 5, which is 1x1. A block maps in_planes -> planes * stride; stage 1 starts at 3 -> width
+// (init_channels, 32); the next stage's planes are the previous stage's output. LipConvnet-15, width 32:
+//   (3->32)(32->32)(32->64,s2) @32 | (64->64)x2 (64->128,s2) @16 | (128->128)x2 (128->256,s2) @8 |
+//   (256->256)x2 (256->512,s2) @4 | (512->512)x2 (512->1024,k1,s2) @2 | head on 1024 features.
+// The 1024 x (side/32)^2 features are flattened (C, H, W order) into [N, F, 1, 1] for the head:
+//   head "soc": SocConv(F -> classes, 1x1, 1 group, bias): the series runs on max(F, classes) channels and
+//               the first `classes` outputs are kept (the reference's last layer);
+//   head "lln": LinearNormalized: y = (W_i / ||W_i||) . x + b_i, W [classes, F].
+// Every layer is 1-Lipschitz (orthogonal, or a coordinate projection of one, or MaxMin), so the logits are
+// 1-Lipschitz in the normalized input; the input normalization adds Normalization::lipschitz().
+//
+// Input [N, 3, side, side] NCHW float32 (side a multiple of 32); logits [N, classes] (row-major).
+// Series terms: train_terms in training mode (5), eval_terms in evaluation mode (12).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "orthoconv/gs_soc_conv.hpp"
+#include "orthoconv/layer.hpp"
+#include "orthoconv/maxmin.hpp"
+#include "orthoconv/soc_conv.hpp"
+
+namespace orthoconv {
+
+struct ModelConfig {
+  std::string conv = "gs-soc";             // "soc" | "gs-soc"
+  int64_t groups_first = 4;                // gs-soc: a; soc: the group count of every SocConv (1 = plain SOC)
+  std::optional<int64_t> groups_second = 1;  // gs-soc: b, or none for (a, -)
+  int64_t depth = 15;                      // N, a multiple of 5
+  int64_t init_channels = 32;              // width
+  int64_t classes = 100;
+  std::string activation = "maxmin";       // "maxmin" | "maxmin-paired" (then GS-SOC shuffles are paired too)
+  std::string head = "soc";                // "soc" | "lln"
+  KeepChannels keep = KeepChannels::first; // stride-2 grouped exponentials: the first c_out or per group
+  int train_terms = 5;
+  int eval_terms = 12;
+  int64_t input_side = 32;
+  uint64_t seed = 42;                      // initialization
+  int init_iterations = 50;                // power iterations at construction (0: tools that only need shapes)
+
+  void validate() const;                   // throws ConfigError naming the setting
+  int64_t block_size() const { return depth / 5; }
+  bool paired() const { return activation == "maxmin-paired"; }
+  // "gs-soc(4,1)", "gs-soc(4,-)", "soc" (or "soc(g4)"): for tables.
+  std::string conv_label() const;
+  // A canonical one-line description of everything that fixes the parameter shapes and the function computed
+  // (conv, groups, depth, width, classes, activation, head, keep, input side). Checkpoints store it.
+  std::string architecture() const;
+};
+
+// Parse helpers shared by the command line and the checkpoint reader (throw ConfigError on bad values).
+KeepChannels parse_keep(const std::string& text);     // "first" | "per-group"
+std::string keep_name(KeepChannels keep);
+
+// The `lln` head: rows of W normalized to unit norm, plus a bias. Input [N, F, 1, 1], output [N, classes, 1, 1].
+// Backward: with q_i = w_i / ||w_i|| and g_i = sum_n dy_ni x_n, dW_i = (g_i - q_i (q_i . g_i)) / ||w_i||.
+// Small (classes x F), so it runs on the host (through to_host / from_host on other devices).
+class LinearNormalized : public Layer {
+ public:
+  LinearNormalized(int64_t features, int64_t classes, uint64_t seed, std::shared_ptr<Backend> backend = cpu_backend());
+  std::string kind() const override { return "lln"; }
+  std::string describe() const override;
+  Shape output_shape(const Shape& input) const override;
+  void forward(const Tensor& input, Tensor& output) override;
+  void backward(const Tensor& diff_output, Tensor& diff_input) override;
+  std::vector<Parameter*> parameters() override { return {&weight_, &bias_}; }
+  Parameter& weight() { return weight_; }
+  Parameter& bias() { return bias_; }
+  // The normalized rows Q [classes, F], computed from the current W (host, double).
+  std::vector<double> normalized_rows();
+
+ private:
+  int64_t features_, classes_;
+  std::shared_ptr<Backend> backend_;
+  Parameter weight_, bias_;
+  std::vector<float> host_w_, host_x_, host_y_, host_dy_, host_dx_, host_g_;
+  std::vector<double> norms_;
+  Tensor staged_w_, staged_b_;  // device copies of the host gradients, added into Parameter::grad
+  Shape input_shape_;
+};
+
+struct NamedParameter {
+  std::string name;  // "stage1.block0.conv.weight", "stage2.block1.conv.first.weight", "head.bias", ...
+  Parameter* parameter;
+};
+struct NamedBuffer {
+  std::string name;  // "stage1.block0.conv.u1", ...
+  Tensor* tensor;
+};
+struct NamedSoc {
+  std::string name;  // "stage1.block0.conv" or "stage1.block0.conv.first", "head"
+  SocConv* soc;
+};
+
+// One row of the layer table.
+struct LayerRow {
+  std::string name;         // "stage1.block0"
+  std::string description;  // the conv's describe()
+  Shape input, output;
+  int64_t parameters = 0;
+};
+
+class LipConvnet {
+ public:
+  explicit LipConvnet(const ModelConfig& config, std::shared_ptr<Backend> backend = cpu_backend());
+  ~LipConvnet();
+  LipConvnet(const LipConvnet&) = delete;
+  LipConvnet& operator=(const LipConvnet&) = delete;
+
+  const ModelConfig& config() const { return config_; }
+  Backend& backend() { return *backend_; }
+  std::shared_ptr<Backend> backend_ptr() { return backend_; }
+
+  // images [N, 3, side, side] (backend device) -> logits [N, classes] (backend device). Keeps what backward
+  // needs. In training mode every SocConv advances its step counter (and power iteration).
+  void forward(const Tensor& images, Tensor& logits);
+  // ADDS parameter gradients (call zero_grad() first); diff_input, when given, receives dL/dimages.
+  void backward(const Tensor& diff_logits, Tensor* diff_input = nullptr);
+
+  void set_training(bool training);
+  bool training() const { return training_; }
+  void set_terms(int train_terms, int eval_terms);
+  void zero_grad();
+
+  // Stable hierarchical names (see docs/checkpoint.md), in a fixed order.
+  std::vector<NamedParameter> parameters();
+  std::vector<NamedBuffer> buffers();   // power-iteration vectors
+  std::vector<NamedSoc> soc_layers();   // every SocConv (step counters)
+  int64_t parameter_count();            // trainable values (power-iteration vectors excluded)
+  std::vector<LayerRow> layer_table();
+
+  LinearNormalized* lln_head() { return lln_head_; }  // null for the soc head
+  int64_t features() const { return features_; }      // head input size F
+
+ private:
+  struct Block {
+    std::string name;
+    std::unique_ptr<Layer> conv;
+    std::unique_ptr<MaxMin> activation;
+    Tensor conv_out, act_out;
+  };
+  ModelConfig config_;
+  std::shared_ptr<Backend> backend_;
+  std::vector<Block> blocks_;
+  std::unique_ptr<Layer> head_;
+  LinearNormalized* lln_head_ = nullptr;
+  int64_t features_ = 0;
+  bool training_ = true;
+  Tensor head_out_;
+  Tensor diff_a_, diff_b_;
+  Shape input_shape_;
+};
+
+}  // namespace orthoconv

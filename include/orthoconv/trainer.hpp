@@ -1,0 +1,171 @@
+// orthoconv/trainer.hpp: training LipConvnet on CIFAR-100 with the GS paper's recipe (Table 3).
+//
+// Defaults = the paper preset: SGD, momentum 0.9, lr 0.1, weight decay 5e-4 on every parameter, batch 128,
+// 200 epochs, lr x0.1 at 50% and 75% of the total iterations (stepped per iteration, like PyTorch's MultiStepLR
+// with milestones [T/2, 3T/4]), cross-entropy, seed 42. Optional certificate regularization (gamma > 0):
+//   loss = CE - gamma * mean_n relu(r_n),  r_n = (f_y - max_{j != y} f_j) / (sqrt(2) * L_in)
+// with y the true label (soc head only); its gradient flows through the top-2 margin.
+//
+// Each epoch: train loss/accuracy, then clean and certified accuracy on the test set (or its first
+// test_subset images), appended to metrics.jsonl / metrics.csv in out_dir (both rewritten atomically) and
+// printed as one line; then last.safetensors (and best.safetensors when val_split > 0 picks a new best on the
+// held-out training images) are written atomically. Resuming from last.safetensors continues bit for bit on
+// the CPU with the same thread count: the checkpoint holds every parameter, power-iteration vector and step
+// counter, the momentum buffers, epoch/step, the loader's RNG state (seed; batches are a pure function of
+// (seed, epoch)) and the metrics history.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "orthoconv/checkpoint.hpp"
+#include "orthoconv/data.hpp"
+#include "orthoconv/model.hpp"
+
+namespace orthoconv {
+
+struct TrainConfig {
+  ModelConfig model;
+  Normalization normalization;
+  std::string data_dir;
+  std::string out_dir = "runs/lipconvnet";
+  std::string device = "cpu";
+  int64_t epochs = 200;
+  int64_t batch_size = 128;
+  double lr = 0.1;
+  double momentum = 0.9;
+  double weight_decay = 5e-4;
+  double lr_decay = 0.1;                         // factor at each milestone
+  std::vector<double> milestones{0.5, 0.75};     // fractions of the total iterations
+  double gamma = 0.0;                            // certificate regularization
+  int64_t train_subset = 0;                      // 0: every training image (minus val_split)
+  int64_t val_split = 0;                         // training images held out to choose best.safetensors
+  int64_t test_subset = 0;                       // 0: the whole test set
+  int64_t eval_every = 1;                        // epochs between test evaluations (the last always runs)
+  int64_t eval_batch = 256;
+  std::vector<int> eps{36};                      // numerators over 255; the first is the headline
+  uint64_t seed = 42;
+  int threads = 0;                               // 0: leave OpenMP's default
+
+  void validate() const;                         // ConfigError naming the setting
+  std::string to_json() const;                   // config.json (pretty, stable key order)
+  static TrainConfig from_json(const std::string& text);  // ConfigError on bad JSON / values
+};
+
+// Learning rate of iteration `step` (0-based) of `total`: lr * decay^(number of milestones m <= step), with
+// the milestones floor(total * fraction) (50%: total / 2, 75%: 3 * total / 4, as the reference).
+double scheduled_lr(const TrainConfig& config, int64_t step, int64_t total);
+
+// SGD with momentum over every model parameter, on the model's backend (PyTorch semantics).
+class Sgd {
+ public:
+  explicit Sgd(LipConvnet& model);
+  void step(float lr, float momentum, float weight_decay);
+  int64_t steps() const { return steps_; }
+  void set_steps(int64_t steps) { steps_ = steps; }
+  // "optimizer.momentum.<parameter name>" tensors.
+  void save(Checkpoint& out);
+  void load(const Checkpoint& in, const std::string& file);
+
+ private:
+  LipConvnet& model_;
+  std::vector<NamedParameter> params_;
+  std::vector<Tensor> momentum_;
+  int64_t steps_ = 0;
+};
+
+struct StepStats {
+  double loss_sum = 0.0;  // cross-entropy summed over the batch (without the regularizer)
+  int64_t correct = 0;
+  int64_t images = 0;
+};
+
+// One full training step: forward, loss (+ certificate regularization), zero_grad, backward, SGD update.
+// The buffers are kept between calls (no allocation in the steady state).
+class TrainStep {
+ public:
+  TrainStep(LipConvnet& model, Sgd& optimizer, double gamma, double input_lipschitz);
+  StepStats run(const Tensor& images, const std::vector<int32_t>& labels, float lr, float momentum,
+                float weight_decay);
+
+ private:
+  LipConvnet& model_;
+  Sgd& optimizer_;
+  double gamma_, lipschitz_;
+  Tensor device_images_, logits_, diff_logits_, regularizer_;
+  std::vector<float> host_logits_, host_regularizer_;
+};
+
+struct EpochMetrics {
+  int64_t epoch = 0;          // 1-based, completed epochs
+  int64_t step = 0;           // iterations done
+  double lr = 0.0;            // lr of the last iteration
+  double seconds = 0.0;
+  double images_per_second = 0.0;
+  double train_loss = 0.0, train_accuracy = 0.0;
+  bool evaluated = false;
+  double test_loss = 0.0, test_accuracy = 0.0, mean_radius = 0.0;
+  int64_t test_images = 0;
+  std::map<int, double> certified;  // eps numerator -> test certified accuracy
+  bool validated = false;
+  double val_accuracy = 0.0, val_certified = 0.0;
+  std::string json() const;   // one JSON line (only seconds and images_per_second depend on wall time)
+};
+
+// Training errors that leave the last checkpoint in place (non-finite loss).
+class TrainingDiverged : public Error {
+ public:
+  using Error::Error;
+};
+
+class Trainer {
+ public:
+  // The splits must outlive the trainer. `log` receives the human-readable output (null: silent).
+  Trainer(const TrainConfig& config, const CifarSplit& train, const CifarSplit& test, std::FILE* log = stdout);
+  ~Trainer();
+
+  // Prepares out_dir (created; must be writable; must not already hold a run unless resuming) and writes
+  // config.json. With resume_from, loads the checkpoint (architecture must match) and continues after it.
+  void prepare(const std::string& resume_from = "");
+  // Runs the remaining epochs, or stops after epoch `stop_after` (1-based; 0: run to the end) as if interrupted
+  // there. Throws TrainingDiverged on a non-finite loss.
+  void run(int64_t stop_after = 0);
+
+  LipConvnet& model() { return *model_; }
+  const std::vector<EpochMetrics>& history() const { return history_; }
+  int64_t epochs_done() const { return epochs_done_; }
+  std::string configuration_table() const;
+
+ private:
+  void save(const std::string& path, int64_t epoch);
+  void write_metrics();
+  void load(const std::string& path);
+
+  TrainConfig config_;
+  const CifarSplit& train_;
+  const CifarSplit& test_;
+  std::FILE* log_;
+  std::unique_ptr<LipConvnet> model_;
+  std::unique_ptr<Sgd> sgd_;
+  std::unique_ptr<TrainStep> step_;
+  std::vector<int64_t> train_indices_, val_indices_, test_indices_;
+  std::vector<EpochMetrics> history_;
+  int64_t epochs_done_ = 0;
+  int64_t global_step_ = 0;
+  double best_metric_ = -1.0;
+  int64_t best_epoch_ = 0;
+};
+
+// Sets OpenMP's thread count (oneDNN and every loop); n <= 0 leaves the default.
+void set_thread_count(int n);
+int thread_count();
+
+// Peak resident set size of this process, bytes (getrusage).
+int64_t peak_rss_bytes();
+
+}  // namespace orthoconv

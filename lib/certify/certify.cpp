@@ -1,0 +1,178 @@
+// Certificates from logits: the margin rule (orthogonal head) and the pairwise rule (lln head), the strict
+// r > eps test, and evaluation of a model over a data split. See include/orthoconv/certify.hpp.
+#include "orthoconv/certify.hpp"
+
+#include <cmath>
+#include <limits>
+
+namespace orthoconv {
+
+namespace {
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// The first arg-max, or -1 when any logit is NaN or infinite.
+int32_t predict(const float* logits, int64_t classes) {
+  int32_t arg = 0;
+  for (int64_t j = 0; j < classes; ++j) {
+    if (!std::isfinite(logits[j])) return -1;
+    if (logits[j] > logits[arg]) arg = static_cast<int32_t>(j);
+  }
+  return arg;
+}
+
+}  // namespace
+
+ImageCertificate certify_margin(const float* logits, int64_t classes, int32_t label, double input_lipschitz) {
+  require(classes >= 2, "certificates need at least 2 classes, got ", classes);
+  ImageCertificate out;
+  out.predicted = predict(logits, classes);
+  if (out.predicted < 0) {
+    out.radius = kNaN;
+    return out;
+  }
+  const int32_t c = out.predicted;
+  double runner_up = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < classes; ++j)
+    if (j != c) runner_up = std::max(runner_up, static_cast<double>(logits[j]));
+  const double margin = static_cast<double>(logits[c]) - runner_up;
+  out.radius = margin / (std::sqrt(2.0) * input_lipschitz);
+  out.correct = c == label;
+  return out;
+}
+
+std::vector<double> lln_pair_norms(const std::vector<double>& rows, int64_t classes, int64_t features) {
+  require(static_cast<int64_t>(rows.size()) == classes * features, "lln_pair_norms: expected ", classes, " x ",
+          features, " rows, got ", rows.size(), " values");
+  std::vector<double> norms(static_cast<size_t>(classes * classes), 0.0);
+  for (int64_t i = 0; i < classes; ++i)
+    for (int64_t j = i + 1; j < classes; ++j) {
+      double sum = 0.0;
+      for (int64_t f = 0; f < features; ++f) {
+        double d = rows[static_cast<size_t>(i * features + f)] - rows[static_cast<size_t>(j * features + f)];
+        sum += d * d;
+      }
+      norms[static_cast<size_t>(i * classes + j)] = norms[static_cast<size_t>(j * classes + i)] = std::sqrt(sum);
+    }
+  return norms;
+}
+
+ImageCertificate certify_lln(const float* logits, int64_t classes, int32_t label,
+                             const std::vector<double>& pair_norms, double input_lipschitz) {
+  require(classes >= 2, "certificates need at least 2 classes, got ", classes);
+  require(static_cast<int64_t>(pair_norms.size()) == classes * classes, "certify_lln: expected ",
+          classes * classes, " pair norms, got ", pair_norms.size());
+  ImageCertificate out;
+  out.predicted = predict(logits, classes);
+  if (out.predicted < 0) {
+    out.radius = kNaN;
+    return out;
+  }
+  const int32_t c = out.predicted;
+  double radius = std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < classes; ++j) {
+    if (j == c) continue;
+    const double diff = static_cast<double>(logits[c]) - static_cast<double>(logits[j]);
+    const double norm = pair_norms[static_cast<size_t>(c * classes + j)];
+    double r;
+    if (norm > 0.0)
+      r = diff / (norm * input_lipschitz);
+    else
+      r = diff > 0.0 ? std::numeric_limits<double>::infinity() : 0.0;
+    radius = std::min(radius, r);
+  }
+  out.radius = radius;
+  out.correct = c == label;
+  return out;
+}
+
+bool certified_at(const ImageCertificate& certificate, int eps_numerator) {
+  if (!certificate.correct || std::isnan(certificate.radius)) return false;
+  return certificate.radius > static_cast<double>(eps_numerator) / 255.0;
+}
+
+double CertifyReport::certified_accuracy(int eps) const {
+  auto it = certified.find(eps);
+  return (images && it != certified.end()) ? static_cast<double>(it->second) / images : 0.0;
+}
+
+void CertifyReport::add(const ImageCertificate& certificate) {
+  ++images;
+  if (!certificate.correct) return;
+  ++correct;
+  if (std::isfinite(certificate.radius)) radius_sum_correct += certificate.radius;
+  for (auto& [eps, count] : certified)
+    if (certified_at(certificate, eps)) ++count;
+}
+
+Certifier::Certifier(std::vector<int> eps_numerators, double input_lipschitz)
+    : eps_(std::move(eps_numerators)), lipschitz_(input_lipschitz) {
+  require(std::isfinite(input_lipschitz) && input_lipschitz > 0, "the input Lipschitz constant must be positive, "
+          "got ", input_lipschitz);
+  for (int eps : eps_) {
+    require(eps >= 0, "--eps values must be non-negative numerators over 255, got ", eps);
+    report_.certified[eps] = 0;
+  }
+}
+
+void Certifier::use_lln(const std::vector<double>& rows, int64_t classes, int64_t features) {
+  lln_ = true;
+  pair_norms_ = lln_pair_norms(rows, classes, features);
+}
+
+void Certifier::add_batch(const float* logits, int64_t n, int64_t classes, const int32_t* labels) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* row = logits + i * classes;
+    report_.add(lln_ ? certify_lln(row, classes, labels[i], pair_norms_, lipschitz_)
+                     : certify_margin(row, classes, labels[i], lipschitz_));
+  }
+}
+
+CertifyReport evaluate_model(LipConvnet& model, const CifarSplit& split, const std::vector<int64_t>& indices,
+                             const Normalization& norm, const std::vector<int>& eps_numerators,
+                             int64_t batch_size) {
+  require(batch_size > 0, "evaluation batch size must be positive, got ", batch_size);
+  const bool was_training = model.training();
+  model.set_training(false);
+  Certifier certifier(eps_numerators, norm.lipschitz());
+  if (LinearNormalized* lln = model.lln_head())
+    certifier.use_lln(lln->normalized_rows(), model.config().classes, model.features());
+  const int64_t classes = model.config().classes;
+  Backend& be = model.backend();
+  Batch batch;
+  Tensor device_images, logits;
+  std::vector<float> host_logits;
+  double loss_sum = 0.0;
+  for (size_t start = 0; start < indices.size(); start += static_cast<size_t>(batch_size)) {
+    const size_t end = std::min(indices.size(), start + static_cast<size_t>(batch_size));
+    std::vector<int64_t> chunk(indices.begin() + static_cast<std::ptrdiff_t>(start),
+                               indices.begin() + static_cast<std::ptrdiff_t>(end));
+    make_batch(split, chunk, norm, batch);
+    const Tensor* input = &batch.images;
+    if (be.device() != Device::cpu) {
+      if (device_images.device() != be.device()) device_images = Tensor(batch.images.shape(), be.device());
+      device_images.resize(batch.images.shape());
+      be.from_host(batch.images.data(), device_images.data(), batch.images.numel());
+      input = &device_images;
+    }
+    model.forward(*input, logits);
+    const int64_t n = static_cast<int64_t>(chunk.size());
+    host_logits.resize(static_cast<size_t>(n * classes));
+    be.to_host(logits.data(), host_logits.data(), n * classes);
+    certifier.add_batch(host_logits.data(), n, classes, batch.labels.data());
+    for (int64_t i = 0; i < n; ++i) {
+      const float* row = host_logits.data() + i * classes;
+      double top = row[0];
+      for (int64_t j = 1; j < classes; ++j) top = std::max(top, static_cast<double>(row[j]));
+      double sum = 0.0;
+      for (int64_t j = 0; j < classes; ++j) sum += std::exp(static_cast<double>(row[j]) - top);
+      loss_sum += top + std::log(sum) - static_cast<double>(row[batch.labels[static_cast<size_t>(i)]]);
+    }
+  }
+  model.set_training(was_training);
+  CertifyReport report = certifier.report();
+  report.loss_sum = loss_sum;
+  return report;
+}
+
+}  // namespace orthoconv

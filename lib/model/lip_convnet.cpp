@@ -1,0 +1,272 @@
+// LipConvnet-N: the builder (stages, strides, kernels, widths), forward and backward through every layer, and
+// the stable names of its parameters, buffers and SocConv step counters. See include/orthoconv/model.hpp.
+#include <sstream>
+
+#include "orthoconv/model.hpp"
+
+namespace orthoconv {
+
+namespace {
+
+// splitmix64: independent, reproducible seeds for each layer from the model seed.
+uint64_t mix_seed(uint64_t seed, uint64_t index) {
+  uint64_t z = seed + 0x9e3779b97f4a7c15ULL * (index + 1);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+}  // namespace
+
+KeepChannels parse_keep(const std::string& text) {
+  if (text == "first") return KeepChannels::first;
+  if (text == "per-group") return KeepChannels::per_group;
+  throw ConfigError("--downsample-keep must be 'first' or 'per-group', got '" + text + "'");
+}
+
+std::string keep_name(KeepChannels keep) { return keep == KeepChannels::first ? "first" : "per-group"; }
+
+void ModelConfig::validate() const {
+  require(conv == "soc" || conv == "gs-soc", "conv must be 'soc' or 'gs-soc', got '", conv, "'");
+  require(groups_first > 0, "groups must be positive, got ", groups_first);
+  require(!groups_second || *groups_second > 0, "second groups must be positive, got ", groups_second.value_or(0));
+  require(conv == "gs-soc" || !groups_second, "conv 'soc' takes one group count (grouped SOC), not a pair; use "
+          "--conv gs-soc for (a,b)");
+  require(depth >= 5 && depth % 5 == 0, "depth must be a positive multiple of 5 (5, 10, 15, ...), got ", depth);
+  require(init_channels > 0, "init channels (width) must be positive, got ", init_channels);
+  require(classes > 1, "classes must be at least 2, got ", classes);
+  require(activation == "maxmin" || activation == "maxmin-paired",
+          "activation must be 'maxmin' or 'maxmin-paired', got '", activation, "'");
+  require(head == "soc" || head == "lln", "head must be 'soc' or 'lln', got '", head, "'");
+  require(train_terms > 0 && eval_terms > 0, "series terms must be positive, got ", train_terms, " (train) and ",
+          eval_terms, " (eval)");
+  require(init_iterations >= 0, "initial power iterations must be >= 0, got ", init_iterations);
+  require(input_side >= 32 && input_side % 32 == 0, "input side must be a positive multiple of 32 (five stride-2 "
+          "stages), got ", input_side);
+}
+
+std::string ModelConfig::conv_label() const {
+  std::ostringstream out;
+  if (conv == "soc") {
+    out << "soc";
+    if (groups_first != 1) out << "(g" << groups_first << ")";
+  } else {
+    out << "gs-soc(" << groups_first << ",";
+    if (groups_second)
+      out << *groups_second;
+    else
+      out << "-";
+    out << ")";
+  }
+  return out.str();
+}
+
+std::string ModelConfig::architecture() const {
+  std::ostringstream out;
+  out << "lipconvnet-" << depth << " conv=" << conv_label() << " width=" << init_channels << " classes=" << classes
+      << " activation=" << activation << " head=" << head << " keep=" << keep_name(keep) << " side=" << input_side;
+  return out.str();
+}
+
+LipConvnet::~LipConvnet() = default;
+
+LipConvnet::LipConvnet(const ModelConfig& config, std::shared_ptr<Backend> backend)
+    : config_(config), backend_(std::move(backend)) {
+  config_.validate();
+  require(backend_ != nullptr, "LipConvnet needs a backend");
+  int64_t in_planes = 3, side = config_.input_side;
+  uint64_t layer_index = 0;
+  for (int stage = 0; stage < 5; ++stage) {
+    const int64_t planes = stage == 0 ? config_.init_channels : in_planes;
+    for (int64_t b = 0; b < config_.block_size(); ++b) {
+      const bool last = b == config_.block_size() - 1;
+      const int64_t stride = last ? 2 : 1;
+      const int64_t kernel = (last && stage == 4) ? 1 : 3;
+      SocConfig base;
+      base.in_channels = in_planes;
+      base.out_channels = planes * stride;
+      base.kernel = kernel;
+      base.stride = stride;
+      base.train_terms = config_.train_terms;
+      base.eval_terms = config_.eval_terms;
+      base.keep = config_.keep;
+      base.seed = mix_seed(config_.seed, layer_index++);
+      base.init_iterations = config_.init_iterations;
+      Block block;
+      block.name = "stage" + std::to_string(stage + 1) + ".block" + std::to_string(b);
+      try {
+        if (config_.conv == "soc") {
+          base.groups = config_.groups_first;
+          block.conv = std::make_unique<SocConv>(base, backend_);
+        } else {
+          GsSocConfig gs;
+          gs.base = base;
+          gs.groups_first = config_.groups_first;
+          gs.groups_second = config_.groups_second;
+          gs.paired = config_.paired();
+          block.conv = std::make_unique<GsSocConv>(gs, backend_);
+        }
+      } catch (const ConfigError& e) {
+        throw ConfigError(block.name + " (" + std::to_string(base.in_channels) + "->" +
+                          std::to_string(base.out_channels) + ", stride " + std::to_string(stride) +
+                          "): " + e.what());
+      }
+      block.activation = std::make_unique<MaxMin>(config_.paired(), backend_);
+      if (backend_->device() != Device::cpu) {  // outputs live on the backend's device
+        block.conv_out = Tensor(Shape{1}, backend_->device());
+        block.act_out = Tensor(Shape{1}, backend_->device());
+      }
+      blocks_.push_back(std::move(block));
+      in_planes = planes * stride;
+      side /= stride;
+    }
+  }
+  features_ = in_planes * side * side;
+  const uint64_t head_seed = mix_seed(config_.seed, 1000003);
+  if (config_.head == "soc") {
+    SocConfig head;
+    head.in_channels = features_;
+    head.out_channels = config_.classes;
+    head.kernel = 1;
+    head.stride = 1;
+    head.groups = 1;
+    head.train_terms = config_.train_terms;
+    head.eval_terms = config_.eval_terms;
+    head.seed = head_seed;
+    head.init_iterations = config_.init_iterations;
+    head_ = std::make_unique<SocConv>(head, backend_);
+  } else {
+    auto lln = std::make_unique<LinearNormalized>(features_, config_.classes, head_seed, backend_);
+    lln_head_ = lln.get();
+    head_ = std::move(lln);
+  }
+  if (backend_->device() != Device::cpu) {
+    head_out_ = Tensor(Shape{1}, backend_->device());
+    diff_a_ = Tensor(Shape{1}, backend_->device());
+    diff_b_ = Tensor(Shape{1}, backend_->device());
+  }
+  set_training(true);
+}
+
+void LipConvnet::forward(const Tensor& images, Tensor& logits) {
+  require<ShapeError>(images.shape().rank() == 4 && images.dim(1) == 3 && images.dim(2) == config_.input_side &&
+                          images.dim(3) == config_.input_side && images.dim(0) > 0,
+                      "LipConvnet expects images [N, 3, ", config_.input_side, ", ", config_.input_side, "], got ",
+                      images.shape().str());
+  input_shape_ = images.shape();
+  const Tensor* x = &images;
+  for (Block& block : blocks_) {
+    block.conv->forward(*x, block.conv_out);
+    block.activation->forward(block.conv_out, block.act_out);
+    x = &block.act_out;
+  }
+  const int64_t n = images.dim(0);
+  Tensor flat = x->reshaped(Shape{n, features_, 1, 1});
+  head_->forward(flat, head_out_);
+  if (logits.device() != backend_->device()) logits = Tensor(Shape{n, config_.classes}, backend_->device());
+  logits.resize(Shape{n, config_.classes});
+  backend_->copy(head_out_.data(), logits.data(), logits.numel());
+}
+
+void LipConvnet::backward(const Tensor& diff_logits, Tensor* diff_input) {
+  require<ShapeError>(!input_shape_.dims().empty(), "LipConvnet::backward called before forward");
+  const int64_t n = input_shape_[0];
+  check_shape(diff_logits, Shape{n, config_.classes}, "LipConvnet::backward diff_logits");
+  Tensor d4 = diff_logits.reshaped(Shape{n, config_.classes, 1, 1});
+  head_->backward(d4, diff_a_);
+  Tensor d = diff_a_.reshaped(blocks_.back().act_out.shape());
+  for (size_t i = blocks_.size(); i-- > 0;) {
+    Block& block = blocks_[i];
+    block.activation->backward(d, diff_b_);
+    Tensor& target = (i == 0 && diff_input != nullptr) ? *diff_input : diff_a_;
+    block.conv->backward(diff_b_, target);
+    d = target;
+  }
+}
+
+void LipConvnet::set_training(bool training) {
+  training_ = training;
+  for (Block& block : blocks_) {
+    block.conv->set_training(training);
+    block.activation->set_training(training);
+  }
+  head_->set_training(training);
+}
+
+void LipConvnet::set_terms(int train_terms, int eval_terms) {
+  require(train_terms > 0 && eval_terms > 0, "series terms must be positive, got ", train_terms, " (train) and ",
+          eval_terms, " (eval)");
+  config_.train_terms = train_terms;
+  config_.eval_terms = eval_terms;
+  for (NamedSoc& s : soc_layers()) s.soc->set_terms(train_terms, eval_terms);
+}
+
+void LipConvnet::zero_grad() {
+  for (NamedParameter& p : parameters())
+    backend_->fill(p.parameter->grad.data(), p.parameter->grad.numel(), 0.0f);
+}
+
+std::vector<NamedSoc> LipConvnet::soc_layers() {
+  std::vector<NamedSoc> out;
+  for (Block& block : blocks_) {
+    const std::string prefix = block.name + ".conv";
+    if (auto* soc = dynamic_cast<SocConv*>(block.conv.get())) {
+      out.push_back({prefix, soc});
+    } else {
+      auto* gs = static_cast<GsSocConv*>(block.conv.get());
+      out.push_back({prefix + ".first", &gs->first()});
+      if (gs->second()) out.push_back({prefix + ".second", gs->second()});
+    }
+  }
+  if (auto* soc = dynamic_cast<SocConv*>(head_.get())) out.push_back({"head", soc});
+  return out;
+}
+
+std::vector<NamedParameter> LipConvnet::parameters() {
+  std::vector<NamedParameter> out;
+  for (NamedSoc& s : soc_layers())
+    for (Parameter* p : s.soc->parameters()) out.push_back({s.name + "." + p->name, p});
+  if (lln_head_) {
+    out.push_back({"head.weight", &lln_head_->weight()});
+    out.push_back({"head.bias", &lln_head_->bias()});
+  }
+  return out;
+}
+
+std::vector<NamedBuffer> LipConvnet::buffers() {
+  std::vector<NamedBuffer> out;
+  for (NamedSoc& s : soc_layers())
+    for (Buffer b : s.soc->buffers()) out.push_back({s.name + "." + b.name, b.tensor});
+  return out;
+}
+
+int64_t LipConvnet::parameter_count() {
+  int64_t count = 0;
+  for (NamedParameter& p : parameters()) count += p.parameter->value.numel();
+  return count;
+}
+
+std::vector<LayerRow> LipConvnet::layer_table() {
+  std::vector<LayerRow> rows;
+  Shape shape{1, 3, config_.input_side, config_.input_side};
+  for (Block& block : blocks_) {
+    LayerRow row;
+    row.name = block.name;
+    row.description = block.conv->describe() + ", " + block.activation->describe();
+    row.input = shape;
+    row.output = block.conv->output_shape(shape);
+    row.parameters = block.conv->parameter_count();
+    shape = row.output;
+    rows.push_back(row);
+  }
+  LayerRow head;
+  head.name = "head";
+  head.input = Shape{1, features_, 1, 1};
+  head.output = head_->output_shape(head.input);
+  head.description = head_->describe();
+  head.parameters = head_->parameter_count();
+  rows.push_back(head);
+  return rows;
+}
+
+}  // namespace orthoconv
