@@ -1,8 +1,11 @@
 // Which backend serves which device; ConvShape helpers.
 #include <sstream>
 
-#include "backend/cpu/cpu_backend.hpp"
 #include "orthoconv/backend.hpp"
+#include "orthoconv/cuda_options.hpp"
+#ifdef ORTHOCONV_WITH_DNNL
+#include "backend/cpu/cpu_backend.hpp"
+#endif
 
 namespace orthoconv {
 
@@ -29,15 +32,25 @@ void ConvShape::validate() const {
 }
 
 std::shared_ptr<Backend> cpu_backend() {
+#ifdef ORTHOCONV_WITH_DNNL
   static std::shared_ptr<Backend> instance = std::make_shared<cpu::CpuBackend>();
   return instance;
+#else
+  throw BackendError("this build of orthoconv has no CPU backend: oneDNN was not found when it was configured "
+                     "(install libdnnl-dev and reconfigure); use the CUDA backend");
+#endif
 }
 
+// With the CUDA backend built in, cuda_backend() and cuda_available() live in lib/backend/cuda/backend.cpp.
 #ifndef ORTHOCONV_WITH_CUDA
 std::shared_ptr<Backend> cuda_backend() {
   throw BackendError("this build of orthoconv has no CUDA backend (configure with -DORTHOCONV_CUDA=ON)");
 }
 bool cuda_available() { return false; }
+void set_cuda_options(const CudaOptions&) {}
+CudaOptions cuda_options() { return {}; }
+CudaMemoryStats cuda_memory_stats() { return {}; }
+void reset_cuda_peak_memory() {}
 #endif
 
 std::shared_ptr<Backend> backend_for(Device device) {
