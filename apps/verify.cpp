@@ -6,6 +6,9 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.hpp"
+#include "orthoconv/checkpoint.hpp"
+#include "orthoconv/model_state.hpp"
+#include "orthoconv/network_bound.hpp"
 #include "orthoconv/orthoconv.hpp"
 
 namespace orthoconv::apps {
@@ -23,7 +26,59 @@ struct VerifyOptions {
   int terms = 12;
   uint64_t seed = 1;
   bool json = false;
+  std::string checkpoint;  // when set: the per-layer verified bounds of a trained model
 };
+
+// `verify --checkpoint F`: the verified bound of every SocConv of a trained LipConvnet (bounds.hpp,
+// network_bound.hpp): rho >= ||A_n||, the layer bound 1 + sum_{i>K} rho^i/i!, the float32 rounding coefficient,
+// and the network's L.
+int run_verify_checkpoint(const VerifyOptions& o, bool terms_given) {
+  Checkpoint checkpoint = load_checkpoint(o.checkpoint);
+  ModelConfig config = model_config_from_checkpoint(checkpoint, o.checkpoint);
+  const Normalization norm = normalization_from_checkpoint(checkpoint, o.checkpoint);
+  config.init_iterations = 0;
+  if (terms_given) config.eval_terms = o.terms;
+  LipConvnet model(config);
+  read_model_state(checkpoint, o.checkpoint, model);
+  model.set_training(false);
+  const NetworkBound bound = verify_network(model, config.eval_terms);
+  if (o.json) {
+    nlohmann::ordered_json layers = nlohmann::json::array();
+    for (const auto& l : bound.layers)
+      layers.push_back({{"name", l.name},
+                        {"description", l.bound.description},
+                        {"input_side", l.bound.input_side},
+                        {"terms", l.bound.terms},
+                        {"rho", l.bound.rho},
+                        {"bound", l.bound.bound},
+                        {"abs_norm", l.abs_norm},
+                        {"rounding", l.rounding}});
+    nlohmann::ordered_json out{{"checkpoint", o.checkpoint},
+                               {"architecture", config.architecture()},
+                               {"terms", config.eval_terms},
+                               {"lipschitz", bound.lipschitz},
+                               {"lipschitz_input", norm.lipschitz()},
+                               {"lln_head", bound.lln},
+                               {"rounding_per_input_norm", bound.error_per_input_norm},
+                               {"rounding_constant", bound.error_constant},
+                               {"layers", layers}};
+    std::printf("%s\n", out.dump().c_str());
+    return 0;
+  }
+  std::printf("checkpoint %s\nmodel      %s (evaluation mode, %d series terms)\n", o.checkpoint.c_str(),
+              config.architecture().c_str(), config.eval_terms);
+  std::printf("%-28s %5s %12s %14s %12s %11s\n", "layer", "side", "rho>=|A_n|", "bound", "|abs A_n|",
+              "rounding");
+  for (const auto& l : bound.layers)
+    std::printf("%-28s %5lld %12.6f %14.10f %12.6f %11.3e\n", l.name.c_str(), static_cast<long long>(l.bound.input_side),
+                l.bound.rho, l.bound.bound, l.abs_norm, l.rounding);
+  std::printf("network L (product of layer bounds%s) = %.10f\n", bound.lln ? ", lln head by pair norms" : "",
+              bound.lipschitz);
+  std::printf("input normalization L_in = %.6f\n", norm.lipschitz());
+  std::printf("float32 rounding of the %s: <= %.3e * ||x|| + %.3e\n", bound.lln ? "head input" : "logits",
+              bound.error_per_input_norm, bound.error_constant);
+  return 0;
+}
 
 int run_verify(const VerifyOptions& o) {
   require(o.layer == "soc" || o.layer == "gs-soc", "--layer must be soc or gs-soc, got '", o.layer, "'");
@@ -108,7 +163,13 @@ Runner setup_verify(CLI::App& app) {
   cmd->add_option("--terms", o->terms, "series terms in evaluation mode")->capture_default_str();
   cmd->add_option("--seed", o->seed, "random seed")->capture_default_str();
   cmd->add_flag("--json", o->json, "print one JSON object");
-  return [o] { return run_verify(*o); };
+  auto* terms_option = cmd->get_option("--terms");
+  cmd->add_option("--checkpoint", o->checkpoint,
+                  "verify a trained model instead: per-layer verified bounds (the layer flags are then unused)");
+  return [o, terms_option] {
+    if (!o->checkpoint.empty()) return run_verify_checkpoint(*o, terms_option->count() > 0);
+    return run_verify(*o);
+  };
 }
 
 }  // namespace
