@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <vector>
 
@@ -69,6 +70,13 @@ class Certifier {
   std::vector<double> pair_norms_;
   CertifyReport report_;
 };
+
+// Runs `model` in evaluation mode on split[indices] (no augmentation) in batches of `batch_size` and calls
+// visit(batch, host_logits [n, classes]) for each; restores the model's previous mode. The one evaluation loop
+// behind evaluate_model and evaluate_verified (network_bound.hpp).
+void for_each_evaluation_batch(LipConvnet& model, const CifarSplit& split, const std::vector<int64_t>& indices,
+                               const Normalization& norm, int64_t batch_size,
+                               const std::function<void(const Batch&, const std::vector<float>&)>& visit);
 
 // Runs `model` in evaluation mode on split[indices] (no augmentation) in batches and certifies every image;
 // restores the model's previous mode. Also sums the cross-entropy of each image into loss_sum.

@@ -128,21 +128,17 @@ void Certifier::add_batch(const float* logits, int64_t n, int64_t classes, const
   }
 }
 
-CertifyReport evaluate_model(LipConvnet& model, const CifarSplit& split, const std::vector<int64_t>& indices,
-                             const Normalization& norm, const std::vector<int>& eps_numerators,
-                             int64_t batch_size) {
+void for_each_evaluation_batch(LipConvnet& model, const CifarSplit& split, const std::vector<int64_t>& indices,
+                               const Normalization& norm, int64_t batch_size,
+                               const std::function<void(const Batch&, const std::vector<float>&)>& visit) {
   require(batch_size > 0, "evaluation batch size must be positive, got ", batch_size);
   const bool was_training = model.training();
   model.set_training(false);
-  Certifier certifier(eps_numerators, norm.lipschitz());
-  if (LinearNormalized* lln = model.lln_head())
-    certifier.use_lln(lln->normalized_rows(), model.config().classes, model.features());
   const int64_t classes = model.config().classes;
   Backend& be = model.backend();
   Batch batch;
   Tensor device_images, logits;
   std::vector<float> host_logits;
-  double loss_sum = 0.0;
   for (size_t start = 0; start < indices.size(); start += static_cast<size_t>(batch_size)) {
     const size_t end = std::min(indices.size(), start + static_cast<size_t>(batch_size));
     std::vector<int64_t> chunk(indices.begin() + static_cast<std::ptrdiff_t>(start),
@@ -150,8 +146,7 @@ CertifyReport evaluate_model(LipConvnet& model, const CifarSplit& split, const s
     make_batch(split, chunk, norm, batch);
     const Tensor* input = &batch.images;
     if (be.device() != Device::cpu) {
-      if (device_images.device() != be.device()) device_images = Tensor(batch.images.shape(), be.device());
-      device_images.resize(batch.images.shape());
+      device_images.resize(batch.images.shape(), be.device());
       be.from_host(batch.images.data(), device_images.data(), batch.images.numel());
       input = &device_images;
     }
@@ -159,6 +154,23 @@ CertifyReport evaluate_model(LipConvnet& model, const CifarSplit& split, const s
     const int64_t n = static_cast<int64_t>(chunk.size());
     host_logits.resize(static_cast<size_t>(n * classes));
     be.to_host(logits.data(), host_logits.data(), n * classes);
+    visit(batch, host_logits);
+  }
+  model.set_training(was_training);
+}
+
+CertifyReport evaluate_model(LipConvnet& model, const CifarSplit& split, const std::vector<int64_t>& indices,
+                             const Normalization& norm, const std::vector<int>& eps_numerators,
+                             int64_t batch_size) {
+  require(batch_size > 0, "evaluation batch size must be positive, got ", batch_size);
+  Certifier certifier(eps_numerators, norm.lipschitz());
+  if (LinearNormalized* lln = model.lln_head())
+    certifier.use_lln(lln->normalized_rows(), model.config().classes, model.features());
+  const int64_t classes = model.config().classes;
+  double loss_sum = 0.0;
+  for_each_evaluation_batch(model, split, indices, norm, batch_size,
+                            [&](const Batch& batch, const std::vector<float>& host_logits) {
+    const int64_t n = static_cast<int64_t>(batch.labels.size());
     certifier.add_batch(host_logits.data(), n, classes, batch.labels.data());
     for (int64_t i = 0; i < n; ++i) {
       const float* row = host_logits.data() + i * classes;
@@ -168,8 +180,7 @@ CertifyReport evaluate_model(LipConvnet& model, const CifarSplit& split, const s
       for (int64_t j = 0; j < classes; ++j) sum += std::exp(static_cast<double>(row[j]) - top);
       loss_sum += top + std::log(sum) - static_cast<double>(row[batch.labels[static_cast<size_t>(i)]]);
     }
-  }
-  model.set_training(was_training);
+  });
   CertifyReport report = certifier.report();
   report.loss_sum = loss_sum;
   return report;

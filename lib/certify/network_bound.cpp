@@ -162,37 +162,17 @@ namespace orthoconv {
 VerifiedEvaluation evaluate_verified(LipConvnet& model, const NetworkBound& bound, const CifarSplit& split,
                                      const std::vector<int64_t>& indices, const Normalization& norm,
                                      const std::vector<int>& eps_numerators, int64_t batch_size) {
-  require(batch_size > 0, "evaluation batch size must be positive, got ", batch_size);
-  const bool was_training = model.training();
-  model.set_training(false);
   const int64_t classes = model.config().classes;
   std::vector<double> pair_norms;
   if (LinearNormalized* lln = model.lln_head())
     pair_norms = lln_pair_norms(lln->normalized_rows(), classes, model.features());
-  Backend& be = model.backend();
   VerifiedEvaluation out;
   for (int e : eps_numerators) out.nominal.certified[e] = out.verified.certified[e] = out.lipschitz.certified[e] = 0;
   NetworkBound exact = bound;  // the same L, no rounding allowance
   exact.error_per_input_norm = exact.error_constant = exact.lln_row_error = 0.0;
-  Batch batch;
-  Tensor device_images, logits;
-  std::vector<float> host_logits;
-  for (size_t start = 0; start < indices.size(); start += static_cast<size_t>(batch_size)) {
-    const size_t end = std::min(indices.size(), start + static_cast<size_t>(batch_size));
-    std::vector<int64_t> chunk(indices.begin() + static_cast<std::ptrdiff_t>(start),
-                               indices.begin() + static_cast<std::ptrdiff_t>(end));
-    make_batch(split, chunk, norm, batch);
-    const Tensor* input = &batch.images;
-    if (be.device() != Device::cpu) {
-      if (device_images.device() != be.device()) device_images = Tensor(batch.images.shape(), be.device());
-      device_images.resize(batch.images.shape());
-      be.from_host(batch.images.data(), device_images.data(), batch.images.numel());
-      input = &device_images;
-    }
-    model.forward(*input, logits);
-    const int64_t n = static_cast<int64_t>(chunk.size());
-    host_logits.resize(static_cast<size_t>(n * classes));
-    be.to_host(logits.data(), host_logits.data(), n * classes);
+  for_each_evaluation_batch(model, split, indices, norm, batch_size,
+                            [&](const Batch& batch, const std::vector<float>& host_logits) {
+    const int64_t n = static_cast<int64_t>(batch.labels.size());
     const int64_t pixels = batch.images.numel() / n;
     for (int64_t i = 0; i < n; ++i) {
       const float* row = host_logits.data() + i * classes;
@@ -217,8 +197,7 @@ VerifiedEvaluation evaluate_verified(LipConvnet& model, const NetworkBound& boun
       out.lipschitz_images.push_back(lipschitz);
       out.input_norms.push_back(input_norm);
     }
-  }
-  model.set_training(was_training);
+  });
   return out;
 }
 
