@@ -3,6 +3,8 @@
 // stderr and nothing on stdout.
 #include <catch2/catch.hpp>
 
+#include "cli_helpers.hpp"
+
 #ifdef ORTHOCONV_CLI_PATH
 
 #include <sys/wait.h>
@@ -17,41 +19,9 @@
 
 namespace {
 
-struct Result {
-  int exit_code = -1;
-  std::string out, err;
-};
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-// Runs the CLI with `args` (shell words, trusted: written in this file), capturing stdout and stderr apart.
-Result run_cli(const std::string& args) {
-  static int counter = 0;
-  const std::string base = std::string(ORTHOCONV_TEST_BINARY_DIR) + "/cli-" + std::to_string(getpid()) + "-" +
-                           std::to_string(counter++);
-  const std::string command = std::string("'") + ORTHOCONV_CLI_PATH + "' " + args + " >'" + base + ".out' 2>'" +
-                              base + ".err'";
-  const int status = std::system(command.c_str());
-  Result r;
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
-  r.out = slurp(base + ".out");
-  r.err = slurp(base + ".err");
-  std::remove((base + ".out").c_str());
-  std::remove((base + ".err").c_str());
-  return r;
-}
-
-size_t line_count(const std::string& text) {
-  size_t lines = 0;
-  for (char c : text) lines += c == '\n';
-  if (!text.empty() && text.back() != '\n') ++lines;
-  return lines;
-}
+using orthoconv::testing::line_count;
+using orthoconv::testing::run_cli;
+using Result = orthoconv::testing::CliResult;
 
 void check_bad_flag(const std::string& args, const std::string& mentioned) {
   const Result r = run_cli(args);

@@ -4,6 +4,8 @@
 // each failing with one clear message and leaving what was written intact.
 #include <catch2/catch.hpp>
 
+#include "cli_helpers.hpp"
+
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -66,17 +68,8 @@ TrainConfig tiny_config(const std::string& out) {
 
 std::vector<float> values_of(Tensor& t) { return t.to_vector(); }
 
-struct Result {
-  int exit_code = -1;
-  std::string out, err;
-};
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using Result = orthoconv::testing::CliResult;
+using orthoconv::testing::slurp;
 
 }  // namespace
 
@@ -363,29 +356,7 @@ TEST_CASE("a non-finite loss stops training with a clear message and keeps the l
 }
 
 #ifdef ORTHOCONV_CLI_PATH
-namespace {
-Result run_cli(const std::string& args) {
-  static int counter = 0;
-  const std::string base = std::string(ORTHOCONV_TEST_BINARY_DIR) + "/train-cli-" + std::to_string(getpid()) + "-" +
-                           std::to_string(counter++);
-  const std::string command = std::string("'") + ORTHOCONV_CLI_PATH + "' " + args + " >'" + base + ".out' 2>'" +
-                              base + ".err'";
-  const int status = std::system(command.c_str());
-  Result r;
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
-  r.out = slurp(base + ".out");
-  r.err = slurp(base + ".err");
-  std::remove((base + ".out").c_str());
-  std::remove((base + ".err").c_str());
-  return r;
-}
-
-size_t lines_in(const std::string& text) {
-  size_t n = 0;
-  for (char ch : text) n += ch == '\n';
-  return n + (!text.empty() && text.back() != '\n');
-}
-}  // namespace
+using orthoconv::testing::run_cli;
 
 TEST_CASE("train / certify / model-info: bad flags and values give one line and a non-zero exit", "[train][cli]") {
   const std::string missing = fresh_dir("cli-missing");
@@ -406,7 +377,7 @@ TEST_CASE("train / certify / model-info: bad flags and values give one line and 
     INFO("orthoconv " << args << "\nexit " << r.exit_code << "\nstderr: " << r.err << "\nstdout: " << r.out);
     CHECK(r.exit_code != 0);
     CHECK(r.exit_code < 128);
-    CHECK(lines_in(r.err) == 1);
+    CHECK(orthoconv::testing::line_count(r.err) == 1);
   }
   CHECK_FALSE(fs::exists(fs::path(missing) / "last.safetensors"));
 }

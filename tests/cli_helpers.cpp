@@ -1,0 +1,49 @@
+#include "cli_helpers.hpp"
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+
+namespace orthoconv::testing {
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+CliResult run_cli(const std::string& args) {
+#ifdef ORTHOCONV_CLI_PATH
+  static int counter = 0;
+  const std::string base = std::string(ORTHOCONV_TEST_BINARY_DIR) + "/cli-" + std::to_string(getpid()) + "-" +
+                           std::to_string(counter++);
+  const std::string command = std::string("'") + ORTHOCONV_CLI_PATH + "' " + args + " >'" + base + ".out' 2>'" +
+                              base + ".err'";
+  const int status = std::system(command.c_str());
+  CliResult r;
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+  r.out = slurp(base + ".out");
+  r.err = slurp(base + ".err");
+  std::remove((base + ".out").c_str());
+  std::remove((base + ".err").c_str());
+  return r;
+#else
+  (void)args;
+  throw std::runtime_error("this build has no orthoconv command line");
+#endif
+}
+
+size_t line_count(const std::string& text) {
+  size_t lines = 0;
+  for (char c : text) lines += c == '\n';
+  if (!text.empty() && text.back() != '\n') ++lines;
+  return lines;
+}
+
+}  // namespace orthoconv::testing

@@ -1,0 +1,22 @@
+// Helpers for tests that run the real `orthoconv` binary or read files back.
+#pragma once
+
+#include <cstddef>
+#include <string>
+
+namespace orthoconv::testing {
+
+struct CliResult {
+  int exit_code = -1;
+  std::string out, err;
+};
+
+// The whole file (binary), or "" when it cannot be read.
+std::string slurp(const std::string& path);
+// Runs the CLI (ORTHOCONV_CLI_PATH) with `args` (shell words, trusted: written in the tests), capturing stdout and
+// stderr apart. Throws when this build has no CLI.
+CliResult run_cli(const std::string& args);
+// Lines in `text` (a last line without '\n' counts).
+size_t line_count(const std::string& text);
+
+}  // namespace orthoconv::testing
