@@ -100,7 +100,7 @@ Tensor gpu_output() { return Tensor(Shape{0}, Device::cuda); }
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------
-TEST_CASE("cuda_available() says whether a GPU is usable and never throws; cuda_backend() agrees", "[.gpu][cuda]") {
+TEST_CASE("cuda_available() says whether a GPU is usable and never throws, cuda_backend() agrees", "[.gpu][cuda]") {
   bool available = false;
   REQUIRE_NOTHROW(available = cuda_available());
   if (!available) {
@@ -245,7 +245,7 @@ TEST_CASE("cuDNN grouped convolution matches the double reference and oneDNN (fo
   }
 }
 
-TEST_CASE("CudaOptions::allow_tf32 switches cuDNN's math and back; off again, float32 accuracy returns",
+TEST_CASE("CudaOptions::allow_tf32 switches cuDNN's math and back, off again, float32 accuracy returns",
           "[.gpu][cuda][conv]") {
   if (!gpu_ready()) return;
   auto gpu = cuda_backend();

@@ -31,7 +31,7 @@ TEST_CASE("reference convolution: a centred delta kernel is the identity, an off
   CHECK(ref::conv_forward(d, x, right) == ref::Vec{2, 3, 0, 5, 6, 0, 8, 9, 0});
 }
 
-TEST_CASE("reference shuffle formulas are permutations; unshuffle follows the issue's index map", "[reference]") {
+TEST_CASE("reference shuffle formulas are permutations, unshuffle follows the issue's index map", "[reference]") {
   for (bool paired : {false, true})
     for (int64_t g : {1, 2, 4}) {
       auto dest = ref::shuffle_destination(16, g, paired);

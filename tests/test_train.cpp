@@ -119,7 +119,7 @@ TEST_CASE("softmax_cross_entropy: loss, accuracy and the mean-reduction gradient
                   ConfigError);
 }
 
-TEST_CASE("sgd_momentum follows PyTorch: d = g + wd p; buf = first ? d : m buf + d; p -= lr buf", "[train]") {
+TEST_CASE("sgd_momentum follows PyTorch: d = g + wd p, buf = first ? d : m buf + d, p -= lr buf", "[train]") {
   auto be = cpu_backend();
   std::vector<float> p{1.0f, -2.0f, 0.5f}, g{0.1f, 0.2f, -0.3f}, buf(3, 123.0f);
   const float lr = 0.1f, m = 0.9f, wd = 5e-4f;
