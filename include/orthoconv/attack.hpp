@@ -9,6 +9,8 @@
 //    the smallest adversarial perturbation norm it found.
 // A certified image must survive both at every radius up to its certified radius: PGD at eps must fail on
 // images certified at eps, and DDN's minimum norm must exceed the certified radius.
+// Each step runs the model only on the images still in play (PGD: correct and not yet broken; DDN: correctly
+// classified), gathered into a compact batch, so the cost follows the clean and robust accuracy.
 #pragma once
 
 #include <cstdint>

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <random>
 
@@ -106,7 +107,6 @@ AttackResult attack_model(LipConvnet& model, const Normalization& norm, const Ci
     for (int64_t b = 0; b < n; ++b) labels[static_cast<size_t>(b)] = split.fine_labels[static_cast<size_t>(batch[b])];
 
     std::vector<float> logits;
-    Tensor grad;
     pixel_space_pass(model, norm, clean, logits, nullptr, nullptr);
     std::vector<bool> correct(static_cast<size_t>(n)), pgd_hit(static_cast<size_t>(n), false);
     std::vector<double> pgd_norm(static_cast<size_t>(n), kNaN), best(static_cast<size_t>(n), kInf);
@@ -119,8 +119,39 @@ AttackResult attack_model(LipConvnet& model, const Normalization& norm, const Ci
       }
     }
     const float* x0 = clean.data();
+    Tensor grad(clean.shape());
 
-    // ---- PGD, L2 ball of radius eps, margin loss ----
+    // One pass over the rows `active` of x only (the others are finished: misclassified, already broken, or not
+    // attacked), gathered into a compact batch. visit(b, logits of row b, dL/dlogits of row b or null).
+    using Visit = std::function<void(int64_t, const float*, float*)>;
+    auto pass_on = [&](const Tensor& x, const std::vector<int64_t>& active, bool with_gradient, const Visit& visit) {
+      const int64_t m = static_cast<int64_t>(active.size());
+      Tensor compact(Shape{m, 3, kCifarSide, kCifarSide});
+      for (int64_t k = 0; k < m; ++k)
+        std::copy_n(x.data() + active[static_cast<size_t>(k)] * dim, dim, compact.data() + k * dim);
+      if (!with_gradient) {
+        pixel_space_pass(model, norm, compact, logits, nullptr, nullptr);
+        for (int64_t k = 0; k < m; ++k) visit(active[static_cast<size_t>(k)], &logits[static_cast<size_t>(k * classes)], nullptr);
+        return;
+      }
+      Tensor compact_grad;
+      pixel_space_pass(model, norm, compact, logits, [&](const std::vector<float>& f, std::vector<float>& d) {
+        for (int64_t k = 0; k < m; ++k)
+          visit(active[static_cast<size_t>(k)], &f[static_cast<size_t>(k * classes)], &d[static_cast<size_t>(k * classes)]);
+      }, &compact_grad);
+      for (int64_t k = 0; k < m; ++k)
+        std::copy_n(compact_grad.data() + k * dim, dim, grad.data() + active[static_cast<size_t>(k)] * dim);
+    };
+    auto perturbation_norm = [&](const Tensor& x, int64_t b) {
+      double s = 0.0;
+      for (int64_t i = 0; i < dim; ++i) {
+        const double d = static_cast<double>(x.data()[b * dim + i]) - x0[b * dim + i];
+        s += d * d;
+      }
+      return std::sqrt(s);
+    };
+
+    // ---- PGD, L2 ball of radius eps, margin loss; each step runs only on the images not yet broken ----
     if (eps > 0.0) {
       const double step = 2.5 * eps / options.steps;
       for (int restart = 0; restart < options.restarts; ++restart) {
@@ -136,33 +167,30 @@ AttackResult attack_model(LipConvnet& model, const Normalization& norm, const Ci
               x.data()[b * dim + i] = std::clamp(v, 0.0f, 1.0f);
             }
           }
-        if (std::all_of(pgd_hit.begin(), pgd_hit.end(), [](bool hit) { return hit; })) break;
+        const Visit margin_gradient = [&](int64_t b, const float* f, float* d) {
+          const int32_t y = labels[static_cast<size_t>(b)];
+          if (!pgd_hit[static_cast<size_t>(b)] && adversarial(f, classes, y)) {
+            pgd_hit[static_cast<size_t>(b)] = true;
+            pgd_norm[static_cast<size_t>(b)] = perturbation_norm(x, b);
+          }
+          if (!d) return;
+          int32_t other = y == 0 ? 1 : 0;
+          for (int64_t j = 0; j < classes; ++j)
+            if (j != y && f[j] > f[other]) other = static_cast<int32_t>(j);
+          d[other] = 1.0f;  // d(f_other - f_y)
+          d[y] = -1.0f;
+        };
         for (int it = 0; it <= options.steps; ++it) {
-          auto margin_gradient = [&](const std::vector<float>& f_all, std::vector<float>& d) {
-            for (int64_t b = 0; b < n; ++b) {
-              const float* f = &f_all[static_cast<size_t>(b * classes)];
-              const int32_t y = labels[static_cast<size_t>(b)];
-              if (!pgd_hit[static_cast<size_t>(b)] && adversarial(f, classes, y)) {
-                std::vector<float> delta(static_cast<size_t>(dim));
-                for (int64_t i = 0; i < dim; ++i) delta[static_cast<size_t>(i)] = x.data()[b * dim + i] - x0[b * dim + i];
-                pgd_hit[static_cast<size_t>(b)] = true;
-                pgd_norm[static_cast<size_t>(b)] = norm_of(delta.data(), dim);
-              }
-              int32_t other = y == 0 ? 1 : 0;
-              for (int64_t j = 0; j < classes; ++j)
-                if (j != y && f[j] > f[other]) other = static_cast<int32_t>(j);
-              d[static_cast<size_t>(b * classes + other)] = 1.0f;  // d(f_other - f_y)
-              d[static_cast<size_t>(b * classes + y)] = -1.0f;
-            }
-          };
+          std::vector<int64_t> active;
+          for (int64_t b = 0; b < n; ++b)
+            if (!pgd_hit[static_cast<size_t>(b)]) active.push_back(b);
+          if (active.empty()) break;
           if (it == options.steps) {  // last iterate: only check it
-            pixel_space_pass(model, norm, x, logits, nullptr, nullptr);
-            std::vector<float> unused(logits.size());
-            margin_gradient(logits, unused);
+            pass_on(x, active, false, margin_gradient);
             break;
           }
-          pixel_space_pass(model, norm, x, logits, margin_gradient, &grad);
-          for (int64_t b = 0; b < n; ++b) {
+          pass_on(x, active, true, margin_gradient);
+          for (int64_t b : active) {
             if (pgd_hit[static_cast<size_t>(b)]) continue;
             float* xb = x.data() + b * dim;
             const float* gb = grad.data() + b * dim;
@@ -184,43 +212,36 @@ AttackResult attack_model(LipConvnet& model, const Normalization& norm, const Ci
       }
     }
 
-    // ---- DDN, minimum norm ----
+    // ---- DDN, minimum norm, on the correctly classified images ----
     {
       Tensor x = Tensor::from_vector(clean.to_vector(), clean.shape());
+      std::vector<int64_t> active;
+      for (int64_t b = 0; b < n; ++b)
+        if (correct[static_cast<size_t>(b)]) active.push_back(b);
       std::vector<double> radius(static_cast<size_t>(n), options.initial_radius);
       const double alpha0 = 1.0;
       std::vector<bool> is_adv(static_cast<size_t>(n));
-      for (int it = 0; it <= options.steps; ++it) {
-        auto cross_entropy_gradient = [&](const std::vector<float>& f_all, std::vector<float>& d) {
-          for (int64_t b = 0; b < n; ++b) {
-            const float* f = &f_all[static_cast<size_t>(b * classes)];
-            const int32_t y = labels[static_cast<size_t>(b)];
-            is_adv[static_cast<size_t>(b)] = adversarial(f, classes, y);
-            if (is_adv[static_cast<size_t>(b)]) {
-              std::vector<float> delta(static_cast<size_t>(dim));
-              for (int64_t i = 0; i < dim; ++i) delta[static_cast<size_t>(i)] = x.data()[b * dim + i] - x0[b * dim + i];
-              best[static_cast<size_t>(b)] = std::min(best[static_cast<size_t>(b)], norm_of(delta.data(), dim));
-            }
-            // Gradient of the cross-entropy of the true label: softmax - onehot (ascent increases the loss).
-            if (!finite_row(f, classes)) continue;
-            double mx = f[0];
-            for (int64_t j = 1; j < classes; ++j) mx = std::max(mx, static_cast<double>(f[j]));
-            double z = 0.0;
-            for (int64_t j = 0; j < classes; ++j) z += std::exp(f[j] - mx);
-            for (int64_t j = 0; j < classes; ++j)
-              d[static_cast<size_t>(b * classes + j)] = static_cast<float>(std::exp(f[j] - mx) / z - (j == y ? 1.0 : 0.0));
-          }
-        };
+      const Visit cross_entropy_gradient = [&](int64_t b, const float* f, float* d) {
+        const int32_t y = labels[static_cast<size_t>(b)];
+        is_adv[static_cast<size_t>(b)] = adversarial(f, classes, y);
+        if (is_adv[static_cast<size_t>(b)])
+          best[static_cast<size_t>(b)] = std::min(best[static_cast<size_t>(b)], perturbation_norm(x, b));
+        // Gradient of the cross-entropy of the true label: softmax - onehot (ascent increases the loss).
+        if (!d || !finite_row(f, classes)) return;
+        double mx = f[0];
+        for (int64_t j = 1; j < classes; ++j) mx = std::max(mx, static_cast<double>(f[j]));
+        double z = 0.0;
+        for (int64_t j = 0; j < classes; ++j) z += std::exp(f[j] - mx);
+        for (int64_t j = 0; j < classes; ++j) d[j] = static_cast<float>(std::exp(f[j] - mx) / z - (j == y ? 1.0 : 0.0));
+      };
+      for (int it = 0; it <= options.steps && !active.empty(); ++it) {
         if (it == options.steps) {
-          pixel_space_pass(model, norm, x, logits, nullptr, nullptr);
-          std::vector<float> unused(logits.size());
-          cross_entropy_gradient(logits, unused);
+          pass_on(x, active, false, cross_entropy_gradient);
           break;
         }
-        pixel_space_pass(model, norm, x, logits, cross_entropy_gradient, &grad);
+        pass_on(x, active, true, cross_entropy_gradient);
         const double alpha = 0.01 + (alpha0 - 0.01) * (1.0 + std::cos(M_PI * it / options.steps)) / 2.0;
-        for (int64_t b = 0; b < n; ++b) {
-          if (!correct[static_cast<size_t>(b)]) continue;
+        for (int64_t b : active) {
           double& r = radius[static_cast<size_t>(b)];
           r *= is_adv[static_cast<size_t>(b)] ? (1.0 - options.gamma) : (1.0 + options.gamma);
           r = std::min(r, best[static_cast<size_t>(b)]);  // never search beyond the best found
