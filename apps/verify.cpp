@@ -30,8 +30,8 @@ struct VerifyOptions {
 };
 
 // `verify --checkpoint F`: the verified bound of every SocConv of a trained LipConvnet (bounds.hpp,
-// network_bound.hpp): rho >= ||A_n||, the layer bound 1 + sum_{i>K} rho^i/i!, the float32 rounding coefficient,
-// and the network's L.
+// network_bound.hpp): rho >= ||A_n||, the layer bound 1 + sum_{i>K} rho^i/i!, the rounding coefficients of a
+// float32 and of the float64 (certifying) pass, and the network's L.
 int run_verify_checkpoint(const VerifyOptions& o, bool terms_given) {
   Checkpoint checkpoint = load_checkpoint(o.checkpoint);
   ModelConfig config = model_config_from_checkpoint(checkpoint, o.checkpoint);
@@ -41,10 +41,12 @@ int run_verify_checkpoint(const VerifyOptions& o, bool terms_given) {
   LipConvnet model(config);
   read_model_state(checkpoint, o.checkpoint, model);
   model.set_training(false);
-  const NetworkBound bound = verify_network(model, config.eval_terms);
+  const NetworkBound b32 = verify_network(model, config.eval_terms, Precision::float32, norm);
+  const NetworkBound b64 = verify_network(model, config.eval_terms, Precision::float64, norm);
   if (o.json) {
     nlohmann::ordered_json layers = nlohmann::json::array();
-    for (const auto& l : bound.layers)
+    for (size_t i = 0; i < b32.layers.size(); ++i) {
+      const NamedLayerBound& l = b32.layers[i];
       layers.push_back({{"name", l.name},
                         {"description", l.bound.description},
                         {"input_side", l.bound.input_side},
@@ -52,31 +54,41 @@ int run_verify_checkpoint(const VerifyOptions& o, bool terms_given) {
                         {"rho", l.bound.rho},
                         {"bound", l.bound.bound},
                         {"abs_norm", l.abs_norm},
-                        {"rounding", l.rounding}});
+                        {"rounding_float32", l.rounding},
+                        {"rounding_float64", b64.layers[i].rounding}});
+    }
+    auto rounding = [](const NetworkBound& b) {
+      return nlohmann::ordered_json{{"per_input_norm", b.error_per_input_norm}, {"constant", b.error_constant}};
+    };
     nlohmann::ordered_json out{{"checkpoint", o.checkpoint},
                                {"architecture", config.architecture()},
                                {"terms", config.eval_terms},
-                               {"lipschitz", bound.lipschitz},
+                               {"lipschitz", b32.lipschitz},
                                {"lipschitz_input", norm.lipschitz()},
-                               {"lln_head", bound.lln},
-                               {"rounding_per_input_norm", bound.error_per_input_norm},
-                               {"rounding_constant", bound.error_constant},
+                               {"lln_head", b32.lln},
+                               {"rounding_float32", rounding(b32)},
+                               {"rounding_float64", rounding(b64)},
                                {"layers", layers}};
     std::printf("%s\n", out.dump().c_str());
     return 0;
   }
   std::printf("checkpoint %s\nmodel      %s (evaluation mode, %d series terms)\n", o.checkpoint.c_str(),
               config.architecture().c_str(), config.eval_terms);
-  std::printf("%-28s %5s %12s %14s %12s %11s\n", "layer", "side", "rho>=|A_n|", "bound", "|abs A_n|",
-              "rounding");
-  for (const auto& l : bound.layers)
-    std::printf("%-28s %5lld %12.6f %14.10f %12.6f %11.3e\n", l.name.c_str(), static_cast<long long>(l.bound.input_side),
-                l.bound.rho, l.bound.bound, l.abs_norm, l.rounding);
-  std::printf("network L (product of layer bounds%s) = %.10f\n", bound.lln ? ", lln head by pair norms" : "",
-              bound.lipschitz);
+  std::printf("%-28s %5s %12s %14s %12s %13s %13s\n", "layer", "side", "rho>=|A_n|", "bound", "|abs A_n|",
+              "rounding f32", "rounding f64");
+  for (size_t i = 0; i < b32.layers.size(); ++i) {
+    const NamedLayerBound& l = b32.layers[i];
+    std::printf("%-28s %5lld %12.6f %14.10f %12.6f %13.3e %13.3e\n", l.name.c_str(),
+                static_cast<long long>(l.bound.input_side), l.bound.rho, l.bound.bound, l.abs_norm, l.rounding,
+                b64.layers[i].rounding);
+  }
+  std::printf("network L (product of layer bounds%s) = %.10f\n", b32.lln ? ", lln head by pair norms" : "",
+              b32.lipschitz);
   std::printf("input normalization L_in = %.6f\n", norm.lipschitz());
-  std::printf("float32 rounding of the %s: <= %.3e * ||x|| + %.3e\n", bound.lln ? "head input" : "logits",
-              bound.error_per_input_norm, bound.error_constant);
+  for (const NetworkBound* b : {&b32, &b64})
+    std::printf("%s rounding of the %s: <= %.3e * ||x|| + %.3e%s\n", precision_name(b->precision),
+                b->lln ? "head input" : "logits", b->error_per_input_norm, b->error_constant,
+                b->precision == Precision::float64 ? " (the certifying pass)" : "");
   return 0;
 }
 

@@ -55,11 +55,11 @@ if [ -z "$cpu_seconds" ]; then
 fi
 step_seconds="$(awk -v c="$cpu_seconds" -v t="$threads" 'BEGIN { printf "%.3f", c / t * 1.1 }')"
 # Training gets ~65% of the budget; the per-epoch evaluations (eval_images at 12 terms) and the final certify
-# (certify_images) take the rest. At least 10 steps (1280 images) per epoch, at most the whole training set.
+# (certify_images: a float32 pass plus the float64 certifying pass, ~3x the float32 one) take the rest. At least 10 steps (1280 images) per epoch, at most the whole training set.
 read -r subset steps_per_epoch < <(awk -v s="$step_seconds" -v m="$minutes" -v e="$epochs" -v ev="$eval_images" \
   -v ci="$certify_images" 'BEGIN {
     budget = m * 60 * 0.65;
-    eval_steps = (e * ev + (ci > 0 ? ci : 10000)) / 128 * 0.8;  # a 12-term forward ~ 0.8 of a training step
+    eval_steps = (e * ev + 4 * (ci > 0 ? ci : 10000)) / 128 * 0.8;  # a 12-term forward ~ 0.8 of a training step
     per_epoch = int((budget / s - eval_steps) / e);
     if (per_epoch < 10) per_epoch = 10;
     if (per_epoch > 390) per_epoch = 390;

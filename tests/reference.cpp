@@ -230,12 +230,15 @@ Vec soc_forward(const SocParams& p, const Vec& input, int64_t batch, int64_t hei
   if (static_cast<int64_t>(input.size()) != batch * p.in_channels * height * width)
     throw std::invalid_argument("soc_forward: input size");
 
-  // Scaled filter A_n = correction * A / (sigma + 1e-12), per group.
-  Vec a = skew(p.weight, g, c, k);
-  const Vec sigma = soc_sigma(p);
-  for (int64_t gi = 0; gi < g; ++gi) {
-    const double scale = p.correction / (sigma[gi] + 1e-12);
-    for (int64_t j = 0; j < c * c * k * k; ++j) a[gi * c * c * k * k + j] *= scale;
+  // Scaled filter A_n = correction * A / (sigma + 1e-12), per group (unless given).
+  Vec a = p.scaled;
+  if (a.empty()) {
+    a = skew(p.weight, g, c, k);
+    const Vec sigma = soc_sigma(p);
+    for (int64_t gi = 0; gi < g; ++gi) {
+      const double scale = p.correction / (sigma[gi] + 1e-12);
+      for (int64_t j = 0; j < c * c * k * k; ++j) a[gi * c * c * k * k + j] *= scale;
+    }
   }
 
   // x0: unshuffle, zero channels up to C*g.

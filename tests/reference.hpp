@@ -80,6 +80,7 @@ struct SocParams {
   Vec bias;                    // [out_channels], empty for none
   std::array<Vec, 4> u, v;     // power-iteration vectors (held fixed)
   Vec sigma;                   // if not empty, used as given; else power_sigma(skew(weight), u, v)
+  Vec scaled;                  // if not empty, A_n as given (weight, sigma and correction are then unused)
   int64_t series_channels() const { return std::max(out_channels, in_channels * stride * stride); }
   int64_t group_channels() const { return series_channels() / groups; }
 };

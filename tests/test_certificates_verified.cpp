@@ -4,6 +4,7 @@
 #include <random>
 
 #include "orthoconv/attack.hpp"
+#include "orthoconv/certifying_pass.hpp"
 #include "orthoconv/jacobian.hpp"
 #include "orthoconv/network_bound.hpp"
 
@@ -48,7 +49,7 @@ std::vector<float> logits_of(LipConvnet& model, const Normalization& norm, const
 TEST_CASE("verified network bound: layers listed in order, L >= 1, rounding bound tiny but positive", "[verified]") {
   LipConvnet model(tiny_config());
   model.set_training(false);
-  NetworkBound bound = verify_network(model, 12);
+  NetworkBound bound = verify_network(model, 12, Precision::float32, Normalization{});
   REQUIRE(bound.layers.size() == model.soc_layers().size());
   for (size_t i = 0; i < bound.layers.size(); ++i) {
     CHECK(bound.layers[i].name == model.soc_layers()[i].name);
@@ -60,6 +61,14 @@ TEST_CASE("verified network bound: layers listed in order, L >= 1, rounding boun
   CHECK(bound.lipschitz < 1.0 + 1e-4);  // 12 terms on freshly normalized filters
   CHECK(bound.error_per_input_norm > 0.0);
   CHECK(bound.error_per_input_norm < 1e-2);
+  // The float64 pass: the same L, rounding smaller by about 2^29 (u64 / u32; the per-layer factors are the same).
+  NetworkBound b64 = verify_network(model, 12, Precision::float64, Normalization{});
+  CHECK(b64.lipschitz == bound.lipschitz);
+  const double ratio = kFloat64Unit / kFloat32Unit;
+  CHECK(b64.error_per_input_norm > 0.5 * ratio * bound.error_per_input_norm);
+  CHECK(b64.error_per_input_norm < 1.01 * ratio * bound.error_per_input_norm);
+  CHECK(b64.error_constant < 1.01 * ratio * bound.error_constant);
+  CHECK(bound.error_constant > 0.0);  // the float32 input rounding term (p/255 rounded) at least
 }
 
 TEST_CASE("the float32 rounding bound covers the actual float32 error of the series", "[verified]") {
@@ -97,7 +106,7 @@ TEST_CASE("the float32 rounding bound covers the actual float32 error of the ser
   xnorm = std::sqrt(xnorm);
   auto b = soc_layer_bound(layer, side, 12);
   const double abs_norm = abs_filter_norm_bound(layer.scaled_filter().to_vector(), g, c, k);
-  const double coefficient = series_rounding_bound(b.rho, abs_norm, c * k * k, 12);
+  const double coefficient = series_rounding_bound(b.rho, abs_norm, c * k * k, 12, kFloat32Unit);
   INFO("actual float32 error " << err << " vs ||x|| " << xnorm << ", rho " << b.rho << ", bound coefficient "
                                << coefficient);
   CHECK(err > 0.0);
@@ -120,17 +129,32 @@ TEST_CASE("verified certificates never exceed the nominal ones and shrink with a
     const float* f = &logits[static_cast<size_t>(i * 10)];
     split.fine_labels[static_cast<size_t>(i)] = static_cast<int32_t>(std::max_element(f, f + 10) - f);
   }
-  NetworkBound bound = verify_network(model, 12);
+  NetworkBound bound = verify_network(model, 12, Precision::float64, norm);
   auto eval = evaluate_verified(model, bound, split, indices, norm, {0, 1, 2});
+  Float64Network pass(model, norm, 12);
+  std::vector<double> f64(16 * 10);
+  pass.forward(split.pixels.data(), 16, f64.data());
   double nominal_sum = 0.0, verified_sum = 0.0;
   for (size_t i = 0; i < indices.size(); ++i) {
     CHECK(eval.nominal_images[i].correct);
-    CHECK(eval.verified_images[i].correct);
-    CHECK(eval.verified_images[i].radius <= eval.nominal_images[i].radius);
-    // The margin loses exactly sqrt(2) * the rounding bound, and the radius is divided by L >= 1.
-    const double allowance = logit_error_bound(bound, eval.input_norms[i]) / (norm.lipschitz() * bound.lipschitz);
-    CHECK(eval.verified_images[i].radius ==
-          Approx(std::max(0.0, eval.nominal_images[i].radius / bound.lipschitz - allowance)).epsilon(1e-9).margin(1e-12));
+    // The Lipschitz-only column: the nominal radius divided by L >= 1, nothing else.
+    CHECK(eval.lipschitz_images[i].radius == Approx(eval.nominal_images[i].radius / bound.lipschitz).epsilon(1e-12));
+    // The certificate that holds: the float64 margin less sqrt(2) * its rounding bound, over sqrt(2) L L_in.
+    const double* f = &f64[i * 10];
+    const int64_t c = std::max_element(f, f + 10) - f;
+    double runner_up = -1e300;
+    for (int64_t j = 0; j < 10; ++j)
+      if (j != c) runner_up = std::max(runner_up, f[j]);
+    const double error = logit_error_bound(bound, eval.input_norms[i]);
+    CHECK(error < 1e-9);  // float64: far below any margin that matters
+    const double expected = std::max(0.0, (f[c] - runner_up - std::sqrt(2.0) * error) /
+                                               (std::sqrt(2.0) * bound.lipschitz * norm.lipschitz()));
+    CHECK(eval.verified_images[i].correct == (c == split.fine_labels[i]));
+    CHECK(eval.verified_images[i].radius <= expected);
+    CHECK(eval.verified_images[i].radius == Approx(expected).epsilon(1e-12).margin(1e-15));
+    // float32 and float64 logits differ by float32 rounding only.
+    CHECK(eval.logit_deviation[i] > 0.0);
+    CHECK(eval.logit_deviation[i] < 1e-4);
     nominal_sum += eval.nominal_images[i].radius;
     verified_sum += eval.verified_images[i].radius;
   }
@@ -149,7 +173,7 @@ TEST_CASE("verified certificates never exceed the nominal ones and shrink with a
     if (b.name[0] == 'u')
       for (int64_t i = 0; i < b.tensor->numel(); ++i) b.tensor->data()[i] *= 1.0f / 3.0f;
   planted.set_training(false);
-  NetworkBound inflated = verify_network(planted, 12);
+  NetworkBound inflated = verify_network(planted, 12, Precision::float64, norm);
   INFO("planted L " << inflated.lipschitz << " vs " << bound.lipschitz);
   CHECK(inflated.layers.front().bound.rho > 2.5 * bound.layers.front().bound.rho);
   CHECK(inflated.lipschitz > 1.0 + 1e-3);
@@ -214,7 +238,7 @@ TEST_CASE("attacks find a known adversarial example next to a correctly classifi
   CHECK(r.pgd_success[0]);
   CHECK(r.min_norm[0] <= known_distance + 0.05);
   // And the certificate of that image is below the adversarial distance (it must be).
-  NetworkBound bound = verify_network(model, 12);
+  NetworkBound bound = verify_network(model, 12, Precision::float64, norm);
   auto eval = evaluate_verified(model, bound, one, {0}, norm, {36});
   CHECK(eval.verified_images[0].radius < r.min_norm[0]);
 }

@@ -2,6 +2,8 @@
 // runner-up), the strict r > eps test, ties, NaN / inf logits, and the report's aggregates.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 
@@ -99,4 +101,34 @@ TEST_CASE("Certifier aggregates clean and certified accuracy and the mean radius
   CHECK(r.certified.at(36) == 1);  // 0.1 < 36/255 = 0.141
   CHECK(r.certified_accuracy(36) == Approx(0.25));
   CHECK(r.mean_radius() == Approx((1.0 + static_cast<double>(0.1f)) / 2).epsilon(1e-9));
+}
+
+TEST_CASE("unequal channel stds: the certificate takes 1/min(std), as 1/max(std) would certify a point that flips",
+          "[certify]") {
+  // A 1-Lipschitz classifier of the normalized input z = (x - mean) / std that reads one red pixel:
+  //   logits (w z_p, -w z_p) with w = 1/sqrt(2) (Lipschitz w * ||(1, -1)|| = 1), margin 2 w z_p.
+  // In pixel space the decision boundary is x_p = mean_red, at distance |x_p - mean_red|, and the certificate
+  // margin / (sqrt(2) L_in) equals that distance exactly when L_in = 1 / std_red = 1 / min(std).
+  Normalization norm;
+  norm.mean = {0.5f, 0.5f, 0.5f};
+  norm.std = {0.2f, 0.5f, 0.4f};  // red has the smallest std
+  const NormalizationTable table = normalization_table(norm);
+  const uint8_t byte = 179;       // x_p = 179/255 = 0.70196
+  const double w = 1.0 / std::sqrt(2.0);
+  auto logits_at = [&](double z) { return std::array<double, 2>{w * z, -w * z}; };
+  const auto f = logits_at(table[0][byte]);
+  const ImageCertificate c = certify_margin(f.data(), 2, 0, norm.lipschitz());
+  const double distance = byte / 255.0 - 0.5;  // to the boundary, moving the red pixel only
+  REQUIRE(c.correct);
+  INFO("certified radius " << c.radius << ", distance to a flipped image " << distance);
+  CHECK(c.radius <= distance * (1 + 1e-6));  // float32 z_p: relative rounding 1e-7
+  CHECK(c.radius >= distance * (1 - 1e-6));  // and the certificate is tight here
+  // Just beyond the boundary the class flips, ...
+  const double beyond = distance + 1e-3;
+  const auto flipped = logits_at((byte / 255.0 - beyond - 0.5) / static_cast<double>(norm.std[0]));
+  CHECK(flipped[1] > flipped[0]);
+  CHECK_FALSE(c.radius > beyond);
+  // ... which the wrong constant 1/max(std) would have certified: this test tells the two apart.
+  const double wrong_lipschitz = 1.0 / static_cast<double>(std::max({norm.std[0], norm.std[1], norm.std[2]}));
+  CHECK(certify_margin(f.data(), 2, 0, wrong_lipschitz).radius > beyond);
 }

@@ -30,10 +30,13 @@ struct ImageCertificate {
   double radius = 0.0;      // NaN when not finite
 };
 
-// Margin certificate (orthogonal head).
+// Margin certificate (orthogonal head), from float32 or float64 logits.
 ImageCertificate certify_margin(const float* logits, int64_t classes, int32_t label, double input_lipschitz);
+ImageCertificate certify_margin(const double* logits, int64_t classes, int32_t label, double input_lipschitz);
 // LLN certificate. pair_norms[c * classes + j] = ||q_c - q_j|| (see lln_pair_norms).
 ImageCertificate certify_lln(const float* logits, int64_t classes, int32_t label,
+                             const std::vector<double>& pair_norms, double input_lipschitz);
+ImageCertificate certify_lln(const double* logits, int64_t classes, int32_t label,
                              const std::vector<double>& pair_norms, double input_lipschitz);
 // ||q_i - q_j|| for all pairs, from normalized rows q [classes, features] (double).
 std::vector<double> lln_pair_norms(const std::vector<double>& rows, int64_t classes, int64_t features);

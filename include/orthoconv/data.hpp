@@ -39,8 +39,9 @@ std::string find_cifar100(const std::string& hint = "");
 struct Normalization {
   std::array<float, 3> mean{0.4914f, 0.4822f, 0.4465f};
   std::array<float, 3> std{0.2507f, 0.2507f, 0.2507f};
-  // Lipschitz constant of x -> (x - mean) / std: 1 / min(std).
-  float lipschitz() const;
+  // Lipschitz constant of x -> (x - mean) / std: 1 / min(std), in double (the float32 quotient could round
+  // below the true constant). Throws ConfigError unless every std is positive and finite.
+  double lipschitz() const;
 };
 
 struct Batch {

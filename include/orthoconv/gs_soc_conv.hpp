@@ -42,6 +42,9 @@ class GsSocConv : public Layer {
   SocConv* second() { return second_.get(); }
   const GsSocConfig& config() const { return config_; }
   bool shuffles_input() const { return static_cast<bool>(input_shuffle_); }
+  // The shuffles applied before the first and before the second SocConv (null where there is none).
+  const ChannelShuffle* input_shuffle() const { return input_shuffle_.get(); }
+  const ChannelShuffle* middle_shuffle() const { return middle_shuffle_.get(); }
 
  private:
   GsSocConfig config_;

@@ -15,6 +15,7 @@ class MaxMin : public Layer {
   explicit MaxMin(bool paired = false, std::shared_ptr<Backend> backend = cpu_backend());
   std::string kind() const override { return paired_ ? "maxmin-paired" : "maxmin"; }
   std::string describe() const override { return kind(); }
+  bool paired() const { return paired_; }
   Shape output_shape(const Shape& input) const override;
   void forward(const Tensor& input, Tensor& output) override;
   void backward(const Tensor& diff_output, Tensor& diff_input) override;

@@ -137,6 +137,15 @@ class LipConvnet {
   int64_t parameter_count();            // trainable values (power-iteration vectors excluded)
   std::vector<LayerRow> layer_table();
 
+  // The blocks in order (for tools that walk the network, such as the float64 certifying pass): the
+  // convolution (SocConv or GsSocConv) and its activation. The head is soc_layers().back() or lln_head().
+  struct BlockView {
+    std::string name;  // "stage1.block0"
+    Layer* conv;
+    const MaxMin* activation;
+  };
+  std::vector<BlockView> blocks();
+
   LinearNormalized* lln_head() { return lln_head_; }  // null for the soc head
   int64_t features() const { return features_; }      // head input size F
 

@@ -12,7 +12,8 @@ namespace {
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 // The first arg-max, or -1 when any logit is NaN or infinite.
-int32_t predict(const float* logits, int64_t classes) {
+template <class T>
+int32_t predict(const T* logits, int64_t classes) {
   int32_t arg = 0;
   for (int64_t j = 0; j < classes; ++j) {
     if (!std::isfinite(logits[j])) return -1;
@@ -21,9 +22,8 @@ int32_t predict(const float* logits, int64_t classes) {
   return arg;
 }
 
-}  // namespace
-
-ImageCertificate certify_margin(const float* logits, int64_t classes, int32_t label, double input_lipschitz) {
+template <class T>
+ImageCertificate margin_certificate(const T* logits, int64_t classes, int32_t label, double input_lipschitz) {
   require(classes >= 2, "certificates need at least 2 classes, got ", classes);
   ImageCertificate out;
   out.predicted = predict(logits, classes);
@@ -39,6 +39,16 @@ ImageCertificate certify_margin(const float* logits, int64_t classes, int32_t la
   out.radius = margin / (std::sqrt(2.0) * input_lipschitz);
   out.correct = c == label;
   return out;
+}
+
+}  // namespace
+
+ImageCertificate certify_margin(const float* logits, int64_t classes, int32_t label, double input_lipschitz) {
+  return margin_certificate(logits, classes, label, input_lipschitz);
+}
+
+ImageCertificate certify_margin(const double* logits, int64_t classes, int32_t label, double input_lipschitz) {
+  return margin_certificate(logits, classes, label, input_lipschitz);
 }
 
 std::vector<double> lln_pair_norms(const std::vector<double>& rows, int64_t classes, int64_t features) {
@@ -57,8 +67,11 @@ std::vector<double> lln_pair_norms(const std::vector<double>& rows, int64_t clas
   return norms;
 }
 
-ImageCertificate certify_lln(const float* logits, int64_t classes, int32_t label,
-                             const std::vector<double>& pair_norms, double input_lipschitz) {
+namespace {
+
+template <class T>
+ImageCertificate lln_certificate(const T* logits, int64_t classes, int32_t label,
+                                 const std::vector<double>& pair_norms, double input_lipschitz) {
   require(classes >= 2, "certificates need at least 2 classes, got ", classes);
   require(static_cast<int64_t>(pair_norms.size()) == classes * classes, "certify_lln: expected ",
           classes * classes, " pair norms, got ", pair_norms.size());
@@ -84,6 +97,18 @@ ImageCertificate certify_lln(const float* logits, int64_t classes, int32_t label
   out.radius = radius;
   out.correct = c == label;
   return out;
+}
+
+}  // namespace
+
+ImageCertificate certify_lln(const float* logits, int64_t classes, int32_t label,
+                             const std::vector<double>& pair_norms, double input_lipschitz) {
+  return lln_certificate(logits, classes, label, pair_norms, input_lipschitz);
+}
+
+ImageCertificate certify_lln(const double* logits, int64_t classes, int32_t label,
+                             const std::vector<double>& pair_norms, double input_lipschitz) {
+  return lln_certificate(logits, classes, label, pair_norms, input_lipschitz);
 }
 
 bool certified_at(const ImageCertificate& certificate, int eps_numerator) {

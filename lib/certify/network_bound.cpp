@@ -1,7 +1,11 @@
 #include "orthoconv/network_bound.hpp"
 
+#include "orthoconv/certifying_pass.hpp"
+
 #include <Eigen/Dense>
 #include <Eigen/Eigenvalues>
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <map>
@@ -10,15 +14,17 @@ namespace orthoconv {
 
 namespace {
 
-constexpr double kUnit = 1.0 / 16777216.0;  // 2^-24
-
-double gamma(double n) {
-  double nu = n * kUnit;
-  require(nu < 0.5, "rounding bound: accumulation length ", n, " is too long for float32 analysis");
+double gamma(double n, double unit) {
+  double nu = n * unit;
+  require(nu < 0.5, "rounding bound: accumulation length ", n, " is too long for the rounding analysis");
   return nu / (1.0 - nu);
 }
 
 }  // namespace
+
+double unit_roundoff(Precision precision) { return precision == Precision::float64 ? kFloat64Unit : kFloat32Unit; }
+
+const char* precision_name(Precision precision) { return precision == Precision::float64 ? "float64" : "float32"; }
 
 // >= the norm of the zero-padded convolution by |filter| (nonnegative: the circular norm peaks at frequency 0).
 double abs_filter_norm_bound(const std::vector<float>& filter, int64_t groups, int64_t c, int64_t k) {
@@ -37,10 +43,10 @@ double abs_filter_norm_bound(const std::vector<float>& filter, int64_t groups, i
   return worst * (1.0 + 1e-9);
 }
 
-// Relative float32 error of the truncated series (Horner, see the header), per unit ||x0||.
-double series_rounding_bound(double rho, double abs_norm, int64_t accumulation, int terms) {
-  const double g = gamma(static_cast<double>(accumulation + 1));
-  const double w = 2.01 * kUnit;
+// Relative rounding error of the truncated series (Horner, see the header), per unit ||x0||.
+double series_rounding_bound(double rho, double abs_norm, int64_t accumulation, int terms, double unit) {
+  const double g = gamma(static_cast<double>(accumulation + 1), unit);
+  const double w = 2.01 * unit;
   double exact_norm = 1.0, error = 0.0;  // ||p_{j+1}|| and E_{j+1} for j = K (p_{K+1} = x0, exact)
   for (int j = terms; j >= 1; --j) {
     const double computed = exact_norm + error;
@@ -63,9 +69,12 @@ double bias_map_norm(SocConv& soc, int64_t output_side) {
 
 }  // namespace
 
-NetworkBound verify_network(LipConvnet& model, int terms) {
+NetworkBound verify_network(LipConvnet& model, int terms, Precision precision, const Normalization& norm) {
   require(terms > 0, "verify_network: terms must be positive, got ", terms);
   NetworkBound out;
+  out.precision = precision;
+  out.unit = unit_roundoff(precision);
+  const double u = out.unit;
   out.terms = terms;
   out.lln = model.lln_head() != nullptr;
 
@@ -74,9 +83,14 @@ NetworkBound verify_network(LipConvnet& model, int terms) {
   std::map<std::string, std::pair<int64_t, int64_t>> sides;  // block -> (input side, output side)
   for (const LayerRow& row : model.layer_table()) sides[row.name] = {row.input[2], row.output[2]};
 
-  // Affine forms a * ||x0|| + b for the computed activation norm (X) and the accumulated error (D).
-  // The normalized input itself: 2 roundings per pixel.
-  double xa = 1.0, xb = 0.0, da = 2.01 * kUnit, db = 0.0;
+  // Affine forms a * ||x0|| + b for the computed activation norm (X) and the accumulated error (D), starting
+  // with the input's own rounding (header): float64 u |x0|; float32 2.01 u |x0| + 1.01 u ||p/255|| / min std,
+  // with ||p/255|| <= sqrt(3 side^2).
+  const double side = static_cast<double>(model.config().input_side);
+  double xa = 1.0, xb = 0.0, da = precision == Precision::float64 ? u : 2.01 * u;
+  double db = precision == Precision::float64 ? 0.0 : 1.01 * u * std::sqrt(3.0) * side * norm.lipschitz();
+  xa += da;
+  xb += db;
   for (NamedSoc& named : model.soc_layers()) {
     SocConv& soc = *named.soc;
     const SocConfig& config = soc.config();
@@ -95,17 +109,17 @@ NetworkBound verify_network(LipConvnet& model, int terms) {
     Tensor scaled = soc.scaled_filter();
     layer.abs_norm = abs_filter_norm_bound(scaled.to_vector(), config.groups, config.group_channels(), config.kernel);
     const int64_t accumulation = config.group_channels() * config.kernel * config.kernel;
-    layer.rounding = series_rounding_bound(layer.bound.rho, layer.abs_norm, accumulation, terms);
+    layer.rounding = series_rounding_bound(layer.bound.rho, layer.abs_norm, accumulation, terms, u);
     out.lipschitz *= layer.bound.bound;
 
     const double lip = layer.bound.bound, c = layer.rounding;
     const double bias = bias_map_norm(soc, side / config.stride);
     // Computed output before the bias: <= (lip + c) X; after: + B, then one rounding u.
     const double ya = (lip + c) * xa, yb = (lip + c) * xb + bias;
-    da = lip * da + c * xa + kUnit * ya;
-    db = lip * db + c * xb + kUnit * yb;
-    xa = (1.0 + kUnit) * ya;
-    xb = (1.0 + kUnit) * yb;
+    da = lip * da + c * xa + u * ya;
+    db = lip * db + c * xb + u * yb;
+    xa = (1.0 + u) * ya;
+    xb = (1.0 + u) * yb;
     out.layers.push_back(layer);
   }
   out.error_per_input_norm = da;
@@ -115,7 +129,7 @@ NetworkBound verify_network(LipConvnet& model, int terms) {
   if (out.lln) {
     // y_i = q_i . x + b_i with q_i = w_i / ||w_i|| formed in float (<= F + 4 roundings) and a dot product of F.
     const double features = static_cast<double>(model.features());
-    out.lln_row_error = gamma(features + 1) + gamma(features + 4);
+    out.lln_row_error = gamma(features + 1, u) + gamma(features + 4, u);
   }
   return out;
 }
@@ -128,28 +142,30 @@ double logit_error_bound(const NetworkBound& bound, double input_norm) {
   return body + bound.lln_row_error * activation;
 }
 
-ImageCertificate certify_verified(const NetworkBound& bound, const float* logits, int64_t classes, int32_t label,
+ImageCertificate certify_verified(const NetworkBound& bound, const double* logits, int64_t classes, int32_t label,
                                   double input_norm, double input_lipschitz, const std::vector<double>* pair_norms) {
+  require(!bound.lln || pair_norms != nullptr, "certify_verified: the lln head needs its pair norms");
   ImageCertificate out = bound.lln ? certify_lln(logits, classes, label, *pair_norms, input_lipschitz)
                                    : certify_margin(logits, classes, label, input_lipschitz);
   if (out.predicted < 0) return out;
-  const double error = logit_error_bound(bound, input_norm);
+  const double u = bound.unit, error = logit_error_bound(bound, input_norm);
   const int32_t c = out.predicted;
   double radius = std::numeric_limits<double>::infinity();
   for (int64_t j = 0; j < classes; ++j) {
     if (j == c) continue;
-    const double computed = static_cast<double>(logits[c]) - static_cast<double>(logits[j]);
+    const double computed = logits[c] - logits[j];
     double safe, lipschitz;
     if (bound.lln) {
-      // |e_c - e_j| <= 2 * per-logit bound + u (|y_c| + |y_j|).
-      safe = computed - 2.0 * error - kUnit * (std::abs(logits[c]) + std::abs(logits[j]));
+      // |e_c - e_j| <= 2 * per-logit bound + u (|y_c| + |y_j|) (each logit's bias addition).
+      safe = computed - 2.0 * error - u * (std::abs(logits[c]) + std::abs(logits[j]));
       lipschitz = (*pair_norms)[static_cast<size_t>(c * classes + j)] * bound.lipschitz * input_lipschitz;
     } else {
       safe = computed - std::sqrt(2.0) * error;
       lipschitz = std::sqrt(2.0) * bound.lipschitz * input_lipschitz;
     }
+    safe -= 4.0 * u * (std::abs(computed) + std::abs(safe));  // the rounding of these few operations
     double r = safe <= 0.0 ? 0.0 : (lipschitz > 0.0 ? safe / lipschitz : std::numeric_limits<double>::infinity());
-    radius = std::min(radius, r);
+    radius = std::min(radius, r * (1.0 - 4.0 * u));
   }
   out.radius = radius;
   return out;
@@ -162,41 +178,65 @@ namespace orthoconv {
 VerifiedEvaluation evaluate_verified(LipConvnet& model, const NetworkBound& bound, const CifarSplit& split,
                                      const std::vector<int64_t>& indices, const Normalization& norm,
                                      const std::vector<int>& eps_numerators, int64_t batch_size) {
+  require(bound.precision == Precision::float64, "evaluate_verified: the bound must be for the float64 pass, got ",
+          precision_name(bound.precision));
+  require(bound.terms == model.config().eval_terms, "evaluate_verified: the bound is for ", bound.terms,
+          " series terms, the model evaluates ", model.config().eval_terms);
   const int64_t classes = model.config().classes;
   std::vector<double> pair_norms;
   if (LinearNormalized* lln = model.lln_head())
     pair_norms = lln_pair_norms(lln->normalized_rows(), classes, model.features());
+  const std::vector<double>* pairs = bound.lln ? &pair_norms : nullptr;
+  const double input_lipschitz = norm.lipschitz();
   VerifiedEvaluation out;
   for (int e : eps_numerators) out.nominal.certified[e] = out.verified.certified[e] = out.lipschitz.certified[e] = 0;
   NetworkBound exact = bound;  // the same L, no rounding allowance
-  exact.error_per_input_norm = exact.error_constant = exact.lln_row_error = 0.0;
+  exact.error_per_input_norm = exact.error_constant = exact.lln_row_error = exact.unit = 0.0;
+  const Float64Network certifying(model, norm, bound.terms);
+  std::vector<uint8_t> pixels;
+  std::vector<double> logits64, row32(static_cast<size_t>(classes));
+  using Clock = std::chrono::steady_clock;
+  Clock::time_point batch_start = Clock::now();
   for_each_evaluation_batch(model, split, indices, norm, batch_size,
                             [&](const Batch& batch, const std::vector<float>& host_logits) {
-    const int64_t n = static_cast<int64_t>(batch.labels.size());
-    const int64_t pixels = batch.images.numel() / n;
+    const Clock::time_point float64_start = Clock::now();
+    out.float32_seconds += std::chrono::duration<double>(float64_start - batch_start).count();
+    const int64_t n = static_cast<int64_t>(batch.labels.size()), bytes = certifying.image_bytes();
+    require(bytes == kCifarPixels, "evaluate_verified: the model's input side does not match CIFAR images");
+    pixels.resize(static_cast<size_t>(n * bytes));
+    for (int64_t i = 0; i < n; ++i)
+      std::copy_n(split.pixels.data() + batch.indices[static_cast<size_t>(i)] * bytes, bytes,
+                  pixels.data() + i * bytes);
+    logits64.resize(static_cast<size_t>(n * classes));
+    certifying.forward(pixels.data(), n, logits64.data());
+    out.float64_seconds += std::chrono::duration<double>(Clock::now() - float64_start).count();
     for (int64_t i = 0; i < n; ++i) {
       const float* row = host_logits.data() + i * classes;
+      const double* row64 = logits64.data() + i * classes;
       const int32_t label = batch.labels[static_cast<size_t>(i)];
-      double sum = 0.0;
-      for (int64_t p = 0; p < pixels; ++p) {
-        double v = batch.images.data()[i * pixels + p];
-        sum += v * v;
+      double deviation = 0.0;
+      for (int64_t j = 0; j < classes; ++j) {
+        row32[static_cast<size_t>(j)] = row[j];
+        deviation = std::max(deviation, std::abs(row32[static_cast<size_t>(j)] - row64[j]));
       }
+      double sum = 0.0;
+      for (double v : certifying.normalize(pixels.data() + i * bytes)) sum += v * v;
       const double input_norm = std::sqrt(sum) * (1.0 + 1e-12);
-      ImageCertificate nominal = bound.lln ? certify_lln(row, classes, label, pair_norms, norm.lipschitz())
-                                           : certify_margin(row, classes, label, norm.lipschitz());
-      ImageCertificate verified = certify_verified(bound, row, classes, label, input_norm, norm.lipschitz(),
-                                                   bound.lln ? &pair_norms : nullptr);
-      ImageCertificate lipschitz = certify_verified(exact, row, classes, label, input_norm, norm.lipschitz(),
-                                                    bound.lln ? &pair_norms : nullptr);
+      ImageCertificate nominal = bound.lln ? certify_lln(row, classes, label, pair_norms, input_lipschitz)
+                                           : certify_margin(row, classes, label, input_lipschitz);
+      ImageCertificate lipschitz =
+          certify_verified(exact, row32.data(), classes, label, input_norm, input_lipschitz, pairs);
+      ImageCertificate verified = certify_verified(bound, row64, classes, label, input_norm, input_lipschitz, pairs);
       out.nominal.add(nominal);
-      out.verified.add(verified);
       out.lipschitz.add(lipschitz);
+      out.verified.add(verified);
       out.nominal_images.push_back(nominal);
-      out.verified_images.push_back(verified);
       out.lipschitz_images.push_back(lipschitz);
+      out.verified_images.push_back(verified);
       out.input_norms.push_back(input_norm);
+      out.logit_deviation.push_back(deviation);
     }
+    batch_start = Clock::now();
   });
   return out;
 }

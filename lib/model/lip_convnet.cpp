@@ -222,6 +222,12 @@ std::vector<NamedSoc> LipConvnet::soc_layers() {
   return out;
 }
 
+std::vector<LipConvnet::BlockView> LipConvnet::blocks() {
+  std::vector<BlockView> out;
+  for (Block& block : blocks_) out.push_back({block.name, block.conv.get(), block.activation.get()});
+  return out;
+}
+
 std::vector<NamedParameter> LipConvnet::parameters() {
   std::vector<NamedParameter> out;
   for (NamedSoc& s : soc_layers())

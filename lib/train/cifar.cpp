@@ -146,13 +146,13 @@ std::string find_cifar100(const std::string& hint) {
   throw IoError(message.str());
 }
 
-float Normalization::lipschitz() const {
+double Normalization::lipschitz() const {
   float smallest = std[0];
   for (float s : std) {
     require(std::isfinite(s) && s > 0.0f, "normalization std must be positive and finite, got ", s);
     smallest = std::min(smallest, s);
   }
-  return 1.0f / smallest;
+  return 1.0 / static_cast<double>(smallest);
 }
 
 NormalizationTable normalization_table(const Normalization& norm) {
