@@ -242,3 +242,40 @@ TEST_CASE("attacks find a known adversarial example next to a correctly classifi
   auto eval = evaluate_verified(model, bound, one, {0}, norm, {36});
   CHECK(eval.verified_images[0].radius < r.min_norm[0]);
 }
+
+TEST_CASE("attacks on a batch: finished images drop out, the others are attacked exactly as alone", "[attack]") {
+  LipConvnet model(tiny_config());
+  model.set_training(false);
+  Normalization norm;
+  CifarSplit split = random_split(3, 4);
+  auto logits = logits_of(model, norm, split, {0, 1, 2});
+  auto predict = [&](int i) {
+    const float* f = &logits[static_cast<size_t>(i * 10)];
+    return static_cast<int32_t>(std::max_element(f, f + 10) - f);
+  };
+  split.fine_labels = {(predict(0) + 1) % 10, predict(1), (predict(2) + 3) % 10};  // 0 and 2 misclassified
+  AttackOptions options;
+  options.steps = 12;
+  options.restarts = 1;  // the first restart starts at the clean image: no random numbers
+  options.initial_radius = 0.5;
+  const double eps = 0.3;
+  AttackResult batch = attack_model(model, norm, split, {0, 1, 2}, eps, options);
+  AttackResult alone = attack_model(model, norm, split, {1}, eps, options);
+  for (int i : {0, 2}) {
+    CHECK_FALSE(batch.clean_correct[static_cast<size_t>(i)]);
+    CHECK(batch.pgd_success[static_cast<size_t>(i)]);
+    CHECK(batch.pgd_norm[static_cast<size_t>(i)] == 0.0);
+    CHECK(batch.min_norm[static_cast<size_t>(i)] == 0.0);
+  }
+  REQUIRE(batch.clean_correct[1]);
+  REQUIRE(alone.clean_correct[0]);
+  // Image 1 runs in a compact batch of its own at every step, in both calls: bit for bit the same attack.
+  CHECK(batch.pgd_success[1] == alone.pgd_success[0]);
+  if (batch.pgd_success[1]) {
+    CHECK(batch.pgd_norm[1] == alone.pgd_norm[0]);
+    CHECK(batch.pgd_norm[1] <= eps * (1 + 1e-6));
+  }
+  CHECK(batch.min_norm[1] == alone.min_norm[0]);
+  CHECK(std::isfinite(batch.min_norm[1]));  // DDN found an adversarial example within 12 steps
+  CHECK(batch.min_norm[1] > 0.0);
+}
