@@ -362,7 +362,7 @@ int run_layer_bench(const LayerBenchOptions& o) {
 }
 
 Runner setup_bench(CLI::App& app) {
-  auto* cmd = app.add_subcommand("bench", "Benchmarks: layers (SOC / GS-SOC vs a plain convolution), train");
+  auto* cmd = app.add_subcommand("bench", "Benchmarks: layers (SOC / GS-SOC vs a plain convolution), train, certify");
   cmd->require_subcommand(1);
 
   auto lo = std::make_shared<LayerBenchOptions>();
@@ -392,9 +392,24 @@ Runner setup_bench(CLI::App& app) {
   train->add_option("--device", to->device, "cpu or cuda")->capture_default_str();
   train->add_flag("--json", to->json, "print one JSON object");
 
-  return [layers, train, lo, to]() -> int {
+  auto co = std::make_shared<TrainBenchOptions>();
+  co->batch = 64;
+  co->steps = 2;
+  auto* certify = cmd->add_subcommand("certify", "images/s of the float32 evaluation and the float64 certifying pass");
+  certify->add_option("--conv", co->conv, "soc or gs-soc")->capture_default_str();
+  certify->add_option("--groups", co->groups, "GS-SOC groups 'a,b' or 'a,-'")->capture_default_str();
+  certify->add_option("--depth", co->depth, "LipConvnet depth")->capture_default_str();
+  certify->add_option("--images", co->batch, "images per pass")->capture_default_str();
+  certify->add_option("--steps", co->steps, "timed passes")->capture_default_str();
+  certify->add_option("--warmup", co->warmup, "untimed passes first")->capture_default_str();
+  certify->add_option("--device", co->device, "cpu or cuda (the float32 pass; the float64 pass runs on the host)")
+      ->capture_default_str();
+  certify->add_flag("--json", co->json, "print one JSON object");
+
+  return [layers, train, certify, lo, to, co]() -> int {
     if (layers->parsed()) return run_layer_bench(*lo);
     if (train->parsed()) return run_train_benchmark(*to);
+    if (certify->parsed()) return run_certify_benchmark(*co);
     return 2;
   };
 }

@@ -14,12 +14,8 @@
 
 namespace orthoconv::apps {
 
-int run_train_benchmark(const TrainBenchOptions& o) {
+ModelConfig bench_model_config(const TrainBenchOptions& o) {
   require(o.conv == "soc" || o.conv == "gs-soc", "--conv must be soc or gs-soc, got '", o.conv, "'");
-  require(o.batch > 0, "--batch must be positive, got ", o.batch);
-  require(o.steps > 0 && o.warmup >= 0, "--steps must be positive and --warmup >= 0, got ", o.steps, " and ",
-          o.warmup);
-  require(o.device == "cpu" || o.device == "cuda", "--device must be cpu or cuda, got '", o.device, "'");
   ModelConfig config;
   config.conv = o.conv;
   config.depth = o.depth;
@@ -38,6 +34,15 @@ int run_train_benchmark(const TrainBenchOptions& o) {
       config.groups_second.reset();
   }
   config.validate();
+  return config;
+}
+
+int run_train_benchmark(const TrainBenchOptions& o) {
+  require(o.batch > 0, "--batch must be positive, got ", o.batch);
+  require(o.steps > 0 && o.warmup >= 0, "--steps must be positive and --warmup >= 0, got ", o.steps, " and ",
+          o.warmup);
+  require(o.device == "cpu" || o.device == "cuda", "--device must be cpu or cuda, got '", o.device, "'");
+  const ModelConfig config = bench_model_config(o);
   const Device device = o.device == "cuda" ? Device::cuda : Device::cpu;
   LipConvnet model(config, backend_for(device));
   Sgd sgd(model);

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <string>
 
+#include "orthoconv/model.hpp"
+
 namespace orthoconv::apps {
 
 struct TrainBenchOptions {
@@ -19,5 +21,10 @@ struct TrainBenchOptions {
 };
 
 int run_train_benchmark(const TrainBenchOptions& options);
+// `orthoconv bench certify`: images/s of the float32 evaluation pass and of the float64 certifying pass
+// (apps/bench_certify.cpp), with the same model options.
+int run_certify_benchmark(const TrainBenchOptions& options);
+// The LipConvnet of --conv / --groups / --depth (throws ConfigError on bad values).
+ModelConfig bench_model_config(const TrainBenchOptions& options);
 
 }  // namespace orthoconv::apps

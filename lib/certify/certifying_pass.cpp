@@ -131,6 +131,7 @@ void apply_soc(const SocStep<Real>& s, const std::vector<Real>& x, std::vector<R
 template <class Real>
 struct HostNetwork<Real>::Impl {
   int64_t side = 0, classes = 0;
+  double flops = 0.0;
   std::array<double, 3> offset{}, divisor{};  // 255 mean_c, 255 std_c (exact in double)
   std::vector<Step<Real>> steps;
 };
@@ -196,6 +197,20 @@ HostNetwork<Real>::HostNetwork(LipConvnet& model, const Normalization& norm, int
   } else {
     add_soc(*model.soc_layers().back().soc);
   }
+  int64_t side = impl_->side;
+  for (const Step<Real>& step : impl_->steps) {
+    if (step.kind == Step<Real>::Kind::flatten) side = 1;
+    if (step.kind == Step<Real>::Kind::lln) impl_->flops += 2.0 * static_cast<double>(step.rows.size());
+    if (step.kind != Step<Real>::Kind::soc) continue;
+    const SocStep<Real>& s = step.soc;
+    side /= s.stride;
+    impl_->flops += 2.0 * s.terms * static_cast<double>(s.filter.size()) * static_cast<double>(side * side);
+  }
+}
+
+template <class Real>
+double HostNetwork<Real>::flops_per_image() const {
+  return impl_->flops;
 }
 
 template <class Real>
