@@ -121,6 +121,13 @@ double observed_error(const NetworkBound& bound, const double* a, const double* 
   return bound.lln ? largest : std::sqrt(sum);
 }
 
+// ||x0|| of one image as the certifying pass normalizes it.
+double input_norm(const Float64Network& pass, const uint8_t* pixels) {
+  double sum = 0.0;
+  for (double x : pass.normalize(pixels)) sum += x * x;
+  return std::sqrt(sum);
+}
+
 }  // namespace
 
 TEST_CASE("float64 certifying pass equals an independent double reference of the whole model", "[certifying]") {
@@ -172,9 +179,7 @@ TEST_CASE("float64 pass and float32 model differ by no more than their two round
       pass.forward(split.pixels.data(), n, f64.data());
       for (int64_t i = 0; i < n; ++i) {
         std::vector<double> row32(f32.begin() + i * classes, f32.begin() + (i + 1) * classes);
-        double x0 = 0.0;
-        for (double x : pass.normalize(split.pixels.data() + i * kCifarPixels)) x0 += x * x;
-        x0 = std::sqrt(x0);
+        const double x0 = input_norm(pass, split.pixels.data() + i * kCifarPixels);
         const double allowed = logit_error_bound(b32, x0) + logit_error_bound(b64, x0);
         const double seen = observed_error(b32, row32.data(), &f64[static_cast<size_t>(i * classes)], classes);
         INFO("image " << i << ": |float32 - float64| " << seen << ", bounds allow " << allowed);
@@ -208,9 +213,7 @@ TEST_CASE("the rounding analysis covers the certifying pass's own structure run 
       const NetworkBound b64 = verify_network(model, terms, Precision::float64, norm);
       for (int64_t i = 0; i < n; ++i) {
         std::vector<double> row32(f32.begin() + i * classes, f32.begin() + (i + 1) * classes);
-        double x0 = 0.0;
-        for (double x : twice.normalize(pixels.data() + i * kCifarPixels)) x0 += x * x;
-        x0 = std::sqrt(x0);
+        const double x0 = input_norm(twice, pixels.data() + i * kCifarPixels);
         const double allowed = logit_error_bound(b32, x0) + logit_error_bound(b64, x0);
         const double seen = observed_error(b32, row32.data(), &f64[static_cast<size_t>(i * classes)], classes);
         INFO("image " << i << ": float32 run of the pass errs by " << seen << ", the analysis allows " << allowed);
