@@ -86,9 +86,9 @@ NetworkBound verify_network(LipConvnet& model, int terms, Precision precision, c
   // Affine forms a * ||x0|| + b for the computed activation norm (X) and the accumulated error (D), starting
   // with the input's own rounding (header): float64 u |x0|; float32 2.01 u |x0| + 1.01 u ||p/255|| / min std,
   // with ||p/255|| <= sqrt(3 side^2).
-  const double side = static_cast<double>(model.config().input_side);
+  const double image_side = static_cast<double>(model.config().input_side);
   double xa = 1.0, xb = 0.0, da = precision == Precision::float64 ? u : 2.01 * u;
-  double db = precision == Precision::float64 ? 0.0 : 1.01 * u * std::sqrt(3.0) * side * norm.lipschitz();
+  double db = precision == Precision::float64 ? 0.0 : 1.01 * u * std::sqrt(3.0) * image_side * norm.lipschitz();
   xa += da;
   xb += db;
   for (NamedSoc& named : model.soc_layers()) {
