@@ -2,6 +2,7 @@
 #include "reference.hpp"
 
 #include <cmath>
+#include <string>
 #include <stdexcept>
 
 namespace orthoconv::reference {
@@ -153,30 +154,52 @@ Vec pixel_unshuffle(const Vec& input, int64_t batch, int64_t channels, int64_t h
   return out;
 }
 
+namespace {
+
+// The reference code's u_i / v_i index of filter entry (o, i, y, x) of one group: u1 [in, w] v1 [out, h],
+// u2 [in, h] v2 [out, w], u3 [in, h, w] v3 [out], u4 [out, h, w] v4 [in] (its 5-D shapes without the unit axes).
+int64_t u_index(int which, int64_t o, int64_t i, int64_t y, int64_t x, int64_t k) {
+  switch (which) {
+    case 0: return i * k + x;
+    case 1: return i * k + y;
+    case 2: return (i * k + y) * k + x;
+    default: return (o * k + y) * k + x;
+  }
+}
+int64_t v_index(int which, int64_t o, int64_t i, int64_t y, int64_t x, int64_t k) {
+  switch (which) {
+    case 0: return o * k + y;
+    case 1: return o * k + x;
+    case 2: return o;
+    default: return i;
+  }
+}
+std::array<int64_t, 4> u_lengths(int64_t c, int64_t k) { return {c * k, c * k, c * k * k, c * k * k}; }
+std::array<int64_t, 4> v_lengths(int64_t c, int64_t k) { return {c * k, c * k, c, c}; }
+
+void check_vector_sizes(const char* what, const std::array<Vec, 4>& u, const std::array<Vec, 4>& v, int64_t groups,
+                        int64_t c, int64_t k) {
+  for (int w = 0; w < 4; ++w)
+    if (static_cast<int64_t>(u[w].size()) != groups * u_lengths(c, k)[w] ||
+        static_cast<int64_t>(v[w].size()) != groups * v_lengths(c, k)[w])
+      throw std::invalid_argument(std::string(what) + ": u" + std::to_string(w + 1) + "/v" + std::to_string(w + 1) +
+                                  " have the wrong size");
+}
+
+// l2_normalize: x / max(||x||, 1e-12).
+void l2_normalize(double* x, int64_t n) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += x[i] * x[i];
+  const double norm = std::max(std::sqrt(s), 1e-12);
+  for (int64_t i = 0; i < n; ++i) x[i] /= norm;
+}
+
+}  // namespace
+
 Vec power_sigma(const Vec& a, const std::array<Vec, 4>& u, const std::array<Vec, 4>& v, int64_t groups, int64_t c,
                 int64_t k) {
-  // (row, column) of filter entry (o, i, y, x) in reshape `which`.
-  auto row = [&](int which, int64_t o, int64_t y, int64_t x) -> int64_t {
-    switch (which) {
-      case 0: return o * k + y;
-      case 1: return o * k + x;
-      case 2: return o;
-      default: return (o * k + y) * k + x;
-    }
-  };
-  auto col = [&](int which, int64_t i, int64_t y, int64_t x) -> int64_t {
-    switch (which) {
-      case 0: return i * k + x;
-      case 1: return i * k + y;
-      case 2: return (i * k + y) * k + x;
-      default: return i;
-    }
-  };
-  const std::array<int64_t, 4> rows{c * k, c * k, c, c * k * k}, cols{c * k, c * k, c * k * k, c};
-  for (int w = 0; w < 4; ++w)
-    if (static_cast<int64_t>(u[w].size()) != groups * cols[w] || static_cast<int64_t>(v[w].size()) != groups * rows[w])
-      throw std::invalid_argument("power_sigma: u" + std::to_string(w + 1) + "/v" + std::to_string(w + 1) +
-                                  " have the wrong size");
+  check_vector_sizes("power_sigma", u, v, groups, c, k);
+  const auto ul = u_lengths(c, k), vl = v_lengths(c, k);
   Vec sigma(static_cast<size_t>(groups));
   for (int64_t g = 0; g < groups; ++g) {
     double best = 0.0;
@@ -186,13 +209,43 @@ Vec power_sigma(const Vec& a, const std::array<Vec, 4>& u, const std::array<Vec,
         for (int64_t i = 0; i < c; ++i)
           for (int64_t y = 0; y < k; ++y)
             for (int64_t x = 0; x < k; ++x)
-              s += a[(((g * c + o) * c + i) * k + y) * k + x] * u[w][g * cols[w] + col(w, i, y, x)] *
-                   v[w][g * rows[w] + row(w, o, y, x)];
+              s += a[(((g * c + o) * c + i) * k + y) * k + x] * u[w][g * ul[w] + u_index(w, o, i, y, x, k)] *
+                   v[w][g * vl[w] + v_index(w, o, i, y, x, k)];
       best = w == 0 ? s : std::min(best, s);
     }
     sigma[g] = best;
   }
   return sigma;
+}
+
+void power_iterate(const Vec& a, std::array<Vec, 4>& u, std::array<Vec, 4>& v, int64_t groups, int64_t c, int64_t k,
+                   int iterations) {
+  check_vector_sizes("power_iterate", u, v, groups, c, k);
+  const auto ul = u_lengths(c, k), vl = v_lengths(c, k);
+  for (int it = 0; it < iterations; ++it)
+    for (int w = 0; w < 4; ++w)
+      for (int64_t g = 0; g < groups; ++g) {
+        double* uw = u[w].data() + g * ul[w];
+        double* vw = v[w].data() + g * vl[w];
+        auto entry = [&](int64_t o, int64_t i, int64_t y, int64_t x) {
+          return a[(((g * c + o) * c + i) * k + y) * k + x];
+        };
+        // v = l2_normalize((A * u).sum(axes not in v)), then u = l2_normalize((A * v).sum(axes not in u)).
+        std::fill(vw, vw + vl[w], 0.0);
+        for (int64_t o = 0; o < c; ++o)
+          for (int64_t i = 0; i < c; ++i)
+            for (int64_t y = 0; y < k; ++y)
+              for (int64_t x = 0; x < k; ++x)
+                vw[v_index(w, o, i, y, x, k)] += entry(o, i, y, x) * uw[u_index(w, o, i, y, x, k)];
+        l2_normalize(vw, vl[w]);
+        std::fill(uw, uw + ul[w], 0.0);
+        for (int64_t o = 0; o < c; ++o)
+          for (int64_t i = 0; i < c; ++i)
+            for (int64_t y = 0; y < k; ++y)
+              for (int64_t x = 0; x < k; ++x)
+                uw[u_index(w, o, i, y, x, k)] += entry(o, i, y, x) * vw[v_index(w, o, i, y, x, k)];
+        l2_normalize(uw, ul[w]);
+      }
 }
 
 SocParams soc_params(SocConv& layer) {

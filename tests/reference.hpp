@@ -63,12 +63,18 @@ Vec skew(const Vec& m, int64_t groups, int64_t channels, int64_t kernel);
 // input[b, c, s*i + p, s*j + q] -> output[b, c*s*s + s*p + q, i, j].
 Vec pixel_unshuffle(const Vec& input, int64_t batch, int64_t channels, int64_t height, int64_t width,
                     int64_t stride);
-// Per group g: min over the four reshapes i of <A_g, u_i (x) v_i>, with u over the columns and v over the rows of
-//   i=0: rows (out, h) cols (in, w);   i=1: rows (out, w) cols (in, h);
-//   i=2: rows out      cols (in, h, w); i=3: rows (out, h, w) cols in.
-// u[i] / v[i] hold `groups` vectors back to back (SocConv::buffers() u1..u4, v1..v4).
+// The reference code's power-iteration vectors (GS-SOC skew_ortho_conv.py, fantastic_four / SOC.update_sigma), per
+// group without the unit axes of its 5-D shapes: u1 [in, w] v1 [out, h]; u2 [in, h] v2 [out, w];
+// u3 [in, h, w] v3 [out]; u4 [out, h, w] v4 [in]. u[i] / v[i] hold `groups` vectors back to back
+// (SocConv::buffers() u1..u4, v1..v4).
+// Per group g: min over i of <A_g, u_i (x) v_i>.
 Vec power_sigma(const Vec& skew_filter, const std::array<Vec, 4>& u, const std::array<Vec, 4>& v, int64_t groups,
                 int64_t channels, int64_t kernel);
+// `iterations` rounds of the reference's update rule, in place: for i = 1..4,
+//   v_i = l2_normalize((A * u_i).sum(the axes v_i lacks)), then u_i = l2_normalize((A * v_i).sum(the axes u_i lacks))
+// with l2_normalize(x) = x / max(||x||, 1e-12) per group.
+void power_iterate(const Vec& skew_filter, std::array<Vec, 4>& u, std::array<Vec, 4>& v, int64_t groups,
+                   int64_t channels, int64_t kernel, int iterations);
 
 // Everything that defines one SocConv's function. Fill it from a layer with soc_params().
 struct SocParams {

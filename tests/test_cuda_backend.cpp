@@ -453,13 +453,13 @@ TEST_CASE("GPU SOC filter primitives match the CPU: skew, power iteration, scale
 
     // Power iteration from the same random unit vectors on both sides.
     PowerIterationState cpu_state, gpu_state;
-    const int64_t rows[4] = {ch * k, ch * k, ch, ch * k * k}, cols[4] = {ch * k, ch * k, ch * k * k, ch};
     for (int w = 0; w < 4; ++w) {
-      auto u = random_floats(static_cast<size_t>(g * cols[w]), 60 + w), v = random_floats(size_t(g * rows[w]), 70 + w);
-      cpu_state.u[w] = host_tensor(u, Shape{g, cols[w]});
-      cpu_state.v[w] = host_tensor(v, Shape{g, rows[w]});
-      gpu_state.u[w] = upload(u, Shape{g, cols[w]});
-      gpu_state.v[w] = upload(v, Shape{g, rows[w]});
+      const int64_t cols = PowerIterationState::u_length(w, ch, k), rows = PowerIterationState::v_length(w, ch, k);
+      auto u = random_floats(static_cast<size_t>(g * cols), 60 + w), v = random_floats(size_t(g * rows), 70 + w);
+      cpu_state.u[w] = host_tensor(u, Shape{g, cols});
+      cpu_state.v[w] = host_tensor(v, Shape{g, rows});
+      gpu_state.u[w] = upload(u, Shape{g, cols});
+      gpu_state.v[w] = upload(v, Shape{g, rows});
     }
     for (int iterations : {0, 1, 20}) {
       INFO(iterations << " power iterations");

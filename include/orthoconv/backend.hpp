@@ -37,12 +37,25 @@ struct ConvShape {
 };
 
 // The persistent power-iteration state of one SocConv filter [g, C, C, k, k]: four (u, v) pairs per group,
-// one for each reshape of the filter into a matrix (see SocConv). Sizes per group:
-//   u1 [C_in, w] v1 [C_out, h];  u2 [C_in, h] v2 [C_out, w];  u3 [C_in, h, w] v3 [C_out];  u4 [C_in] v4 [C_out, h, w]
-// (u always spans the columns, v the rows; each round updates v from u, then u from v).
+// named and laid out as the reference code's u1..v4 (GS-SOC / SOC, skew_ortho_conv.py; 5-D shapes there):
+//   u1 [C_in, w]  v1 [C_out, h];   u2 [C_in, h]  v2 [C_out, w];   u3 [C_in, h, w]  v3 [C_out];
+//   u4 [C_out, h, w]  v4 [C_in]
+// Reshape i of one group's filter is the matrix A_i with v_i over its rows and u_i over its columns:
+//   (out*h) x (in*w),  (out*w) x (in*h),  out x (in*h*w),  in x (out*h*w),
+// and one round updates v_i = normalize(A_i u_i), then u_i = normalize(A_i^T v_i): the reference's order for
+// all four (for the fourth, the in-channel vector v4 first, from the (out, h, w) vector u4). The four pairs are
+// independent, so the order between reshapes does not matter.
 struct PowerIterationState {
-  Tensor u[4];
-  Tensor v[4];
+  Tensor u[4];  // [groups, u_length(i)]
+  Tensor v[4];  // [groups, v_length(i)]
+
+  // Per-group lengths: u_i spans the columns of reshape i, v_i its rows.
+  static int64_t u_length(int which, int64_t channels, int64_t kernel) {
+    return which < 2 ? channels * kernel : channels * kernel * kernel;
+  }
+  static int64_t v_length(int which, int64_t channels, int64_t kernel) {
+    return which < 2 ? channels * kernel : channels;
+  }
 };
 
 class Backend {
@@ -127,8 +140,9 @@ class Backend {
   // self-adjoint up to sign structure: the gradient of M is skew_symmetrize(gradient of A).
   virtual void skew_symmetrize(const float* src, float* dst, int64_t groups, int64_t channels,
                                int64_t kernel) = 0;
-  // Runs `iterations` power-iteration rounds on each of the four reshapes (v then u, normalised per group),
-  // then writes per group sigma[g] = min_i <A_g, u_i (x) v_i> and which[g] = the argmin i (0..3).
+  // Runs `iterations` power-iteration rounds on each of the four reshapes (v then u, normalised per group with
+  // the norm floored at 1e-12, see PowerIterationState), then writes per group
+  // sigma[g] = min_i <A_g, u_i (x) v_i> (with the updated vectors) and which[g] = the argmin i (0..3).
   virtual void power_iteration(const float* filter, PowerIterationState& state, int64_t groups,
                                int64_t channels, int64_t kernel, int iterations, float* sigma,
                                int32_t* which) = 0;

@@ -6,6 +6,7 @@
 // terms, the input normalization, and each SocConv's step counter ("step.<soc name>").
 #pragma once
 
+#include <memory>
 #include <string>
 
 #include "orthoconv/checkpoint.hpp"
@@ -15,21 +16,39 @@
 namespace orthoconv {
 
 constexpr const char* kCheckpointFormat = "orthoconv.lipconvnet";
-constexpr int kCheckpointVersion = 1;
+// Version 2: u4 is the (out, h, w) vector and v4 the in-channel vector of the fourth reshape, as in the reference
+// code (version 1 had them under each other's names; read_model_state reads both).
+constexpr int kCheckpointVersion = 2;
 
 // Adds the model's tensors and metadata to `out` (values copied to the host).
 void write_model_state(LipConvnet& model, const Normalization& norm, Checkpoint& out);
 
-// Checks the format name and version; throws IoError naming `file` otherwise.
-void check_checkpoint_format(const Checkpoint& checkpoint, const std::string& file);
+// Checks the format name and version (1 to kCheckpointVersion) and returns the version; throws IoError naming
+// `file` otherwise.
+int check_checkpoint_format(const Checkpoint& checkpoint, const std::string& file);
 // The architecture and normalization a checkpoint was written with (throws IoError naming `file`).
 ModelConfig model_config_from_checkpoint(const Checkpoint& checkpoint, const std::string& file);
 Normalization normalization_from_checkpoint(const Checkpoint& checkpoint, const std::string& file);
 
 // Loads every parameter, buffer and step counter into `model`. The checkpoint's architecture must equal the
 // model's (IoError "checkpoint F: architecture ... does not match ..."); a missing tensor or a wrong shape is an
-// IoError naming the tensor. Nothing in the model changes unless everything is present and valid.
+// IoError naming the tensor (by its name in the file). Nothing in the model changes unless everything is present
+// and valid. Older format versions are converted on the way in (version 1: u4 and v4 are renamed).
 void read_model_state(const Checkpoint& checkpoint, const std::string& file, LipConvnet& model);
+
+// A trained LipConvnet read from a checkpoint, ready to evaluate.
+struct LoadedModel {
+  std::unique_ptr<LipConvnet> model;  // in evaluation mode, on the requested device
+  Normalization normalization;        // the input normalization it was trained with (L_in = lipschitz())
+};
+
+// From a checkpoint file to an evaluation-ready model in one call: reads `path` (load_checkpoint), rebuilds the
+// architecture from its metadata with no power iterations at construction (the checkpoint's u, v are loaded),
+// loads every parameter, power-iteration vector and step counter (read_model_state: older format versions are
+// converted) and sets evaluation mode. Series terms are the checkpoint's (LipConvnet::set_terms changes them).
+// The model can also be trained further (set_training(true)): it keeps the default PowerSchedule.
+// Throws IoError naming the file for a bad checkpoint, Error when `device` is not available in this build.
+LoadedModel load_model(const std::string& path, Device device = Device::cpu);
 
 // "0.4914,0.4822,0.4465" with enough digits to round-trip float32; and back (throws ConfigError).
 std::string format_floats(const float* values, size_t count);

@@ -36,6 +36,17 @@ int64_t meta_int(const Checkpoint& c, const std::string& key, const std::string&
   return value;
 }
 
+// Where format version `version` stored the tensor the current version calls `name`. Version 1 had the fourth
+// reshape's vectors under each other's names (its u4 was the in-channel vector, its v4 the (out, h, w) vector:
+// the reference's v4 and u4); the values are the same, so converting is renaming.
+std::string stored_name(const std::string& name, int64_t version) {
+  if (version >= 2 || name.size() < 3) return name;
+  const std::string tail = name.substr(name.size() - 3);
+  if (tail == ".u4") return name.substr(0, name.size() - 3) + ".v4";
+  if (tail == ".v4") return name.substr(0, name.size() - 3) + ".u4";
+  return name;
+}
+
 std::string groups_text(const ModelConfig& m) {
   std::string out = std::to_string(m.groups_first);
   if (m.conv == "gs-soc") out += "," + (m.groups_second ? std::to_string(*m.groups_second) : std::string("-"));
@@ -105,14 +116,15 @@ void write_model_state(LipConvnet& model, const Normalization& norm, Checkpoint&
   for (NamedSoc& s : model.soc_layers()) out.metadata["step." + s.name] = std::to_string(s.soc->step());
 }
 
-void check_checkpoint_format(const Checkpoint& checkpoint, const std::string& file) {
+int check_checkpoint_format(const Checkpoint& checkpoint, const std::string& file) {
   const std::string& format = meta_of(checkpoint, "format", file);
   if (format != kCheckpointFormat)
     throw IoError("checkpoint " + file + ": format '" + format + "' is not '" + kCheckpointFormat + "'");
   const int64_t version = meta_int(checkpoint, "format_version", file);
   if (version < 1 || version > kCheckpointVersion)
     throw IoError("checkpoint " + file + ": format version " + std::to_string(version) +
-                  " is not supported (this build reads version " + std::to_string(kCheckpointVersion) + ")");
+                  " is not supported (this build reads versions 1 to " + std::to_string(kCheckpointVersion) + ")");
+  return static_cast<int>(version);
 }
 
 ModelConfig model_config_from_checkpoint(const Checkpoint& checkpoint, const std::string& file) {
@@ -168,7 +180,7 @@ Normalization normalization_from_checkpoint(const Checkpoint& checkpoint, const 
 }
 
 void read_model_state(const Checkpoint& checkpoint, const std::string& file, LipConvnet& model) {
-  check_checkpoint_format(checkpoint, file);
+  const int version = check_checkpoint_format(checkpoint, file);
   const std::string& stored = meta_of(checkpoint, "architecture", file);
   if (stored != model.config().architecture())
     throw IoError("checkpoint " + file + ": architecture '" + stored + "' does not match the requested '" +
@@ -179,7 +191,8 @@ void read_model_state(const Checkpoint& checkpoint, const std::string& file, Lip
     const CheckpointTensor* source;
   };
   std::vector<Target> targets;
-  auto find = [&](const std::string& name, const Tensor& t) -> const CheckpointTensor* {
+  auto find = [&](const std::string& current_name, const Tensor& t) -> const CheckpointTensor* {
+    const std::string name = stored_name(current_name, version);
     auto it = checkpoint.tensors.find(name);
     if (it == checkpoint.tensors.end()) throw IoError("checkpoint " + file + ": missing tensor '" + name + "'");
     if (it->second.shape != t.shape().dims())
@@ -201,6 +214,18 @@ void read_model_state(const Checkpoint& checkpoint, const std::string& file, Lip
   Backend& be = model.backend();
   for (Target& t : targets) be.from_host(t.source->values.data(), t.tensor->data(), t.tensor->numel());
   for (auto& [soc, step] : steps) soc->set_step(step);
+}
+
+LoadedModel load_model(const std::string& path, Device device) {
+  const Checkpoint checkpoint = load_checkpoint(path);
+  ModelConfig config = model_config_from_checkpoint(checkpoint, path);
+  LoadedModel out;
+  out.normalization = normalization_from_checkpoint(checkpoint, path);
+  config.init_iterations = 0;  // u, v come from the checkpoint
+  out.model = std::make_unique<LipConvnet>(config, backend_for(device));
+  read_model_state(checkpoint, path, *out.model);
+  out.model->set_training(false);
+  return out;
 }
 
 }  // namespace orthoconv

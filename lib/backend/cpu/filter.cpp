@@ -1,20 +1,24 @@
 // SOC filter preparation on the CPU: skew-symmetrization, the four power iterations and their gradient.
 //
-// A filter is [groups, C (out), C (in), k, k]. Reshape i of one group's filter into a matrix has
-//   i = 0: rows (out, h)      cols (in, w)
-//   i = 1: rows (out, w)      cols (in, h)
-//   i = 2: rows out           cols (in, h, w)
-//   i = 3: rows (out, h, w)   cols in
-// with u over the columns and v over the rows (PowerIterationState).
+// A filter is [groups, C (out), C (in), k, k]. Each of the four reshapes of one group's filter pairs an
+// in-channel-side vector with an out-channel-side vector (PowerIterationState names them as the reference does):
+//   i = 0: out side (out, h) = v1      in side (in, w)    = u1
+//   i = 1: out side (out, w) = v2      in side (in, h)    = u2
+//   i = 2: out side out      = v3      in side (in, h, w) = u3
+//   i = 3: out side (out, h, w) = u4   in side in         = v4
+// The loops below think in sides: a "rows" pass computes every out-side product A x from the in-side vectors, a
+// "columns" pass every in-side product A^T y from the out-side vectors. The reference updates v before u in
+// every reshape, which is out side first for reshapes 1-3 and in side first for the fourth.
 //
 // Speed. These run every training step on filters of up to 2048 x 2048 (LipConvnet's last stride-2 layer) or
 // 512 x 512 x 3 x 3 (9.4 MB): memory-bound passes over the filter. So
-//  - the four reshapes are served by ONE pass over the filter per half-iteration (v = A u for all four, then
-//    u = A^T v for all four, then the four sigma = <v, A u>): 3 passes for one iteration instead of 12;
+//  - the four reshapes are served by ONE pass over the filter per half-iteration (the out-side products of all
+//    four, then the in-side products) and one for the four sigma = <v, A u>: 2 * iterations + 2 passes (the
+//    fourth reshape's first half-round, in side first, runs alone), 4 for one iteration instead of 16;
 //  - the pass runs over out-channel rows A_o = filter[o] (C*k*k contiguous floats, f = (in*k + y)*k + x):
-//    every reshape's product is an elementwise product of A_o with an expanded vector, reduced (v = A u) or
-//    accumulated (u = A^T v) in bins t = f mod k*k, so the inner loops are contiguous and vectorize (AVX-512
-//    clones chosen at run time); OpenMP over out-channels (v) or in-channel ranges (u);
+//    every reshape's product is an elementwise product of A_o with an expanded vector, reduced (out side) or
+//    accumulated (in side) in bins t = f mod k*k, so the inner loops are contiguous and vectorize (AVX-512
+//    clones chosen at run time); OpenMP over out-channels (rows) or in-channel ranges (columns);
 //  - skew-symmetrization is tiled over (out, in) blocks so the transposed reads stay in cache.
 // Products are summed in float within a row and normalized in double; results differ from a sequential
 // double-precision loop by float rounding only.
@@ -107,30 +111,30 @@ double normalize(std::vector<double>& v, float* out) {
   return norm;
 }
 
-// The expanded column vectors of one group: E_w[f] = u_w[col_w(f)] for f = (in*k + y)*k + x.
-void expand_columns(float* const u[4], int64_t c, int64_t k, float* e0, float* e1, float* e3) {
+// The expanded in-side vectors of one group: E_w[f] = x_w[in-side index of f] for f = (in*k + y)*k + x.
+void expand_columns(float* const x_in[4], int64_t c, int64_t k, float* e0, float* e1, float* e3) {
   const int64_t kk = k * k;
 #pragma omp parallel for schedule(static) if (c * kk > kParallelFloats)
   for (int64_t i = 0; i < c; ++i)
     for (int64_t y = 0; y < k; ++y)
       for (int64_t x = 0; x < k; ++x) {
         const int64_t f = i * kk + y * k + x;
-        e0[f] = u[0][i * k + x];
-        e1[f] = u[1][i * k + y];
-        e3[f] = u[3][i];
+        e0[f] = x_in[0][i * k + x];
+        e1[f] = x_in[1][i * k + y];
+        e3[f] = x_in[3][i];
       }
 }
 
-// nv_w = A_w u_w for the four reshapes of one group's filter, in one pass over its rows.
-// `expanded` holds 3*C*kk floats (E0, E1, E3; E2 is u2 itself); `scratch` per thread (2*lanes*kk + 4*kk).
-void multiply_rows(const float* a, float* const u[4], int64_t c, int64_t k, float* expanded,
+// nv_w = (out-side product of the in-side vector x_w) for the four reshapes of one group's filter, in one pass
+// over its rows. `expanded` holds 3*C*kk floats (E0, E1, E3; E2 is x_2 itself); `scratch` per thread.
+void multiply_rows(const float* a, float* const x_in[4], int64_t c, int64_t k, float* expanded,
                    std::vector<float>& scratch, std::vector<double> nv[4]) {
   const int64_t kk = k * k, row = c * kk;
   float* e0 = expanded;
   float* e1 = expanded + row;
   float* e3 = expanded + 2 * row;
-  expand_columns(u, c, k, e0, e1, e3);
-  const float* e[4] = {e0, e1, u[2], e3};
+  expand_columns(x_in, c, k, e0, e1, e3);
+  const float* e[4] = {e0, e1, x_in[2], e3};
   const int64_t per_thread = kLanes * kk + 4 * kk;
   const int threads = omp_get_max_threads();
   if (static_cast<int64_t>(scratch.size()) < threads * per_thread) scratch.resize(threads * per_thread);
@@ -153,7 +157,7 @@ void multiply_rows(const float* a, float* const u[4], int64_t c, int64_t k, floa
         bx += b1[x * k + y];
       }
       nv[0][o * k + y] = by;
-      nv[1][o * k + y] = bx;  // row (o, w = y) of reshape 1: sum over h
+      nv[1][o * k + y] = bx;  // (o, w = y) of reshape 1: sum over h
     }
     for (int64_t t = 0; t < kk; ++t) {
       total2 += b2[t];
@@ -163,15 +167,13 @@ void multiply_rows(const float* a, float* const u[4], int64_t c, int64_t k, floa
   }
 }
 
-// nu_w = A_w^T v_w for the four reshapes, one pass: each thread owns a range of input channels and runs over
-// every output row, accumulating N_w[f] += A_o[f] * V_w(o, f mod kk) in place; then the bins are folded.
-void multiply_columns(const float* a, float* const v[4], int64_t c, int64_t k, float* accum,
-                      std::vector<float>& scratch, std::vector<double> nu[4]) {
+// nu_w = (in-side product of the out-side vector y_w) for the reshapes w with active[w], one pass: each thread
+// owns a range of input channels and runs over every output row, accumulating N_w[f] += A_o[f] * Y_w(o, f mod kk)
+// in place; then the bins are folded.
+void multiply_columns(const float* a, float* const y_out[4], const bool active[4], int64_t c, int64_t k,
+                      float* accum, std::vector<float>& scratch, std::vector<double> nu[4]) {
   const int64_t kk = k * k, row = c * kk, chunk = kLanes * kk;
-  float* n0 = accum;
-  float* n1 = accum + row;
-  float* n2 = accum + 2 * row;
-  float* n3 = accum + 3 * row;
+  float* n[4] = {accum, accum + row, accum + 2 * row, accum + 3 * row};
   const int threads = omp_get_max_threads();
   const int64_t per_thread = 4 * chunk;
   if (static_cast<int64_t>(scratch.size()) < threads * per_thread) scratch.resize(threads * per_thread);
@@ -181,44 +183,50 @@ void multiply_columns(const float* a, float* const v[4], int64_t c, int64_t k, f
     const int64_t i0 = c * tid / nt, i1 = c * (tid + 1) / nt;
     const int64_t f0 = i0 * kk, len = (i1 - i0) * kk;
     float* q = scratch.data() + tid * per_thread;  // four patterns of `chunk` floats
-    std::fill(n0 + f0, n0 + f0 + len, 0.0f);
-    std::fill(n1 + f0, n1 + f0 + len, 0.0f);
-    std::fill(n2 + f0, n2 + f0 + len, 0.0f);
-    std::fill(n3 + f0, n3 + f0 + len, 0.0f);
+    for (int w = 0; w < 4; ++w)
+      if (active[w]) std::fill(n[w] + f0, n[w] + f0 + len, 0.0f);
     for (int64_t o = 0; o < c; ++o) {
       // The four patterns of row o over one period (t = y*k + x), then repeated to `chunk` floats.
       for (int64_t y = 0, t = 0; y < k; ++y)
         for (int64_t x = 0; x < k; ++x, ++t) {
-          q[t] = v[0][o * k + y];
-          q[chunk + t] = v[1][o * k + x];
-          q[2 * chunk + t] = v[2][o];
-          q[3 * chunk + t] = v[3][o * kk + t];
+          q[t] = y_out[0][o * k + y];
+          q[chunk + t] = y_out[1][o * k + x];
+          q[2 * chunk + t] = y_out[2][o];
+          q[3 * chunk + t] = y_out[3][o * kk + t];
         }
-      for (int w = 0; w < 4; ++w)
+      const float* a_o = a + o * row + f0;
+      for (int w = 0; w < 4; ++w) {
+        if (!active[w]) continue;
         for (int64_t rep = 1; rep < kLanes; ++rep)
           std::copy(q + w * chunk, q + w * chunk + kk, q + w * chunk + rep * kk);
-      const float* a_o = a + o * row + f0;
-      patterned_fma(a_o, q, chunk, len, n0 + f0);
-      patterned_fma(a_o, q + chunk, chunk, len, n1 + f0);
-      patterned_fma(a_o, q + 2 * chunk, chunk, len, n2 + f0);
-      patterned_fma(a_o, q + 3 * chunk, chunk, len, n3 + f0);
+        patterned_fma(a_o, q + w * chunk, chunk, len, n[w] + f0);
+      }
     }
   }
   // Fold: nu0[i, x] = sum_y N0[i, y, x]; nu1[i, y] = sum_x N1[i, y, x]; nu2 = N2; nu3[i] = sum_t N3[i, t].
 #pragma omp parallel for schedule(static) if (row > kParallelFloats)
   for (int64_t i = 0; i < c; ++i) {
     double total3 = 0.0;
-    for (int64_t j = 0; j < k; ++j) nu[0][i * k + j] = nu[1][i * k + j] = 0.0;
+    for (int64_t j = 0; j < k; ++j) {
+      if (active[0]) nu[0][i * k + j] = 0.0;
+      if (active[1]) nu[1][i * k + j] = 0.0;
+    }
     for (int64_t y = 0; y < k; ++y)
       for (int64_t x = 0; x < k; ++x) {
         const int64_t f = i * kk + y * k + x;
-        nu[0][i * k + x] += n0[f];
-        nu[1][i * k + y] += n1[f];
-        nu[2][f] = n2[f];
-        total3 += n3[f];
+        if (active[0]) nu[0][i * k + x] += n[0][f];
+        if (active[1]) nu[1][i * k + y] += n[1][f];
+        if (active[2]) nu[2][f] = n[2][f];
+        if (active[3]) total3 += n[3][f];
       }
-    nu[3][i] = total3;
+    if (active[3]) nu[3][i] = total3;
   }
+}
+
+double dot(const std::vector<double>& product, const float* vector) {
+  double s = 0.0;
+  for (size_t i = 0; i < product.size(); ++i) s += product[i] * vector[i];
+  return s;
 }
 
 }  // namespace
@@ -243,35 +251,48 @@ void CpuBackend::power_iteration(const float* filter, PowerIterationState& state
                                  int32_t* which) {
   const int64_t c = channels, k = kernel, kk = k * k;
   const int64_t group_size = c * c * kk, row = c * kk;
-  const int64_t rows[4] = {c * k, c * k, c, c * kk};
-  const int64_t cols[4] = {c * k, c * k, c * kk, c};
+  const int64_t out_length[4] = {c * k, c * k, c, c * kk}, in_length[4] = {c * k, c * k, c * kk, c};
   if (static_cast<int64_t>(filter_scratch_.size()) < 4 * row) filter_scratch_.resize(4 * row);
-  std::vector<double> nv[4], nu[4];
+  std::vector<double> nv[4], nu[4];  // out-side and in-side products
   for (int w = 0; w < 4; ++w) {
-    nv[w].resize(static_cast<size_t>(rows[w]));
-    nu[w].resize(static_cast<size_t>(cols[w]));
+    nv[w].resize(static_cast<size_t>(out_length[w]));
+    nu[w].resize(static_cast<size_t>(in_length[w]));
   }
+  constexpr bool all[4] = {true, true, true, true};
+  constexpr bool fourth[4] = {false, false, false, true};
+  constexpr bool first_three[4] = {true, true, true, false};
   for (int64_t g = 0; g < groups; ++g) {
     const float* a = filter + g * group_size;
-    float* u[4];
-    float* v[4];
+    float* in[4];   // u1, u2, u3, v4
+    float* out[4];  // v1, v2, v3, u4
     for (int w = 0; w < 4; ++w) {
-      u[w] = state.u[w].data() + g * cols[w];
-      v[w] = state.v[w].data() + g * rows[w];
+      float* u = state.u[w].data() + g * PowerIterationState::u_length(w, c, k);
+      float* v = state.v[w].data() + g * PowerIterationState::v_length(w, c, k);
+      in[w] = w < 3 ? u : v;
+      out[w] = w < 3 ? v : u;
+    }
+    // Round r is v = normalize(A u), then u = normalize(A^T v): out side then in side for reshapes 1-3, in side
+    // then out side for the fourth. So the fourth's first half-round runs alone, the rows passes serve every
+    // reshape, and the last columns pass only the first three.
+    if (iterations > 0) {
+      multiply_columns(a, out, fourth, c, k, filter_scratch_.data(), thread_scratch_, nu);
+      normalize(nu[3], in[3]);
     }
     for (int it = 0; it < iterations; ++it) {
-      multiply_rows(a, u, c, k, filter_scratch_.data(), thread_scratch_, nv);
-      for (int w = 0; w < 4; ++w) normalize(nv[w], v[w]);
-      multiply_columns(a, v, c, k, filter_scratch_.data(), thread_scratch_, nu);
-      for (int w = 0; w < 4; ++w) normalize(nu[w], u[w]);
+      multiply_rows(a, in, c, k, filter_scratch_.data(), thread_scratch_, nv);
+      for (int w = 0; w < 4; ++w) normalize(nv[w], out[w]);
+      const bool* active = it + 1 < iterations ? all : first_three;
+      multiply_columns(a, out, active, c, k, filter_scratch_.data(), thread_scratch_, nu);
+      for (int w = 0; w < 4; ++w)
+        if (active[w]) normalize(nu[w], in[w]);
     }
-    // sigma_w = <A, u_w (x) v_w> = <v_w, A_w u_w>.
-    multiply_rows(a, u, c, k, filter_scratch_.data(), thread_scratch_, nv);
+    // sigma_w = <A, u_w (x) v_w> = <out_w, A in_w>, always from a rows pass with the final vectors: the same
+    // arithmetic whatever the iterations, so evaluation mode reproduces the last training step's sigma exactly.
+    multiply_rows(a, in, c, k, filter_scratch_.data(), thread_scratch_, nv);
     double best = 0.0;
     int best_index = -1;
     for (int w = 0; w < 4; ++w) {
-      double s = 0.0;
-      for (int64_t r = 0; r < rows[w]; ++r) s += nv[w][static_cast<size_t>(r)] * v[w][r];
+      const double s = dot(nv[w], out[w]);
       if (best_index < 0 || s < best) {
         best = s;
         best_index = w;
@@ -298,23 +319,23 @@ void CpuBackend::add_sigma_gradient(const PowerIterationState& state, const int3
                                     const float* coefficient, float* diff_filter, int64_t groups,
                                     int64_t channels, int64_t kernel) {
   const int64_t c = channels, k = kernel, kk = k * k, row = c * kk, chunk = kLanes * kk;
-  const int64_t rows[4] = {c * k, c * k, c, c * kk};
-  const int64_t cols[4] = {c * k, c * k, c * kk, c};
   if (static_cast<int64_t>(filter_scratch_.size()) < 4 * row) filter_scratch_.resize(4 * row);
   const int threads = omp_get_max_threads();
   if (static_cast<int64_t>(thread_scratch_.size()) < threads * chunk) thread_scratch_.resize(threads * chunk);
   for (int64_t g = 0; g < groups; ++g) {
     const int w = which[g];
-    const float* u = state.u[w].data() + g * cols[w];
-    const float* v = state.v[w].data() + g * rows[w];
+    const float* u = state.u[w].data() + g * PowerIterationState::u_length(w, c, k);
+    const float* v = state.v[w].data() + g * PowerIterationState::v_length(w, c, k);
+    const float* in = w < 3 ? u : v;   // u1, u2, u3, v4
+    const float* out = w < 3 ? v : u;  // v1, v2, v3, u4
     const float coef = coefficient[g];
-    // E[f] = u[col_w(f)]; the gradient row o is E * coef * v[row_w(o, f mod kk)].
+    // E[f] = in[in-side index of f]; the gradient row o is E * coef * out[out-side index of (o, f mod kk)].
     float* e = filter_scratch_.data();
     for (int64_t i = 0; i < c; ++i)
       for (int64_t y = 0; y < k; ++y)
         for (int64_t x = 0; x < k; ++x) {
           const int64_t col = w == 0 ? i * k + x : w == 1 ? i * k + y : w == 2 ? (i * k + y) * k + x : i;
-          e[i * kk + y * k + x] = u[col];
+          e[i * kk + y * k + x] = in[col];
         }
     float* d = diff_filter + g * c * row;
 #pragma omp parallel for schedule(static) if (c * row > kParallelFloats)
@@ -323,7 +344,7 @@ void CpuBackend::add_sigma_gradient(const PowerIterationState& state, const int3
       for (int64_t y = 0, t = 0; y < k; ++y)
         for (int64_t x = 0; x < k; ++x, ++t) {
           const int64_t r = w == 0 ? o * k + y : w == 1 ? o * k + x : w == 2 ? o : o * kk + t;
-          q[t] = coef * v[r];
+          q[t] = coef * out[r];
         }
       for (int64_t rep = 1; rep < kLanes; ++rep) std::copy(q, q + kk, q + rep * kk);
       patterned_fma(e, q, chunk, row, d + o * row);

@@ -5,8 +5,9 @@
 //   i = 0: rows (out, h)      cols (in, w)
 //   i = 1: rows (out, w)      cols (in, h)
 //   i = 2: rows out           cols (in, h, w)
-//   i = 3: rows (out, h, w)   cols in
-// with u over the columns and v over the rows (PowerIterationState). Matrix-vector products and the sigma
+//   i = 3: rows in            cols (out, h, w)
+// with u over the columns and v over the rows, and each round updates v from u, then u from v: the reference's
+// names and order (PowerIterationState). Matrix-vector products and the sigma
 // estimates accumulate in double, like the CPU loops, so both backends agree to float rounding of the vectors.
 // Per-group host values (scales, the chosen reshapes and coefficients) travel as kernel parameters, in chunks.
 #include <vector>
@@ -24,11 +25,12 @@ constexpr int64_t kReduceChunk = 8192;   // elements per block in two-stage redu
 constexpr int kScaleChunk = 256;         // groups per scale_groups launch
 constexpr int kSigmaChunk = 128;         // groups per add_sigma_gradient launch
 
+// PowerIterationState::v_length / u_length, for device code.
 __host__ __device__ inline int64_t reshape_rows(int which, int64_t c, int64_t k) {
-  return which < 2 ? c * k : which == 2 ? c : c * k * k;
+  return which < 2 ? c * k : c;
 }
 __host__ __device__ inline int64_t reshape_cols(int which, int64_t c, int64_t k) {
-  return which < 2 ? c * k : which == 2 ? c * k * k : c;
+  return which < 2 ? c * k : c * k * k;
 }
 
 // Offset in one group's filter of entry (row, col) of reshape `which`.
@@ -38,7 +40,7 @@ __device__ inline int64_t reshape_entry(int which, int64_t row, int64_t col, int
     case 0: o = row / k; y = row % k; i = col / k; x = col % k; break;
     case 1: o = row / k; x = row % k; i = col / k; y = col % k; break;
     case 2: o = row; i = col / (k * k); y = (col / k) % k; x = col % k; break;
-    default: o = row / (k * k); y = (row / k) % k; x = row % k; i = col; break;
+    default: i = row; o = col / (k * k); y = (col / k) % k; x = col % k; break;
   }
   return ((o * c + i) * k + y) * k + x;
 }
@@ -50,7 +52,7 @@ __device__ inline void entry_position(int which, int64_t e, int64_t c, int64_t k
     case 0: row = o * k + y; col = i * k + x; break;
     case 1: row = o * k + x; col = i * k + y; break;
     case 2: row = o; col = (i * k + y) * k + x; break;
-    default: row = (o * k + y) * k + x; col = i; break;
+    default: row = i; col = (o * k + y) * k + x; break;
   }
 }
 
