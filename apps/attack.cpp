@@ -8,10 +8,9 @@
 
 #include "commands.hpp"
 #include "orthoconv/attack.hpp"
-#include "orthoconv/checkpoint.hpp"
 #include "orthoconv/model_state.hpp"
 #include "orthoconv/network_bound.hpp"
-#include "orthoconv/trainer.hpp"
+#include "orthoconv/runtime.hpp"
 
 namespace orthoconv::apps {
 
@@ -36,14 +35,11 @@ int run_attack(const AttackCommandOptions& o) {
   require(o.steps > 0, "--steps must be positive, got ", o.steps);
   require(o.terms >= 0, "--terms must be positive, got ", o.terms);
   set_thread_count(o.threads);
-  Checkpoint checkpoint = load_checkpoint(o.checkpoint);
-  ModelConfig config = model_config_from_checkpoint(checkpoint, o.checkpoint);
-  const Normalization norm = normalization_from_checkpoint(checkpoint, o.checkpoint);
-  config.init_iterations = 0;
-  if (o.terms > 0) config.eval_terms = o.terms;
-  LipConvnet model(config);
-  read_model_state(checkpoint, o.checkpoint, model);
-  model.set_training(false);
+  const LoadedModel loaded = load_model(o.checkpoint);
+  LipConvnet& model = *loaded.model;
+  if (o.terms > 0) model.set_terms(model.config().train_terms, o.terms);
+  const ModelConfig& config = model.config();
+  const Normalization& norm = loaded.normalization;
 
   CifarSplit test = load_cifar100(find_cifar100(o.data), "test");
   const int64_t count = std::min(o.images, test.size());

@@ -10,7 +10,7 @@
 #include "commands.hpp"
 #include "orthoconv/certifying_pass.hpp"
 #include "orthoconv/data.hpp"
-#include "orthoconv/trainer.hpp"
+#include "orthoconv/runtime.hpp"
 
 namespace orthoconv::apps {
 

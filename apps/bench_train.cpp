@@ -10,6 +10,7 @@
 #include "bench_train.hpp"
 #include "commands.hpp"
 #include "orthoconv/model.hpp"
+#include "orthoconv/runtime.hpp"
 #include "orthoconv/trainer.hpp"
 
 namespace orthoconv::apps {

@@ -9,11 +9,10 @@
 
 #include "commands.hpp"
 #include "orthoconv/certify.hpp"
-#include "orthoconv/checkpoint.hpp"
 #include "orthoconv/model_state.hpp"
 #include "orthoconv/network_bound.hpp"
 #include "orthoconv/plot.hpp"
-#include "orthoconv/trainer.hpp"
+#include "orthoconv/runtime.hpp"
 
 namespace orthoconv::apps {
 
@@ -97,15 +96,11 @@ int run_certify(const CertifyOptions& o) {
   require(o.images >= 0, "--images must be >= 0, got ", o.images);
   require(o.batch > 0, "--batch must be positive, got ", o.batch);
   set_thread_count(o.threads);
-  Checkpoint checkpoint = load_checkpoint(o.checkpoint);
-  ModelConfig config = model_config_from_checkpoint(checkpoint, o.checkpoint);
-  const Normalization norm = normalization_from_checkpoint(checkpoint, o.checkpoint);
-  config.init_iterations = 0;  // the checkpoint's power-iteration vectors are loaded
-  if (o.terms > 0) config.eval_terms = o.terms;
-  LipConvnet model(config, backend_for(o.device == "cuda" ? Device::cuda : Device::cpu));
-  // The architecture line does not include the terms; restore the checkpoint's then apply --terms.
-  read_model_state(checkpoint, o.checkpoint, model);
-  model.set_training(false);
+  const LoadedModel loaded = load_model(o.checkpoint, o.device == "cuda" ? Device::cuda : Device::cpu);
+  LipConvnet& model = *loaded.model;
+  if (o.terms > 0) model.set_terms(model.config().train_terms, o.terms);
+  const ModelConfig& config = model.config();
+  const Normalization& norm = loaded.normalization;
 
   const std::string dir = find_cifar100(o.data);
   CifarSplit test = load_cifar100(dir, "test");

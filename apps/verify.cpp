@@ -6,7 +6,6 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.hpp"
-#include "orthoconv/checkpoint.hpp"
 #include "orthoconv/model_state.hpp"
 #include "orthoconv/network_bound.hpp"
 #include "orthoconv/orthoconv.hpp"
@@ -33,14 +32,11 @@ struct VerifyOptions {
 // network_bound.hpp): rho >= ||A_n||, the layer bound 1 + sum_{i>K} rho^i/i!, the rounding coefficients of a
 // float32 and of the float64 (certifying) pass, and the network's L.
 int run_verify_checkpoint(const VerifyOptions& o, bool terms_given) {
-  Checkpoint checkpoint = load_checkpoint(o.checkpoint);
-  ModelConfig config = model_config_from_checkpoint(checkpoint, o.checkpoint);
-  const Normalization norm = normalization_from_checkpoint(checkpoint, o.checkpoint);
-  config.init_iterations = 0;
-  if (terms_given) config.eval_terms = o.terms;
-  LipConvnet model(config);
-  read_model_state(checkpoint, o.checkpoint, model);
-  model.set_training(false);
+  const LoadedModel loaded = load_model(o.checkpoint);
+  LipConvnet& model = *loaded.model;
+  if (terms_given) model.set_terms(model.config().train_terms, o.terms);
+  const ModelConfig& config = model.config();
+  const Normalization& norm = loaded.normalization;
   const NetworkBound b32 = verify_network(model, config.eval_terms, Precision::float32, norm);
   const NetworkBound b64 = verify_network(model, config.eval_terms, Precision::float64, norm);
   if (o.json) {

@@ -6,13 +6,14 @@
 #   catch2                              Catch2 v2 tests
 #   libcli11-dev nlohmann-json3-dev     the command line and its JSON output
 #   libstb-dev                          PNG plots
+#   python3 python3-venv                the interop tests' virtual environment (.ci/run; scripts/requirements.txt)
 # The CUDA backend needs the CUDA toolkit and cuDNN, which are not Debian packages: install them separately
 # (the build detects them with -DORTHOCONV_CUDA=AUTO and builds the CPU-only library without them).
 # Does nothing (and needs no root) when everything is already installed. Runs apt-get through sudo when not root.
 set -euo pipefail
 
 packages=(build-essential cmake ninja-build libdnnl-dev libeigen3-dev catch2 libcli11-dev nlohmann-json3-dev
-          libstb-dev)
+          libstb-dev python3 python3-venv)
 
 missing=()
 for package in "${packages[@]}"; do

@@ -18,13 +18,11 @@ std::string slurp(const std::string& path) {
   return s.str();
 }
 
-CliResult run_cli(const std::string& args) {
-#ifdef ORTHOCONV_CLI_PATH
+CliResult run_command(const std::string& command_line) {
   static int counter = 0;
   const std::string base = std::string(ORTHOCONV_TEST_BINARY_DIR) + "/cli-" + std::to_string(getpid()) + "-" +
                            std::to_string(counter++);
-  const std::string command = std::string("'") + ORTHOCONV_CLI_PATH + "' " + args + " >'" + base + ".out' 2>'" +
-                              base + ".err'";
+  const std::string command = command_line + " >'" + base + ".out' 2>'" + base + ".err'";
   const int status = std::system(command.c_str());
   CliResult r;
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
@@ -33,6 +31,11 @@ CliResult run_cli(const std::string& args) {
   std::remove((base + ".out").c_str());
   std::remove((base + ".err").c_str());
   return r;
+}
+
+CliResult run_cli(const std::string& args) {
+#ifdef ORTHOCONV_CLI_PATH
+  return run_command(std::string("'") + ORTHOCONV_CLI_PATH + "' " + args);
 #else
   (void)args;
   throw std::runtime_error("this build has no orthoconv command line");

@@ -1,4 +1,4 @@
-// Helpers for tests that run the real `orthoconv` binary or read files back.
+// Helpers for tests that run the real `orthoconv` binary (or a script) or read files back.
 #pragma once
 
 #include <cstddef>
@@ -13,6 +13,8 @@ struct CliResult {
 
 // The whole file (binary), or "" when it cannot be read.
 std::string slurp(const std::string& path);
+// Runs a shell command line (trusted: written in the tests), capturing stdout and stderr apart.
+CliResult run_command(const std::string& command_line);
 // Runs the CLI (ORTHOCONV_CLI_PATH) with `args` (shell words, trusted: written in the tests), capturing stdout and
 // stderr apart. Throws when this build has no CLI.
 CliResult run_cli(const std::string& args);

@@ -44,7 +44,10 @@ struct ModelConfig {
   int eval_terms = 12;
   int64_t input_side = 32;
   uint64_t seed = 42;                      // initialization
-  int init_iterations = 50;                // power iterations at construction (0: tools that only need shapes)
+  // Power iterations of every SocConv at construction (0: the u, v come from a checkpoint, or only shapes are
+  // needed), and in training-mode forwards (PowerSchedule: the reference's 50/1/200, or hold() to keep u, v).
+  int init_iterations = 50;
+  PowerSchedule power_schedule;
 
   void validate() const;                   // throws ConfigError naming the setting
   int64_t block_size() const { return depth / 5; }
@@ -128,6 +131,7 @@ class LipConvnet {
   void set_training(bool training);
   bool training() const { return training_; }
   void set_terms(int train_terms, int eval_terms);
+  void set_power_schedule(const PowerSchedule& schedule);  // every SocConv's, and config().power_schedule
   void zero_grad();
 
   // Stable hierarchical names (see docs/checkpoint.md), in a fixed order.

@@ -5,10 +5,11 @@
 //   A = (M - M^T)/2   M^T swaps the channel axes and flips both spatial axes: with zero "same" padding the
 //                     convolution by A is exactly skew-symmetric, so exp(A) is orthogonal
 //   sigma_g      per group, the minimum of four power-iteration estimates <A_g, u_i (x) v_i> over the reshapes
-//                (out*h)x(in*w), (out*w)x(in*h), out x(in*h*w), (out*h*w)x in; u, v persist across steps:
-//                50 iterations at construction; in training mode 50 when the step counter is a multiple of
-//                update_every (200), else 1, then the counter advances; none in evaluation mode.
-//                Gradients flow through sigma with u, v held fixed.
+//                (out*h)x(in*w), (out*w)x(in*h), out x(in*h*w), in x(out*h*w) (v_i over the rows, u_i over the
+//                columns; the reference's u1..v4, its update order v then u: PowerIterationState); u, v persist
+//                across steps: init_iterations (50) at construction; in training mode the PowerSchedule's count
+//                for the step counter (50 when it is a multiple of 200, else 1), then the counter advances; none
+//                in evaluation mode. Gradients flow through sigma with u, v held fixed.
 //   A_n = correction * A / (sigma + 1e-12), correction 0.7 for k > 1 and 1.0 for k = 1 unless set
 //   input  [N, c_in, H, W] -> pixel-unshuffle by s -> zero channels appended up to C*g
 //   y = sum_{i=0..K} A_n^i x / i!   (evaluated by Horner's rule: p = x; p = x + A_n p / j for j = K..1)
@@ -21,6 +22,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "orthoconv/layer.hpp"
@@ -28,6 +30,25 @@
 namespace orthoconv {
 
 enum class KeepChannels { first, per_group };
+
+// The power iterations of a training-mode forward at step counter `step` (evaluation mode runs none):
+// refresh_iterations when step % update_every == 0, else update_iterations. The reference's schedule is 50, 1,
+// 200 (its init_iters, update_iters, update_freq). hold() keeps u, v fixed: no iterations, sigma follows M
+// through the fixed vectors (for fine-tuning a trained model, or to study the estimate).
+struct PowerSchedule {
+  int refresh_iterations = 50;
+  int update_iterations = 1;
+  int64_t update_every = 200;
+
+  static PowerSchedule hold() { return PowerSchedule{0, 0, 1}; }
+  bool holds() const { return refresh_iterations == 0 && update_iterations == 0; }
+  int iterations_at(int64_t step) const { return step % update_every == 0 ? refresh_iterations : update_iterations; }
+  void validate() const;  // throws ConfigError naming the value
+  // "50,1,200" (refresh, update, every) or "hold"; parse() reads both and throws ConfigError otherwise.
+  std::string str() const;
+  static PowerSchedule parse(const std::string& text);
+  bool operator==(const PowerSchedule&) const = default;
+};
 
 struct SocConfig {
   int64_t in_channels = 0;
@@ -39,9 +60,8 @@ struct SocConfig {
   int train_terms = 5;
   int eval_terms = 12;
   std::optional<float> correction;  // default: 0.7 for kernel > 1, 1.0 for kernel 1
-  int init_iterations = 50;
-  int update_iterations = 1;
-  int update_every = 200;
+  int init_iterations = 50;  // at construction, from random unit vectors
+  PowerSchedule schedule;    // training-mode forwards
   KeepChannels keep = KeepChannels::first;
   uint64_t seed = 0;
 
@@ -66,6 +86,7 @@ class SocConv : public Layer {
   const SocConfig& config() const { return config_; }
   int terms() const { return training_ ? config_.train_terms : config_.eval_terms; }
   void set_terms(int train_terms, int eval_terms);
+  void set_schedule(const PowerSchedule& schedule);  // validated; takes effect at the next training forward
 
   Parameter& weight() { return weight_; }
   Parameter& bias() { return bias_; }

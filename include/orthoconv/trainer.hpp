@@ -161,11 +161,4 @@ class Trainer {
   int64_t best_epoch_ = 0;
 };
 
-// Sets OpenMP's thread count (oneDNN and every loop); n <= 0 leaves the default.
-void set_thread_count(int n);
-int thread_count();
-
-// Peak resident set size of this process, bytes (getrusage).
-int64_t peak_rss_bytes();
-
 }  // namespace orthoconv

@@ -31,14 +31,52 @@ void SocConfig::validate() const {
           out_channels, ", in*stride^2 ", unshuffled_channels(), ") = ", channels);
   require(train_terms > 0, "SocConv train_terms must be positive, got ", train_terms);
   require(eval_terms > 0, "SocConv eval_terms must be positive, got ", eval_terms);
-  require(init_iterations >= 0 && update_iterations >= 0, "SocConv power iterations must be >= 0, got ",
-          init_iterations, " and ", update_iterations);
-  require(update_every > 0, "SocConv update_every must be positive, got ", update_every);
+  require(init_iterations >= 0, "SocConv init_iterations must be >= 0, got ", init_iterations);
+  schedule.validate();
   require(!correction || (*correction > 0.0f && std::isfinite(*correction)),
           "SocConv correction must be positive and finite, got ", correction.value_or(0.0f));
   if (keep == KeepChannels::per_group)
     require(out_channels % groups == 0, "SocConv keep=per-group needs groups (", groups,
             ") to divide out_channels (", out_channels, ")");
+}
+
+void PowerSchedule::validate() const {
+  require(refresh_iterations >= 0 && update_iterations >= 0, "power-iteration schedule: iteration counts must be "
+          ">= 0, got ", refresh_iterations, " and ", update_iterations);
+  require(update_every > 0, "power-iteration schedule: update_every must be positive, got ", update_every);
+}
+
+std::string PowerSchedule::str() const {
+  if (holds()) return "hold";
+  return std::to_string(refresh_iterations) + "," + std::to_string(update_iterations) + "," +
+         std::to_string(update_every);
+}
+
+PowerSchedule PowerSchedule::parse(const std::string& text) {
+  if (text == "hold") return hold();
+  PowerSchedule out;
+  std::stringstream in(text);
+  std::string part;
+  std::vector<int64_t> values;
+  while (std::getline(in, part, ',')) {
+    size_t used = 0;
+    long long value = -1;
+    try {
+      value = std::stoll(part, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    require(used == part.size() && !part.empty() && value >= 0 && value <= (1LL << 30),
+            "power-iteration schedule: expected 'hold' or 'refresh,update,every' (e.g. 50,1,200), got '", text, "'");
+    values.push_back(value);
+  }
+  require(values.size() == 3, "power-iteration schedule: expected 'hold' or 'refresh,update,every' (e.g. 50,1,200), "
+          "got '", text, "'");
+  out.refresh_iterations = static_cast<int>(values[0]);
+  out.update_iterations = static_cast<int>(values[1]);
+  out.update_every = values[2];
+  out.validate();
+  return out;
 }
 
 int64_t SocConfig::group_channels() const { return std::max(out_channels, unshuffled_channels()) / groups; }
@@ -55,10 +93,6 @@ Tensor on_device(const std::vector<float>& host, const Shape& shape, Backend& ba
   backend.from_host(host.data(), t.data(), t.numel());
   return t;
 }
-
-// Rows / columns of the four reshapes, per group (see PowerIterationState).
-int64_t reshape_cols(int which, int64_t c, int64_t k) { return which < 2 ? c * k : which == 2 ? c * k * k : c; }
-int64_t reshape_rows(int which, int64_t c, int64_t k) { return which < 2 ? c * k : which == 2 ? c : c * k * k; }
 
 }  // namespace
 
@@ -104,8 +138,8 @@ SocConv::SocConv(const SocConfig& config, std::shared_ptr<Backend> backend)
     return on_device(v, Shape{g, rows_per_group}, *backend_);
   };
   for (int w = 0; w < 4; ++w) {
-    power_.u[w] = random_unit_rows(reshape_cols(w, c, k));
-    power_.v[w] = random_unit_rows(reshape_rows(w, c, k));
+    power_.u[w] = random_unit_rows(PowerIterationState::u_length(w, c, k));
+    power_.v[w] = random_unit_rows(PowerIterationState::v_length(w, c, k));
   }
   refresh_sigma(config_.init_iterations);
 }
@@ -150,6 +184,11 @@ void SocConv::set_terms(int train_terms, int eval_terms) {
           eval_terms);
   config_.train_terms = train_terms;
   config_.eval_terms = eval_terms;
+}
+
+void SocConv::set_schedule(const PowerSchedule& schedule) {
+  schedule.validate();
+  config_.schedule = schedule;
 }
 
 ConvShape SocConv::series_shape(int64_t batch) const {
@@ -199,7 +238,7 @@ void SocConv::forward(const Tensor& input, Tensor& output) {
   input_shape_ = input.shape();
   int iterations = 0;
   if (training_) {
-    iterations = step_ % config_.update_every == 0 ? config_.init_iterations : config_.update_iterations;
+    iterations = config_.schedule.iterations_at(step_);
     ++step_;
   }
   prepare_filter(iterations);

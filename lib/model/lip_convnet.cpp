@@ -41,6 +41,7 @@ void ModelConfig::validate() const {
   require(train_terms > 0 && eval_terms > 0, "series terms must be positive, got ", train_terms, " (train) and ",
           eval_terms, " (eval)");
   require(init_iterations >= 0, "initial power iterations must be >= 0, got ", init_iterations);
+  power_schedule.validate();
   require(input_side >= 32 && input_side % 32 == 0, "input side must be a positive multiple of 32 (five stride-2 "
           "stages), got ", input_side);
 }
@@ -92,6 +93,7 @@ LipConvnet::LipConvnet(const ModelConfig& config, std::shared_ptr<Backend> backe
       base.keep = config_.keep;
       base.seed = mix_seed(config_.seed, layer_index++);
       base.init_iterations = config_.init_iterations;
+      base.schedule = config_.power_schedule;
       Block block;
       block.name = "stage" + std::to_string(stage + 1) + ".block" + std::to_string(b);
       try {
@@ -134,6 +136,7 @@ LipConvnet::LipConvnet(const ModelConfig& config, std::shared_ptr<Backend> backe
     head.eval_terms = config_.eval_terms;
     head.seed = head_seed;
     head.init_iterations = config_.init_iterations;
+    head.schedule = config_.power_schedule;
     head_ = std::make_unique<SocConv>(head, backend_);
   } else {
     auto lln = std::make_unique<LinearNormalized>(features_, config_.classes, head_seed, backend_);
@@ -199,6 +202,12 @@ void LipConvnet::set_terms(int train_terms, int eval_terms) {
   config_.train_terms = train_terms;
   config_.eval_terms = eval_terms;
   for (NamedSoc& s : soc_layers()) s.soc->set_terms(train_terms, eval_terms);
+}
+
+void LipConvnet::set_power_schedule(const PowerSchedule& schedule) {
+  schedule.validate();
+  config_.power_schedule = schedule;
+  for (NamedSoc& s : soc_layers()) s.soc->set_schedule(schedule);
 }
 
 void LipConvnet::zero_grad() {

@@ -2,8 +2,6 @@
 // checkpoints (atomic), exact resume. See include/orthoconv/trainer.hpp.
 #include "orthoconv/trainer.hpp"
 
-#include <omp.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -16,6 +14,7 @@
 
 #include "orthoconv/certify.hpp"
 #include "orthoconv/model_state.hpp"
+#include "orthoconv/runtime.hpp"
 
 namespace orthoconv {
 
@@ -63,6 +62,7 @@ std::string TrainConfig::to_json() const {
   j["downsample_keep"] = keep_name(model.keep);
   j["train_terms"] = model.train_terms;
   j["eval_terms"] = model.eval_terms;
+  j["power_schedule"] = model.power_schedule.str();
   j["architecture"] = model.architecture();
   j["mean"] = std::vector<float>(normalization.mean.begin(), normalization.mean.end());
   j["std"] = std::vector<float>(normalization.std.begin(), normalization.std.end());
@@ -106,6 +106,9 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.model.keep = parse_keep(j.at("downsample_keep").get<std::string>());
     c.model.train_terms = j.at("train_terms").get<int>();
     c.model.eval_terms = j.at("eval_terms").get<int>();
+    // Absent in configurations written before the setting existed: the reference's schedule.
+    if (j.contains("power_schedule"))
+      c.model.power_schedule = PowerSchedule::parse(j.at("power_schedule").get<std::string>());
     auto mean = j.at("mean").get<std::vector<float>>();
     auto std = j.at("std").get<std::vector<float>>();
     require(mean.size() == 3 && std.size() == 3, "mean and std need 3 values each");
@@ -712,18 +715,6 @@ void Trainer::run(int64_t stop_after) {
       std::fflush(log_);
     }
   }
-}
-
-void set_thread_count(int n) {
-  if (n > 0) omp_set_num_threads(n);
-}
-
-int thread_count() { return omp_get_max_threads(); }
-
-int64_t peak_rss_bytes() {
-  struct rusage usage {};
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<int64_t>(usage.ru_maxrss) * 1024;
 }
 
 }  // namespace orthoconv

@@ -1,0 +1,19 @@
+// orthoconv/runtime.hpp: process-wide run-time controls and statistics.
+//
+// Threads: every CPU loop of the library and every oneDNN primitive runs on OpenMP's thread team, so one setting
+// controls them all. The CUDA backend's settings are in cuda_options.hpp.
+#pragma once
+
+#include <cstdint>
+
+namespace orthoconv {
+
+// Sets OpenMP's thread count for this process (oneDNN and every loop); n <= 0 leaves the current setting.
+void set_thread_count(int n);
+// The threads a parallel region started now would use.
+int thread_count();
+
+// Peak resident set size of this process so far, bytes (getrusage; never decreases).
+int64_t peak_rss_bytes();
+
+}  // namespace orthoconv
