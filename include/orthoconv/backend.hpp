@@ -172,6 +172,18 @@ class Backend {
   virtual void to_host(const float* src, float* host_dst, int64_t count) = 0;
   virtual void from_host(const float* host_src, float* dst, int64_t count) = 0;
   virtual void synchronize() {}
+
+  // ---- activation scratch shared by the layers ----
+  // kSharedBuffers buffers on this backend's device that every layer running on it may use within ONE call, never
+  // to carry anything from one call to the next (SocConv's evaluation-mode series: x0 and two alternating terms).
+  // A network's evaluation-mode forward thus needs these three activation buffers in all, reused layer after
+  // layer, instead of K+1 per layer. The caller sizes a slot with Tensor::resize(shape, device()) (storage grows,
+  // never shrinks). Same thread contract as the backend: one thread at a time.
+  static constexpr int kSharedBuffers = 3;
+  Tensor& shared_buffer(int slot);
+
+ private:
+  Tensor shared_buffers_[kSharedBuffers];
 };
 
 // The CPU backend (oneDNN). One instance per process is enough; it is thread-compatible, not thread-safe.

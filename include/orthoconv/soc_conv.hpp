@@ -17,6 +17,17 @@
 //   keep c_out channels (the first c_out, or the first c_out/g of each group), add the bias.
 // Truncation: with rho = ||A_n||_2 the series misses exp(A_n) by at most sum_{i>K} rho^i / i! in norm.
 // Output [N, c_out, H/s, W/s]. Requires H, W divisible by s.
+// Memory, with B = one batch of the series activations (N * C*g * H/s * W/s floats, channels padded to the
+// backend's conv layout):
+//   training forward   keeps K+1 B (the Horner terms p_1..p_K and x0, for the backward) and an NCHW staging B;
+//                      the backward adds K+2 B (the terms of the gradient), also kept for the next step;
+//   evaluation forward keeps nothing but its output: x0 and two alternating terms live in the backend's three
+//                      shared buffers (Backend::shared_buffer), which every layer reuses in turn, so a whole
+//                      network evaluates in 3 B of series memory (B of its widest layer), whatever K;
+//   a backward after an evaluation-mode forward recomputes the K+1 terms from the input (K more convolutions;
+//                      the input must be left unchanged in between, as for MaxMin) into the layer's own buffers,
+//                      then proceeds as in training.
+// Every mode also keeps the filter, A_n and the scaled filter copies (at most B in all).
 #pragma once
 
 #include <cstdint>
@@ -95,6 +106,9 @@ class SocConv : public Layer {
   // The last scales used by forward (per group), and how many power iterations the last forward ran.
   const std::vector<float>& sigma() const { return sigma_; }
   int last_power_iterations() const { return last_power_iterations_; }
+  // Bytes of the working buffers this layer keeps between calls (series and gradient terms, staging, filter
+  // copies), beyond its parameters, their gradients and u, v: see "Memory" above.
+  int64_t retained_bytes() const;
 
   // The skew filter A = (M - M^T)/2 and the scaled filter A_n (plain layout [g, C, C, k, k]), computed from the
   // current M and power-iteration vectors without advancing anything.
@@ -106,6 +120,9 @@ class SocConv : public Layer {
  private:
   ConvShape series_shape(int64_t batch) const;
   void prepare_filter(int iterations);
+  // x0 from `input`, then the Horner terms p_K..p_1 with forward_terms_ terms; keep: in series_ (for the
+  // backward), else in the backend's shared buffers. Returns p_1 (conv layout).
+  const float* run_series(const Tensor& input, bool keep);
 
   SocConfig config_;
   std::shared_ptr<Backend> backend_;
@@ -123,6 +140,8 @@ class SocConv : public Layer {
   std::vector<int32_t> which_;
   Tensor weights_forward_;        // [K+1] copies in forward conv layout: slot j = A_n / j (slot 0 = A_n)
   Tensor series_;                 // [K+1] x (batch in conv layout): slot s holds p_{s+1}; slot K = x0
+  bool series_kept_ = false;      // series_ holds the last forward's terms (training mode, or recomputed)
+  Tensor input_;                  // the last evaluation-mode forward's input (a handle), for a backward
   Tensor diff_series_;            // [K+1] x (batch in conv layout): slot j-1 holds g_j / j
   Tensor staging_;                // NCHW, C*g channels
   Tensor diff_weights_;           // plain, dA_n

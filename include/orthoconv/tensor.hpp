@@ -51,6 +51,8 @@ class Tensor {
   Device device() const { return device_; }
   bool empty() const { return data_ == nullptr; }
   bool owns_memory() const { return storage_ != nullptr; }
+  // Floats of owned storage (at least numel(): resize() grows it and never shrinks it); 0 for a view.
+  int64_t storage_floats() const { return storage_ ? capacity_ : 0; }
 
   float* data() { return data_; }
   const float* data() const { return data_; }

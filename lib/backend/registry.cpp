@@ -1,4 +1,4 @@
-// Which backend serves which device; ConvShape helpers.
+// Which backend serves which device; ConvShape helpers; the layers' shared buffers.
 #include <sstream>
 
 #include "orthoconv/backend.hpp"
@@ -29,6 +29,12 @@ void ConvShape::validate() const {
   require(kernel > 0 && kernel % 2 == 1, "convolution kernel must be odd and positive, got ", kernel);
   require(groups > 0 && in_channels % groups == 0 && out_channels % groups == 0, "convolution groups (", groups,
           ") must divide in_channels (", in_channels, ") and out_channels (", out_channels, ")");
+}
+
+Tensor& Backend::shared_buffer(int slot) {
+  require<ShapeError>(slot >= 0 && slot < kSharedBuffers, "shared buffer slot ", slot, " is not in 0..",
+                      kSharedBuffers - 1);
+  return shared_buffers_[slot];
 }
 
 std::shared_ptr<Backend> cpu_backend() {

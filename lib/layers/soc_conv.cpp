@@ -191,6 +191,14 @@ void SocConv::set_schedule(const PowerSchedule& schedule) {
   config_.schedule = schedule;
 }
 
+int64_t SocConv::retained_bytes() const {
+  int64_t floats = 0;
+  for (const Tensor* t : {&skew_, &scaled_, &weights_forward_, &series_, &diff_series_, &staging_, &diff_weights_,
+                          &diff_skew_, &scratch_})
+    floats += t->storage_floats();
+  return floats * static_cast<int64_t>(sizeof(float));
+}
+
 ConvShape SocConv::series_shape(int64_t batch) const {
   const int64_t channels = config_.group_channels() * config_.groups;
   ConvShape s;
@@ -243,35 +251,77 @@ void SocConv::forward(const Tensor& input, Tensor& output) {
   }
   prepare_filter(iterations);
   last_power_iterations_ = iterations;
+  forward_terms_ = terms();
+  // Training keeps the K+1 terms for the backward; evaluation runs in the backend's shared buffers and keeps only
+  // (a handle to) the input, from which a backward recomputes the terms.
+  series_kept_ = training_;
+  input_ = series_kept_ ? Tensor() : input;
+  const float* y_series = run_series(input, series_kept_);
 
-  const int K = terms();
-  forward_terms_ = K;
   const int64_t n = input_shape_[0], g = config_.groups, c = config_.group_channels();
+  const ConvShape shape = series_shape(n);
+  const int64_t plane = shape.height * shape.width, channels = shape.in_channels;
+  Backend& be = *backend_;
+  output.resize(out_shape, backend_->device());
+  float* y = output.data();
+  const bool direct = config_.out_channels == channels;
+  // Evaluation: x0's shared buffer is free again and serves as the NCHW staging.
+  float* staging = series_kept_ ? staging_.data() : be.shared_buffer(0).data();
+  be.from_conv_layout(shape, y_series, direct ? y : staging);
+  if (!direct) {
+    if (config_.keep == KeepChannels::first)
+      be.copy_channels(staging, channels, y, config_.out_channels, n, plane, false);
+    else
+      be.copy_channels(staging, c, y, config_.out_channels / g, n * g, plane, false);
+  }
+  if (config_.bias) be.add_bias(y, bias_.value.data(), n, config_.out_channels, plane);
+}
+
+const float* SocConv::run_series(const Tensor& input, bool keep) {
+  const int K = forward_terms_;
+  const int64_t n = input_shape_[0];
   const ConvShape shape = series_shape(n);
   const int64_t plane = shape.height * shape.width, channels = shape.in_channels;
   const int64_t unshuffled = config_.unshuffled_channels();
   buffer_size_ = backend_->conv_buffer_size(shape);
   Backend& be = *backend_;
 
-  // x0: pixel-unshuffle, then zero channels up to C*g, then into the conv layout (series slot K).
-  staging_.resize(Shape{n, channels, shape.height, shape.width}, backend_->device());
+  // Where x0 and p_j (j = K..1) live. Kept: series_ slot K holds x0 and slot j-1 holds p_j, for the backward.
+  // Not kept: x0 in shared buffer 0, p_j alternating between shared buffers 1 and 2; the NCHW staging of x0 uses
+  // buffers 1 and 2 before the series needs them (conv_buffer_size >= any NCHW size of the series channels).
+  float *x0, *staging, *unshuffle_target;
+  if (keep) {
+    series_.resize(Shape{(K + 1) * buffer_size_}, backend_->device());
+    staging_.resize(Shape{n, channels, shape.height, shape.width}, backend_->device());
+    if (config_.stride > 1 && unshuffled != channels)
+      scratch_.resize(Shape{n, unshuffled, shape.height, shape.width}, backend_->device());
+    x0 = series_.data() + K * buffer_size_;
+    staging = staging_.data();
+    unshuffle_target = scratch_.data();
+  } else {
+    for (int b = 0; b < Backend::kSharedBuffers; ++b)
+      be.shared_buffer(b).resize(Shape{buffer_size_}, backend_->device());
+    x0 = be.shared_buffer(0).data();
+    staging = be.shared_buffer(1).data();
+    unshuffle_target = be.shared_buffer(2).data();
+  }
+  auto p = [&](int j) -> float* {
+    if (j == K + 1) return x0;
+    return keep ? series_.data() + (j - 1) * buffer_size_ : be.shared_buffer(1 + (j & 1)).data();
+  };
+
+  // x0: pixel-unshuffle, then zero channels up to C*g, then into the conv layout.
   const float* x = input.data();
   if (config_.stride > 1) {
-    float* target = staging_.data();
-    if (unshuffled != channels) {
-      scratch_.resize(Shape{n, unshuffled, shape.height, shape.width}, backend_->device());
-      target = scratch_.data();
-    }
+    float* target = unshuffled != channels ? unshuffle_target : staging;
     be.pixel_unshuffle(x, target, n, config_.in_channels, input_shape_[2], input_shape_[3], config_.stride, false);
     x = target;
   }
   if (unshuffled != channels) {
-    be.copy_channels(x, unshuffled, staging_.data(), channels, n, plane, false);
-    x = staging_.data();
+    be.copy_channels(x, unshuffled, staging, channels, n, plane, false);
+    x = staging;
   }
-  series_.resize(Shape{(K + 1) * buffer_size_}, backend_->device());
-  auto slot = [&](int s) { return series_.data() + s * buffer_size_; };
-  be.to_conv_layout(shape, x, slot(K));
+  be.to_conv_layout(shape, x, x0);
 
   // Slot 0 of weights_forward_ holds A_n in the conv layout (the backward uses it too). Where the filter is
   // small next to the activations (the wide early layers), slots 1..K hold A_n / j and the Horner steps only
@@ -286,27 +336,21 @@ void SocConv::forward(const Tensor& input, Tensor& output) {
     for (int j = 2; j <= K; ++j) be.axpby(1.0f / static_cast<float>(j), w, 0.0f, w + j * wsize, wsize);
   for (int j = K; j >= 1; --j) {
     if (scaled_copies)
-      be.conv_forward_scaled(shape, slot(j), j == 1 ? w : w + j * wsize, 1.0f, slot(K), slot(j - 1));
+      be.conv_forward_scaled(shape, p(j + 1), j == 1 ? w : w + j * wsize, 1.0f, x0, p(j));
     else
-      be.conv_forward_scaled(shape, slot(j), w, 1.0f / static_cast<float>(j), slot(K), slot(j - 1));
+      be.conv_forward_scaled(shape, p(j + 1), w, 1.0f / static_cast<float>(j), x0, p(j));
   }
-
-  output.resize(out_shape, backend_->device());
-  float* y = output.data();
-  const bool direct = config_.out_channels == channels;
-  be.from_conv_layout(shape, slot(0), direct ? y : staging_.data());
-  if (!direct) {
-    if (config_.keep == KeepChannels::first)
-      be.copy_channels(staging_.data(), channels, y, config_.out_channels, n, plane, false);
-    else
-      be.copy_channels(staging_.data(), c, y, config_.out_channels / g, n * g, plane, false);
-  }
-  if (config_.bias) be.add_bias(y, bias_.value.data(), n, config_.out_channels, plane);
+  return p(1);
 }
 
 void SocConv::backward(const Tensor& diff_output, Tensor& diff_input) {
   require<ShapeError>(forward_terms_ > 0, "SocConv::backward called before forward");
   check_shape(diff_output, output_shape(input_shape_), "SocConv::backward diff_output");
+  if (!series_kept_) {  // after an evaluation-mode forward: the terms, again, from the same input
+    run_series(input_, true);
+    series_kept_ = true;
+    input_ = Tensor();
+  }
   const int K = forward_terms_;
   const int64_t n = input_shape_[0], g = config_.groups, c = config_.group_channels(), k = config_.kernel;
   const ConvShape shape = series_shape(n);
