@@ -151,3 +151,44 @@ TEST_CASE("evaluation-mode forward and backward equal the kept-terms path bit fo
   CHECK(model_lean.diff_input == model_kept.diff_input);
   CHECK(model_lean.grads == model_kept.grads);
 }
+
+TEST_CASE("without parameter gradients a backward gives the same input gradient and leaves every grad untouched",
+          "[inference-memory][gradient]") {
+  for (const std::string head : {"soc", "lln"}) {
+    for (bool evaluation : {true, false}) {
+      INFO(head << " head, " << (evaluation ? "evaluation" : "training") << " mode");
+      ModelConfig m;
+      m.depth = 5;
+      m.init_channels = 4;
+      m.classes = 10;
+      m.head = head;
+      m.power_schedule = PowerSchedule::hold();
+      LipConvnet full(m), input_only(m);
+      input_only.set_parameter_gradients(false);
+      CHECK_FALSE(input_only.parameter_gradients());
+      const Tensor images = random_tensor(Shape{2, 3, 32, 32}, 8), diff_logits = random_tensor(Shape{2, 10}, 9);
+      std::vector<float> diff_images[2];
+      LipConvnet* models[2] = {&full, &input_only};
+      for (int i = 0; i < 2; ++i) {
+        models[i]->set_training(!evaluation);
+        Tensor logits, dx;
+        models[i]->forward(images, logits);
+        for (const NamedParameter& p : models[i]->parameters()) {  // a marker a backward would have to change
+          std::vector<float> marker(static_cast<size_t>(p.parameter->grad.numel()), 0.25f);
+          p.parameter->grad = Tensor::from_vector(marker, p.parameter->grad.shape());
+        }
+        models[i]->backward(diff_logits, &dx);
+        diff_images[i] = dx.to_vector();
+      }
+      CHECK(diff_images[1] == diff_images[0]);
+      int changed = 0;
+      for (const NamedParameter& p : full.parameters())
+        for (float g : p.parameter->grad.to_vector()) changed += g != 0.25f;
+      CHECK(changed > 0);
+      for (const NamedParameter& p : input_only.parameters()) {
+        INFO(p.name);
+        for (float g : p.parameter->grad.to_vector()) REQUIRE(g == 0.25f);
+      }
+    }
+  }
+}

@@ -37,6 +37,7 @@ class GsSocConv : public Layer {
   std::vector<Parameter*> parameters() override;
   std::vector<Buffer> buffers() override;
   void set_training(bool training) override;
+  void set_parameter_gradients(bool enabled) override;
 
   SocConv& first() { return *first_; }
   SocConv* second() { return second_.get(); }

@@ -5,6 +5,9 @@
 // gradient into Parameter::grad (call zero_grad() between steps). Training and evaluation mode are explicit
 // (set_training); they change the SOC series length and the power-iteration schedule.
 // Buffers are kept between calls and reallocated only when the batch shape grows.
+// set_parameter_gradients(false) makes backward() compute the input gradient only and leave every
+// Parameter::grad untouched (attacks, Jacobians, saliency): cheaper, and after an evaluation-mode SocConv
+// forward it spares recomputing the series (soc_conv.hpp, "Memory").
 #pragma once
 
 #include <memory>
@@ -41,11 +44,14 @@ class Layer {
   virtual std::vector<Buffer> buffers() { return {}; }
   virtual void set_training(bool training) { training_ = training; }
   bool training() const { return training_; }
+  virtual void set_parameter_gradients(bool enabled) { parameter_gradients_ = enabled; }
+  bool parameter_gradients() const { return parameter_gradients_; }
   void zero_grad();
   int64_t parameter_count();
 
  protected:
   bool training_ = true;
+  bool parameter_gradients_ = true;
 };
 
 }  // namespace orthoconv

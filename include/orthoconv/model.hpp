@@ -15,6 +15,12 @@
 //
 // Input [N, 3, side, side] NCHW float32 (side a multiple of 32); logits [N, classes] (row-major).
 // Series terms: train_terms in training mode (5), eval_terms in evaluation mode (12).
+// Memory (activations; soc_conv.hpp has the per-layer detail): every block keeps its convolution's and its
+// MaxMin's outputs (a backward's inputs), a GS-SOC block also its shuffled input and its two middle tensors.
+// Training: every SocConv also keeps its K+1 series terms, and the backward K+2 gradient terms: for LipConvnet-15
+// GS-SOC (4,1) at batch 128 a training step peaks at 3.4 GB resident on the CPU. Evaluation: the series run in
+// the backend's three shared buffers, so memory does not grow with the terms: a forward of 256 images peaks at
+// 1.2 GB (`orthoconv certify --batch 256`, with the float64 pass: 1.4 GB).
 #pragma once
 
 #include <cstdint>
@@ -88,6 +94,8 @@ class LinearNormalized : public Layer {
   std::vector<double> norms_;
   Tensor staged_w_, staged_b_;  // device copies of the host gradients, added into Parameter::grad
   Shape input_shape_;
+
+  void add_parameter_gradients(int64_t batch);  // from host_dy_ and host_x_ of the last forward / backward
 };
 
 struct NamedParameter {
@@ -130,6 +138,9 @@ class LipConvnet {
 
   void set_training(bool training);
   bool training() const { return training_; }
+  // false: backward gives dL/dimages only and leaves every Parameter::grad untouched (Layer).
+  void set_parameter_gradients(bool enabled);
+  bool parameter_gradients() const { return parameter_gradients_; }
   void set_terms(int train_terms, int eval_terms);
   void set_power_schedule(const PowerSchedule& schedule);  // every SocConv's, and config().power_schedule
   void zero_grad();
@@ -167,6 +178,7 @@ class LipConvnet {
   LinearNormalized* lln_head_ = nullptr;
   int64_t features_ = 0;
   bool training_ = true;
+  bool parameter_gradients_ = true;
   Tensor head_out_;
   Tensor diff_a_, diff_b_;
   Shape input_shape_;

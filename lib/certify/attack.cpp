@@ -90,8 +90,9 @@ AttackResult attack_model(LipConvnet& model, const Normalization& norm, const Ci
   require(options.restarts > 0, "attack restarts must be positive, got ", options.restarts);
   require(options.batch_size > 0, "attack batch size must be positive, got ", options.batch_size);
   require(options.gamma > 0.0 && options.gamma < 1.0, "DDN gamma must be in (0, 1), got ", options.gamma);
-  const bool was_training = model.training();
+  const bool was_training = model.training(), had_parameter_gradients = model.parameter_gradients();
   model.set_training(false);
+  model.set_parameter_gradients(false);  // the attacks need dL/dimages only
   const int64_t classes = model.config().classes, dim = kCifarPixels;
   AttackResult result;
   std::mt19937_64 rng(options.seed);
@@ -272,6 +273,7 @@ AttackResult attack_model(LipConvnet& model, const Normalization& norm, const Ci
     }
   }
   model.set_training(was_training);
+  model.set_parameter_gradients(had_parameter_gradients);
   return result;
 }
 

@@ -79,6 +79,12 @@ void GsSocConv::set_training(bool training) {
   if (second_) second_->set_training(training);
 }
 
+void GsSocConv::set_parameter_gradients(bool enabled) {
+  Layer::set_parameter_gradients(enabled);
+  first_->set_parameter_gradients(enabled);
+  if (second_) second_->set_parameter_gradients(enabled);
+}
+
 void GsSocConv::forward(const Tensor& input, Tensor& output) {
   const Tensor* x = &input;
   if (input_shuffle_) {

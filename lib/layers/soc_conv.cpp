@@ -346,7 +346,7 @@ const float* SocConv::run_series(const Tensor& input, bool keep) {
 void SocConv::backward(const Tensor& diff_output, Tensor& diff_input) {
   require<ShapeError>(forward_terms_ > 0, "SocConv::backward called before forward");
   check_shape(diff_output, output_shape(input_shape_), "SocConv::backward diff_output");
-  if (!series_kept_) {  // after an evaluation-mode forward: the terms, again, from the same input
+  if (!series_kept_ && parameter_gradients_) {  // after an evaluation-mode forward: the terms, from the same input
     run_series(input_, true);
     series_kept_ = true;
     input_ = Tensor();
@@ -359,7 +359,7 @@ void SocConv::backward(const Tensor& diff_output, Tensor& diff_input) {
   Backend& be = *backend_;
   const float* dy = diff_output.data();
 
-  if (config_.bias) be.bias_backward(dy, bias_.grad.data(), n, config_.out_channels, plane);
+  if (config_.bias && parameter_gradients_) be.bias_backward(dy, bias_.grad.data(), n, config_.out_channels, plane);
 
   // h_1 = dL/dy expanded to the series channels (zeros where channels were dropped).
   const float* expanded = dy;
@@ -390,23 +390,25 @@ void SocConv::backward(const Tensor& diff_output, Tensor& diff_input) {
   }
   be.weighted_sum(sources.data(), weights.data(), K + 1, dx0, buffer_size_);
 
-  // dL/dA_n in one call over the K stored (p_{j+1}, h_j) pairs.
-  ConvShape stacked = shape;
-  stacked.batch = K * n;
-  diff_weights_.resize(weight_.value.shape(), backend_->device());
-  be.conv_backward_weights(stacked, series_.data() + buffer_size_, dslot(0), diff_weights_.data());
+  if (parameter_gradients_) {
+    // dL/dA_n in one call over the K stored (p_{j+1}, h_j) pairs.
+    ConvShape stacked = shape;
+    stacked.batch = K * n;
+    diff_weights_.resize(weight_.value.shape(), backend_->device());
+    be.conv_backward_weights(stacked, series_.data() + buffer_size_, dslot(0), diff_weights_.data());
 
-  // Through A_n = correction * A / sigma(A) (u, v fixed), then A = (M - M^T) / 2.
-  const int64_t group_size = c * c * k * k;
-  std::vector<float> dots(static_cast<size_t>(g)), coefficient(static_cast<size_t>(g));
-  be.group_dot(diff_weights_.data(), skew_.data(), dots.data(), g, group_size);
-  for (int64_t i = 0; i < g; ++i) coefficient[i] = -scale_[i] * dots[i] / (sigma_[i] + 1e-12f);
-  be.scale_groups(diff_weights_.data(), scale_.data(), diff_weights_.data(), g, group_size);
-  be.add_sigma_gradient(power_, which_.data(), coefficient.data(), diff_weights_.data(), g, c, k);
-  // skew_symmetrize is its own adjoint: dM = (dA - dA^T) / 2.
-  diff_skew_.resize(weight_.value.shape(), backend_->device());
-  be.skew_symmetrize(diff_weights_.data(), diff_skew_.data(), g, c, k);
-  be.axpby(1.0f, diff_skew_.data(), 1.0f, weight_.grad.data(), weight_.grad.numel());
+    // Through A_n = correction * A / sigma(A) (u, v fixed), then A = (M - M^T) / 2.
+    const int64_t group_size = c * c * k * k;
+    std::vector<float> dots(static_cast<size_t>(g)), coefficient(static_cast<size_t>(g));
+    be.group_dot(diff_weights_.data(), skew_.data(), dots.data(), g, group_size);
+    for (int64_t i = 0; i < g; ++i) coefficient[i] = -scale_[i] * dots[i] / (sigma_[i] + 1e-12f);
+    be.scale_groups(diff_weights_.data(), scale_.data(), diff_weights_.data(), g, group_size);
+    be.add_sigma_gradient(power_, which_.data(), coefficient.data(), diff_weights_.data(), g, c, k);
+    // skew_symmetrize is its own adjoint: dM = (dA - dA^T) / 2.
+    diff_skew_.resize(weight_.value.shape(), backend_->device());
+    be.skew_symmetrize(diff_weights_.data(), diff_skew_.data(), g, c, k);
+    be.axpby(1.0f, diff_skew_.data(), 1.0f, weight_.grad.data(), weight_.grad.numel());
+  }
 
   // dL/dx: out of the conv layout, drop the padded channels, undo the pixel-unshuffle.
   diff_input.resize(input_shape_, backend_->device());

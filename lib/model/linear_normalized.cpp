@@ -116,6 +116,13 @@ void LinearNormalized::backward(const Tensor& diff_output, Tensor& diff_input) {
       dx[f] = static_cast<float>(acc);
     }
   }
+  if (parameter_gradients_) add_parameter_gradients(n);
+
+  diff_input.resize(input_shape_);
+  backend_->from_host(host_dx_.data(), diff_input.data(), diff_input.numel());
+}
+
+void LinearNormalized::add_parameter_gradients(int64_t n) {
   // dW_i = (g_i - q_i (q_i . g_i)) / r_i,  g_i = sum_n dy_ni x_n;  db_i = sum_n dy_ni.
   std::vector<float> dbias(static_cast<size_t>(classes_));
 #pragma omp parallel for schedule(static) if (n * classes_ * features_ > 262144)
@@ -146,9 +153,6 @@ void LinearNormalized::backward(const Tensor& diff_output, Tensor& diff_input) {
   backend_->axpby(1.0f, staged_w_.data(), 1.0f, weight_.grad.data(), staged_w_.numel());
   backend_->from_host(dbias.data(), staged_b_.data(), classes_);
   backend_->axpby(1.0f, staged_b_.data(), 1.0f, bias_.grad.data(), classes_);
-
-  diff_input.resize(input_shape_);
-  backend_->from_host(host_dx_.data(), diff_input.data(), diff_input.numel());
 }
 
 }  // namespace orthoconv

@@ -196,6 +196,12 @@ void LipConvnet::set_training(bool training) {
   head_->set_training(training);
 }
 
+void LipConvnet::set_parameter_gradients(bool enabled) {
+  parameter_gradients_ = enabled;
+  for (Block& block : blocks_) block.conv->set_parameter_gradients(enabled);
+  head_->set_parameter_gradients(enabled);
+}
+
 void LipConvnet::set_terms(int train_terms, int eval_terms) {
   require(train_terms > 0 && eval_terms > 0, "series terms must be positive, got ", train_terms, " (train) and ",
           eval_terms, " (eval)");
