@@ -52,6 +52,12 @@ Pass run(Layer& layer, bool evaluation, const Tensor& x, const Tensor& dy) {
   return p;
 }
 
+void check_same(const Pass& lean, const Pass& kept) {
+  CHECK(lean.output == kept.output);
+  CHECK(lean.diff_input == kept.diff_input);
+  CHECK(lean.grads == kept.grads);
+}
+
 struct Case {
   int64_t in, out, kernel, stride, groups;
   KeepChannels keep;
@@ -108,10 +114,7 @@ TEST_CASE("evaluation-mode forward and backward equal the kept-terms path bit fo
     SocConv layer(config), twin(config);  // the same layer twice: nothing left over from one pass to the other
     const Shape input{3, c.in, 8, 8};
     const Tensor x = random_tensor(input, 2), dy = random_tensor(layer.output_shape(input), 3);
-    const Pass kept = run(layer, false, x, dy), lean = run(twin, true, x, dy);
-    CHECK(lean.output == kept.output);
-    CHECK(lean.diff_input == kept.diff_input);
-    CHECK(lean.grads == kept.grads);
+    check_same(run(twin, true, x, dy), run(layer, false, x, dy));
   }
 
   GsSocConfig gs;
@@ -122,10 +125,7 @@ TEST_CASE("evaluation-mode forward and backward equal the kept-terms path bit fo
   GsSocConv layer(gs), twin(gs);
   const Shape input{2, 16, 8, 8};
   const Tensor x = random_tensor(input, 4), dy = random_tensor(layer.output_shape(input), 5);
-  const Pass kept = run(layer, false, x, dy), lean = run(twin, true, x, dy);
-  CHECK(lean.output == kept.output);
-  CHECK(lean.diff_input == kept.diff_input);
-  CHECK(lean.grads == kept.grads);
+  check_same(run(twin, true, x, dy), run(layer, false, x, dy));
 
   // A whole network: layers of different widths take turns in the shared buffers.
   ModelConfig m;
@@ -136,20 +136,17 @@ TEST_CASE("evaluation-mode forward and backward equal the kept-terms path bit fo
   m.power_schedule = PowerSchedule::hold();
   LipConvnet model(m), model_twin(m);
   const Tensor images = random_tensor(Shape{2, 3, 32, 32}, 6), diff_logits = random_tensor(Shape{2, 10}, 7);
-  auto model_pass = [&](LipConvnet& model, bool evaluation) {
-    model.set_training(!evaluation);
+  auto model_pass = [&](LipConvnet& net, bool evaluation) {
+    net.set_training(!evaluation);
     Tensor logits, diff_images;
-    model.forward(images, logits);
-    model.zero_grad();
-    model.backward(diff_logits, &diff_images);
+    net.forward(images, logits);
+    net.zero_grad();
+    net.backward(diff_logits, &diff_images);
     Pass p{logits.to_vector(), diff_images.to_vector(), {}};
-    for (const NamedParameter& q : model.parameters()) p.grads.push_back(q.parameter->grad.to_vector());
+    for (const NamedParameter& q : net.parameters()) p.grads.push_back(q.parameter->grad.to_vector());
     return p;
   };
-  const Pass model_kept = model_pass(model, false), model_lean = model_pass(model_twin, true);
-  CHECK(model_lean.output == model_kept.output);
-  CHECK(model_lean.diff_input == model_kept.diff_input);
-  CHECK(model_lean.grads == model_kept.grads);
+  check_same(model_pass(model_twin, true), model_pass(model, false));
 }
 
 TEST_CASE("without parameter gradients a backward gives the same input gradient and leaves every grad untouched",
