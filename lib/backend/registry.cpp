@@ -1,4 +1,4 @@
-// Which backend serves which device; ConvShape helpers.
+// Which backend serves which device; ConvShape and MatmulShape helpers.
 #include <sstream>
 
 #include "orthoconv/backend.hpp"
@@ -29,6 +29,20 @@ void ConvShape::validate() const {
   require(kernel > 0 && kernel % 2 == 1, "convolution kernel must be odd and positive, got ", kernel);
   require(groups > 0 && in_channels % groups == 0 && out_channels % groups == 0, "convolution groups (", groups,
           ") must divide in_channels (", in_channels, ") and out_channels (", out_channels, ")");
+}
+
+std::string MatmulShape::str() const {
+  std::ostringstream out;
+  out << "[batch " << batch << ", " << rows << "x" << inner << (transpose_a ? " (A^T)" : "") << " * " << inner
+      << "x" << cols << (transpose_b ? " (B^T)" : "") << ", strides " << stride_a << "/" << stride_b << "/"
+      << stride_c << "]";
+  return out.str();
+}
+
+void MatmulShape::validate() const {
+  require(batch > 0 && rows > 0 && cols > 0 && inner > 0, "matmul sizes must be positive, got ", str());
+  require(stride_a >= 0 && stride_b >= 0, "matmul strides of A and B must be >= 0, got ", str());
+  require(batch == 1 || stride_c >= rows * cols, "matmul: the C matrices of a batch must not overlap, got ", str());
 }
 
 std::shared_ptr<Backend> cpu_backend() {

@@ -11,6 +11,8 @@
 // bit for bit, and scaling keeps it), so the transposed convolution A_n^T h is the FORWARD convolution by A_n
 // with scale -1: the backward runs on the same forward primitive and weights, with -1/(j+1) as a post-op,
 // and dL/dx0 is one weighted sum of the K+1 terms.
+// 1x1 layers may take the matrix path instead (one convolution by the precomputed series matrix P):
+// lib/layers/soc_matrix.cpp, chosen per shape by its cost model (SocConfig::path).
 #include "orthoconv/soc_conv.hpp"
 
 #include <cmath>
@@ -36,6 +38,7 @@ void SocConfig::validate() const {
   require(update_every > 0, "SocConv update_every must be positive, got ", update_every);
   require(!correction || (*correction > 0.0f && std::isfinite(*correction)),
           "SocConv correction must be positive and finite, got ", correction.value_or(0.0f));
+  require(path != SocPath::matrix || kernel == 1, "SocConv path=matrix needs kernel 1, got kernel ", kernel);
   if (keep == KeepChannels::per_group)
     require(out_channels % groups == 0, "SocConv keep=per-group needs groups (", groups,
             ") to divide out_channels (", out_channels, ")");
@@ -114,7 +117,9 @@ std::string SocConv::describe() const {
   std::ostringstream out;
   out << "soc " << config_.in_channels << "->" << config_.out_channels << " k" << config_.kernel << " s"
       << config_.stride << " g" << config_.groups << " (series on " << config_.group_channels() * config_.groups
-      << " ch, terms " << config_.train_terms << "/" << config_.eval_terms << ")";
+      << " ch, terms " << config_.train_terms << "/" << config_.eval_terms;
+  if (config_.path != SocPath::automatic) out << ", path " << soc_path_name(config_.path);
+  out << ")";
   return out.str();
 }
 
@@ -207,6 +212,8 @@ void SocConv::forward(const Tensor& input, Tensor& output) {
 
   const int K = terms();
   forward_terms_ = K;
+  forward_path_ = path_for(input_shape_);
+  const bool matrix = forward_path_ == SocPath::matrix;
   const int64_t n = input_shape_[0], g = config_.groups, c = config_.group_channels();
   const ConvShape shape = series_shape(n);
   const int64_t plane = shape.height * shape.width, channels = shape.in_channels;
@@ -230,26 +237,32 @@ void SocConv::forward(const Tensor& input, Tensor& output) {
     be.copy_channels(x, unshuffled, staging_.data(), channels, n, plane, false);
     x = staging_.data();
   }
-  series_.resize(Shape{(K + 1) * buffer_size_}, backend_->device());
+  // Series: slot K holds x0, slot s the Horner term p_{s+1}. Matrix: slot 1 holds x0, slot 0 y.
+  const int x0_slot = matrix ? 1 : K;
+  series_.resize(Shape{(x0_slot + 1) * buffer_size_}, backend_->device());
   auto slot = [&](int s) { return series_.data() + s * buffer_size_; };
-  be.to_conv_layout(shape, x, slot(K));
+  be.to_conv_layout(shape, x, slot(x0_slot));
 
-  // Slot 0 of weights_forward_ holds A_n in the conv layout (the backward uses it too). Where the filter is
-  // small next to the activations (the wide early layers), slots 1..K hold A_n / j and the Horner steps only
-  // add x0; elsewhere the 1/j is a post-op scale (with both post-ops oneDNN's kernels slow down at few channels,
-  // up to 2.7x at 32 channels; copying a 9.4 MB filter K times would cost more at 512).
-  const int64_t wsize = be.conv_weights_size(shape, ConvPass::forward);
-  const bool scaled_copies = K * wsize <= buffer_size_;
-  weights_forward_.resize(Shape{(scaled_copies ? K + 1 : 1) * wsize}, backend_->device());
-  float* w = weights_forward_.data();
-  be.weights_to_conv_layout(shape, ConvPass::forward, scaled_.data(), w);
-  if (scaled_copies)
-    for (int j = 2; j <= K; ++j) be.axpby(1.0f / static_cast<float>(j), w, 0.0f, w + j * wsize, wsize);
-  for (int j = K; j >= 1; --j) {
+  if (matrix) {
+    matrix_forward(shape, slot(1), slot(0));
+  } else {
+    // Slot 0 of weights_forward_ holds A_n in the conv layout (the backward uses it too). Where the filter is
+    // small next to the activations (the wide early layers), slots 1..K hold A_n / j and the Horner steps only
+    // add x0; elsewhere the 1/j is a post-op scale (with both post-ops oneDNN's kernels slow down at few
+    // channels, up to 2.7x at 32 channels; copying a 9.4 MB filter K times would cost more at 512).
+    const int64_t wsize = be.conv_weights_size(shape, ConvPass::forward);
+    const bool scaled_copies = K * wsize <= buffer_size_;
+    weights_forward_.resize(Shape{(scaled_copies ? K + 1 : 1) * wsize}, backend_->device());
+    float* w = weights_forward_.data();
+    be.weights_to_conv_layout(shape, ConvPass::forward, scaled_.data(), w);
     if (scaled_copies)
-      be.conv_forward_scaled(shape, slot(j), j == 1 ? w : w + j * wsize, 1.0f, slot(K), slot(j - 1));
-    else
-      be.conv_forward_scaled(shape, slot(j), w, 1.0f / static_cast<float>(j), slot(K), slot(j - 1));
+      for (int j = 2; j <= K; ++j) be.axpby(1.0f / static_cast<float>(j), w, 0.0f, w + j * wsize, wsize);
+    for (int j = K; j >= 1; --j) {
+      if (scaled_copies)
+        be.conv_forward_scaled(shape, slot(j), j == 1 ? w : w + j * wsize, 1.0f, slot(K), slot(j - 1));
+      else
+        be.conv_forward_scaled(shape, slot(j), w, 1.0f / static_cast<float>(j), slot(K), slot(j - 1));
+    }
   }
 
   output.resize(out_shape, backend_->device());
@@ -288,30 +301,36 @@ void SocConv::backward(const Tensor& diff_output, Tensor& diff_input) {
       be.copy_channels(dy, config_.out_channels / g, staging_.data(), c, n * g, plane, false);
     expanded = staging_.data();
   }
-  diff_series_.resize(Shape{(K + 2) * buffer_size_}, backend_->device());
+  // Series: slot j-1 holds h_j, slot K+1 dL/dx0. Matrix: slot 0 holds h = dL/dy, slot 1 dL/dx0.
+  const bool matrix = forward_path_ == SocPath::matrix;
+  diff_series_.resize(Shape{(matrix ? 2 : K + 2) * buffer_size_}, backend_->device());
   auto dslot = [&](int s) { return diff_series_.data() + s * buffer_size_; };
-  float* dx0 = dslot(K + 1);
+  float* dx0 = dslot(matrix ? 1 : K + 1);
   be.to_conv_layout(shape, expanded, dslot(0));
-
-  // h_{j+1} = A_n^T h_j / (j+1) = -(A_n h_j) / (j+1), on the forward weights of this step.
-  const float* w = weights_forward_.data();
-  for (int j = 1; j < K; ++j)
-    be.conv_forward_scaled(shape, dslot(j - 1), w, -1.0f / static_cast<float>(j + 1), nullptr, dslot(j));
-  // dL/dx0 = sum_j j h_j + A_n^T h_K: the last product into slot K, then the sum in one pass.
-  be.conv_forward_scaled(shape, dslot(K - 1), w, -1.0f, nullptr, dslot(K));
-  std::vector<const float*> sources(static_cast<size_t>(K + 1));
-  std::vector<float> weights(static_cast<size_t>(K + 1));
-  for (int j = 1; j <= K + 1; ++j) {
-    sources[static_cast<size_t>(j - 1)] = dslot(j - 1);
-    weights[static_cast<size_t>(j - 1)] = j <= K ? static_cast<float>(j) : 1.0f;
-  }
-  be.weighted_sum(sources.data(), weights.data(), K + 1, dx0, buffer_size_);
-
-  // dL/dA_n in one call over the K stored (p_{j+1}, h_j) pairs.
-  ConvShape stacked = shape;
-  stacked.batch = K * n;
   diff_weights_.resize(weight_.value.shape(), backend_->device());
-  be.conv_backward_weights(stacked, series_.data() + buffer_size_, dslot(0), diff_weights_.data());
+
+  if (matrix) {
+    matrix_backward(shape, dslot(0), dx0);
+  } else {
+    // h_{j+1} = A_n^T h_j / (j+1) = -(A_n h_j) / (j+1), on the forward weights of this step.
+    const float* w = weights_forward_.data();
+    for (int j = 1; j < K; ++j)
+      be.conv_forward_scaled(shape, dslot(j - 1), w, -1.0f / static_cast<float>(j + 1), nullptr, dslot(j));
+    // dL/dx0 = sum_j j h_j + A_n^T h_K: the last product into slot K, then the sum in one pass.
+    be.conv_forward_scaled(shape, dslot(K - 1), w, -1.0f, nullptr, dslot(K));
+    std::vector<const float*> sources(static_cast<size_t>(K + 1));
+    std::vector<float> weights(static_cast<size_t>(K + 1));
+    for (int j = 1; j <= K + 1; ++j) {
+      sources[static_cast<size_t>(j - 1)] = dslot(j - 1);
+      weights[static_cast<size_t>(j - 1)] = j <= K ? static_cast<float>(j) : 1.0f;
+    }
+    be.weighted_sum(sources.data(), weights.data(), K + 1, dx0, buffer_size_);
+
+    // dL/dA_n in one call over the K stored (p_{j+1}, h_j) pairs.
+    ConvShape stacked = shape;
+    stacked.batch = K * n;
+    be.conv_backward_weights(stacked, series_.data() + buffer_size_, dslot(0), diff_weights_.data());
+  }
 
   // Through A_n = correction * A / sigma(A) (u, v fixed), then A = (M - M^T) / 2.
   const int64_t group_size = c * c * k * k;
