@@ -15,11 +15,17 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <fstream>
 #include <limits>
 #include <map>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
+#include "cli_helpers.hpp"
 #include "orthoconv/model.hpp"
+#include "orthoconv/model_state.hpp"
+#include "orthoconv/network_bound.hpp"
 #include "reference.hpp"
 
 using namespace orthoconv;
@@ -307,5 +313,83 @@ TEST_CASE("cost model picks the matrix path for LipConvnet-15's GS-SOC second st
     }
     // LipConvnet-15 GS-SOC (4,1): 14 second stages below 1024 channels, in both modes.
     CHECK(matrix_layers == (conv == "gs-soc" ? 28 : 0));
+  }
+}
+
+TEST_CASE("a checkpoint trained before the matrix path certifies to the same numbers on every path (real CIFAR-100)",
+          "[soc][matrix][checkpoint]") {
+  // tests/data/pre-matrix-path: a LipConvnet-5 GS-SOC (4,1) trained and certified by the code before the matrix
+  // path (commit 128c48e; how, in its README). Certified here again, as `orthoconv certify` does, with the 1x1
+  // layers on the cost model's choice, all on the series and all on the matrix path.
+  const std::string dir = orthoconv::testing::real_data_dir();
+  if (dir.empty()) {
+    WARN("real CIFAR-100 not found (set ORTHOCONV_DATA): skipped");
+    return;
+  }
+  const std::string fixture = std::string(ORTHOCONV_SOURCE_DIR) + "/tests/data/pre-matrix-path/";
+  const std::string file = fixture + "last.safetensors";
+  std::ifstream json_file(fixture + "certify.json");
+  REQUIRE(json_file.good());
+  const nlohmann::json before = nlohmann::json::parse(json_file);
+  const Checkpoint checkpoint = load_checkpoint(file);
+  ModelConfig config = model_config_from_checkpoint(checkpoint, file);
+  const Normalization norm = normalization_from_checkpoint(checkpoint, file);
+  config.init_iterations = 0;
+  LipConvnet model(config);
+  read_model_state(checkpoint, file, model);
+  model.set_training(false);
+  REQUIRE(config.architecture() == before["architecture"].get<std::string>());
+
+  const CifarSplit test = load_cifar100(dir, "test");
+  const int64_t count = before["images"].get<int64_t>();
+  std::vector<int64_t> indices(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i) indices[static_cast<size_t>(i)] = i;
+  const std::vector<int> eps{36, 72, 108};
+  const NetworkBound bound = verify_network(model, config.eval_terms, Precision::float64, norm);
+  REQUIRE(bound.lipschitz == before["verified"]["lipschitz"].get<double>());
+
+  for (SocPath path : {SocPath::automatic, SocPath::series, SocPath::matrix}) {
+    INFO("1x1 path " << soc_path_name(path));
+    int one_by_one = 0, on_matrix = 0;
+    for (NamedSoc& s : model.soc_layers())
+      if (s.soc->config().kernel == 1) s.soc->set_path(path);
+    // Batches of 100, as certify.json was made: under auto the 128-channel layers (the last second stage and the
+    // head, 100 pixels) then take the series path, the other second stages and the stride-2 1x1 layer's 64-channel
+    // groups the matrix path.
+    const VerifiedEvaluation v = evaluate_verified(model, bound, test, indices, norm, eps, 100);
+    for (NamedSoc& s : model.soc_layers())
+      if (s.soc->config().kernel == 1) {
+        ++one_by_one;
+        on_matrix += s.soc->last_path() == SocPath::matrix;
+      }
+    if (path == SocPath::automatic) CHECK((on_matrix > 0 && on_matrix < one_by_one));  // both paths in one model
+    if (path == SocPath::matrix) CHECK(on_matrix == one_by_one);
+    if (path == SocPath::series) CHECK(on_matrix == 0);
+
+    // Counts: exactly as before (the fractions are count / images, computed the same way).
+    CHECK(v.nominal.clean_accuracy() == before["clean_accuracy"].get<double>());
+    CHECK(v.verified.clean_accuracy() == before["verified"]["clean_accuracy"].get<double>());
+    for (int e : eps) {
+      const std::string key = std::to_string(e);
+      CHECK(v.nominal.certified_accuracy(e) == before["certified_accuracy"][key].get<double>());
+      CHECK(v.lipschitz.certified_accuracy(e) ==
+            before["verified"]["certified_accuracy_lipschitz_only"][key].get<double>());
+      CHECK(v.verified.certified_accuracy(e) == before["verified"]["certified_accuracy"][key].get<double>());
+    }
+    // Radii: the float64 pass does not depend on the path (bit for bit). The float32 logits of either run are
+    // within its largest |float32 - float64| deviation d of the same float64 logits, so a margin moves by at most
+    // 2 (d_before + d_now) and a radius by that over sqrt(2) L_in (L L_in for the verified-L column).
+    CHECK(v.verified.mean_radius() == before["verified"]["mean_radius"].get<double>());
+    double deviation = 0.0;
+    for (double d : v.logit_deviation) deviation = std::max(deviation, d);
+    const double margin_shift =
+        2.0 * (deviation + before["verified"]["max_float32_logit_deviation"].get<double>());
+    INFO("largest float32 logit deviation now " << deviation << ", margin shift allowed " << margin_shift);
+    CHECK(deviation < 1e-4);
+    const double l_in = norm.lipschitz();
+    CHECK(std::abs(v.nominal.mean_radius() - before["mean_radius"].get<double>()) <=
+          margin_shift / (std::sqrt(2.0) * l_in));
+    CHECK(std::abs(v.lipschitz.mean_radius() - before["verified"]["mean_radius_lipschitz_only"].get<double>()) <=
+          margin_shift / (std::sqrt(2.0) * l_in * bound.lipschitz));
   }
 }
