@@ -48,7 +48,7 @@ std::string soc_path_name(SocPath path);
 // filter's skew, power iteration, scale and sigma gradient) is left out. time() weighs the bytes at
 // kMacsPerByte multiply-adds each; the matrix path is chosen when its time is not larger. In multiply-adds
 // alone the two paths cross exactly at N*H*W = C; the bytes (the series streams the activations 3 times per
-// term) move the crossover to N*H*W ~ 0.9 C.
+// term) move the crossover a little below: N*H*W = 0.88 C (C = 32) to 0.98 C (C = 512) in evaluation.
 struct SocPathCost {
   static constexpr double kMacsPerByte = 4.0;  // a machine balance: ~100 GMAC/s against ~25 GB/s
   double series_macs = 0.0, series_bytes = 0.0;
@@ -150,8 +150,9 @@ class SocConv : public Layer {
   // matrix path (soc_matrix.cpp): the transposed Horner partial products T_j = Q_j^T and the adjoints H'_j
   Tensor horner_;                 // [g, K-1, C, C] T_2..T_K
   Tensor transposed_;             // [g, C, C] T_1 = P^T
+  Tensor series_matrix_;          // [g, C, C] P
   Tensor adjoint_;                // [g, max(K-1, 1), C, C] H'_1..H'_{K-1}
-  Tensor matrix_weights_;         // P^T in the backward-data, then the forward conv layout
+  Tensor matrix_weights_;         // P, then P^T, in the forward conv layout
   Shape input_shape_;
   SocPath forward_path_ = SocPath::series;
   int forward_terms_ = 0;

@@ -8,8 +8,7 @@
 // T_j = Q_j^T = I + (A_n^T / j) T_{j+1} (A_n and Q_{j+1} commute) directly, with A_n^T as a transpose flag:
 //   T_K = I + A_n^T / K, then T_j = I + (1/j) A_n^T T_{j+1} for j = K-1..1: one matmul each (the identity is the
 //   matmul's shift), K-1 products in all; T_1 = P^T.
-// Forward: y = P x0 is the TRANSPOSED convolution by P^T (conv_backward_data with weights T_1: for a 1x1 filter W,
-//   conv^T(d)[i] = sum_o W[o, i] d[o]), one call.
+// Forward: P = T_1^T (a transposed copy: matmul without B), then y = P x0, one convolution.
 // Backward, with h = dL/dy:
 //   dL/dx0 = P^T h: the convolution by T_1 (conv_forward), one call;
 //   dL/dP^T = sum over pixels x0 h^T: one backward-weights call with the roles of src and diff_dst swapped
@@ -29,16 +28,19 @@
 //   series backward  2K u MACs; K (2a + m) for the K transposed convolutions, (K+2) a for the weighted sum of
 //                    the terms, 2K a + m for the backward-weights call over the K stored terms.
 //   matrix forward   (K-1) g C^3 + u MACs; 2m for T_K, 3m per Horner product (A, T_{j+1}, T_j), 2m for the
-//                    filter reorder, 2a + m for the convolution: (3K + 2) m + 2a.
+//                    transposed copy P, 2m for the filter reorder, 2a + m for the convolution: (3K + 4) m + 2a.
 //   matrix backward  2(K-1) g C^3 + 2u MACs; 2m reorder, 2 (2a + m) for the convolution and backward-weights,
 //                    (2m copying dL/dP^T into the stack when g > 1), 3m per product of the H' chain and H_K
 //                    (K-1 of them), 2Km for the stacked product: 4a + (5K + 1) m.
 // In multiply-adds the matrix path is cheaper exactly when C < N*H*W (forward and training alike: the K-1 saved
 // convolutions cost C/(N*H*W) as much as products). At N*H*W = C they tie and the bytes decide: the series path
-// streams the activations three times per term, so the matrix path is chosen there and down to N*H*W ~ 0.86 C
-// (C = 32) to 0.98 C (C = 512) in evaluation. LipConvnet-15 at batch 128: the GS-SOC second stage at widths 32 to
-// 512 (N*H*W / C = 4096 .. 1) takes the matrix path; the 2048-channel stride-2 layer (C = 512 per group or 1024
-// in its second stage, N*H*W = 128) and the head (C = 1024) take the series path.
+// streams the activations three times per term, so the matrix path is chosen there and down to
+//   evaluation (K = 12): N*H*W = 0.88 C at C = 32, 0.94 C at 128, 0.98 C at 512, 0.99 C at 1024;
+//   training (K = 5):    N*H*W = 0.95 C at C = 32, 0.98 C at 128, 0.99 C at 512 and above.
+// LipConvnet-15 at batch 128: the GS-SOC second stage at widths 32 to 512 (N*H*W / C = 4096 down to 1) takes the
+// matrix path; the 2048-channel stride-2 layer (C = 512 per group, or 1024 in its second stage, N*H*W = 128) and
+// the head (C = 1024) take the series path. Measured (docs/performance.md): at N*H*W = C (512 channels, 2 x 2)
+// the two paths run within a few percent of each other, as the model says.
 #include <string>
 
 #include "orthoconv/soc_conv.hpp"
@@ -73,7 +75,7 @@ SocPathCost soc_path_cost(int64_t groups, int64_t channels, int64_t pixels, int 
   cost.series_macs = k * conv;
   cost.series_bytes = k * (3.0 * act + filter);
   cost.matrix_macs = (k - 1.0) * product + conv;
-  cost.matrix_bytes = (3.0 * k + 2.0) * filter + 2.0 * act;
+  cost.matrix_bytes = (3.0 * k + 4.0) * filter + 2.0 * act;
   if (training) {
     cost.series_macs += 2.0 * k * conv;
     cost.series_bytes += (5.0 * k + 2.0) * act + (k + 1.0) * filter;
@@ -108,6 +110,7 @@ void SocConv::matrix_forward(const ConvShape& shape, const float* x0, float* y) 
   const int64_t slots = K - 1;
   if (slots > 0) horner_.resize(Shape{g, slots, c, c}, backend_->device());
   transposed_.resize(Shape{g, c, c}, backend_->device());
+  series_matrix_.resize(Shape{g, c, c}, backend_->device());
   auto target = [&](int j) { return j == 1 ? transposed_.data() : horner_.data() + (j - 2) * cc; };
 
   MatmulShape s;
@@ -122,11 +125,13 @@ void SocConv::matrix_forward(const ConvShape& shape, const float* x0, float* y) 
               target(j));
   }
 
-  const int64_t backward_size = be.conv_weights_size(shape, ConvPass::backward_data);
-  matrix_weights_.resize(Shape{backward_size + be.conv_weights_size(shape, ConvPass::forward)},
-                         backend_->device());
-  be.weights_to_conv_layout(shape, ConvPass::backward_data, transposed_.data(), matrix_weights_.data());
-  be.conv_backward_data(shape, x0, matrix_weights_.data(), y);
+  // P = T_1^T, then y = P x0.
+  s.stride_a = s.stride_c = cc;
+  be.matmul(s, 1.0f, transposed_.data(), nullptr, 0.0f, 0.0f, series_matrix_.data());
+  const int64_t wsize = be.conv_weights_size(shape, ConvPass::forward);
+  matrix_weights_.resize(Shape{2 * wsize}, backend_->device());
+  be.weights_to_conv_layout(shape, ConvPass::forward, series_matrix_.data(), matrix_weights_.data());
+  be.conv_forward(shape, x0, matrix_weights_.data(), y, false);
 }
 
 void SocConv::matrix_backward(const ConvShape& shape, const float* h, float* dx0) {
@@ -137,9 +142,9 @@ void SocConv::matrix_backward(const ConvShape& shape, const float* h, float* dx0
   const float* x0 = series_.data() + buffer_size_;
 
   // dL/dx0 = P^T h: the convolution by T_1.
-  float* forward_weights = matrix_weights_.data() + be.conv_weights_size(shape, ConvPass::backward_data);
-  be.weights_to_conv_layout(shape, ConvPass::forward, transposed_.data(), forward_weights);
-  be.conv_forward(shape, h, forward_weights, dx0, false);
+  float* transposed_weights = matrix_weights_.data() + be.conv_weights_size(shape, ConvPass::forward);
+  be.weights_to_conv_layout(shape, ConvPass::forward, transposed_.data(), transposed_weights);
+  be.conv_forward(shape, h, transposed_weights, dx0, false);
 
   // H'_1 = dL/dP^T = sum x0 h^T (backward-weights with src = h, diff_dst = x0), into slot 0 of each group's
   // stack (written in place when there is one group, else through diff_weights_).
