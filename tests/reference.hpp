@@ -64,6 +64,9 @@ struct MatmulDims {
   int64_t batch = 1, rows = 1, cols = 1, inner = 1;
   bool transpose_a = false, transpose_b = false;
   int64_t stride_a = 0, stride_b = 0, stride_c = 0;
+  MatmulShape shape() const {  // the same product for Backend::matmul
+    return {batch, rows, cols, inner, transpose_a, transpose_b, stride_a, stride_b, stride_c};
+  }
 };
 void matmul(const MatmulDims& dims, double alpha, const Vec& a, const Vec& b, double beta, double shift, Vec& c);
 

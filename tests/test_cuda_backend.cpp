@@ -449,16 +449,8 @@ TEST_CASE("GPU matmul (cuBLAS) matches the CPU (oneDNN sgemm): transposes, strid
                         Case{3, 5, 7, 6, false, true, false, -0.5f, 0.5f, 0.0f},
                         Case{2, 40, 40, 40, true, false, true, 0.5f, 0.0f, 1.0f},
                         Case{1, 512, 512, 1536, true, false, false, 1.0f, 1.0f, 0.0f}}) {
-    MatmulShape s;
-    s.batch = c.batch;
-    s.rows = c.rows;
-    s.cols = c.cols;
-    s.inner = c.inner;
-    s.transpose_a = c.ta;
-    s.transpose_b = c.tb;
-    s.stride_a = c.rows * c.inner;
-    s.stride_b = c.inner * c.cols;
-    s.stride_c = c.rows * c.cols;
+    const MatmulShape s = ref::MatmulDims{c.batch, c.rows, c.cols, c.inner, c.ta, c.tb, c.rows * c.inner,
+                                          c.inner * c.cols, c.rows * c.cols}.shape();
     INFO("matmul " << s.str() << (c.no_b ? ", B = I" : ""));
     auto a = random_floats(static_cast<size_t>(c.batch * s.stride_a), 81);
     auto b = random_floats(static_cast<size_t>(c.batch * s.stride_b), 82);

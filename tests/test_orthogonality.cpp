@@ -165,8 +165,10 @@ TEST_CASE("GsSocConv with stride 2 or truncation: isometric when c_out = 4 c_in,
 TEST_CASE("GsSocConv (4,1) and 1x1 SocConvs on the matrix path are orthogonal: singular values 1 +- 1e-5",
           "[gs-soc][matrix][orthogonality]") {
   for (int64_t channels : {16, 32}) {
-    GsSocConv layer(gs(channels, channels, 4, 1, false, 1, 40 + static_cast<uint64_t>(channels)));
-    layer.second()->set_path(SocPath::matrix);
+    GsSocConfig config = gs(channels, channels, 4, 1, false, 1, 40 + static_cast<uint64_t>(channels));
+    config.base.path = SocPath::matrix;  // for the 1x1 stage; the 3x3 one takes the series
+    GsSocConv layer(config);
+    REQUIRE(layer.second()->config().path == SocPath::matrix);
     check_isometry(layer, Shape{1, channels, 4, 4});
     CHECK(layer.second()->last_path() == SocPath::matrix);
   }

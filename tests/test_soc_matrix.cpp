@@ -67,16 +67,16 @@ TEST_CASE("Backend::matmul matches the double reference: transposes, batch strid
       {1, 96, 96, 96, false, false, false, 0, 0, 0, 1.0f, 1.0f, 1.0f}};
   uint64_t seed = 300;
   for (const Case& c : cases) {
-    MatmulShape s;
-    s.batch = c.batch;
-    s.rows = c.rows;
-    s.cols = c.cols;
-    s.inner = c.inner;
-    s.transpose_a = c.ta;
-    s.transpose_b = c.tb;
-    s.stride_a = c.stride_a < 0 ? 0 : c.stride_a > 0 ? c.stride_a : c.rows * c.inner;
-    s.stride_b = c.stride_b > 0 ? c.stride_b : c.inner * c.cols;
-    s.stride_c = c.stride_c > 0 ? c.stride_c : c.rows * c.cols;
+    const ref::MatmulDims d{c.batch,
+                            c.rows,
+                            c.cols,
+                            c.inner,
+                            c.ta,
+                            c.tb,
+                            c.stride_a < 0 ? 0 : c.stride_a > 0 ? c.stride_a : c.rows * c.inner,
+                            c.stride_b > 0 ? c.stride_b : c.inner * c.cols,
+                            c.stride_c > 0 ? c.stride_c : c.rows * c.cols};
+    const MatmulShape s = d.shape();
     INFO("matmul " << s.str() << (c.no_b ? ", B = I" : "") << ", alpha " << c.alpha << ", beta " << c.beta
                    << ", shift " << c.shift);
     const Vec a = quantized(static_cast<size_t>(s.stride_a * (c.batch - 1) + c.rows * c.inner), ++seed);
@@ -86,8 +86,6 @@ TEST_CASE("Backend::matmul matches the double reference: transposes, batch strid
     // beta == 0 must not read C: NaN there stays out of the result (the gaps between strided C matrices keep it).
     if (c.beta == 0.0f) std::fill(out.begin(), out.end(), std::numeric_limits<float>::quiet_NaN());
     const std::vector<float> untouched = out;
-    ref::MatmulDims d{s.batch, s.rows, s.cols, s.inner, s.transpose_a, s.transpose_b, s.stride_a, s.stride_b,
-                      s.stride_c};
     ref::matmul(d, c.alpha, a, b, c.beta, c.shift, expected);
     const std::vector<float> af = ref::to_float(a), bf = ref::to_float(b);
     backend->matmul(s, c.alpha, af.data(), c.no_b ? nullptr : bf.data(), c.beta, c.shift, out.data());
