@@ -45,8 +45,8 @@ std::string soc_path_name(SocPath path);
 // multiply-adds and the bytes moved by what differs between the two paths of one 1x1 SocConv for one forward
 // pass (and its backward, in training), with `groups` groups of `channels` (C) channels over `pixels` = N*H*W
 // (after the pixel-unshuffle) and `terms` series terms. Shared work (layout reorders, channel copies, bias, the
-// filter's skew, power iteration, scale and sigma gradient) is left out. time() weighs the bytes at
-// kMacsPerByte multiply-adds each; the matrix path is chosen when its time is not larger. In multiply-adds
+// filter's skew, power iteration, scale and sigma gradient) is left out. series_time() and matrix_time() weigh
+// the bytes at kMacsPerByte multiply-adds each; the matrix path is chosen when its time is not larger. In multiply-adds
 // alone the two paths cross exactly at N*H*W = C; the bytes (the series streams the activations 3 times per
 // term) move the crossover a little below: N*H*W = 0.88 C (C = 32) to 0.98 C (C = 512) in evaluation.
 struct SocPathCost {
