@@ -11,6 +11,10 @@
 // FLOPs forward, and as much again for its backward-data and for its share of the batched backward-weights.
 // Everything else a layer does (layout reorders, Horner's additions, the power iteration, the filter's
 // skew-symmetrization and scaling, shuffles, bias) is time without FLOPs: it lowers the ratio.
+// Layers with a 1x1 SocConv (GS-SOC (4,1)'s second stage) run once per --paths entry (series, matrix, auto: the
+// cost model's choice; soc_conv.hpp), interleaved with everything else; the FLOPs stay those of the series, so
+// a faster path shows as a ratio above the series'. Per shape, the 1x1 stage's share of a (4,1) layer is
+// 1 - time(4,-) / time(4,1) for each path.
 //
 // On a machine shared with other jobs run it with OMP_WAIT_POLICY=passive: with OpenMP's default spinning waits
 // an oversubscribed machine turns every barrier into a wait for a descheduled thread, which penalizes layers
@@ -18,6 +22,7 @@
 //
 // `orthoconv bench train`: full training steps of a LipConvnet (apps/bench_train.cpp).
 #include <dlfcn.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <chrono>
@@ -45,11 +50,13 @@ struct LayerBenchOptions {
   int repeats = 7;
   int warmup = 2;
   int threads = 0;               // 0: the OpenMP default
+  std::string clock = "wall";    // wall | cpu (process CPU time)
   std::vector<int64_t> channels{32, 64, 128, 256, 512};
   std::vector<std::string> layers{"soc", "gs-soc(4,1)", "gs-soc(4,-)"};
   int train_terms = 5;
   int eval_terms = 12;
   uint64_t seed = 1;
+  std::vector<std::string> paths{"series", "auto"};
 };
 
 // The CLI does not link OpenMP itself; the library's runtime (loaded through liborthoconv and oneDNN) is found
@@ -65,6 +72,15 @@ int set_openmp_threads(int threads) {
 
 double now_ms() {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// CPU time of the whole process (all threads), in ms: on a machine shared with other jobs the wall time of a run
+// includes the neighbours' time slices, its CPU time (with OMP_WAIT_POLICY=passive) mostly does not.
+double cpu_ms() {
+  struct rusage usage {};
+  getrusage(RUSAGE_SELF, &usage);
+  return 1e3 * static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
+         1e-3 * static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec);
 }
 
 double median(std::vector<double> v) {
@@ -92,6 +108,8 @@ struct Timed {
 // The series convolutions of a layer: its ConvShapes (one per SOC stage).
 struct LayerCase {
   std::string name;
+  std::string path = "-";          // the 1x1 stage's path setting, "-" without a 1x1 stage
+  SocConv* one_by_one = nullptr;   // the 1x1 stage
   std::unique_ptr<Layer> layer;
   std::vector<ConvShape> series;   // one per SOC stage
   Tensor input, output, diff_output, diff_input;
@@ -103,9 +121,11 @@ struct LayerCase {
 };
 
 std::unique_ptr<LayerCase> make_case(const std::string& name, int64_t channels, int64_t size, int64_t batch,
-                                     int64_t groups_first, int64_t groups_second, const LayerBenchOptions& o) {
+                                     int64_t groups_first, int64_t groups_second, const LayerBenchOptions& o,
+                                     const std::string& path = "-") {
   auto c = std::make_unique<LayerCase>();
   c->name = name;
+  c->path = path;
   SocConfig base;
   base.in_channels = base.out_channels = channels;
   base.kernel = 3;
@@ -126,14 +146,17 @@ std::unique_ptr<LayerCase> make_case(const std::string& name, int64_t channels, 
     config.base = base;
     config.groups_first = groups_first;
     if (groups_second > 0) config.groups_second = groups_second;
-    c->layer = std::make_unique<GsSocConv>(config);
+    auto layer = std::make_unique<GsSocConv>(config);
     s.groups = groups_first;
     c->series.push_back(s);
     if (groups_second > 0) {
       s.kernel = 1;
       s.groups = groups_second;
       c->series.push_back(s);
+      c->one_by_one = layer->second();
+      c->one_by_one->set_path(parse_soc_path(path));
     }
+    c->layer = std::move(layer);
   }
   std::mt19937_64 rng(o.seed + 17);
   c->input = Tensor(Shape{batch, channels, size, size});
@@ -184,7 +207,9 @@ nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::Cp
     return std::find(o.layers.begin(), o.layers.end(), name) != o.layers.end();
   };
   if (wanted("soc")) cases.push_back(make_case("soc", channels, size, batch, 0, 0, o));
-  if (wanted("gs-soc(4,1)")) cases.push_back(make_case("gs-soc(4,1)", channels, size, batch, 4, 1, o));
+  if (wanted("gs-soc(4,1)"))
+    for (const std::string& path : o.paths)
+      cases.push_back(make_case("gs-soc(4,1)", channels, size, batch, 4, 1, o, path));
   if (wanted("gs-soc(4,-)")) cases.push_back(make_case("gs-soc(4,-)", channels, size, batch, 4, 0, o));
 
   std::vector<Timed> timed;
@@ -196,6 +221,7 @@ nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::Cp
                    }, {}});
   for (auto& c : cases) {
     LayerCase* lc = c.get();
+    if (lc->path != "-") lc->name += " " + lc->path;
     timed.push_back({lc->name + " forward", [lc] {
                        lc->layer->set_training(true);
                        steady_step(*lc->layer);
@@ -217,10 +243,11 @@ nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::Cp
   for (int r = 0; r < o.repeats; ++r)
     for (auto& t : timed) {
       be.synchronize();
-      double start = now_ms();
+      const bool wall = o.clock == "wall";
+      const double start = wall ? now_ms() : cpu_ms();
       t.run();
       be.synchronize();
-      t.ms.push_back(now_ms() - start);
+      t.ms.push_back((wall ? now_ms() : cpu_ms()) - start);
     }
   auto ms_of = [&](const std::string& name) {
     for (auto& t : timed)
@@ -243,7 +270,16 @@ nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::Cp
                                    {"train_gflops", plain_train_rate},
                                    {"implementation", cpu ? cpu->implementation(plain) : be.name()}}},
                         {"layers", nlohmann::json::array()}};
-  double soc_ms[3] = {0, 0, 0};
+  double soc_ms[3] = {0, 0, 0}, series_ms[3] = {0, 0, 0};
+  for (auto& c : cases)
+    if (c->path == "series") {
+      series_ms[0] = ms_of(c->name + " forward");
+      series_ms[1] = ms_of(c->name + " train");
+      series_ms[2] = ms_of(c->name + " eval");
+    }
+  double single_stage_train_ms = 0.0;  // GS-SOC (4,-): the (4,1) layer without its 1x1 stage
+  for (auto& c : cases)
+    if (c->name == "gs-soc(4,-)") single_stage_train_ms = ms_of("gs-soc(4,-) train");
   for (auto& c : cases) {
     const double conv_flops = 2.0 * c->series_macs();  // one series term over all stages
     const double fwd_flops = o.train_terms * conv_flops, train_flops = 3.0 * fwd_flops;
@@ -258,8 +294,27 @@ nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::Cp
     nlohmann::json impls = nlohmann::json::array();
     for (const auto& s : c->series)
       impls.push_back({{"shape", s.str()}, {"implementation", cpu ? cpu->implementation(s) : be.name()}});
+    // The path the 1x1 stage took in each mode (its last forward was the eval one; ask for training).
+    nlohmann::json taken = nullptr;
+    if (c->one_by_one) {
+      const Shape in{batch, channels, size, size};
+      c->one_by_one->set_training(true);
+      const std::string train_path = soc_path_name(c->one_by_one->path_for(in));
+      c->one_by_one->set_training(false);
+      taken = {{"train", train_path}, {"eval", soc_path_name(c->one_by_one->path_for(in))}};
+    }
+    nlohmann::json over_series = nullptr;
+    if (c->path != "-" && series_ms[1] > 0.0)
+      over_series = {{"forward", series_ms[0] / fwd_ms}, {"train", series_ms[1] / train_ms},
+                     {"eval_forward", series_ms[2] / eval_ms}};
+    nlohmann::json share = nullptr;
+    if (c->path != "-" && single_stage_train_ms > 0.0) share = 1.0 - single_stage_train_ms / train_ms;
     record["layers"].push_back(
         {{"layer", c->name},
+         {"path", c->path},
+         {"path_taken", taken},
+         {"speedup_over_series", over_series},
+         {"one_by_one_train_share", share},
          {"description", c->layer->describe()},
          {"forward_ms", fwd_ms},
          {"train_ms", train_ms},
@@ -273,26 +328,31 @@ nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::Cp
          {"forward_ratio", fwd_flops / fwd_ms * 1e-6 / plain_fwd_rate},
          {"train_ratio", train_flops / train_ms * 1e-6 / plain_train_rate},
          {"eval_forward_ratio", eval_flops / eval_ms * 1e-6 / plain_fwd_rate},
-         {"speedup_over_soc", {{"forward", soc_ms[0] / fwd_ms},
-                               {"train", soc_ms[1] / train_ms},
-                               {"eval_forward", soc_ms[2] / eval_ms}}},
+         {"speedup_over_soc", soc_ms[1] > 0.0 ? nlohmann::json{{"forward", soc_ms[0] / fwd_ms},
+                                                                {"train", soc_ms[1] / train_ms},
+                                                                {"eval_forward", soc_ms[2] / eval_ms}}
+                                              : nlohmann::json(nullptr)},
          {"series_convolutions", impls}});
   }
   return record;
 }
 
 void print_header(const nlohmann::json& out) {
-  std::printf("orthoconv bench layers: %s, %d OpenMP threads (OMP_WAIT_POLICY %s), batch %lld, median of %d "
+  std::printf("orthoconv bench layers: %s, %d OpenMP threads (OMP_WAIT_POLICY %s), batch %lld, median %s time of %d "
               "repeats after %d warm-up\n",
               out["backend"].get<std::string>().c_str(), out["threads"].get<int>(),
-              out["omp_wait_policy"].get<std::string>().c_str(),
-              (long long)out["batch"].get<int64_t>(), out["repeats"].get<int>(), out["warmup"].get<int>());
+              out["omp_wait_policy"].get<std::string>().c_str(), (long long)out["batch"].get<int64_t>(),
+              out["clock"].get<std::string>().c_str(), out["repeats"].get<int>(), out["warmup"].get<int>());
   std::printf("train = forward + backward, %d terms, 1 power iteration; eval = forward, %d terms.\n",
               out["train_terms"].get<int>(), out["eval_terms"].get<int>());
   std::printf("ratio = (series conv FLOP/s) / (plain 3x3 conv FLOP/s, same shape, same run); "
-              "xSOC = SOC time / layer time\n\n");
-  std::printf("%-13s %-12s %9s %7s %6s %9s %7s %6s %9s %7s %6s %6s %6s %6s\n", "shape", "layer", "fwd ms",
-              "GF/s", "ratio", "train ms", "GF/s", "ratio", "eval ms", "GF/s", "ratio", "xSOCf", "xSOCt", "xSOCe");
+              "xSOC = SOC time / layer time\n");
+  std::printf("1x1 paths (--paths): series, matrix, auto (=the cost model's choice in training/evaluation); "
+              "xSer = the same layer's series time / its time; 1x1% = the 1x1 stage's share of the (4,1) training "
+              "step, 1 - (4,-) / (4,1)\n\n");
+  std::printf("%-13s %-30s %9s %7s %6s %9s %7s %6s %9s %7s %6s %6s %6s %6s %6s %6s %6s %5s\n", "shape", "layer",
+              "fwd ms", "GF/s", "ratio", "train ms", "GF/s", "ratio", "eval ms", "GF/s", "ratio", "xSOCf", "xSOCt",
+              "xSOCe", "xSerf", "xSert", "xSere", "1x1%");
   std::fflush(stdout);
 }
 
@@ -301,17 +361,32 @@ void print_shape(const nlohmann::json& r) {
   std::snprintf(shape, sizeof shape, "%lldch %lldx%lld", (long long)r["channels"].get<int64_t>(),
                 (long long)r["size"].get<int64_t>(), (long long)r["size"].get<int64_t>());
   const auto& p = r["plain"];
-  std::printf("%-13s %-12s %9.2f %7.1f %6s %9.2f %7.1f %6s\n", shape, "plain conv", p["forward_ms"].get<double>(),
+  std::printf("%-13s %-30s %9.2f %7.1f %6s %9.2f %7.1f %6s\n", shape, "plain conv", p["forward_ms"].get<double>(),
               p["forward_gflops"].get<double>(), "1", p["train_ms"].get<double>(), p["train_gflops"].get<double>(),
               "1");
   for (const auto& l : r["layers"]) {
     const auto& s = l["speedup_over_soc"];
-    std::printf("%-13s %-12s %9.2f %7.1f %6.2f %9.2f %7.1f %6.2f %9.2f %7.1f %6.2f %6.2f %6.2f %6.2f\n", "",
-                l["layer"].get<std::string>().c_str(), l["forward_ms"].get<double>(),
-                l["forward_gflops"].get<double>(), l["forward_ratio"].get<double>(), l["train_ms"].get<double>(),
-                l["train_gflops"].get<double>(), l["train_ratio"].get<double>(), l["eval_forward_ms"].get<double>(),
-                l["eval_forward_gflops"].get<double>(), l["eval_forward_ratio"].get<double>(),
-                s["forward"].get<double>(), s["train"].get<double>(), s["eval_forward"].get<double>());
+    std::string name = l["layer"].get<std::string>();
+    if (!l["path_taken"].is_null() && l["path"] == "auto") {
+      const std::string train = l["path_taken"]["train"], eval = l["path_taken"]["eval"];
+      name += "=" + (train == eval ? train : train + "/" + eval);
+    }
+    char over[64] = "", share[16] = "", soc[32] = "      -      -      -";
+    if (!s.is_null())
+      std::snprintf(soc, sizeof soc, "%6.2f %6.2f %6.2f", s["forward"].get<double>(), s["train"].get<double>(),
+                    s["eval_forward"].get<double>());
+    if (!l["speedup_over_series"].is_null()) {
+      const auto& v = l["speedup_over_series"];
+      std::snprintf(over, sizeof over, " %6.2f %6.2f %6.2f", v["forward"].get<double>(), v["train"].get<double>(),
+                    v["eval_forward"].get<double>());
+    }
+    if (!l["one_by_one_train_share"].is_null())
+      std::snprintf(share, sizeof share, " %4.0f%%", 100.0 * l["one_by_one_train_share"].get<double>());
+    std::printf("%-13s %-30s %9.2f %7.1f %6.2f %9.2f %7.1f %6.2f %9.2f %7.1f %6.2f %s%s%s\n", "", name.c_str(),
+                l["forward_ms"].get<double>(), l["forward_gflops"].get<double>(), l["forward_ratio"].get<double>(),
+                l["train_ms"].get<double>(), l["train_gflops"].get<double>(), l["train_ratio"].get<double>(),
+                l["eval_forward_ms"].get<double>(), l["eval_forward_gflops"].get<double>(),
+                l["eval_forward_ratio"].get<double>(), soc, over, share);
   }
   std::fflush(stdout);
 }
@@ -344,10 +419,12 @@ int run_layer_bench(const LayerBenchOptions& o) {
                      {"threads", threads},
                      {"omp_wait_policy", wait_policy ? wait_policy : "default"},
                      {"batch", o.batch},
+                     {"clock", o.clock},
                      {"repeats", o.repeats},
                      {"warmup", o.warmup},
                      {"train_terms", o.train_terms},
                      {"eval_terms", o.eval_terms},
+                     {"paths", o.paths},
                      {"shapes", nlohmann::json::array()}};
   if (!o.json) print_header(out);
   for (int64_t c : o.channels) {
@@ -372,6 +449,10 @@ Runner setup_bench(CLI::App& app) {
   layers->add_option("--repeats", lo->repeats, "timed repeats (median reported)")->capture_default_str();
   layers->add_option("--warmup", lo->warmup, "untimed runs first")->capture_default_str();
   layers->add_option("--threads", lo->threads, "OpenMP threads (0: default)")->capture_default_str();
+  layers->add_option("--clock", lo->clock, "time measured: wall, or cpu (the process's CPU time: on a shared "
+                     "machine, with OMP_WAIT_POLICY=passive)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"wall", "cpu"}));
   layers->add_option("--channels", lo->channels, "shapes to run, by channel count (C x 1024/C x 1024/C)")
       ->capture_default_str();
   layers->add_option("--layers", lo->layers, "layers to run: soc, gs-soc(4,1), gs-soc(4,-)")
@@ -380,6 +461,9 @@ Runner setup_bench(CLI::App& app) {
   layers->add_option("--train-terms", lo->train_terms, "series terms in training mode")->capture_default_str();
   layers->add_option("--eval-terms", lo->eval_terms, "series terms in evaluation mode")->capture_default_str();
   layers->add_option("--seed", lo->seed, "random seed")->capture_default_str();
+  layers->add_option("--paths", lo->paths, "paths of the 1x1 stage to run side by side: series, matrix, auto")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"series", "matrix", "auto"}));
 
   auto to = std::make_shared<TrainBenchOptions>();
   auto* train = cmd->add_subcommand("train", "images/s of full LipConvnet training steps");
@@ -390,6 +474,10 @@ Runner setup_bench(CLI::App& app) {
   train->add_option("--steps", to->steps, "timed steps")->capture_default_str();
   train->add_option("--warmup", to->warmup, "untimed steps first")->capture_default_str();
   train->add_option("--device", to->device, "cpu or cuda")->capture_default_str();
+  train->add_option("--paths", to->paths, "paths of the 1x1 SocConvs to time side by side, step by step: series, "
+                    "matrix (every 1x1 layer), auto (the cost model's choice, as in training)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"series", "matrix", "auto"}));
   train->add_flag("--json", to->json, "print one JSON object");
 
   auto co = std::make_shared<TrainBenchOptions>();

@@ -1,5 +1,6 @@
 // `orthoconv bench train`: images/s of full LipConvnet training steps (forward, cross-entropy, backward, SGD
-// update) on random batches, and the process's peak resident memory (getrusage). No dataset needed.
+// update) on random batches, and the process's peak resident memory (getrusage). No dataset needed. With several
+// --paths the 1x1 SocConvs of the same model switch path before each step, the paths taking turns step by step.
 #include <sys/resource.h>
 
 #include <chrono>
@@ -38,11 +39,39 @@ ModelConfig bench_model_config(const TrainBenchOptions& o) {
   return config;
 }
 
+namespace {
+
+// Every 1x1 SocConv of the model takes `path` (the k x k ones stay on the series, their only path).
+void set_one_by_one_path(LipConvnet& model, SocPath path) {
+  for (NamedSoc& s : model.soc_layers())
+    if (s.soc->config().kernel == 1) s.soc->set_path(path);
+}
+
+struct PathTiming {
+  std::string name;
+  SocPath path;
+  std::vector<double> seconds, cpu_seconds;
+  int matrix_layers = 0, one_by_one_layers = 0;  // after its last step
+  double per_step() const {
+    double total = 0.0;
+    for (double t : seconds) total += t;
+    return total / static_cast<double>(seconds.size());
+  }
+  double cpu_per_step() const {
+    double total = 0.0;
+    for (double t : cpu_seconds) total += t;
+    return total / static_cast<double>(cpu_seconds.size());
+  }
+};
+
+}  // namespace
+
 int run_train_benchmark(const TrainBenchOptions& o) {
   require(o.batch > 0, "--batch must be positive, got ", o.batch);
   require(o.steps > 0 && o.warmup >= 0, "--steps must be positive and --warmup >= 0, got ", o.steps, " and ",
           o.warmup);
   require(o.device == "cpu" || o.device == "cuda", "--device must be cpu or cuda, got '", o.device, "'");
+  require(!o.paths.empty(), "--paths needs at least one of series, matrix, auto");
   const ModelConfig config = bench_model_config(o);
   const Device device = o.device == "cuda" ? Device::cuda : Device::cpu;
   LipConvnet model(config, backend_for(device));
@@ -67,23 +96,46 @@ int run_train_benchmark(const TrainBenchOptions& o) {
     return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
            1e-6 * static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec);
   };
-  for (int i = 0; i < o.warmup; ++i) step.run(images, labels, 0.01f, 0.9f, 5e-4f);
-  model.backend().synchronize();
-  std::vector<double> times;
-  const double cpu_start = cpu_seconds();
-  for (int i = 0; i < o.steps; ++i) {
-    const auto start = Clock::now();
+  std::vector<PathTiming> paths;
+  for (const std::string& name : o.paths) paths.push_back({name, parse_soc_path(name), {}, {}});
+  auto run_step = [&](PathTiming& p) {
+    set_one_by_one_path(model, p.path);
     step.run(images, labels, 0.01f, 0.9f, 5e-4f);
     model.backend().synchronize();
-    times.push_back(std::chrono::duration<double>(Clock::now() - start).count());
-  }
-  const double cpu_per_step = (cpu_seconds() - cpu_start) / static_cast<double>(o.steps);
-  double total = 0.0;
-  for (double t : times) total += t;
-  const double per_step = total / static_cast<double>(times.size());
-  const double ips = static_cast<double>(o.batch) / per_step;
+  };
+  // The same model takes every path in turn, step by step, so that all see the same machine.
+  for (PathTiming& p : paths)
+    for (int i = 0; i < o.warmup; ++i) run_step(p);
+  for (int i = 0; i < o.steps; ++i)
+    for (PathTiming& p : paths) {
+      const double cpu_start = cpu_seconds();
+      const auto start = Clock::now();
+      run_step(p);
+      p.seconds.push_back(std::chrono::duration<double>(Clock::now() - start).count());
+      p.cpu_seconds.push_back(cpu_seconds() - cpu_start);
+      p.matrix_layers = p.one_by_one_layers = 0;
+      for (NamedSoc& s : model.soc_layers())
+        if (s.soc->config().kernel == 1) {
+          ++p.one_by_one_layers;
+          p.matrix_layers += s.soc->last_path() == SocPath::matrix;
+        }
+    }
+  // The headline numbers: the path training takes (auto) when it was run, else the first.
+  const PathTiming* main = &paths.front();
+  for (const PathTiming& p : paths)
+    if (p.path == SocPath::automatic) main = &p;
+  const double reference = paths.front().per_step();
   const double rss_mb = static_cast<double>(peak_rss_bytes()) / (1024.0 * 1024.0);
   if (o.json) {
+    nlohmann::ordered_json per_path = nlohmann::json::array();
+    for (const PathTiming& p : paths)
+      per_path.push_back({{"path", p.name},
+                          {"seconds_per_step", p.per_step()},
+                          {"images_per_second", static_cast<double>(o.batch) / p.per_step()},
+                          {"cpu_seconds_per_step", p.cpu_per_step()},
+                          {"speedup_over_first", reference / p.per_step()},
+                          {"one_by_one_layers", p.one_by_one_layers},
+                          {"matrix_layers", p.matrix_layers}});
     nlohmann::ordered_json out{{"benchmark", "train"},
                                {"model", "LipConvnet-" + std::to_string(config.depth)},
                                {"conv", config.conv_label()},
@@ -93,17 +145,22 @@ int run_train_benchmark(const TrainBenchOptions& o) {
                                {"steps", o.steps},
                                {"warmup", o.warmup},
                                {"parameters", model.parameter_count()},
-                               {"seconds_per_step", per_step},
-                               {"images_per_second", ips},
-                               {"cpu_seconds_per_step", cpu_per_step},
-                               {"peak_rss_mb", rss_mb}};
+                               {"path", main->name},
+                               {"seconds_per_step", main->per_step()},
+                               {"images_per_second", static_cast<double>(o.batch) / main->per_step()},
+                               {"cpu_seconds_per_step", main->cpu_per_step()},
+                               {"peak_rss_mb", rss_mb},
+                               {"paths", per_path}};
     std::printf("%s\n", out.dump().c_str());
   } else {
-    std::printf("LipConvnet-%lld %s, batch %lld, %s, %d threads\n", static_cast<long long>(config.depth),
-                config.conv_label().c_str(), static_cast<long long>(o.batch), o.device.c_str(), thread_count());
-    std::printf("  %.3f s/step  %.1f images/s  (mean of %d steps after %d warmup)\n", per_step, ips, o.steps,
-                o.warmup);
-    std::printf("  %.3f CPU s/step (all threads)\n", cpu_per_step);
+    std::printf("LipConvnet-%lld %s, batch %lld, %s, %d threads; %d steps per path after %d warm-up, interleaved\n",
+                static_cast<long long>(config.depth), config.conv_label().c_str(), static_cast<long long>(o.batch),
+                o.device.c_str(), thread_count(), o.steps, o.warmup);
+    for (const PathTiming& p : paths)
+      std::printf("  1x1 path %-6s %.3f s/step  %.1f images/s  %.3f CPU s/step  x%.2f vs %s  (%d of %d 1x1 "
+                  "layers on the matrix path)\n",
+                  p.name.c_str(), p.per_step(), static_cast<double>(o.batch) / p.per_step(), p.cpu_per_step(),
+                  reference / p.per_step(), paths.front().name.c_str(), p.matrix_layers, p.one_by_one_layers);
     std::printf("  peak RSS %.0f MiB\n", rss_mb);
   }
   return 0;

@@ -1,9 +1,11 @@
 // `orthoconv bench train`: images/s of full LipConvnet training steps (forward, backward, SGD update) and peak
-// memory. Declared here so that apps/bench.cpp can dispatch to it; implemented in apps/bench_train.cpp.
+// memory, for each requested path of the 1x1 SocConvs. Declared here so that apps/bench.cpp can dispatch to it;
+// implemented in apps/bench_train.cpp.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "orthoconv/model.hpp"
 
@@ -17,6 +19,7 @@ struct TrainBenchOptions {
   int steps = 5;                   // timed steps
   int warmup = 1;                  // untimed steps first
   std::string device = "cpu";
+  std::vector<std::string> paths{"series", "auto"};  // 1x1 SocConv paths, timed side by side
   bool json = false;
 };
 

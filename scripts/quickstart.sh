@@ -47,7 +47,7 @@ say "CIFAR-100 at $data"
 say "4/5 measuring one training step of LipConvnet-15 GS-SOC (4,1), batch 128"
 # Measured on one thread as CPU time (on a busy machine wall time measures the neighbours), then divided by the
 # thread count with 10% for imperfect scaling: the step time on otherwise idle cores.
-bench="$(OMP_NUM_THREADS=1 "$cli" bench train --conv gs-soc --groups 4,1 --steps 1 --warmup 1 --json)"
+bench="$(OMP_NUM_THREADS=1 "$cli" bench train --conv gs-soc --groups 4,1 --paths auto --steps 1 --warmup 1 --json)"
 cpu_seconds="$(printf '%s' "$bench" | sed -n 's/.*"cpu_seconds_per_step":\([0-9.eE+-]*\).*/\1/p')"
 if [ -z "$cpu_seconds" ]; then
   say "error: could not read the step time from: $bench"

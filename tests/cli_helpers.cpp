@@ -5,9 +5,11 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
+#include <vector>
 
 namespace orthoconv::testing {
 
@@ -47,6 +49,22 @@ size_t line_count(const std::string& text) {
   for (char c : text) lines += c == '\n';
   if (!text.empty() && text.back() != '\n') ++lines;
   return lines;
+}
+
+std::string real_data_dir() {
+  namespace fs = std::filesystem;
+  std::vector<std::string> candidates;
+  if (const char* env = std::getenv("ORTHOCONV_DATA"); env != nullptr && *env != '\0') candidates.push_back(env);
+#ifdef ORTHOCONV_SOURCE_DIR
+  candidates.push_back(std::string(ORTHOCONV_SOURCE_DIR) + "/../shared/cifar100/cifar-100-binary");
+#endif
+  candidates.push_back("../shared/cifar100/cifar-100-binary");
+  for (const auto& dir : candidates) {
+    std::error_code ec;
+    if (fs::is_regular_file(fs::path(dir) / "train.bin", ec) && fs::is_regular_file(fs::path(dir) / "test.bin", ec))
+      return dir;
+  }
+  return "";
 }
 
 }  // namespace orthoconv::testing

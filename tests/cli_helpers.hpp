@@ -1,4 +1,4 @@
-// Helpers for tests that run the real `orthoconv` binary (or a script) or read files back.
+// Helpers for tests that run the real `orthoconv` binary (or a script), read files back or use the real dataset.
 #pragma once
 
 #include <cstddef>
@@ -20,5 +20,8 @@ CliResult run_command(const std::string& command_line);
 CliResult run_cli(const std::string& args);
 // Lines in `text` (a last line without '\n' counts).
 size_t line_count(const std::string& text);
+// The shared read-only copy of the real CIFAR-100 ($ORTHOCONV_DATA, else ../shared/cifar100/cifar-100-binary next
+// to the repository), or "" when this machine has none.
+std::string real_data_dir();
 
 }  // namespace orthoconv::testing

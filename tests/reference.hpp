@@ -57,6 +57,19 @@ Vec conv_backward_data(const ConvDims& dims, const Vec& diff_output, const Vec& 
 // The adjoint in the weights: dw = gradient of <dy, conv(x, w)> in w.
 Vec conv_backward_weights(const ConvDims& dims, const Vec& input, const Vec& diff_output);
 
+// ---- small matrices ----
+// Backend::matmul's contract: for b < batch, C_b = alpha op(A_b) op(B_b) + beta C_b + shift I on row-major
+// matrices at pointer + b * stride; b empty: op(B_b) = I. `c` is updated in place (beta == 0 ignores its values).
+struct MatmulDims {
+  int64_t batch = 1, rows = 1, cols = 1, inner = 1;
+  bool transpose_a = false, transpose_b = false;
+  int64_t stride_a = 0, stride_b = 0, stride_c = 0;
+  MatmulShape shape() const {  // the same product for Backend::matmul
+    return {batch, rows, cols, inner, transpose_a, transpose_b, stride_a, stride_b, stride_c};
+  }
+};
+void matmul(const MatmulDims& dims, double alpha, const Vec& a, const Vec& b, double beta, double shift, Vec& c);
+
 // ---- SOC pieces ----
 // A = (M - M^T) / 2 on [groups, C, C, k, k]: M^T swaps the channel axes and flips both spatial axes.
 Vec skew(const Vec& m, int64_t groups, int64_t channels, int64_t kernel);

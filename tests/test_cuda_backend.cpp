@@ -431,6 +431,38 @@ TEST_CASE("GPU add_bias and bias_backward match the CPU", "[.gpu][cuda][elementw
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+TEST_CASE("GPU matmul (cuBLAS) matches the CPU (oneDNN sgemm): transposes, strides, B = I, beta, shift",
+          "[.gpu][cuda][matmul]") {
+  if (!gpu_ready()) return;
+  REQUIRE_CPU_BACKEND(cpu);
+  auto gpu = cuda_backend();
+  struct Case {
+    int64_t batch, rows, cols, inner;
+    bool ta, tb, no_b;
+    float alpha, beta, shift;
+  };
+  // Dot products of up to 1536 terms (the stacked product at C = 512, K = 4): ~sqrt(1536) * 6e-8 = 2.4e-6 each
+  // side; the tolerance is the convolutions' (1e-5).
+  for (const Case& c : {Case{1, 32, 32, 32, true, false, false, 0.25f, 0.0f, 1.0f},
+                        Case{4, 48, 48, 48, true, true, false, 0.2f, 0.0f, 0.0f},
+                        Case{2, 64, 64, 192, true, false, false, 1.0f, 1.0f, 0.0f},
+                        Case{3, 5, 7, 6, false, true, false, -0.5f, 0.5f, 0.0f},
+                        Case{2, 40, 40, 40, true, false, true, 0.5f, 0.0f, 1.0f},
+                        Case{1, 512, 512, 1536, true, false, false, 1.0f, 1.0f, 0.0f}}) {
+    const MatmulShape s = ref::MatmulDims{c.batch, c.rows, c.cols, c.inner, c.ta, c.tb, c.rows * c.inner,
+                                          c.inner * c.cols, c.rows * c.cols}.shape();
+    INFO("matmul " << s.str() << (c.no_b ? ", B = I" : ""));
+    auto a = random_floats(static_cast<size_t>(c.batch * s.stride_a), 81);
+    auto b = random_floats(static_cast<size_t>(c.batch * s.stride_b), 82);
+    auto out = random_floats(static_cast<size_t>(c.batch * s.stride_c), 83);
+    Tensor ga = upload(a), gb = upload(b), gc = upload(out);
+    cpu->matmul(s, c.alpha, a.data(), c.no_b ? nullptr : b.data(), c.beta, c.shift, out.data());
+    gpu->matmul(s, c.alpha, ga.data(), c.no_b ? nullptr : gb.data(), c.beta, c.shift, gc.data());
+    CHECK(rel_error(download(gc), out) < kConvTolerance);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 TEST_CASE("GPU SOC filter primitives match the CPU: skew, power iteration, scale, sigma gradient, group dot",
           "[.gpu][cuda][filter]") {
   if (!gpu_ready()) return;
@@ -679,6 +711,50 @@ TEST_CASE("GPU GsSocConv matches the CPU for (4,1), (4,-), (2,4) and paired shuf
   }
 }
 
+TEST_CASE("GPU SocConv and GsSocConv on the matrix path match the CPU's matrix and series paths",
+          "[.gpu][cuda][layers][matrix]") {
+  if (!gpu_ready()) return;
+  REQUIRE_CPU_BACKEND(cpu);
+  auto gpu = cuda_backend();
+  struct Case {
+    SocConfig config;
+    Shape input;
+  };
+  for (Case c : {Case{soc_config(32, 32, 1, 1, 1, 61), Shape{4, 32, 8, 8}},
+                 Case{soc_config(64, 64, 1, 1, 4, 62), Shape{2, 64, 4, 4}},
+                 Case{soc_config(16, 32, 1, 2, 2, 63), Shape{2, 16, 8, 8}},
+                 Case{soc_config(512, 512, 1, 1, 1, 64), Shape{128, 512, 2, 2}},
+                 Case{soc_config(96, 10, 1, 1, 1, 65), Shape{8, 96, 1, 1}}}) {
+    for (bool training : {true, false}) {
+      c.config.path = SocPath::matrix;
+      SocConv cl(c.config, cpu), gl(c.config, gpu);
+      INFO(gl.describe() << " on " << c.input.str() << (training ? ", training" : ", evaluation"));
+      cl.set_training(training);
+      gl.set_training(training);
+      compare_layer(cl, gl, c.input, 700);
+      CHECK(gl.last_path() == SocPath::matrix);
+      // The GPU's matrix path against the CPU's series path (the same function).
+      c.config.path = SocPath::series;
+      SocConv cs(c.config, cpu);
+      cs.set_training(training);
+      compare_layer(cs, gl, c.input, 710);
+    }
+  }
+  GsSocConfig config;
+  config.base = soc_config(64, 64, 3, 1, 1, 66);
+  config.groups_first = 4;
+  config.groups_second = 1;
+  GsSocConv cl(config, cpu), gl(config, gpu);
+  cl.second()->set_path(SocPath::matrix);
+  gl.second()->set_path(SocPath::matrix);
+  for (bool training : {true, false}) {
+    cl.set_training(training);
+    gl.set_training(training);
+    compare_layer(cl, gl, Shape{8, 64, 8, 8}, 720);
+    CHECK(gl.second()->last_path() == SocPath::matrix);
+  }
+}
+
 TEST_CASE("a steady-state GS-SOC training step on the GPU takes no new device memory", "[.gpu][cuda][memory]") {
   if (!gpu_ready()) return;
   auto gpu = cuda_backend();
@@ -757,6 +833,11 @@ TEST_CASE("SocConv and GsSocConv on the GPU are orthogonal: all Jacobian singula
     GsSocConv gs(config, gpu);
     INFO(gs.describe());
     check_orthogonal(gs, Shape{1, 16, 4, 4});
+    if (gs.second()) {  // and on the matrix path
+      gs.second()->set_path(SocPath::matrix);
+      check_orthogonal(gs, Shape{1, 16, 4, 4});
+      CHECK(gs.second()->last_path() == SocPath::matrix);
+    }
   }
 }
 

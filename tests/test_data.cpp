@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "cli_helpers.hpp"
 #include "orthoconv/data.hpp"
 #include "orthoconv/error.hpp"
 
@@ -29,27 +30,10 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// The shared read-only copy of the real dataset, when this machine has one.
-std::string real_data_dir() {
-  std::vector<std::string> candidates;
-  if (const char* env = std::getenv("ORTHOCONV_DATA"); env != nullptr && *env != '\0') candidates.push_back(env);
-#ifdef ORTHOCONV_SOURCE_DIR
-  candidates.push_back(std::string(ORTHOCONV_SOURCE_DIR) + "/../shared/cifar100/cifar-100-binary");
-#endif
-  candidates.push_back("../shared/cifar100/cifar-100-binary");
-  for (const auto& dir : candidates) {
-    std::error_code ec;
-    if (fs::is_regular_file(fs::path(dir) / "train.bin", ec) && fs::is_regular_file(fs::path(dir) / "test.bin", ec)) {
-      return dir;
-    }
-  }
-  return "";
-}
-
 // The real splits, read once for the whole run (they are 180 MB).
 const CifarSplit* real_split(const std::string& split) {
   static std::map<std::string, CifarSplit> cache;
-  const std::string dir = real_data_dir();
+  const std::string dir = orthoconv::testing::real_data_dir();
   if (dir.empty()) return nullptr;
   auto found = cache.find(split);
   if (found == cache.end()) found = cache.emplace(split, load_cifar100(dir, split)).first;
@@ -155,7 +139,7 @@ bool same_batches(const std::vector<Batch>& a, const std::vector<Batch>& b) {
 
 TEST_CASE("load_cifar100 reads the real train and test files: record counts, label ranges, class balance",
           "[data]") {
-  const std::string dir = real_data_dir();
+  const std::string dir = orthoconv::testing::real_data_dir();
   if (dir.empty()) {
     WARN("real CIFAR-100 not found (set ORTHOCONV_DATA): skipped");
     return;
@@ -669,7 +653,7 @@ TEST_CASE("get-cifar100.sh verifies a local copy by sha256 and refuses a corrupt
   std::tie(status, out) = run_get_script("--no-such-flag", scratch.path);
   CHECK(status == 1);
 
-  const std::string real = real_data_dir();
+  const std::string real = orthoconv::testing::real_data_dir();
   if (real.empty()) {
     WARN("real CIFAR-100 not found: the accepting path of get-cifar100.sh is not checked");
     return;

@@ -74,6 +74,7 @@ void check_soc(const SocConfig& config, const Shape& in, bool training) {
   const Vec w = random_input(layer.output_shape(in).numel(), config.seed + 2000);
   Vec y;
   const Vec dx = run_layer(layer, in, x, w, &y);
+  if (config.path != SocPath::automatic) REQUIRE(layer.last_path() == config.path);
 
   // The function the forward computed: the layer's M, bias and (updated) u, v.
   ref::SocParams p = ref::soc_params(layer);
@@ -170,6 +171,25 @@ TEST_CASE("SocConv stride-2 gradients match finite differences", "[soc][gradient
   SECTION("2 -> 8, k1") { check_soc(soc(2, 8, 1, 1, 2, 23), Shape{2, 2, 4, 4}, true); }
   SECTION("3 -> 16, k3, zero channels appended after the unshuffle") {
     check_soc(soc(3, 16, 3, 2, 2, 24), Shape{1, 3, 4, 4}, true);
+  }
+}
+
+TEST_CASE("1x1 SocConv gradients match finite differences on the series and the matrix path", "[soc][gradient]") {
+  for (SocPath path : {SocPath::series, SocPath::matrix}) {
+    INFO("path " << soc_path_name(path));
+    auto with_path = [path](SocConfig c) {
+      c.path = path;
+      return c;
+    };
+    check_soc(with_path(soc(8, 8, 1, 1, 1, 31)), Shape{2, 8, 3, 3}, true);
+    check_soc(with_path(soc(8, 8, 1, 1, 1, 32)), Shape{1, 8, 3, 3}, false);  // 12 terms
+    check_soc(with_path(soc(16, 16, 1, 4, 1, 33)), Shape{2, 16, 2, 3}, true);
+    check_soc(with_path(soc(2, 8, 1, 1, 2, 34)), Shape{2, 2, 4, 4}, true);   // stride 2, c_out = 4 c_in
+    check_soc(with_path(soc(4, 8, 1, 2, 2, 35)), Shape{1, 4, 4, 4}, true);   // stride 2, half kept
+    check_soc(with_path(soc(12, 4, 1, 1, 1, 36)), Shape{3, 12, 1, 1}, true); // a head: truncating, 1 x 1
+    SocConfig one_term = with_path(soc(8, 8, 1, 2, 1, 37));
+    one_term.train_terms = 1;
+    check_soc(one_term, Shape{2, 8, 2, 2}, true);
   }
 }
 

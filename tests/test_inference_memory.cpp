@@ -76,6 +76,9 @@ TEST_CASE("an evaluation-mode SocConv forward keeps no series terms, whatever th
   for (const Case& c : kCases) {
     for (int terms : {4, 12, 24}) {
       SocConfig config = soc_config(c.in, c.out, c.kernel, c.stride, c.groups, c.keep, terms);
+      // The series path's memory (a 1x1 layer may otherwise take the matrix path, which keeps no terms either
+      // way; tests/test_soc_matrix.cpp covers it).
+      config.path = SocPath::series;
       INFO("SocConv " << c.in << "->" << c.out << " k" << c.kernel << " s" << c.stride << " g" << c.groups
                       << ", " << terms << " terms");
       const Shape input{4, c.in, 16, 16};
@@ -101,6 +104,18 @@ TEST_CASE("an evaluation-mode SocConv forward keeps no series terms, whatever th
       SocConv trained(config);
       trained.forward(random_tensor(input, 1), y);  // training mode: the K+1 terms stay for the backward
       CHECK(trained.retained_bytes() >= (terms + 1) * series_buffer);
+
+      if (c.kernel == 1) {  // the matrix path in training keeps x0 and y, and C x C matrices, never K+1 terms
+        SocConfig matrix_config = config;
+        matrix_config.path = SocPath::matrix;
+        SocConv matrix(matrix_config);
+        matrix.forward(random_tensor(input, 1), y);
+        REQUIRE(matrix.last_path() == SocPath::matrix);
+        const int64_t channels = config.group_channels();
+        const int64_t matrices = (terms + 8) * c.groups * channels * channels * static_cast<int64_t>(sizeof(float));
+        CHECK(matrix.retained_bytes() >= 2 * series_buffer);
+        CHECK(matrix.retained_bytes() < 3 * series_buffer + matrices + (terms + 1) * filters);
+      }
     }
   }
 }

@@ -36,6 +36,27 @@ struct ConvShape {
   void validate() const;  // throws ConfigError for impossible settings
 };
 
+// A batch of row-major float32 matrix products (Backend::matmul). Matrix b of an operand starts b * stride floats
+// after its pointer; each matrix is contiguous (leading dimension = its row length):
+//   op(A_b) rows x inner: A_b stored rows x inner, or inner x rows when transpose_a (then used transposed);
+//   op(B_b) inner x cols: B_b stored inner x cols, or cols x inner when transpose_b;
+//   C_b     rows x cols.
+// A stride of 0 uses one matrix for the whole batch (A and B only).
+struct MatmulShape {
+  int64_t batch = 1;
+  int64_t rows = 1;
+  int64_t cols = 1;
+  int64_t inner = 1;
+  bool transpose_a = false;
+  bool transpose_b = false;
+  int64_t stride_a = 0;
+  int64_t stride_b = 0;
+  int64_t stride_c = 0;
+
+  std::string str() const;
+  void validate() const;  // throws ConfigError for impossible settings (C matrices must not overlap)
+};
+
 // The persistent power-iteration state of one SocConv filter [g, C, C, k, k]: four (u, v) pairs per group,
 // named and laid out as the reference code's u1..v4 (GS-SOC / SOC, skew_ortho_conv.py; 5-D shapes there):
 //   u1 [C_in, w]  v1 [C_out, h];   u2 [C_in, h]  v2 [C_out, w];   u3 [C_in, h, w]  v3 [C_out];
@@ -155,6 +176,18 @@ class Backend {
                                   int64_t channels, int64_t kernel) = 0;
   // Per-group inner products out[g] = <a_g, b_g> (host memory out).
   virtual void group_dot(const float* a, const float* b, float* out, int64_t groups, int64_t group_size) = 0;
+
+  // ---- small dense matrices (SocConv's matrix path: one C x C matrix per group) ----
+  // For b < shape.batch:  C_b = alpha * op(A_b) op(B_b) + beta * C_b + shift * I   (see MatmulShape).
+  // b == nullptr: op(B_b) is the identity (inner == cols) and nothing is multiplied: C_b = alpha op(A_b) + ...
+  // shift != 0 needs rows == cols (I is the identity of C_b). beta == 0: C is only written, never read (NaN or
+  // garbage there does not propagate). c aliases neither a nor b. Device pointers; alpha, beta, shift by value.
+  // Each entry of a product is a float32 dot product of `inner` terms (in any order, with or without FMA: the
+  // vendor's GEMM, oneDNN's sgemm on the CPU, cuBLAS on CUDA); alpha scales that sum, beta * C and the shift are
+  // added to it. The steps of Horner's rule on matrix polynomials are single calls:
+  // T <- shift I + alpha op(A) T_next.
+  virtual void matmul(const MatmulShape& shape, float alpha, const float* a, const float* b, float beta,
+                      float shift, float* c) = 0;
 
   // ---- training: loss and optimizer ----
   // Softmax cross-entropy over logits [batch, classes] (row-major) with host labels in [0, classes):

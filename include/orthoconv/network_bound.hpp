@@ -17,6 +17,9 @@
 //     of the normalized input image. The input's own rounding: float32 (the reference's arithmetic,
 //     (fl(p/255) - mean)/std) errs by <= 2.01 u |x0| + 1.01 u (p/255) / std per pixel; the float64 pass rounds
 //     once (certifying_pass.hpp), <= u |x0|. Reorders, shuffles, MaxMin and the channel copies are exact.
+//     A float32 1x1 SocConv may run the matrix path instead (soc_conv.hpp): P^T by Horner's rule on the C x C
+//     matrices, then one convolution of C products; matrix_rounding_bound covers it, and the float32 bound of
+//     a 1x1 layer is the larger of the two (the path is chosen per input shape). The float64 pass is a series.
 // certify_verified then certifies with the margin reduced by the rounding bound and the radius divided by L.
 // The certificate that holds is the one from the float64 pass (certifying_pass.hpp) with the float64 bound; the
 // float32 bound is kept to show why a float32 margin cannot be trusted at depth (it is several logits).
@@ -67,6 +70,13 @@ double abs_filter_norm_bound(const std::vector<float>& filter, int64_t groups, i
 // The rounding error of a K-term Horner series per unit ||x0|| (see above): rho >= ||A_n||, abs_norm >=
 // || |A_n| ||, accumulation = C * k * k products per output, unit = the unit roundoff.
 double series_rounding_bound(double rho, double abs_norm, int64_t accumulation, int terms, double unit);
+// The rounding error of a 1x1 layer's matrix path per unit ||x0||, with abs_norm >= || |A_n| ||. Elementwise,
+// |fl(T_j) - T_j| <= gamma_{C+1} (I + |A_n| |fl(T_{j+1})| / j) + 2.01 u |A_n| |fl(T_{j+1})| / j
+// + |A_n| |fl(T_{j+1}) - T_{j+1}| / j, so in the 2-norm the error e of P^T follows the series recurrence with
+// rho = abs_norm and ||x0|| = ||I|| = 1 (series_rounding_bound(abs_norm, abs_norm, C, ...)); the convolution
+// adds gamma_C || |fl(P)| || <= gamma_C (q + e), q = sum_{i<=K} abs_norm^i / i! >= || |P| ||:
+//   e + gamma_C (q + e).
+double matrix_rounding_bound(double abs_norm, int64_t channels, int terms, double unit);
 
 // The rounding bound on the logits for an image whose normalized input has norm input_norm: the bound on
 // ||computed - exact|| (soc head), or on each |computed_i - exact_i| (lln head; u|y_i| not included).

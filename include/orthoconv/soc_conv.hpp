@@ -27,7 +27,16 @@
 //   a backward after an evaluation-mode forward recomputes the K+1 terms from the input (K more convolutions;
 //                      the input must be left unchanged in between, as for MaxMin) into the layer's own buffers,
 //                      then proceeds as in training.
-// Every mode also keeps the filter, A_n and the scaled filter copies (at most B in all).
+// Every mode also keeps the filter, A_n and the scaled filter copies (at most B in all). A 1x1 layer on the
+// matrix path (below) keeps 2 B in training (x0 and y) and, in every mode, its K+2 C x C matrices per group
+// (the Horner products T_2..T_K, P and P^T, for a backward) and the adjoints after a backward.
+//
+// Two ways to compute the series of a 1x1 layer (k = 1), the same operator up to float32 rounding:
+//   series  K convolutions by A_n over the whole activation (Horner as above; always so for k > 1);
+//   matrix  per group, the C x C matrix P = sum_{i=0..K} A_n^i / i! by Horner's rule on the matrices (K-1
+//           products), then ONE 1x1 convolution by P; backward: one convolution by P^T for the input gradient,
+//           one backward-weights call for dL/dP, and reverse-mode Horner on the matrices for dL/dA_n (exact).
+// SocConfig::path chooses; `automatic` takes the cheaper by soc_path_cost for each input shape and mode.
 #pragma once
 
 #include <cstdint>
@@ -60,6 +69,27 @@ struct PowerSchedule {
   static PowerSchedule parse(const std::string& text);
   bool operator==(const PowerSchedule&) const = default;
 };
+enum class SocPath { automatic, series, matrix };
+SocPath parse_soc_path(const std::string& text);  // "auto" | "series" | "matrix" (throws ConfigError)
+std::string soc_path_name(SocPath path);
+
+// The cost model behind SocPath::automatic (lib/layers/soc_matrix.cpp, where the counts are derived): the
+// multiply-adds and the bytes moved by what differs between the two paths of one 1x1 SocConv for one forward
+// pass (and its backward, in training), with `groups` groups of `channels` (C) channels over `pixels` = N*H*W
+// (after the pixel-unshuffle) and `terms` series terms. Shared work (layout reorders, channel copies, bias, the
+// filter's skew, power iteration, scale and sigma gradient) is left out. series_time() and matrix_time() weigh
+// the bytes at kMacsPerByte multiply-adds each; the matrix path is chosen when its time is not larger. In multiply-adds
+// alone the two paths cross exactly at N*H*W = C; the bytes (the series streams the activations 3 times per
+// term) move the crossover a little below: N*H*W = 0.88 C (C = 32) to 0.98 C (C = 512) in evaluation.
+struct SocPathCost {
+  static constexpr double kMacsPerByte = 4.0;  // a machine balance: ~100 GMAC/s against ~25 GB/s
+  double series_macs = 0.0, series_bytes = 0.0;
+  double matrix_macs = 0.0, matrix_bytes = 0.0;
+  double series_time() const { return series_macs + kMacsPerByte * series_bytes; }
+  double matrix_time() const { return matrix_macs + kMacsPerByte * matrix_bytes; }
+  SocPath cheaper() const { return matrix_time() <= series_time() ? SocPath::matrix : SocPath::series; }
+};
+SocPathCost soc_path_cost(int64_t groups, int64_t channels, int64_t pixels, int terms, bool training);
 
 struct SocConfig {
   int64_t in_channels = 0;
@@ -75,6 +105,7 @@ struct SocConfig {
   PowerSchedule schedule;    // training-mode forwards
   KeepChannels keep = KeepChannels::first;
   uint64_t seed = 0;
+  SocPath path = SocPath::automatic;  // matrix needs kernel 1; not part of the model (checkpoints ignore it)
 
   void validate() const;  // throws ConfigError naming the setting and the value
   int64_t unshuffled_channels() const { return in_channels * stride * stride; }
@@ -98,6 +129,11 @@ class SocConv : public Layer {
   int terms() const { return training_ ? config_.train_terms : config_.eval_terms; }
   void set_terms(int train_terms, int eval_terms);
   void set_schedule(const PowerSchedule& schedule);  // validated; takes effect at the next training forward
+  // The path setting (throws ConfigError for matrix on k > 1), the path a forward on `input` would take in the
+  // current mode, and the path the last forward took (its backward takes the same).
+  void set_path(SocPath path);
+  SocPath path_for(const Shape& input) const;
+  SocPath last_path() const { return forward_path_; }
 
   Parameter& weight() { return weight_; }
   Parameter& bias() { return bias_; }
@@ -123,6 +159,10 @@ class SocConv : public Layer {
   // x0 from `input`, then the Horner terms p_K..p_1 with forward_terms_ terms; keep: in series_ (for the
   // backward), else in the backend's shared buffers. Returns p_1 (conv layout).
   const float* run_series(const Tensor& input, bool keep);
+  // The matrix path (lib/layers/soc_matrix.cpp), on conv-layout buffers of `shape`: y = P x0; and, from
+  // h = dL/dy, dx0 = P^T h and (with weight_gradient) diff_weights_ = dL/dA_n from x0 in series_ slot 1.
+  void matrix_forward(const ConvShape& shape, const float* x0, float* y);
+  void matrix_backward(const ConvShape& shape, const float* h, float* dx0, bool weight_gradient);
 
   SocConfig config_;
   std::shared_ptr<Backend> backend_;
@@ -142,12 +182,19 @@ class SocConv : public Layer {
   Tensor series_;                 // [K+1] x (batch in conv layout): slot s holds p_{s+1}; slot K = x0
   bool series_kept_ = false;      // series_ holds the last forward's terms (training mode, or recomputed)
   Tensor input_;                  // the last evaluation-mode forward's input (a handle), for a backward
-  Tensor diff_series_;            // [K+1] x (batch in conv layout): slot j-1 holds g_j / j
+  Tensor diff_series_;            // [K+2] x (batch in conv layout): slot j-1 holds h_j, slot K+1 dL/dx0
   Tensor staging_;                // NCHW, C*g channels
   Tensor diff_weights_;           // plain, dA_n
   Tensor diff_skew_;              // plain, dM
   Tensor scratch_;                // NCHW, the unshuffled channels
+  // matrix path (soc_matrix.cpp): the transposed Horner partial products T_j = Q_j^T and the adjoints H'_j
+  Tensor horner_;                 // [g, K-1, C, C] T_2..T_K
+  Tensor transposed_;             // [g, C, C] T_1 = P^T
+  Tensor series_matrix_;          // [g, C, C] P
+  Tensor adjoint_;                // [g, max(K-1, 1), C, C] H'_1..H'_{K-1}
+  Tensor matrix_weights_;         // P, then P^T, in the forward conv layout
   Shape input_shape_;
+  SocPath forward_path_ = SocPath::series;
   int forward_terms_ = 0;
   int64_t buffer_size_ = 0;
 };

@@ -1,4 +1,4 @@
-// Which backend serves which device; ConvShape helpers; the layers' shared buffers.
+// Which backend serves which device; ConvShape and MatmulShape helpers; the layers' shared buffers.
 #include <sstream>
 
 #include "orthoconv/backend.hpp"
@@ -35,6 +35,20 @@ Tensor& Backend::shared_buffer(int slot) {
   require<ShapeError>(slot >= 0 && slot < kSharedBuffers, "shared buffer slot ", slot, " is not in 0..",
                       kSharedBuffers - 1);
   return shared_buffers_[slot];
+}
+
+std::string MatmulShape::str() const {
+  std::ostringstream out;
+  out << "[batch " << batch << ", " << rows << "x" << inner << (transpose_a ? " (A^T)" : "") << " * " << inner
+      << "x" << cols << (transpose_b ? " (B^T)" : "") << ", strides " << stride_a << "/" << stride_b << "/"
+      << stride_c << "]";
+  return out.str();
+}
+
+void MatmulShape::validate() const {
+  require(batch > 0 && rows > 0 && cols > 0 && inner > 0, "matmul sizes must be positive, got ", str());
+  require(stride_a >= 0 && stride_b >= 0, "matmul strides of A and B must be >= 0, got ", str());
+  require(batch == 1 || stride_c >= rows * cols, "matmul: the C matrices of a batch must not overlap, got ", str());
 }
 
 std::shared_ptr<Backend> cpu_backend() {

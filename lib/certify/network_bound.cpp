@@ -58,6 +58,13 @@ double series_rounding_bound(double rho, double abs_norm, int64_t accumulation, 
   return error * (1.0 + 1e-9);
 }
 
+double matrix_rounding_bound(double abs_norm, int64_t channels, int terms, double unit) {
+  const double e = series_rounding_bound(abs_norm, abs_norm, channels, terms, unit);
+  double q = 1.0;  // || |T_j| || <= q_j = 1 + abs_norm / j q_{j+1}, q_{K+1} = 1
+  for (int j = terms; j >= 1; --j) q = 1.0 + abs_norm / j * q;
+  return (e + gamma(static_cast<double>(channels), unit) * (q + e)) * (1.0 + 1e-9);
+}
+
 namespace {
 
 double bias_map_norm(SocConv& soc, int64_t output_side) {
@@ -110,6 +117,9 @@ NetworkBound verify_network(LipConvnet& model, int terms, Precision precision, c
     layer.abs_norm = abs_filter_norm_bound(scaled.to_vector(), config.groups, config.group_channels(), config.kernel);
     const int64_t accumulation = config.group_channels() * config.kernel * config.kernel;
     layer.rounding = series_rounding_bound(layer.bound.rho, layer.abs_norm, accumulation, terms, u);
+    if (precision == Precision::float32 && config.kernel == 1)  // either path may run (float64: a series)
+      layer.rounding = std::max(layer.rounding,
+                                matrix_rounding_bound(layer.abs_norm, config.group_channels(), terms, u));
     out.lipschitz *= layer.bound.bound;
 
     const double lip = layer.bound.bound, c = layer.rounding;

@@ -10,6 +10,7 @@ void GsSocConfig::validate() const {
     require(*groups_second > 0, "GS-SOC second groups (b) must be positive, got ", *groups_second);
   SocConfig first = base;
   first.groups = groups_first;
+  if (first.kernel != 1) first.path = SocPath::automatic;
   first.validate();
   if (groups_second) {
     require(base.out_channels % *groups_second == 0, "GS-SOC second groups (b = ", *groups_second,
@@ -28,6 +29,7 @@ GsSocConv::GsSocConv(const GsSocConfig& config, std::shared_ptr<Backend> backend
   if (shuffle_input) input_shuffle_ = std::make_unique<ChannelShuffle>(c_in, a, config_.paired, false, backend);
   SocConfig first = config_.base;
   first.groups = a;
+  if (first.kernel != 1) first.path = SocPath::automatic;  // base.path is for the 1x1 stages
   first_ = std::make_unique<SocConv>(first, backend);
   if (config_.groups_second) {
     const int64_t b = *config_.groups_second;

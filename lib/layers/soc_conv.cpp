@@ -11,6 +11,8 @@
 // bit for bit, and scaling keeps it), so the transposed convolution A_n^T h is the FORWARD convolution by A_n
 // with scale -1: the backward runs on the same forward primitive and weights, with -1/(j+1) as a post-op,
 // and dL/dx0 is one weighted sum of the K+1 terms.
+// 1x1 layers may take the matrix path instead (one convolution by the precomputed series matrix P):
+// lib/layers/soc_matrix.cpp, chosen per shape by its cost model (SocConfig::path).
 #include "orthoconv/soc_conv.hpp"
 
 #include <cmath>
@@ -35,6 +37,7 @@ void SocConfig::validate() const {
   schedule.validate();
   require(!correction || (*correction > 0.0f && std::isfinite(*correction)),
           "SocConv correction must be positive and finite, got ", correction.value_or(0.0f));
+  require(path != SocPath::matrix || kernel == 1, "SocConv path=matrix needs kernel 1, got kernel ", kernel);
   if (keep == KeepChannels::per_group)
     require(out_channels % groups == 0, "SocConv keep=per-group needs groups (", groups,
             ") to divide out_channels (", out_channels, ")");
@@ -148,7 +151,9 @@ std::string SocConv::describe() const {
   std::ostringstream out;
   out << "soc " << config_.in_channels << "->" << config_.out_channels << " k" << config_.kernel << " s"
       << config_.stride << " g" << config_.groups << " (series on " << config_.group_channels() * config_.groups
-      << " ch, terms " << config_.train_terms << "/" << config_.eval_terms << ")";
+      << " ch, terms " << config_.train_terms << "/" << config_.eval_terms;
+  if (config_.path != SocPath::automatic) out << ", path " << soc_path_name(config_.path);
+  out << ")";
   return out.str();
 }
 
@@ -194,7 +199,7 @@ void SocConv::set_schedule(const PowerSchedule& schedule) {
 int64_t SocConv::retained_bytes() const {
   int64_t floats = 0;
   for (const Tensor* t : {&skew_, &scaled_, &weights_forward_, &series_, &diff_series_, &staging_, &diff_weights_,
-                          &diff_skew_, &scratch_})
+                          &diff_skew_, &scratch_, &horner_, &transposed_, &series_matrix_, &adjoint_, &matrix_weights_})
     floats += t->storage_floats();
   return floats * static_cast<int64_t>(sizeof(float));
 }
@@ -252,6 +257,7 @@ void SocConv::forward(const Tensor& input, Tensor& output) {
   prepare_filter(iterations);
   last_power_iterations_ = iterations;
   forward_terms_ = terms();
+  forward_path_ = path_for(input_shape_);
   // Training keeps the K+1 terms for the backward; evaluation runs in the backend's shared buffers and keeps only
   // (a handle to) the input, from which a backward recomputes the terms.
   series_kept_ = training_;
@@ -286,16 +292,19 @@ const float* SocConv::run_series(const Tensor& input, bool keep) {
   buffer_size_ = backend_->conv_buffer_size(shape);
   Backend& be = *backend_;
 
-  // Where x0 and p_j (j = K..1) live. Kept: series_ slot K holds x0 and slot j-1 holds p_j, for the backward.
-  // Not kept: x0 in shared buffer 0, p_j alternating between shared buffers 1 and 2; the NCHW staging of x0 uses
-  // buffers 1 and 2 before the series needs them (conv_buffer_size >= any NCHW size of the series channels).
+  // Where x0 and p_j (j = K..1) live. Kept: series_ slot K holds x0 and slot j-1 holds p_j, for the backward
+  // (the matrix path: slot 1 holds x0, slot 0 y = p_1). Not kept: x0 in shared buffer 0, p_j alternating between
+  // shared buffers 1 and 2; the NCHW staging of x0 uses buffers 1 and 2 before the series needs them
+  // (conv_buffer_size >= any NCHW size of the series channels).
+  const bool matrix = forward_path_ == SocPath::matrix;
+  const int x0_slot = matrix ? 1 : K;
   float *x0, *staging, *unshuffle_target;
   if (keep) {
-    series_.resize(Shape{(K + 1) * buffer_size_}, backend_->device());
+    series_.resize(Shape{(x0_slot + 1) * buffer_size_}, backend_->device());
     staging_.resize(Shape{n, channels, shape.height, shape.width}, backend_->device());
     if (config_.stride > 1 && unshuffled != channels)
       scratch_.resize(Shape{n, unshuffled, shape.height, shape.width}, backend_->device());
-    x0 = series_.data() + K * buffer_size_;
+    x0 = series_.data() + x0_slot * buffer_size_;
     staging = staging_.data();
     unshuffle_target = scratch_.data();
   } else {
@@ -323,22 +332,26 @@ const float* SocConv::run_series(const Tensor& input, bool keep) {
   }
   be.to_conv_layout(shape, x, x0);
 
-  // Slot 0 of weights_forward_ holds A_n in the conv layout (the backward uses it too). Where the filter is
-  // small next to the activations (the wide early layers), slots 1..K hold A_n / j and the Horner steps only
-  // add x0; elsewhere the 1/j is a post-op scale (with both post-ops oneDNN's kernels slow down at few channels,
-  // up to 2.7x at 32 channels; copying a 9.4 MB filter K times would cost more at 512).
-  const int64_t wsize = be.conv_weights_size(shape, ConvPass::forward);
-  const bool scaled_copies = K * wsize <= buffer_size_;
-  weights_forward_.resize(Shape{(scaled_copies ? K + 1 : 1) * wsize}, backend_->device());
-  float* w = weights_forward_.data();
-  be.weights_to_conv_layout(shape, ConvPass::forward, scaled_.data(), w);
-  if (scaled_copies)
-    for (int j = 2; j <= K; ++j) be.axpby(1.0f / static_cast<float>(j), w, 0.0f, w + j * wsize, wsize);
-  for (int j = K; j >= 1; --j) {
+  if (matrix) {
+    matrix_forward(shape, x0, p(1));
+  } else {
+    // Slot 0 of weights_forward_ holds A_n in the conv layout (the backward uses it too). Where the filter is
+    // small next to the activations (the wide early layers), slots 1..K hold A_n / j and the Horner steps only
+    // add x0; elsewhere the 1/j is a post-op scale (with both post-ops oneDNN's kernels slow down at few
+    // channels, up to 2.7x at 32 channels; copying a 9.4 MB filter K times would cost more at 512).
+    const int64_t wsize = be.conv_weights_size(shape, ConvPass::forward);
+    const bool scaled_copies = K * wsize <= buffer_size_;
+    weights_forward_.resize(Shape{(scaled_copies ? K + 1 : 1) * wsize}, backend_->device());
+    float* w = weights_forward_.data();
+    be.weights_to_conv_layout(shape, ConvPass::forward, scaled_.data(), w);
     if (scaled_copies)
-      be.conv_forward_scaled(shape, p(j + 1), j == 1 ? w : w + j * wsize, 1.0f, x0, p(j));
-    else
-      be.conv_forward_scaled(shape, p(j + 1), w, 1.0f / static_cast<float>(j), x0, p(j));
+      for (int j = 2; j <= K; ++j) be.axpby(1.0f / static_cast<float>(j), w, 0.0f, w + j * wsize, wsize);
+    for (int j = K; j >= 1; --j) {
+      if (scaled_copies)
+        be.conv_forward_scaled(shape, p(j + 1), j == 1 ? w : w + j * wsize, 1.0f, x0, p(j));
+      else
+        be.conv_forward_scaled(shape, p(j + 1), w, 1.0f / static_cast<float>(j), x0, p(j));
+    }
   }
   return p(1);
 }
@@ -371,31 +384,40 @@ void SocConv::backward(const Tensor& diff_output, Tensor& diff_input) {
       be.copy_channels(dy, config_.out_channels / g, staging_.data(), c, n * g, plane, false);
     expanded = staging_.data();
   }
-  diff_series_.resize(Shape{(K + 2) * buffer_size_}, backend_->device());
+  // Series: slot j-1 holds h_j, slot K+1 dL/dx0. Matrix: slot 0 holds h = dL/dy, slot 1 dL/dx0.
+  const bool matrix = forward_path_ == SocPath::matrix;
+  diff_series_.resize(Shape{(matrix ? 2 : K + 2) * buffer_size_}, backend_->device());
   auto dslot = [&](int s) { return diff_series_.data() + s * buffer_size_; };
-  float* dx0 = dslot(K + 1);
+  float* dx0 = dslot(matrix ? 1 : K + 1);
   be.to_conv_layout(shape, expanded, dslot(0));
+  if (parameter_gradients_) diff_weights_.resize(weight_.value.shape(), backend_->device());
 
-  // h_{j+1} = A_n^T h_j / (j+1) = -(A_n h_j) / (j+1), on the forward weights of this step.
-  const float* w = weights_forward_.data();
-  for (int j = 1; j < K; ++j)
-    be.conv_forward_scaled(shape, dslot(j - 1), w, -1.0f / static_cast<float>(j + 1), nullptr, dslot(j));
-  // dL/dx0 = sum_j j h_j + A_n^T h_K: the last product into slot K, then the sum in one pass.
-  be.conv_forward_scaled(shape, dslot(K - 1), w, -1.0f, nullptr, dslot(K));
-  std::vector<const float*> sources(static_cast<size_t>(K + 1));
-  std::vector<float> weights(static_cast<size_t>(K + 1));
-  for (int j = 1; j <= K + 1; ++j) {
-    sources[static_cast<size_t>(j - 1)] = dslot(j - 1);
-    weights[static_cast<size_t>(j - 1)] = j <= K ? static_cast<float>(j) : 1.0f;
+  if (matrix) {
+    matrix_backward(shape, dslot(0), dx0, parameter_gradients_);
+  } else {
+    // h_{j+1} = A_n^T h_j / (j+1) = -(A_n h_j) / (j+1), on the forward weights of this step.
+    const float* w = weights_forward_.data();
+    for (int j = 1; j < K; ++j)
+      be.conv_forward_scaled(shape, dslot(j - 1), w, -1.0f / static_cast<float>(j + 1), nullptr, dslot(j));
+    // dL/dx0 = sum_j j h_j + A_n^T h_K: the last product into slot K, then the sum in one pass.
+    be.conv_forward_scaled(shape, dslot(K - 1), w, -1.0f, nullptr, dslot(K));
+    std::vector<const float*> sources(static_cast<size_t>(K + 1));
+    std::vector<float> weights(static_cast<size_t>(K + 1));
+    for (int j = 1; j <= K + 1; ++j) {
+      sources[static_cast<size_t>(j - 1)] = dslot(j - 1);
+      weights[static_cast<size_t>(j - 1)] = j <= K ? static_cast<float>(j) : 1.0f;
+    }
+    be.weighted_sum(sources.data(), weights.data(), K + 1, dx0, buffer_size_);
+
+    if (parameter_gradients_) {
+      // dL/dA_n in one call over the K stored (p_{j+1}, h_j) pairs.
+      ConvShape stacked = shape;
+      stacked.batch = K * n;
+      be.conv_backward_weights(stacked, series_.data() + buffer_size_, dslot(0), diff_weights_.data());
+    }
   }
-  be.weighted_sum(sources.data(), weights.data(), K + 1, dx0, buffer_size_);
 
   if (parameter_gradients_) {
-    // dL/dA_n in one call over the K stored (p_{j+1}, h_j) pairs.
-    ConvShape stacked = shape;
-    stacked.batch = K * n;
-    diff_weights_.resize(weight_.value.shape(), backend_->device());
-    be.conv_backward_weights(stacked, series_.data() + buffer_size_, dslot(0), diff_weights_.data());
 
     // Through A_n = correction * A / sigma(A) (u, v fixed), then A = (M - M^T) / 2.
     const int64_t group_size = c * c * k * k;

@@ -65,6 +65,9 @@ class CpuBackend final : public Backend {
                           float* diff_filter, int64_t groups, int64_t channels, int64_t kernel) override;
   void group_dot(const float* a, const float* b, float* out, int64_t groups, int64_t group_size) override;
 
+  void matmul(const MatmulShape& shape, float alpha, const float* a, const float* b, float beta, float shift,
+              float* c) override;
+
   void softmax_cross_entropy(const float* logits, const int32_t* labels, int64_t batch, int64_t classes,
                              float* diff_logits, double* loss_sum, int64_t* correct) override;
   void sgd_momentum(float* param, const float* grad, float* momentum, int64_t count, float lr,

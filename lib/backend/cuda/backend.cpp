@@ -25,15 +25,20 @@ CudaBackend::CudaBackend() {
                         cudnn_version, ", but orthoconv was built against cuDNN ", CUDNN_MAJOR, ".", CUDNN_MINOR);
   ORTHOCONV_CUDNN_CHECK(cudnnCreate(&cudnn_));
   ORTHOCONV_CUDNN_CHECK(cudnnSetStream(cudnn_, s));
+  ORTHOCONV_CUBLAS_CHECK(cublasCreate(&cublas_));
+  ORTHOCONV_CUBLAS_CHECK(cublasSetStream(cublas_, s));
+  ORTHOCONV_CUBLAS_CHECK(cublasSetPointerMode(cublas_, CUBLAS_POINTER_MODE_HOST));
+  ORTHOCONV_CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
   name_ = detail::concat("cuda (", props.name, ", sm_", props.major, props.minor, ", ", props.totalGlobalMem >> 30,
                          " GiB; CUDA runtime ", runtime / 1000, ".", (runtime % 1000) / 10, ", driver ",
                          driver / 1000, ".", (driver % 1000) / 10, "; cuDNN ", cudnn_version / 10000, ".",
                          (cudnn_version % 10000) / 100, ".", cudnn_version % 100, ")");
 }
 
-// Plans hold cuDNN descriptors; the handle goes last. Never throws (errors at exit are ignored).
+// Plans hold cuDNN descriptors; the handles go last. Never throws (errors at exit are ignored).
 CudaBackend::~CudaBackend() {
   plans_.clear();
+  if (cublas_ != nullptr) cublasDestroy(cublas_);
   if (cudnn_ != nullptr) cudnnDestroy(cudnn_);
 }
 
@@ -43,6 +48,8 @@ void CudaBackend::set_options(const CudaOptions& options) {
     plans_.clear();
   }
   options_ = options;
+  ORTHOCONV_CUBLAS_CHECK(
+      cublasSetMathMode(cublas_, options.allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
 }
 
 void CudaBackend::copy(const float* src, float* dst, int64_t count) {

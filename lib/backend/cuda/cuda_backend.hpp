@@ -1,4 +1,4 @@
-// The CUDA backend: cuDNN for every convolution, small CUDA kernels for the rest.
+// The CUDA backend: cuDNN for every convolution, cuBLAS for the small matrix products, CUDA kernels for the rest.
 //
 // Layout: plain NCHW everywhere, so to/from_conv_layout and weights_to_conv_layout are copies and the weights
 // of every pass are the plain [g, c_out/g, c_in/g, k, k] filter (cuDNN's grouped KCRS).
@@ -6,7 +6,8 @@
 // the descriptors and the algorithm of each pass are chosen once and cached: the fastest by cudnnFind* (or the
 // first by cuDNN's heuristics, CudaOptions::find_algorithms) among those whose workspace fits kMaxWorkspace;
 // one workspace buffer, grown to the largest need, serves them all.
-// Math: CUDNN_FMA_MATH (plain float32) unless CudaOptions::allow_tf32 (orthoconv/cuda_options.hpp).
+// Math: CUDNN_FMA_MATH (plain float32) unless CudaOptions::allow_tf32 (orthoconv/cuda_options.hpp); cuBLAS
+// likewise: CUBLAS_DEFAULT_MATH (float32 products, no TF32), or CUBLAS_TF32_TENSOR_OP_MATH with allow_tf32.
 // Work is enqueued on one stream (memory.hpp); calls return without waiting, except those with host outputs
 // (power_iteration, group_dot, softmax_cross_entropy, to_host) and from_host, which wait for the stream.
 // Host inputs: `scale` (scale_groups), `which` and `coefficient` (add_sigma_gradient), `labels`
@@ -16,6 +17,7 @@
 // One instance per process (cuda_backend()); thread-compatible, not thread-safe.
 #pragma once
 
+#include <cublas_v2.h>
 #include <cudnn.h>
 
 #include <map>
@@ -79,6 +81,9 @@ class CudaBackend final : public Backend {
                           float* diff_filter, int64_t groups, int64_t channels, int64_t kernel) override;
   void group_dot(const float* a, const float* b, float* out, int64_t groups, int64_t group_size) override;
 
+  void matmul(const MatmulShape& shape, float alpha, const float* a, const float* b, float beta, float shift,
+              float* c) override;
+
   void softmax_cross_entropy(const float* logits, const int32_t* labels, int64_t batch, int64_t classes,
                              float* diff_logits, double* loss_sum, int64_t* correct) override;
   void sgd_momentum(float* param, const float* grad, float* momentum, int64_t count, float lr,
@@ -116,6 +121,7 @@ class CudaBackend final : public Backend {
   std::string name_;
   CudaOptions options_;
   cudnnHandle_t cudnn_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
   std::map<ShapeKey, std::unique_ptr<ConvPlan>> plans_;
   DeviceScratch workspace_;
   DeviceScratch reduce_scratch_;   // partial sums of reductions

@@ -38,6 +38,11 @@ void throw_cudnn_error(cudnnStatus_t status, const char* call, const char* file,
                                     detail_message[0] != '\0' ? " - " : "", detail_message));
 }
 
+void throw_cublas_error(cublasStatus_t status, const char* call, const char* file, int line) {
+  throw BackendError(detail::concat("cuBLAS error at ", short_path(file), ":", line, " in ", call, ": ",
+                                    cublasGetStatusName(status), " (", cublasGetStatusString(status), ")"));
+}
+
 bool device_present(std::string* why) {
   static std::string reason;
   static const bool present = [] {
