@@ -139,14 +139,14 @@ int run_train_benchmark(const TrainBenchOptions& o) {
     nlohmann::ordered_json per_variant = nlohmann::json::array();
     for (const Variant& p : variants)
       per_variant.push_back({{"path", soc_path_name(p.path)},
-                          {"precision", conv_precision_name(p.precision)},
-                          {"seconds_per_step", p.per_step()},
-                          {"images_per_second", static_cast<double>(o.batch) / p.per_step()},
-                          {"cpu_seconds_per_step", p.cpu_per_step()},
-                          {"speedup_over_first", first.per_step() / p.per_step()},
-                          {"cpu_speedup_over_first", first.cpu_per_step() / p.cpu_per_step()},
-                          {"one_by_one_layers", p.one_by_one_layers},
-                          {"matrix_layers", p.matrix_layers}});
+                             {"precision", conv_precision_name(p.precision)},
+                             {"seconds_per_step", p.per_step()},
+                             {"images_per_second", static_cast<double>(o.batch) / p.per_step()},
+                             {"cpu_seconds_per_step", p.cpu_per_step()},
+                             {"speedup_over_first", first.per_step() / p.per_step()},
+                             {"cpu_speedup_over_first", first.cpu_per_step() / p.cpu_per_step()},
+                             {"one_by_one_layers", p.one_by_one_layers},
+                             {"matrix_layers", p.matrix_layers}});
     nlohmann::ordered_json out{{"benchmark", "train"},
                                {"model", "LipConvnet-" + std::to_string(config.depth)},
                                {"conv", config.conv_label()},
@@ -165,12 +165,12 @@ int run_train_benchmark(const TrainBenchOptions& o) {
                                {"variants", per_variant}};
     std::printf("%s\n", out.dump().c_str());
   } else {
-    std::printf("LipConvnet-%lld %s, batch %lld, %s, %d threads; %d steps per variant after %d warm-up, "
-                "interleaved\n",
+    std::printf("LipConvnet-%lld %s, batch %lld, %s, %d threads; %d steps per variant (1x1 path, precision) after "
+                "%d warm-up, interleaved\n",
                 static_cast<long long>(config.depth), config.conv_label().c_str(), static_cast<long long>(o.batch),
                 o.device.c_str(), thread_count(), o.steps, o.warmup);
     for (const Variant& p : variants)
-      std::printf("  1x1 path, precision %-12s %.3f s/step  %.1f images/s  %.3f CPU s/step  x%.2f (CPU x%.2f) vs "
+      std::printf("  %-12s %.3f s/step  %.1f images/s  %.3f CPU s/step  x%.2f (CPU x%.2f) vs "
                   "%s  (%d of %d 1x1 layers on the matrix path)\n",
                   p.name.c_str(), p.per_step(), static_cast<double>(o.batch) / p.per_step(), p.cpu_per_step(),
                   first.per_step() / p.per_step(), first.cpu_per_step() / p.cpu_per_step(), first.name.c_str(),

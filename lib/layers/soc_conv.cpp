@@ -283,8 +283,7 @@ void SocConv::forward(const Tensor& input, Tensor& output) {
   last_power_iterations_ = iterations;
   forward_terms_ = terms();
   forward_path_ = path_for(input_shape_);
-  forward_precision_ =
-      training_ && forward_path_ == SocPath::series ? config_.precision : ConvPrecision::fp32;
+  forward_precision_ = training_ && forward_path_ == SocPath::series ? config_.precision : ConvPrecision::fp32;
   // Training keeps the K+1 terms for the backward; evaluation runs in the backend's shared buffers and keeps only
   // (a handle to) the input, from which a backward recomputes the terms.
   series_kept_ = training_;
