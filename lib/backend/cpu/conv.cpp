@@ -227,7 +227,8 @@ CpuBackend::ConvPrimitives& CpuBackend::primitives(const ConvShape& shape) {
       p->bwd_weights_reorder = dnnl::reorder(
           dnnl::reorder::primitive_desc(engine_, p->plain_weights, engine_, p->bwd_data_pd.weights_desc()));
     p->impl = detail::concat(p->block == 16 ? "nChw16c" : p->block == 8 ? "nChw8c" : "nhwc", ": ", p->f32->impl,
-                             ", bwd-data ", p->bwd_data_pd.impl_info_str());
+                             gemm_backward_weights(shape) ? " (float32: im2col + sgemm)" : "", ", bwd-data ",
+                             p->bwd_data_pd.impl_info_str());
     auto& slot = cache_[key];
     slot = std::move(p);
     return slot.get();
@@ -326,6 +327,10 @@ void CpuBackend::conv_backward_weights(const ConvShape& shape, const float* src,
 void CpuBackend::run_backward_weights(const ConvShape& shape, ConvKernels& k, const float* src,
                                       const float* diff_dst, float* diff_weights) {
   auto& p = primitives(shape);
+  if (&k == p.f32.get() && gemm_backward_weights(shape)) {
+    run_gemm_backward_weights(shape, p, src, diff_dst, diff_weights);
+    return;
+  }
   dnnl_checked("convolution backward-weights", shape, [&] {
     memory s(k.bwd_weights_pd.src_desc(), engine_, const_cast<float*>(src));
     memory dd(k.bwd_weights_pd.diff_dst_desc(), engine_, const_cast<float*>(diff_dst));
@@ -335,6 +340,45 @@ void CpuBackend::run_backward_weights(const ConvShape& shape, ConvKernels& k, co
     if (!k.diff_weights_plain) k.diff_weights_reorder.execute(stream_, k.diff_weights_scratch, plain);
     stream_.wait();
   });
+}
+
+bool CpuBackend::gemm_backward_weights(const ConvShape& shape) {
+  return shape.groups == 1 && shape.kernel > 1 && shape.height * shape.width <= 4;
+}
+
+void CpuBackend::run_gemm_backward_weights(const ConvShape& shape, const ConvPrimitives& p, const float* src,
+                                           const float* diff_dst, float* diff_weights) {
+  // Row r = (n, y, x) of the N*H*W output pixels: cols[r, (ci, ky, kx)] = X(n, ci, y + ky - k/2, x + kx - k/2)
+  // (0 outside), dy[r, co] = dY(n, co, y, x); conv layout: element (n, c, y, x) at
+  // ((n * blocks + c / block) * H * W + y * W + x) * block + c % block.
+  const int64_t n = shape.batch, c = shape.in_channels, h = shape.height, w = shape.width, k = shape.kernel;
+  const int64_t plane = h * w, rows = n * plane, taps = k * k, cols = c * taps, pad = k / 2;
+  const int64_t block = p.block, blocks = (c + block - 1) / block;
+  const size_t needed = static_cast<size_t>(rows * (cols + c));
+  if (gemm_scratch_.size() < needed) gemm_scratch_.resize(needed);
+  float* im2col = gemm_scratch_.data();
+  float* dy = im2col + rows * cols;
+  auto at = [&](int64_t image, int64_t channel, int64_t pixel) {
+    return ((image * blocks + channel / block) * plane + pixel) * block + channel % block;
+  };
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t image = r / plane, y = r % plane / w, x = r % w;
+    float* row = im2col + r * cols;
+    for (int64_t ci = 0; ci < c; ++ci)
+      for (int64_t ky = 0; ky < k; ++ky)
+        for (int64_t kx = 0; kx < k; ++kx) {
+          const int64_t sy = y + ky - pad, sx = x + kx - pad;
+          row[ci * taps + ky * k + kx] =
+              sy >= 0 && sy < h && sx >= 0 && sx < w ? src[at(image, ci, sy * w + sx)] : 0.0f;
+        }
+    for (int64_t co = 0; co < c; ++co) dy[r * c + co] = diff_dst[at(image, co, r % plane)];
+  }
+  // dW [c_out, c_in * k * k] (the plain [o, i, k, k] layout) = dy^T im2col.
+  const dnnl::status status =
+      dnnl::sgemm('T', 'N', c, cols, rows, 1.0f, dy, c, im2col, cols, 0.0f, diff_weights, cols);
+  require<BackendError>(status == dnnl::status::success, "oneDNN sgemm failed (status ", static_cast<int>(status),
+                        ") for the backward-weights of ", shape.str());
 }
 
 CpuBackend::ScaledPrimitive& CpuBackend::scaled_primitive(const ConvShape& shape, ConvKernels& k, float alpha,
