@@ -478,6 +478,9 @@ Runner setup_bench(CLI::App& app) {
                     "matrix (every 1x1 layer), auto (the cost model's choice, as in training)")
       ->capture_default_str()
       ->check(CLI::IsMember({"series", "matrix", "auto"}));
+  train->add_option("--precision", to->precisions, "series-convolution precisions to compare, e.g. fp32,bf16 "
+                    "(steps alternate; ratios against the first)")
+      ->delimiter(',')->capture_default_str()->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
   train->add_flag("--json", to->json, "print one JSON object");
 
   auto co = std::make_shared<TrainBenchOptions>();

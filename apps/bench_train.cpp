@@ -1,6 +1,7 @@
 // `orthoconv bench train`: images/s of full LipConvnet training steps (forward, cross-entropy, backward, SGD
-// update) on random batches, and the process's peak resident memory (getrusage). No dataset needed. With several
-// --paths the 1x1 SocConvs of the same model switch path before each step, the paths taking turns step by step.
+// update) on random batches, and the process's peak resident memory (getrusage). No dataset needed. Every pair of
+// a --paths value (the path of the 1x1 SocConvs) and a --precision value (of the series convolutions) is one
+// variant; the variants take turns step by step on the same model, so that all see the same machine.
 #include <sys/resource.h>
 
 #include <chrono>
@@ -8,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "backend/cpu/cpu_backend.hpp"
 #include "bench_train.hpp"
 #include "commands.hpp"
 #include "orthoconv/model.hpp"
@@ -47,9 +49,10 @@ void set_one_by_one_path(LipConvnet& model, SocPath path) {
     if (s.soc->config().kernel == 1) s.soc->set_path(path);
 }
 
-struct PathTiming {
-  std::string name;
+struct Variant {
+  std::string name;  // "<path> <precision>"
   SocPath path;
+  ConvPrecision precision;
   std::vector<double> seconds, cpu_seconds;
   int matrix_layers = 0, one_by_one_layers = 0;  // after its last step
   double per_step() const {
@@ -72,9 +75,16 @@ int run_train_benchmark(const TrainBenchOptions& o) {
           o.warmup);
   require(o.device == "cpu" || o.device == "cuda", "--device must be cpu or cuda, got '", o.device, "'");
   require(!o.paths.empty(), "--paths needs at least one of series, matrix, auto");
+  require(!o.precisions.empty(), "--precision needs at least one of fp32, tf32, bf16");
   const ModelConfig config = bench_model_config(o);
   const Device device = o.device == "cuda" ? Device::cuda : Device::cpu;
   LipConvnet model(config, backend_for(device));
+  std::vector<Variant> variants;
+  for (const std::string& path : o.paths)
+    for (const std::string& precision : o.precisions) {
+      variants.push_back({path + " " + precision, parse_soc_path(path), parse_conv_precision(precision), {}, {}});
+      model.set_precision(variants.back().precision);  // fails early, naming --precision, where it cannot run
+    }
   Sgd sgd(model);
   Normalization norm;
   TrainStep step(model, sgd, 0.0, norm.lipschitz());
@@ -96,18 +106,17 @@ int run_train_benchmark(const TrainBenchOptions& o) {
     return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
            1e-6 * static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec);
   };
-  std::vector<PathTiming> paths;
-  for (const std::string& name : o.paths) paths.push_back({name, parse_soc_path(name), {}, {}});
-  auto run_step = [&](PathTiming& p) {
+  auto run_step = [&](Variant& p) {
     set_one_by_one_path(model, p.path);
+    model.set_precision(p.precision);
     step.run(images, labels, 0.01f, 0.9f, 5e-4f);
     model.backend().synchronize();
   };
-  // The same model takes every path in turn, step by step, so that all see the same machine.
-  for (PathTiming& p : paths)
+  // Warm-up steps first (they also make the backend's per-shape precision choices), then the timed steps in turn.
+  for (Variant& p : variants)
     for (int i = 0; i < o.warmup; ++i) run_step(p);
   for (int i = 0; i < o.steps; ++i)
-    for (PathTiming& p : paths) {
+    for (Variant& p : variants) {
       const double cpu_start = cpu_seconds();
       const auto start = Clock::now();
       run_step(p);
@@ -120,22 +129,24 @@ int run_train_benchmark(const TrainBenchOptions& o) {
           p.matrix_layers += s.soc->last_path() == SocPath::matrix;
         }
     }
-  // The headline numbers: the path training takes (auto) when it was run, else the first.
-  const PathTiming* main = &paths.front();
-  for (const PathTiming& p : paths)
-    if (p.path == SocPath::automatic) main = &p;
-  const double reference = paths.front().per_step();
+  // The headline numbers: the first variant on the path training takes (auto) when it was run, else the first.
+  const Variant* main = &variants.front();
+  for (auto p = variants.rbegin(); p != variants.rend(); ++p)
+    if (p->path == SocPath::automatic) main = &*p;
+  const Variant& first = variants.front();
   const double rss_mb = static_cast<double>(peak_rss_bytes()) / (1024.0 * 1024.0);
   if (o.json) {
-    nlohmann::ordered_json per_path = nlohmann::json::array();
-    for (const PathTiming& p : paths)
-      per_path.push_back({{"path", p.name},
-                          {"seconds_per_step", p.per_step()},
-                          {"images_per_second", static_cast<double>(o.batch) / p.per_step()},
-                          {"cpu_seconds_per_step", p.cpu_per_step()},
-                          {"speedup_over_first", reference / p.per_step()},
-                          {"one_by_one_layers", p.one_by_one_layers},
-                          {"matrix_layers", p.matrix_layers}});
+    nlohmann::ordered_json per_variant = nlohmann::json::array();
+    for (const Variant& p : variants)
+      per_variant.push_back({{"path", soc_path_name(p.path)},
+                             {"precision", conv_precision_name(p.precision)},
+                             {"seconds_per_step", p.per_step()},
+                             {"images_per_second", static_cast<double>(o.batch) / p.per_step()},
+                             {"cpu_seconds_per_step", p.cpu_per_step()},
+                             {"speedup_over_first", first.per_step() / p.per_step()},
+                             {"cpu_speedup_over_first", first.cpu_per_step() / p.cpu_per_step()},
+                             {"one_by_one_layers", p.one_by_one_layers},
+                             {"matrix_layers", p.matrix_layers}});
     nlohmann::ordered_json out{{"benchmark", "train"},
                                {"model", "LipConvnet-" + std::to_string(config.depth)},
                                {"conv", config.conv_label()},
@@ -145,23 +156,28 @@ int run_train_benchmark(const TrainBenchOptions& o) {
                                {"steps", o.steps},
                                {"warmup", o.warmup},
                                {"parameters", model.parameter_count()},
-                               {"path", main->name},
+                               {"path", soc_path_name(main->path)},
+                               {"precision", conv_precision_name(main->precision)},
                                {"seconds_per_step", main->per_step()},
                                {"images_per_second", static_cast<double>(o.batch) / main->per_step()},
                                {"cpu_seconds_per_step", main->cpu_per_step()},
                                {"peak_rss_mb", rss_mb},
-                               {"paths", per_path}};
+                               {"variants", per_variant}};
     std::printf("%s\n", out.dump().c_str());
   } else {
-    std::printf("LipConvnet-%lld %s, batch %lld, %s, %d threads; %d steps per path after %d warm-up, interleaved\n",
+    std::printf("LipConvnet-%lld %s, batch %lld, %s, %d threads; %d steps per variant (1x1 path, precision) after "
+                "%d warm-up, interleaved\n",
                 static_cast<long long>(config.depth), config.conv_label().c_str(), static_cast<long long>(o.batch),
                 o.device.c_str(), thread_count(), o.steps, o.warmup);
-    for (const PathTiming& p : paths)
-      std::printf("  1x1 path %-6s %.3f s/step  %.1f images/s  %.3f CPU s/step  x%.2f vs %s  (%d of %d 1x1 "
-                  "layers on the matrix path)\n",
+    for (const Variant& p : variants)
+      std::printf("  %-12s %.3f s/step  %.1f images/s  %.3f CPU s/step  x%.2f (CPU x%.2f) vs "
+                  "%s  (%d of %d 1x1 layers on the matrix path)\n",
                   p.name.c_str(), p.per_step(), static_cast<double>(o.batch) / p.per_step(), p.cpu_per_step(),
-                  reference / p.per_step(), paths.front().name.c_str(), p.matrix_layers, p.one_by_one_layers);
+                  first.per_step() / p.per_step(), first.cpu_per_step() / p.cpu_per_step(), first.name.c_str(),
+                  p.matrix_layers, p.one_by_one_layers);
     std::printf("  peak RSS %.0f MiB\n", rss_mb);
+    if (const auto* cpu = dynamic_cast<const cpu::CpuBackend*>(&model.backend()))
+      for (const std::string& line : cpu->precision_choices()) std::printf("  bf16 choice: %s\n", line.c_str());
   }
   return 0;
 }

@@ -1,6 +1,7 @@
 // `orthoconv bench train`: images/s of full LipConvnet training steps (forward, backward, SGD update) and peak
-// memory, for each requested path of the 1x1 SocConvs. Declared here so that apps/bench.cpp can dispatch to it;
-// implemented in apps/bench_train.cpp.
+// memory, for each requested pair of a path of the 1x1 SocConvs and a precision of the series convolutions, the
+// steps of each taking turns on one model, so that their ratios are measured side by side. Declared here so that
+// apps/bench.cpp can dispatch to it; implemented in apps/bench_train.cpp.
 #pragma once
 
 #include <cstdint>
@@ -20,6 +21,7 @@ struct TrainBenchOptions {
   int warmup = 1;                  // untimed steps first
   std::string device = "cpu";
   std::vector<std::string> paths{"series", "auto"};  // 1x1 SocConv paths, timed side by side
+  std::vector<std::string> precisions{"fp32"};  // series convolutions, timed side by side
   bool json = false;
 };
 

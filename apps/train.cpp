@@ -30,6 +30,7 @@ struct TrainOptions {
   std::string out = "runs/lipconvnet";
   std::string resume;
   std::string device = "cpu";
+  std::string precision = "fp32";
   int64_t epochs = 200;
   int64_t batch = 128;
   double lr = 0.1, momentum = 0.9, weight_decay = 5e-4, lr_decay = 0.1, gamma = 0.0;
@@ -62,6 +63,7 @@ TrainConfig config_from_options(const TrainOptions& o) {
   c.data_dir = o.data;
   c.out_dir = o.out;
   c.device = o.device;
+  c.precision = parse_conv_precision(o.precision);
   c.epochs = o.epochs;
   c.batch_size = o.batch;
   c.lr = o.lr;
@@ -122,6 +124,8 @@ int run_train(CLI::App& cmd, TrainOptions o) {
     config = TrainConfig::from_json(merged.dump());
     config.validate();
   }
+  // Before the dataset is read: a precision this machine cannot run fails at once.
+  backend_for(config.device == "cuda" ? Device::cuda : Device::cpu)->check_precision(config.precision);
   config.data_dir = find_cifar100(config.data_dir);
   CifarSplit train = load_cifar100(config.data_dir, "train");
   CifarSplit test = load_cifar100(config.data_dir, "test");
@@ -154,6 +158,10 @@ Runner setup_train(CLI::App& app) {
   cmd->add_option("--out", o->out, "output directory (config.json, metrics.*, *.safetensors)")->capture_default_str();
   cmd->add_option("--resume", o->resume, "continue the run in this directory (its last.safetensors)");
   cmd->add_option("--device", o->device, "cpu | cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--precision", o->precision, "series convolutions of the training steps: fp32 | bf16 (CPU with "
+                  "AVX512-BF16, CUDA) | tf32 (CUDA); bf16 inputs, float32 accumulation, per shape where faster; "
+                  "evaluation and certification always float32")
+      ->capture_default_str()->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
   cmd->add_option("--epochs", o->epochs, "epochs")->capture_default_str();
   cmd->add_option("--batch", o->batch, "batch size")->capture_default_str();
   cmd->add_option("--lr", o->lr, "initial learning rate")->capture_default_str();

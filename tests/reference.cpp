@@ -46,6 +46,38 @@ double norm_relative_error(const Vec& actual, const Vec& expected) {
   return scale > 0.0 ? std::sqrt(diff) / scale : std::sqrt(diff);
 }
 
+double round_to_bf16(double x) {
+  if (std::isnan(x) || std::isinf(x) || x == 0.0) return x;
+  // Spacing of bfloat16 numbers around |x|: 2^(e - 7) for 2^e <= |x| < 2^(e+1), subnormals below 2^-126.
+  int exponent = 0;
+  std::frexp(x, &exponent);  // |x| = m 2^exponent, m in [1/2, 1)
+  const int e = std::max(exponent - 1, -126);
+  const double spacing = std::ldexp(1.0, e - 7);
+  const double rounded = std::nearbyint(x / spacing) * spacing;  // the default mode: nearest, ties to even
+  if (std::abs(rounded) >= std::ldexp(1.0, 128)) return std::copysign(HUGE_VAL, x);  // overflow: infinity
+  return rounded;
+}
+
+Vec round_to_bf16(const Vec& values) {
+  Vec out(values.size());
+  for (size_t i = 0; i < values.size(); ++i) out[i] = round_to_bf16(values[i]);
+  return out;
+}
+
+bool runs_precision(Backend& backend, ConvPrecision precision) {
+  try {
+    backend.check_precision(precision);
+    return true;
+  } catch (const ConfigError&) {
+    return false;
+  }
+}
+
+bool cpu_has_bf16() { return runs_precision(*cpu_backend(), ConvPrecision::bf16); }
+
+AlwaysBf16::AlwaysBf16() { cpu_backend()->set_precision_choice(Backend::PrecisionChoice::always); }
+AlwaysBf16::~AlwaysBf16() { cpu_backend()->set_precision_choice(Backend::PrecisionChoice::measured); }
+
 Vec random_normal(size_t count, uint64_t seed, double stddev) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<double> normal(0.0, stddev);

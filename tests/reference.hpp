@@ -32,6 +32,22 @@ double norm(const Vec& a);
 double max_relative_error(const Vec& actual, const Vec& expected);
 // ||a - b||_2 / ||b||_2.
 double norm_relative_error(const Vec& actual, const Vec& expected);
+// bfloat16 rounding (8-bit significand, round to nearest, ties to even, overflow to infinity; NaN stays NaN),
+// computed in double arithmetic from the definition (the nearest multiple of the spacing 2^(e-7)), not from
+// the bit pattern. Returns the rounded value as a double (exactly representable in float and bfloat16).
+double round_to_bf16(double x);
+Vec round_to_bf16(const Vec& values);
+// Whether this CPU runs bf16 (AVX512-BF16 in oneDNN's ISA query; tests of bf16 warn and return without it), and
+// Backend::PrecisionChoice::always on the CPU backend for a scope (every shape with a oneDNN bf16 kernel runs it,
+// whatever the timings; the measured choice again afterwards).
+bool runs_precision(Backend& backend, ConvPrecision precision);  // check_precision does not refuse it
+bool cpu_has_bf16();
+struct AlwaysBf16 {
+  AlwaysBf16();
+  ~AlwaysBf16();
+  AlwaysBf16(const AlwaysBf16&) = delete;
+  AlwaysBf16& operator=(const AlwaysBf16&) = delete;
+};
 // Deterministic N(0, stddev^2) / U(-1, 1) vectors.
 Vec random_normal(size_t count, uint64_t seed, double stddev = 1.0);
 Vec random_uniform(size_t count, uint64_t seed);

@@ -6,7 +6,10 @@
 #include "orthoconv/attack.hpp"
 #include "orthoconv/certifying_pass.hpp"
 #include "orthoconv/jacobian.hpp"
+#include "orthoconv/model_state.hpp"
 #include "orthoconv/network_bound.hpp"
+#include "orthoconv/trainer.hpp"
+#include "reference.hpp"
 
 using namespace orthoconv;
 
@@ -344,4 +347,82 @@ TEST_CASE("attacks on a batch: finished images drop out, the others are attacked
   CHECK(batch.min_norm[1] == alone.min_norm[0]);
   CHECK(std::isfinite(batch.min_norm[1]));  // DDN found an adversarial example within 12 steps
   CHECK(batch.min_norm[1] > 0.0);
+}
+
+TEST_CASE("a bf16-trained model is certified exactly as a float32 one, and attacks break none of its certificates",
+          "[verified][attack][bf16]") {
+  if (!reference::cpu_has_bf16()) {
+    WARN("no AVX512-BF16 on this CPU: bf16 training not tested");
+    return;
+  }
+  reference::AlwaysBf16 always;
+  // Width 8, plain SOC: every shape has a oneDNN bf16 kernel.
+  ModelConfig config = tiny_config();
+  config.conv = "soc";
+  config.groups_first = 1;
+  config.groups_second.reset();
+  config.init_channels = 8;
+  LipConvnet model(config);
+  model.set_precision(ConvPrecision::bf16);
+  Normalization norm;
+  {
+    Sgd sgd(model);
+    TrainStep step(model, sgd, 0.0, norm.lipschitz());
+    CifarSplit data = random_split(32, 9);
+    std::vector<int64_t> all(32);
+    for (int i = 0; i < 32; ++i) all[static_cast<size_t>(i)] = i;
+    Tensor images = pixel_batch(data, all);
+    for (int64_t i = 0; i < images.numel(); ++i)
+      images.data()[i] = (images.data()[i] - norm.mean[static_cast<size_t>(i / 1024 % 3)]) /
+                         norm.std[static_cast<size_t>(i / 1024 % 3)];
+    std::vector<int32_t> labels(32);
+    for (int i = 0; i < 32; ++i) labels[static_cast<size_t>(i)] = i % 10;
+    for (int s = 0; s < 3; ++s) REQUIRE(std::isfinite(step.run(images, labels, 0.05f, 0.9f, 5e-4f).loss_sum));
+  }
+  // The same parameters in a model that never heard of bf16 (as `orthoconv certify` loads a checkpoint).
+  model.set_training(false);
+  Checkpoint saved;
+  write_model_state(model, norm, saved);
+  LipConvnet fresh(config);
+  read_model_state(saved, "bf16-trained", fresh);
+
+  CifarSplit split = random_split(8, 10);
+  std::vector<int64_t> indices(8);
+  for (int i = 0; i < 8; ++i) indices[static_cast<size_t>(i)] = i;
+  auto logits = logits_of(model, norm, split, indices);
+  for (int i = 0; i < 8; ++i) {
+    const float* f = &logits[static_cast<size_t>(i * 10)];
+    split.fine_labels[static_cast<size_t>(i)] = static_cast<int32_t>(std::max_element(f, f + 10) - f);
+  }
+  const NetworkBound bound = verify_network(model, 12, Precision::float64, norm);
+  const NetworkBound fresh_bound = verify_network(fresh, 12, Precision::float64, norm);
+  CHECK(bound.lipschitz == fresh_bound.lipschitz);
+  const auto eval = evaluate_verified(model, bound, split, indices, norm, {36});
+  const auto fresh_eval = evaluate_verified(fresh, fresh_bound, split, indices, norm, {36});
+  double largest = 0.0;
+  for (size_t i = 0; i < indices.size(); ++i) {
+    INFO("image " << i);
+    CHECK(eval.nominal_images[i].radius == fresh_eval.nominal_images[i].radius);  // float32 pass
+    CHECK(eval.verified_images[i].radius == fresh_eval.verified_images[i].radius);  // float64 pass
+    largest = std::max(largest, eval.verified_images[i].radius);
+  }
+  REQUIRE(largest > 0.0);
+  // Attack at half the largest certified radius: every image certified there survives PGD, and DDN's smallest
+  // adversarial perturbation is longer than each image's certified radius.
+  AttackOptions options;
+  options.steps = 12;
+  options.restarts = 2;
+  options.initial_radius = 0.5;
+  const double eps = largest / 2;
+  const AttackResult attacked = attack_model(model, norm, split, indices, eps, options);
+  int certified = 0;
+  for (size_t i = 0; i < indices.size(); ++i) {
+    INFO("image " << i << ": certified radius " << eval.verified_images[i].radius << ", DDN " << attacked.min_norm[i]);
+    CHECK(attacked.min_norm[i] > eval.verified_images[i].radius);
+    if (eval.verified_images[i].radius >= eps) {
+      ++certified;
+      CHECK_FALSE(attacked.pgd_success[i]);
+    }
+  }
+  CHECK(certified > 0);
 }

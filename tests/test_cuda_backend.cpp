@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -886,5 +887,160 @@ TEST_CASE("one training step of LipConvnet-15 on the GPU gives the CPU's loss an
       CHECK(gpu_params[i].name == cpu_params[i].name);
       CHECK(rel_error(download(gpu_params[i].parameter->grad), cpu_params[i].parameter->grad.to_vector()) < 2e-3);
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Reduced precision (ConvShape::precision), on GPUs with compute capability >= 8.0 (elsewhere conv_precision says
+// fp32 and check_precision refuses; both checked). Tolerances from the rounding of the inputs:
+//   tf32: cuDNN rounds each input to 10 explicit mantissa bits (relative <= 2^-10 whether it rounds or truncates),
+//         so each product is off by <= 2^-9 relative and each output by <= 2^-9 (|W| * |X|) + float32's 1e-5;
+//   bf16 forward: on inputs rounded to bf16 (reference::round_to_bf16) the products are exact and the float32
+//         accumulator is rounded once to bf16 (cuDNN's bf16 result): |error| <= 2^-8 |y| + 1e-5 max |y|;
+//   bf16 backward-weights: the bf16 inputs widened exactly, TF32 products of bf16 values exact: float32's 1e-5.
+namespace {
+
+bool gpu_has_tensor_cores() { return ref::runs_precision(*cuda_backend(), ConvPrecision::tf32); }
+
+// max_i |actual_i - expected_i| - bound_i <= 0, reported as the worst excess over the per-element bound.
+bool within(const std::vector<float>& actual, const ref::Vec& expected, const ref::Vec& bound) {
+  bool ok = true;
+  for (size_t i = 0; i < actual.size(); ++i)
+    if (std::abs(static_cast<double>(actual[i]) - expected[i]) > bound[i]) {
+      UNSCOPED_INFO("element " << i << ": " << actual[i] << " vs " << expected[i] << " (bound " << bound[i] << ")");
+      ok = false;
+      break;
+    }
+  return ok;
+}
+
+ref::Vec absolute(const ref::Vec& v) {
+  ref::Vec out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = std::abs(v[i]);
+  return out;
+}
+
+double largest(const ref::Vec& v) {
+  double m = 0.0;
+  for (double x : v) m = std::max(m, std::abs(x));
+  return m;
+}
+
+}  // namespace
+
+TEST_CASE("cuDNN tf32 and bf16 convolutions stay within their input roundings of the double reference",
+          "[.gpu][cuda][conv][precision]") {
+  if (!gpu_ready()) return;
+  auto gpu = cuda_backend();
+  ConvShape s;
+  s.batch = 6;
+  s.in_channels = s.out_channels = 32;
+  s.height = s.width = 8;
+  s.kernel = 3;
+  s.groups = 2;
+  const ref::ConvDims d{s.batch, 32, 32, 8, 8, 3, 2};
+  const auto x = random_floats(static_cast<size_t>(d.input_size()), 801);
+  const auto w = random_floats(static_cast<size_t>(d.weight_size()), 802, 1.0 / 12.0);
+  const auto dy = random_floats(static_cast<size_t>(d.output_size()), 803);
+  const auto add = random_floats(static_cast<size_t>(d.output_size()), 804);
+  if (!gpu_has_tensor_cores()) {
+    s.precision = ConvPrecision::bf16;
+    CHECK(gpu->conv_precision(s, ConvPass::forward) == ConvPrecision::fp32);
+    REQUIRE_THROWS_WITH(gpu->check_precision(ConvPrecision::bf16), Catch::Contains("--precision bf16"));
+    WARN("this GPU has no bf16/TF32 tensor cores: reduced precision refused as it must be, not run");
+    return;
+  }
+  Tensor gx = upload(x), gw = upload(w), gdy = upload(dy), gadd = upload(add), gy(Shape{d.output_size()}, Device::cuda);
+  {
+    INFO("tf32: forward, backward-data, backward-weights");
+    s.precision = ConvPrecision::tf32;
+    REQUIRE(gpu->conv_precision(s, ConvPass::forward) == ConvPrecision::tf32);
+    const double unit = std::ldexp(1.0, -9);
+    auto bound_of = [&](const ref::Vec& magnitudes) {
+      ref::Vec b(magnitudes.size());
+      const double floor = kConvTolerance * largest(magnitudes);
+      for (size_t i = 0; i < b.size(); ++i) b[i] = unit * magnitudes[i] + floor;
+      return b;
+    };
+    const ref::Vec xd = ref::to_double(x), wd = ref::to_double(w), dyd = ref::to_double(dy);
+    gpu->conv_forward(s, gx.data(), gw.data(), gy.data(), false);
+    CHECK(within(download(gy), ref::conv_forward(d, xd, wd),
+                 bound_of(ref::conv_forward(d, absolute(xd), absolute(wd)))));
+    Tensor gdx(Shape{d.input_size()}, Device::cuda), gdw(Shape{d.weight_size()}, Device::cuda);
+    gpu->conv_backward_data(s, gdy.data(), gw.data(), gdx.data());
+    CHECK(within(download(gdx), ref::conv_backward_data(d, dyd, wd),
+                 bound_of(ref::conv_backward_data(d, absolute(dyd), absolute(wd)))));
+    gpu->conv_backward_weights(s, gx.data(), gdy.data(), gdw.data());
+    CHECK(within(download(gdw), ref::conv_backward_weights(d, xd, dyd),
+                 bound_of(ref::conv_backward_weights(d, absolute(xd), absolute(dyd)))));
+  }
+  {
+    INFO("bf16: rounding, forward with alpha and a float32 addend, stacked backward-weights");
+    s.precision = ConvPrecision::bf16;
+    REQUIRE(gpu->conv_precision(s, ConvPass::forward) == ConvPrecision::bf16);
+    REQUIRE(gpu->conv_precision(s, ConvPass::backward_weights) == ConvPrecision::bf16);
+    CHECK(gpu->conv_precision(s, ConvPass::backward_data) == ConvPrecision::fp32);
+    const ref::Vec xr = ref::round_to_bf16(ref::to_double(x)), wr = ref::round_to_bf16(ref::to_double(w)),
+                   dyr = ref::round_to_bf16(ref::to_double(dy));
+    Tensor lx(Shape{gpu->conv_input_size(s)}, Device::cuda), ldy(Shape{gpu->conv_input_size(s)}, Device::cuda);
+    Tensor lw(Shape{gpu->conv_weights_size(s, ConvPass::forward)}, Device::cuda);
+    gpu->to_conv_input(s, gx.data(), lx.data());
+    gpu->to_conv_input(s, gdy.data(), ldy.data());
+    gpu->weights_to_conv_layout(s, ConvPass::forward, gw.data(), lw.data());
+    // The rounding itself, bit for bit (two bf16 values per float).
+    const auto packed = download(lx);
+    for (size_t i = 0; i < x.size(); ++i) {
+      uint32_t word;
+      std::memcpy(&word, &packed[i / 2], sizeof(word));
+      const uint32_t bits = (i % 2 ? word >> 16 : word & 0xffffu) << 16;
+      float value;
+      std::memcpy(&value, &bits, sizeof(value));
+      if (static_cast<double>(value) != xr[i]) {
+        FAIL_CHECK("element " << i << " rounds to " << value << ", reference " << xr[i]);
+        break;
+      }
+    }
+    const float alpha = -1.0f / 3.0f;
+    gpu->conv_forward_scaled(s, lx.data(), lw.data(), alpha, gadd.data(), gy.data());
+    const ref::Vec conv = ref::conv_forward(d, xr, wr);
+    ref::Vec want(conv.size()), bound(conv.size());
+    const double floor = kConvTolerance * largest(conv);
+    for (size_t i = 0; i < conv.size(); ++i) {
+      want[i] = double(alpha) * conv[i] + add[i];
+      bound[i] = std::ldexp(1.0, -8) * std::abs(double(alpha) * conv[i]) + floor;
+    }
+    CHECK(within(download(gy), want, bound));
+    Tensor gdw(Shape{d.weight_size()}, Device::cuda);
+    gpu->conv_backward_weights(s, lx.data(), ldy.data(), gdw.data());
+    CHECK(rel_error(download(gdw), ref::to_float(ref::conv_backward_weights(d, xr, dyr))) < kConvTolerance);
+  }
+}
+
+TEST_CASE("bf16 and tf32 SocConv on the GPU with a zero filter: the identity path bit for bit (x0, h_1 float32)",
+          "[.gpu][cuda][precision]") {
+  if (!gpu_ready()) return;
+  if (!gpu_has_tensor_cores()) {
+    WARN("this GPU has no bf16/TF32 tensor cores: not run");
+    return;
+  }
+  for (ConvPrecision precision : {ConvPrecision::tf32, ConvPrecision::bf16}) {
+    SocConfig config;
+    config.in_channels = config.out_channels = 32;
+    config.kernel = 3;
+    config.seed = 9;
+    config.precision = precision;
+    SocConv layer(config, cuda_backend());
+    INFO(layer.describe());
+    cuda_backend()->fill(layer.weight().value.data(), layer.weight().value.numel(), 0.0f);
+    const Shape in{3, 32, 6, 6};
+    const auto x = random_floats(static_cast<size_t>(in.numel()), 901), dy = random_floats(x.size(), 902);
+    Tensor y = gpu_output(), dx = gpu_output();
+    layer.forward(upload(x, in), y);
+    layer.backward(upload(dy, in), dx);
+    const auto bias = download(layer.bias().value);
+    std::vector<float> want(x.size());
+    for (size_t i = 0; i < x.size(); ++i) want[i] = x[i] + bias[(i / 36) % 32];
+    CHECK(download(y) == want);
+    CHECK(download(dx) == dy);
   }
 }

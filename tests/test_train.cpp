@@ -19,7 +19,9 @@
 
 #include "orthoconv/checkpoint.hpp"
 #include "orthoconv/model_state.hpp"
+#include "orthoconv/certify.hpp"
 #include "orthoconv/trainer.hpp"
+#include "reference.hpp"
 
 using namespace orthoconv;
 namespace fs = std::filesystem;
@@ -274,6 +276,68 @@ TEST_CASE("resume after epoch 1 continues bit for bit (256 images, batch 64, 2 e
   CHECK(lines == 2);
 }
 
+TEST_CASE("bf16 training is recorded in config.json, every metrics line and the checkpoint, resume keeps it, "
+          "evaluation runs float32", "[train][bf16]") {
+  if (!orthoconv::reference::cpu_has_bf16()) {
+    WARN("no AVX512-BF16 on this CPU: bf16 training not tested");
+    return;
+  }
+  orthoconv::reference::AlwaysBf16 always;
+  CifarSplit train = synthetic_split(128, 10, 3), test = synthetic_split(64, 10, 4);
+  const std::string dir = fresh_dir("bf16");
+  TrainConfig config = tiny_config(dir);
+  config.precision = ConvPrecision::bf16;
+  {
+    Trainer trainer(config, train, test, nullptr);
+    trainer.prepare();
+    trainer.run(1);
+    REQUIRE(trainer.history().size() == 1);
+    CHECK(trainer.history()[0].precision == "bf16");
+    // The test metrics of a bf16 run are those of float32 evaluation: the checkpoint written after the epoch,
+    // loaded into a model that never heard of bf16, evaluates to the same numbers bit for bit.
+    LipConvnet fresh(config.model);
+    read_model_state(load_checkpoint((fs::path(dir) / "last.safetensors").string()), "last", fresh);
+    std::vector<int64_t> indices(64);
+    for (int64_t i = 0; i < 64; ++i) indices[static_cast<size_t>(i)] = i;
+    const CertifyReport r = evaluate_model(fresh, test, indices, config.normalization, config.eps, config.eval_batch);
+    CHECK(trainer.history()[0].test_loss == r.mean_loss());
+    CHECK(trainer.history()[0].test_accuracy == r.clean_accuracy());
+    CHECK(trainer.history()[0].mean_radius == r.mean_radius());
+  }
+  CHECK(slurp((fs::path(dir) / "config.json").string()).find("\"precision\": \"bf16\"") != std::string::npos);
+  CHECK(slurp((fs::path(dir) / "metrics.jsonl").string()).find("\"precision\":\"bf16\"") != std::string::npos);
+  CHECK(slurp((fs::path(dir) / "metrics.csv").string()).find(",bf16,") != std::string::npos);
+  const Checkpoint saved = load_checkpoint((fs::path(dir) / "last.safetensors").string());
+  CHECK(saved.metadata.at("train.precision") == "bf16");
+  CHECK(TrainConfig::from_json(saved.metadata.at("train.config")).precision == ConvPrecision::bf16);
+  // Resuming with another precision is refused, naming the flag; with the same one it continues.
+  TrainConfig other = config;
+  other.precision = ConvPrecision::fp32;
+  Trainer refused(other, train, test, nullptr);
+  REQUIRE_THROWS_WITH(refused.prepare((fs::path(dir) / "last.safetensors").string()),
+                      Catch::Contains("--precision") && Catch::Contains("bf16"));
+  Trainer resumed(config, train, test, nullptr);
+  resumed.prepare((fs::path(dir) / "last.safetensors").string());
+  resumed.run();
+  CHECK(resumed.epochs_done() == 2);
+  CHECK(resumed.history().back().precision == "bf16");
+  // A config.json from before --precision (no key) reads as fp32.
+  std::string legacy = config.to_json();
+  const size_t at = legacy.find("  \"precision\": \"bf16\",\n");
+  REQUIRE(at != std::string::npos);
+  legacy.erase(at, std::string("  \"precision\": \"bf16\",\n").size());
+  CHECK(TrainConfig::from_json(legacy).precision == ConvPrecision::fp32);
+}
+
+TEST_CASE("a precision the device cannot run (tf32 on the CPU) or an unknown one: one error naming --precision",
+          "[train][bf16][errors]") {
+  TrainConfig config = tiny_config(fresh_dir("tf32-on-cpu"));
+  config.precision = ConvPrecision::tf32;
+  REQUIRE_THROWS_WITH(config.validate(), Catch::Contains("--precision tf32") && Catch::Contains("--device cpu"));
+  REQUIRE_THROWS_WITH(parse_conv_precision("fp16"), Catch::Contains("--precision") && Catch::Contains("fp16"));
+  REQUIRE_THROWS_AS(cpu_backend()->check_precision(ConvPrecision::tf32), ConfigError);
+}
+
 TEST_CASE("bad checkpoints: truncated, wrong architecture, missing tensor -> one IoError, nothing changed", "[train][errors]") {
   CifarSplit train = synthetic_split(64, 10, 3), test = synthetic_split(64, 10, 4);
   const std::string dir = fresh_dir("bad-checkpoints");
@@ -386,5 +450,25 @@ TEST_CASE("model-info --json gives the paper's GS-SOC (4,1) count", "[train][cli
   Result r = run_cli("model-info --conv gs-soc --groups 4,1 --depth 15 --classes 100 --json");
   REQUIRE(r.exit_code == 0);
   CHECK(r.out.find("\"parameters\":8905060") != std::string::npos);
+}
+TEST_CASE("train --precision bf16 on a CPU without AVX512-BF16 (DNNL_MAX_CPU_ISA=AVX512_CORE) fails with one line "
+          "naming --precision, before writing anything", "[train][cli][bf16]") {
+  const std::string out = fresh_dir("cli-no-bf16");
+  ::setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE", 1);  // read by the child's oneDNN; this process's ISA is fixed already
+  Result r = run_cli("train --precision bf16 --depth 5 --width 8 --epochs 1 --out " + out);
+  Result bench = run_cli("bench train --precision fp32,bf16 --depth 5 --steps 1");
+  ::unsetenv("DNNL_MAX_CPU_ISA");
+  for (const Result& x : {r, bench}) {
+    INFO("exit " << x.exit_code << "\nstderr: " << x.err);
+    CHECK(x.exit_code != 0);
+    CHECK(x.exit_code < 128);
+    CHECK(orthoconv::testing::line_count(x.err) == 1);
+    CHECK(x.err.find("--precision bf16") != std::string::npos);
+    CHECK(x.err.find("AVX512-BF16") != std::string::npos);
+  }
+  CHECK_FALSE(fs::exists(fs::path(out) / "config.json"));
+  Result tf32 = run_cli("train --precision tf32 --out " + out);
+  CHECK(tf32.exit_code != 0);
+  CHECK(tf32.err.find("--precision tf32") != std::string::npos);
 }
 #endif

@@ -7,6 +7,15 @@
 // Convolutions: grouped 2-D, stride 1, odd square kernel k, zero "same" padding k/2, no bias. Weights are
 // laid out [groups, c_out/groups, c_in/groups, k, k] (a SocConv filter [g, C, C, k, k] as it is stored).
 // Implementations create each vendor primitive once per ConvShape and reuse it.
+//
+// Precision (ConvShape::precision): fp32 is plain float32 everywhere. A reduced precision is a request for the
+// inputs of the convolutions of that shape only: bf16 rounds the activations (src of the forward, src and
+// diff_dst of backward-weights) and the weights to bfloat16 (8-bit significand, round to nearest even, unit
+// roundoff u = 2^-8) and accumulates in float32 into float32 outputs (the CUDA forward rounds its result to bf16
+// once before the float32 addend: lib/backend/cuda/cuda_backend.hpp); tf32 (CUDA) keeps float32 buffers and lets
+// the tensor cores round the inputs to 10-bit significands. Everything else (addends, the elementwise and filter
+// ops, the optimizer) is float32 whatever the shape says. A backend runs a requested precision only where it
+// has the kernels and they pay off (conv_precision); elsewhere the same calls run in float32.
 #pragma once
 
 #include <cstdint>
@@ -17,7 +26,14 @@
 
 namespace orthoconv {
 
-enum class ConvPass { forward, backward_data };
+// The precision of the series convolutions (`orthoconv train --precision`).
+enum class ConvPrecision { fp32, tf32, bf16 };
+// "fp32" | "tf32" | "bf16"; anything else is a ConfigError naming --precision.
+ConvPrecision parse_conv_precision(const std::string& text);
+std::string conv_precision_name(ConvPrecision precision);
+
+// forward also covers conv_forward_scaled (and SocConv's transposed convolutions, which run on it).
+enum class ConvPass { forward, backward_data, backward_weights };
 
 struct ConvShape {
   int64_t batch = 1;
@@ -27,12 +43,13 @@ struct ConvShape {
   int64_t width = 1;
   int64_t kernel = 1;
   int64_t groups = 1;
+  ConvPrecision precision = ConvPrecision::fp32;  // requested for the inputs of this shape's convolutions
 
   int64_t weight_count() const { return out_channels * (in_channels / groups) * kernel * kernel; }
   // Multiply-adds of one forward pass.
   int64_t macs() const { return batch * height * width * weight_count(); }
   bool operator==(const ConvShape& other) const;
-  std::string str() const;
+  std::string str() const;  // names the precision unless fp32
   void validate() const;  // throws ConfigError for impossible settings
 };
 
@@ -85,6 +102,33 @@ class Backend {
   virtual Device device() const = 0;
   virtual std::string name() const = 0;
 
+  // ---- precision ----
+  // Throws ConfigError naming --precision when this device cannot run `precision` at all (bf16 without
+  // AVX512-BF16, tf32 on the CPU, a GPU without tensor cores). fp32 always runs.
+  virtual void check_precision(ConvPrecision precision) const;
+  // The precision `pass` of `shape` runs in: shape.precision where this backend has kernels for it at this
+  // shape and chooses them (see set_precision_choice), else fp32. Where it is bf16 the pass takes its activation
+  // inputs as conv inputs (to_conv_input) and its weights (weights_to_conv_layout) in bfloat16; outputs, addends
+  // and the other passes stay float32 buffers. The answer for a shape never changes once given, unless the
+  // precision choice does.
+  virtual ConvPrecision conv_precision(const ConvShape& shape, ConvPass pass) {
+    (void)shape;
+    (void)pass;
+    return ConvPrecision::fp32;
+  }
+  // measured (the default): a reduced precision runs at a shape only where its kernels are faster than float32
+  // there, timed once per shape (on the CPU, oneDNN's bf16 kernels are 2x faster at most LipConvnet shapes
+  // and up to 9x SLOWER at some); always: wherever the backend has non-reference kernels (tests). A change
+  // forgets the earlier choices.
+  enum class PrecisionChoice { measured, always };
+  virtual void set_precision_choice(PrecisionChoice choice) { (void)choice; }
+  // A conv-layout activation buffer of `shape` as the input of a bf16 pass: conv_input_size floats hold it
+  // (half of conv_buffer_size); stacking holds as for conv_buffer_size (k * batch images = k buffers of batch
+  // images back to back). to_conv_input rounds the float32 conv-layout buffer `src` to it (nearest even);
+  // dst aliases nothing. Only for shapes with a bf16 pass.
+  virtual int64_t conv_input_size(const ConvShape& shape);
+  virtual void to_conv_input(const ConvShape& shape, const float* src, float* dst);
+
   // ---- convolutions ----
   // Convolutions run on buffers in the backend's own "conv layout" (oneDNN's blocked nChw16c on the CPU, plain
   // NCHW on CUDA): convert once at a layer's entry and exit, run every series term in that layout. Elementwise
@@ -95,11 +139,14 @@ class Backend {
   virtual int64_t conv_buffer_size(const ConvShape& shape) = 0;  // floats
   virtual void to_conv_layout(const ConvShape& shape, const float* nchw, float* dst) = 0;
   virtual void from_conv_layout(const ConvShape& shape, const float* src, float* nchw) = 0;
-  // Weights in the layout the forward or backward-data primitive wants, converted from the plain
-  // [g, c_out/g, c_in/g, k, k] layout. Scaling such a buffer elementwise scales the filter.
+  // Weights in the layout (and precision, see conv_precision) the forward or backward-data primitive wants,
+  // converted from the plain [g, c_out/g, c_in/g, k, k] float32 layout. Scaling such a float32 buffer
+  // elementwise scales the filter; a bf16 one is opaque.
   virtual int64_t conv_weights_size(const ConvShape& shape, ConvPass pass) = 0;  // floats
   virtual void weights_to_conv_layout(const ConvShape& shape, ConvPass pass, const float* plain, float* dst) = 0;
 
+  // Inputs named src / diff_dst below are conv inputs (to_conv_input) where conv_precision(shape, pass) is
+  // bf16; every output and addend is a float32 conv-layout buffer.
   // dst = conv(src, weights), or with accumulate dst += conv(src, weights). Conv layout; weights in the
   // forward conv layout.
   virtual void conv_forward(const ConvShape& shape, const float* src, const float* weights, float* dst,
@@ -107,7 +154,8 @@ class Backend {
   // diff_src = conv^T(diff_dst, weights), overwritten. Conv layout; weights in the backward-data conv layout.
   virtual void conv_backward_data(const ConvShape& shape, const float* diff_dst, const float* weights,
                                   float* diff_src) = 0;
-  // diff_weights (plain layout) = gradient of <diff_dst, conv(src, w)> in w, overwritten. Conv layout inputs.
+  // diff_weights (plain layout, float32) = gradient of <diff_dst, conv(src, w)> in w, overwritten. Conv layout
+  // inputs.
   virtual void conv_backward_weights(const ConvShape& shape, const float* src, const float* diff_dst,
                                      float* diff_weights) = 0;
   // dst = alpha * conv(src, weights) + addend, or dst = alpha * conv(src, weights) when addend is null. Conv

@@ -143,6 +143,10 @@ class LipConvnet {
   bool parameter_gradients() const { return parameter_gradients_; }
   void set_terms(int train_terms, int eval_terms);
   void set_power_schedule(const PowerSchedule& schedule);  // every SocConv's, and config().power_schedule
+  // The precision of every SocConv's series convolutions in training mode (SocConv::set_precision; evaluation
+  // is float32 whatever it is). Not part of the architecture: a checkpoint trained in bf16 is evaluated and
+  // certified as any other. Throws ConfigError naming --precision where the backend cannot run it.
+  void set_precision(ConvPrecision precision);
   void zero_grad();
 
   // Stable hierarchical names (see docs/checkpoint.md), in a fixed order.

@@ -16,11 +16,18 @@
 //          K = 5 terms in training, 12 in evaluation (configurable)
 //   keep c_out channels (the first c_out, or the first c_out/g of each group), add the bias.
 // Truncation: with rho = ||A_n||_2 the series misses exp(A_n) by at most sum_{i>K} rho^i / i! in norm.
+// Precision: in training mode the series convolutions (forward, transposed, backward-weights) run in
+// `precision` where the backend chooses it for the shape (Backend::conv_precision): with bf16 each convolution
+// rounds its input (p_{j+1} or h_j) and A_n / j to bfloat16 and accumulates in float32; the terms handed on,
+// x0 (Horner's addend), the output, every gradient and the filter preparation stay float32. Evaluation mode
+// always runs float32, and so does the matrix path below (its one convolution's input is x0 itself: rounding it
+// would cost u = 2^-8 in the output, where the series' rounded terms cost u ||A_n|| / j).
 // Output [N, c_out, H/s, W/s]. Requires H, W divisible by s.
 // Memory, with B = one batch of the series activations (N * C*g * H/s * W/s floats, channels padded to the
 // backend's conv layout):
 //   training forward   keeps K+1 B (the Horner terms p_1..p_K and x0, for the backward) and an NCHW staging B;
 //                      the backward adds K+2 B (the terms of the gradient), also kept for the next step;
+//                      bf16 adds the K rounded inputs of each direction (K B/2 each);
 //   evaluation forward keeps nothing but its output: x0 and two alternating terms live in the backend's three
 //                      shared buffers (Backend::shared_buffer), which every layer reuses in turn, so a whole
 //                      network evaluates in 3 B of series memory (B of its widest layer), whatever K;
@@ -106,6 +113,7 @@ struct SocConfig {
   KeepChannels keep = KeepChannels::first;
   uint64_t seed = 0;
   SocPath path = SocPath::automatic;  // matrix needs kernel 1; not part of the model (checkpoints ignore it)
+  ConvPrecision precision = ConvPrecision::fp32;  // series convolutions in training mode (checked on the backend)
 
   void validate() const;  // throws ConfigError naming the setting and the value
   int64_t unshuffled_channels() const { return in_channels * stride * stride; }
@@ -134,6 +142,7 @@ class SocConv : public Layer {
   void set_path(SocPath path);
   SocPath path_for(const Shape& input) const;
   SocPath last_path() const { return forward_path_; }
+  void set_precision(ConvPrecision precision);  // throws ConfigError where the backend cannot run it
 
   Parameter& weight() { return weight_; }
   Parameter& bias() { return bias_; }
@@ -154,7 +163,14 @@ class SocConv : public Layer {
   void refresh_sigma(int iterations);
 
  private:
-  ConvShape series_shape(int64_t batch) const;
+  ConvShape series_shape(int64_t batch) const;  // at forward_precision_
+  // Which series passes take bf16 inputs at `shape` with `terms` terms (Backend::conv_precision): the forward
+  // (and transposed) convolutions, the stacked backward-weights; and the floats of one rounded term.
+  struct RoundedInputs {
+    bool forward = false, weights = false;
+    int64_t size = 0;  // 0 when neither
+  };
+  RoundedInputs rounded_inputs(const ConvShape& shape, int terms) const;
   void prepare_filter(int iterations);
   // x0 from `input`, then the Horner terms p_K..p_1 with forward_terms_ terms; keep: in series_ (for the
   // backward), else in the backend's shared buffers. Returns p_1 (conv layout).
@@ -179,10 +195,13 @@ class SocConv : public Layer {
   std::vector<float> scale_;      // correction / (sigma + 1e-12)
   std::vector<int32_t> which_;
   Tensor weights_forward_;        // [K+1] copies in forward conv layout: slot j = A_n / j (slot 0 = A_n)
+  Tensor filter_scratch_;         // plain, A_n / j on its way to weights_forward_
   Tensor series_;                 // [K+1] x (batch in conv layout): slot s holds p_{s+1}; slot K = x0
   bool series_kept_ = false;      // series_ holds the last forward's terms (training mode, or recomputed)
   Tensor input_;                  // the last evaluation-mode forward's input (a handle), for a backward
   Tensor diff_series_;            // [K+2] x (batch in conv layout): slot j-1 holds h_j, slot K+1 dL/dx0
+  Tensor series_input_;           // bf16 passes: [K] conv inputs, slot s-1 = p_{s+1} rounded (s = 1..K)
+  Tensor diff_series_input_;      // bf16 passes: [K] conv inputs, slot j-1 = h_j rounded (j = 1..K)
   Tensor staging_;                // NCHW, C*g channels
   Tensor diff_weights_;           // plain, dA_n
   Tensor diff_skew_;              // plain, dM
@@ -195,6 +214,9 @@ class SocConv : public Layer {
   Tensor matrix_weights_;         // P, then P^T, in the forward conv layout
   Shape input_shape_;
   SocPath forward_path_ = SocPath::series;
+  // Requested by the last forward for its series convolutions: config_.precision in training on the series path,
+  // else fp32 (evaluation, and the matrix path, whose one convolution takes x0 itself).
+  ConvPrecision forward_precision_ = ConvPrecision::fp32;
   int forward_terms_ = 0;
   int64_t buffer_size_ = 0;
 };

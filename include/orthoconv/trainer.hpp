@@ -6,6 +6,11 @@
 //   loss = CE - gamma * mean_n relu(r_n),  r_n = (f_y - max_{j != y} f_j) / (sqrt(2) * L_in)
 // with y the true label (soc head only); its gradient flows through the top-2 margin.
 //
+// --precision (TrainConfig::precision): the series convolutions of the training steps run in fp32, bf16 (CPU
+// with AVX512-BF16; CUDA) or tf32 (CUDA), per shape where the backend finds them faster (SocConv); everything
+// else, and every evaluation, is float32. It is recorded in config.json, in every metrics line and in the
+// checkpoints, and a resumed run keeps it.
+//
 // Each epoch: train loss/accuracy, then clean and certified accuracy on the test set (or its first
 // test_subset images), appended to metrics.jsonl / metrics.csv in out_dir (both rewritten atomically) and
 // printed as one line; then last.safetensors (and best.safetensors when val_split > 0 picks a new best on the
@@ -35,6 +40,7 @@ struct TrainConfig {
   std::string data_dir;
   std::string out_dir = "runs/lipconvnet";
   std::string device = "cpu";
+  ConvPrecision precision = ConvPrecision::fp32;  // series convolutions of the training steps
   int64_t epochs = 200;
   int64_t batch_size = 128;
   double lr = 0.1;
@@ -103,6 +109,7 @@ class TrainStep {
 
 struct EpochMetrics {
   int64_t epoch = 0;          // 1-based, completed epochs
+  std::string precision = "fp32";  // of the epoch's training steps (conv_precision_name)
   int64_t step = 0;           // iterations done
   double lr = 0.0;            // lr of the last iteration
   double seconds = 0.0;

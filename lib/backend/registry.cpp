@@ -9,16 +9,50 @@
 
 namespace orthoconv {
 
+ConvPrecision parse_conv_precision(const std::string& text) {
+  if (text == "fp32") return ConvPrecision::fp32;
+  if (text == "tf32") return ConvPrecision::tf32;
+  if (text == "bf16") return ConvPrecision::bf16;
+  throw ConfigError("--precision must be 'fp32', 'tf32' or 'bf16', got '" + text + "'");
+}
+
+std::string conv_precision_name(ConvPrecision precision) {
+  switch (precision) {
+    case ConvPrecision::tf32: return "tf32";
+    case ConvPrecision::bf16: return "bf16";
+    default: return "fp32";
+  }
+}
+
 bool ConvShape::operator==(const ConvShape& o) const {
   return batch == o.batch && in_channels == o.in_channels && out_channels == o.out_channels &&
-         height == o.height && width == o.width && kernel == o.kernel && groups == o.groups;
+         height == o.height && width == o.width && kernel == o.kernel && groups == o.groups &&
+         precision == o.precision;
 }
 
 std::string ConvShape::str() const {
   std::ostringstream out;
   out << "[batch " << batch << ", " << in_channels << "->" << out_channels << " channels, " << height << "x"
-      << width << ", kernel " << kernel << ", groups " << groups << "]";
+      << width << ", kernel " << kernel << ", groups " << groups;
+  if (precision != ConvPrecision::fp32) out << ", " << conv_precision_name(precision);
+  out << "]";
   return out.str();
+}
+
+void Backend::check_precision(ConvPrecision precision) const {
+  require(precision == ConvPrecision::fp32, "--precision ", conv_precision_name(precision), " is not supported by the ",
+          name(), " backend; use --precision fp32");
+}
+
+// Backends without reduced-precision passes (conv_precision always fp32) are never asked for conv inputs.
+int64_t Backend::conv_input_size(const ConvShape& shape) {
+  throw BackendError(detail::concat("the ", name(), " backend has no bf16 conv inputs (convolution ", shape.str(),
+                                    ")"));
+}
+
+void Backend::to_conv_input(const ConvShape& shape, const float*, float*) {
+  throw BackendError(detail::concat("the ", name(), " backend has no bf16 conv inputs (convolution ", shape.str(),
+                                    ")"));
 }
 
 void ConvShape::validate() const {

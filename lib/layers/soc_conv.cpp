@@ -13,6 +13,12 @@
 // and dL/dx0 is one weighted sum of the K+1 terms.
 // 1x1 layers may take the matrix path instead (one convolution by the precomputed series matrix P):
 // lib/layers/soc_matrix.cpp, chosen per shape by its cost model (SocConfig::path).
+// bf16 (training mode on the series path, where the backend chooses it for the shape and pass): every
+// convolution input is the term rounded once to bfloat16 (to_conv_input, K conversions per direction, kept in
+// series_input_ / diff_series_input_, which also feed the stacked backward-weights); the float32 terms stay in
+// series_ / diff_series_ for the addend x0, the output and the weighted sum. Rounding p_{j+1} or h_j costs
+// relative u times ||A_n / j|| in the result; rounding x0 or h_1 would cost u itself (tests/test_precision.cpp).
+// The matrix path stays float32 (its one convolution's input is x0 itself).
 #include "orthoconv/soc_conv.hpp"
 
 #include <cmath>
@@ -103,6 +109,7 @@ SocConv::SocConv(const SocConfig& config, std::shared_ptr<Backend> backend)
     : config_(config), backend_(std::move(backend)) {
   config_.validate();
   require(backend_ != nullptr, "SocConv needs a backend");
+  backend_->check_precision(config_.precision);
   const int64_t g = config_.groups, c = config_.group_channels(), k = config_.kernel;
   Shape filter_shape{g, c, c, k, k};
   std::mt19937_64 rng(config_.seed);
@@ -153,6 +160,7 @@ std::string SocConv::describe() const {
       << config_.stride << " g" << config_.groups << " (series on " << config_.group_channels() * config_.groups
       << " ch, terms " << config_.train_terms << "/" << config_.eval_terms;
   if (config_.path != SocPath::automatic) out << ", path " << soc_path_name(config_.path);
+  if (config_.precision != ConvPrecision::fp32) out << ", training " << conv_precision_name(config_.precision);
   out << ")";
   return out.str();
 }
@@ -196,12 +204,28 @@ void SocConv::set_schedule(const PowerSchedule& schedule) {
   config_.schedule = schedule;
 }
 
+void SocConv::set_precision(ConvPrecision precision) {
+  backend_->check_precision(precision);
+  config_.precision = precision;
+}
+
 int64_t SocConv::retained_bytes() const {
   int64_t floats = 0;
-  for (const Tensor* t : {&skew_, &scaled_, &weights_forward_, &series_, &diff_series_, &staging_, &diff_weights_,
-                          &diff_skew_, &scratch_, &horner_, &transposed_, &series_matrix_, &adjoint_, &matrix_weights_})
+  for (const Tensor* t : {&skew_, &scaled_, &weights_forward_, &filter_scratch_, &series_, &diff_series_,
+                          &series_input_, &diff_series_input_, &staging_, &diff_weights_, &diff_skew_, &scratch_,
+                          &horner_, &transposed_, &series_matrix_, &adjoint_, &matrix_weights_})
     floats += t->storage_floats();
   return floats * static_cast<int64_t>(sizeof(float));
+}
+
+SocConv::RoundedInputs SocConv::rounded_inputs(const ConvShape& shape, int terms) const {
+  ConvShape stacked = shape;
+  stacked.batch = terms * shape.batch;
+  RoundedInputs r;
+  r.forward = backend_->conv_precision(shape, ConvPass::forward) == ConvPrecision::bf16;
+  r.weights = backend_->conv_precision(stacked, ConvPass::backward_weights) == ConvPrecision::bf16;
+  if (r.forward || r.weights) r.size = backend_->conv_input_size(shape);
+  return r;
 }
 
 ConvShape SocConv::series_shape(int64_t batch) const {
@@ -213,6 +237,7 @@ ConvShape SocConv::series_shape(int64_t batch) const {
   s.width = input_shape_[3] / config_.stride;
   s.kernel = config_.kernel;
   s.groups = config_.groups;
+  s.precision = forward_precision_;
   return s;
 }
 
@@ -258,6 +283,7 @@ void SocConv::forward(const Tensor& input, Tensor& output) {
   last_power_iterations_ = iterations;
   forward_terms_ = terms();
   forward_path_ = path_for(input_shape_);
+  forward_precision_ = training_ && forward_path_ == SocPath::series ? config_.precision : ConvPrecision::fp32;
   // Training keeps the K+1 terms for the backward; evaluation runs in the backend's shared buffers and keeps only
   // (a handle to) the input, from which a backward recomputes the terms.
   series_kept_ = training_;
@@ -334,24 +360,41 @@ const float* SocConv::run_series(const Tensor& input, bool keep) {
 
   if (matrix) {
     matrix_forward(shape, x0, p(1));
-  } else {
-    // Slot 0 of weights_forward_ holds A_n in the conv layout (the backward uses it too). Where the filter is
-    // small next to the activations (the wide early layers), slots 1..K hold A_n / j and the Horner steps only
-    // add x0; elsewhere the 1/j is a post-op scale (with both post-ops oneDNN's kernels slow down at few
-    // channels, up to 2.7x at 32 channels; copying a 9.4 MB filter K times would cost more at 512).
-    const int64_t wsize = be.conv_weights_size(shape, ConvPass::forward);
-    const bool scaled_copies = K * wsize <= buffer_size_;
-    weights_forward_.resize(Shape{(scaled_copies ? K + 1 : 1) * wsize}, backend_->device());
-    float* w = weights_forward_.data();
-    be.weights_to_conv_layout(shape, ConvPass::forward, scaled_.data(), w);
-    if (scaled_copies)
-      for (int j = 2; j <= K; ++j) be.axpby(1.0f / static_cast<float>(j), w, 0.0f, w + j * wsize, wsize);
-    for (int j = K; j >= 1; --j) {
-      if (scaled_copies)
-        be.conv_forward_scaled(shape, p(j + 1), j == 1 ? w : w + j * wsize, 1.0f, x0, p(j));
-      else
-        be.conv_forward_scaled(shape, p(j + 1), w, 1.0f / static_cast<float>(j), x0, p(j));
+    return p(1);
+  }
+  // bf16 convolution inputs (training only): p_{s+1} rounded in series_input_ slot s-1, for the forward
+  // convolutions and (the same rounded terms) the stacked backward-weights, where the backend runs them in bf16.
+  const RoundedInputs low = rounded_inputs(shape, K);
+  if (low.size) {
+    series_input_.resize(Shape{K * low.size}, backend_->device());
+    be.to_conv_input(shape, x0, series_input_.data() + (K - 1) * low.size);
+  }
+  auto rounded = [&](int j) { return series_input_.data() + (j - 1) * low.size; };  // p_{j+1}, j = 1..K
+
+  // Slot 0 of weights_forward_ holds A_n in the conv layout (the backward uses it too). Where the filter is
+  // small next to the activations (the wide early layers), slots 1..K hold A_n / j and the Horner steps only
+  // add x0; elsewhere the 1/j is a post-op scale (with both post-ops oneDNN's kernels slow down at few
+  // channels, up to 2.7x at 32 channels; copying a 9.4 MB filter K times would cost more at 512).
+  // A_n / j is scaled in float32 (plain layout) and then converted, so that a bf16 copy is A_n / j rounded once.
+  const int64_t wsize = be.conv_weights_size(shape, ConvPass::forward);
+  const bool scaled_copies = K * wsize <= buffer_size_;
+  weights_forward_.resize(Shape{(scaled_copies ? K + 1 : 1) * wsize}, backend_->device());
+  float* w = weights_forward_.data();
+  be.weights_to_conv_layout(shape, ConvPass::forward, scaled_.data(), w);
+  if (scaled_copies) {
+    filter_scratch_.resize(scaled_.shape(), backend_->device());
+    for (int j = 2; j <= K; ++j) {
+      be.axpby(1.0f / static_cast<float>(j), scaled_.data(), 0.0f, filter_scratch_.data(), scaled_.numel());
+      be.weights_to_conv_layout(shape, ConvPass::forward, filter_scratch_.data(), w + j * wsize);
     }
+  }
+  for (int j = K; j >= 1; --j) {
+    const float* src = low.forward ? rounded(j) : p(j + 1);
+    if (scaled_copies)
+      be.conv_forward_scaled(shape, src, j == 1 ? w : w + j * wsize, 1.0f, x0, p(j));
+    else
+      be.conv_forward_scaled(shape, src, w, 1.0f / static_cast<float>(j), x0, p(j));
+    if (low.size && j > 1) be.to_conv_input(shape, p(j), rounded(j - 1));
   }
   return p(1);
 }
@@ -395,12 +438,21 @@ void SocConv::backward(const Tensor& diff_output, Tensor& diff_input) {
   if (matrix) {
     matrix_backward(shape, dslot(0), dx0, parameter_gradients_);
   } else {
+    // bf16 convolution inputs (after a training-mode forward): h_{s+1} rounded in diff_series_input_ slot s.
+    const RoundedInputs low = rounded_inputs(shape, K);
+    if (low.size) {
+      diff_series_input_.resize(Shape{K * low.size}, backend_->device());
+      be.to_conv_input(shape, dslot(0), diff_series_input_.data());
+    }
+    auto h = [&](int s) { return low.forward ? diff_series_input_.data() + s * low.size : dslot(s); };
     // h_{j+1} = A_n^T h_j / (j+1) = -(A_n h_j) / (j+1), on the forward weights of this step.
     const float* w = weights_forward_.data();
-    for (int j = 1; j < K; ++j)
-      be.conv_forward_scaled(shape, dslot(j - 1), w, -1.0f / static_cast<float>(j + 1), nullptr, dslot(j));
+    for (int j = 1; j < K; ++j) {
+      be.conv_forward_scaled(shape, h(j - 1), w, -1.0f / static_cast<float>(j + 1), nullptr, dslot(j));
+      if (low.size) be.to_conv_input(shape, dslot(j), diff_series_input_.data() + j * low.size);
+    }
     // dL/dx0 = sum_j j h_j + A_n^T h_K: the last product into slot K, then the sum in one pass.
-    be.conv_forward_scaled(shape, dslot(K - 1), w, -1.0f, nullptr, dslot(K));
+    be.conv_forward_scaled(shape, h(K - 1), w, -1.0f, nullptr, dslot(K));
     std::vector<const float*> sources(static_cast<size_t>(K + 1));
     std::vector<float> weights(static_cast<size_t>(K + 1));
     for (int j = 1; j <= K + 1; ++j) {
@@ -413,12 +465,12 @@ void SocConv::backward(const Tensor& diff_output, Tensor& diff_input) {
       // dL/dA_n in one call over the K stored (p_{j+1}, h_j) pairs.
       ConvShape stacked = shape;
       stacked.batch = K * n;
-      be.conv_backward_weights(stacked, series_.data() + buffer_size_, dslot(0), diff_weights_.data());
+      be.conv_backward_weights(stacked, low.weights ? series_input_.data() : series_.data() + buffer_size_,
+                               low.weights ? diff_series_input_.data() : dslot(0), diff_weights_.data());
     }
   }
 
   if (parameter_gradients_) {
-
     // Through A_n = correction * A / sigma(A) (u, v fixed), then A = (M - M^T) / 2.
     const int64_t group_size = c * c * k * k;
     std::vector<float> dots(static_cast<size_t>(g)), coefficient(static_cast<size_t>(g));

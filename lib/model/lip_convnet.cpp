@@ -216,6 +216,11 @@ void LipConvnet::set_power_schedule(const PowerSchedule& schedule) {
   for (NamedSoc& s : soc_layers()) s.soc->set_schedule(schedule);
 }
 
+void LipConvnet::set_precision(ConvPrecision precision) {
+  backend_->check_precision(precision);
+  for (NamedSoc& s : soc_layers()) s.soc->set_precision(precision);
+}
+
 void LipConvnet::zero_grad() {
   for (NamedParameter& p : parameters())
     backend_->fill(p.parameter->grad.data(), p.parameter->grad.numel(), 0.0f);

@@ -43,6 +43,8 @@ void TrainConfig::validate() const {
   require(!eps.empty(), "--eps needs at least one value");
   for (int e : eps) require(e >= 0, "--eps values must be non-negative numerators over 255, got ", e);
   require(device == "cpu" || device == "cuda", "--device must be 'cpu' or 'cuda', got '", device, "'");
+  require(precision != ConvPrecision::tf32 || device == "cuda", "--precision tf32 is a CUDA tensor-core format; "
+          "with --device cpu use --precision fp32 or bf16");
   require(threads >= 0, "--threads must be >= 0, got ", threads);
   for (int i = 0; i < 3; ++i)
     require(normalization.std[i] > 0 && std::isfinite(normalization.std[i]), "--std values must be positive");
@@ -69,6 +71,7 @@ std::string TrainConfig::to_json() const {
   j["data"] = data_dir;
   j["out"] = out_dir;
   j["device"] = device;
+  j["precision"] = conv_precision_name(precision);
   j["epochs"] = epochs;
   j["batch"] = batch_size;
   j["lr"] = lr;
@@ -119,6 +122,8 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.data_dir = j.at("data").get<std::string>();
     c.out_dir = j.at("out").get<std::string>();
     c.device = j.at("device").get<std::string>();
+    // Absent in runs from before --precision existed: they trained in float32.
+    c.precision = parse_conv_precision(j.value("precision", std::string("fp32")));
     c.epochs = j.at("epochs").get<int64_t>();
     c.batch_size = j.at("batch").get<int64_t>();
     c.lr = j.at("lr").get<double>();
@@ -276,6 +281,7 @@ std::string EpochMetrics::json() const {
   nlohmann::ordered_json j;
   j["epoch"] = epoch;
   j["step"] = step;
+  j["precision"] = precision;
   j["lr"] = lr;
   j["seconds"] = seconds;
   j["images_per_second"] = images_per_second;
@@ -305,6 +311,7 @@ EpochMetrics metrics_from_json(const std::string& line) {
   EpochMetrics m;
   m.epoch = j.at("epoch").get<int64_t>();
   m.step = j.at("step").get<int64_t>();
+  m.precision = j.value("precision", std::string("fp32"));
   m.lr = j.at("lr").get<double>();
   m.seconds = j.at("seconds").get<double>();
   m.images_per_second = j.at("images_per_second").get<double>();
@@ -410,6 +417,9 @@ std::string Trainer::configuration_table() const {
                           std::to_string(config_.model.eval_terms) + " eval");
   row("parameters", model_ ? std::to_string(model_->parameter_count()) : "?");
   row("device / threads", config_.device + " / " + std::to_string(thread_count()));
+  row("precision", conv_precision_name(config_.precision) + (config_.precision == ConvPrecision::fp32
+                                                                 ? std::string()
+                                                                 : " series convolutions in training, per shape"));
   row("data", config_.data_dir);
   row("train / val / test", std::to_string(train_indices_.size()) + " / " + std::to_string(val_indices_.size()) +
                                 " / " + std::to_string(test_indices_.size()) + " images");
@@ -436,6 +446,7 @@ void Trainer::prepare(const std::string& resume_from) {
   set_thread_count(config_.threads);
   const Device device = config_.device == "cuda" ? Device::cuda : Device::cpu;
   model_ = std::make_unique<LipConvnet>(config_.model, backend_for(device));
+  model_->set_precision(config_.precision);
   sgd_ = std::make_unique<Sgd>(*model_);
   step_ = std::make_unique<TrainStep>(*model_, *sgd_, config_.gamma, config_.normalization.lipschitz());
 
@@ -483,6 +494,7 @@ void Trainer::load(const std::string& path) {
   same(saved.batch_size == config_.batch_size, "--batch", std::to_string(saved.batch_size));
   same(saved.train_subset == config_.train_subset, "--train-subset", std::to_string(saved.train_subset));
   same(saved.val_split == config_.val_split, "--val-split", std::to_string(saved.val_split));
+  same(saved.precision == config_.precision, "--precision", conv_precision_name(saved.precision));
   read_model_state(c, path, *model_);
   sgd_->load(c, path);
   try {
@@ -509,6 +521,7 @@ void Trainer::save(const std::string& path, int64_t epoch) {
   c.metadata["train.epoch"] = std::to_string(epoch);
   c.metadata["train.step"] = std::to_string(global_step_);
   c.metadata["train.config"] = config_.to_json();
+  c.metadata["train.precision"] = conv_precision_name(config_.precision);
   json rng{{"generator", "BatchLoader(seed, epoch)"}, {"seed", config_.seed}, {"next_epoch", epoch}};
   c.metadata["train.rng"] = rng.dump();
   char best[64];
@@ -522,7 +535,7 @@ void Trainer::save(const std::string& path, int64_t epoch) {
 }
 
 void Trainer::write_metrics() {
-  std::string jsonl, csv = "epoch,step,lr,seconds,images_per_second,train_loss,train_accuracy,test_loss,"
+  std::string jsonl, csv = "epoch,step,precision,lr,seconds,images_per_second,train_loss,train_accuracy,test_loss,"
                            "test_accuracy";
   for (int e : config_.eps) csv += ",certified_" + std::to_string(e);
   csv += ",mean_radius,test_images,val_accuracy,val_certified_accuracy\n";
@@ -530,8 +543,8 @@ void Trainer::write_metrics() {
     jsonl += m.json() + "\n";
     std::ostringstream row;
     row.precision(10);
-    row << m.epoch << "," << m.step << "," << m.lr << "," << m.seconds << "," << m.images_per_second << ","
-        << m.train_loss << "," << m.train_accuracy << ",";
+    row << m.epoch << "," << m.step << "," << m.precision << "," << m.lr << "," << m.seconds << ","
+        << m.images_per_second << "," << m.train_loss << "," << m.train_accuracy << ",";
     if (m.evaluated) {
       row << m.test_loss << "," << m.test_accuracy;
       for (int e : config_.eps) {
@@ -660,6 +673,7 @@ void Trainer::run(int64_t stop_after) {
     EpochMetrics m;
     m.epoch = epoch + 1;
     m.step = global_step_;
+    m.precision = conv_precision_name(config_.precision);
     m.lr = lr;
     m.train_loss = images ? loss_sum / static_cast<double>(images) : 0.0;
     m.train_accuracy = images ? static_cast<double>(correct) / static_cast<double>(images) : 0.0;

@@ -9,6 +9,10 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -72,30 +76,49 @@ void unblock_planes(const float* src, int64_t valid, int64_t plane, int64_t bloc
 
 }  // namespace
 
+struct CpuBackend::ScaledPrimitive {
+  dnnl::primitive primitive;
+  int addend_index = -1;          // position of the binary-add post-op, or -1
+};
+
+// The primitives of one input data type at one shape: float32, or bf16 src / diff_dst / weights with float32
+// dst, diff_weights and post-op addends (oneDNN's jit_bf16 kernels accumulate in float32).
+struct CpuBackend::ConvKernels {
+  memory::desc act;               // src and diff_dst in the conv layout, this data type
+  dnnl::convolution_forward::primitive_desc fwd_pd, fwd_acc_pd;
+  dnnl::convolution_backward_weights::primitive_desc bwd_weights_pd;
+  dnnl::primitive fwd, fwd_acc, bwd_weights;
+  dnnl::reorder fwd_weights_reorder, diff_weights_reorder;
+  bool fwd_weights_plain = false, diff_weights_plain = false;
+  memory diff_weights_scratch;    // when backward-weights writes a non-plain layout
+  std::map<std::pair<float, bool>, ScaledPrimitive> scaled;  // (alpha, has addend)
+  std::string impl;
+};
+
 struct CpuBackend::ConvPrimitives {
-  memory::desc act;               // activations in the conv layout
+  memory::desc out;               // float32 activations in the conv layout (dst, addends, every buffer)
   memory::desc plain_act;         // NCHW
   memory::desc plain_weights;     // [g, o, i, k, k] or [o, i, k, k]
-  dnnl::convolution_forward::primitive_desc fwd_pd, fwd_acc_pd;
-  dnnl::convolution_backward_data::primitive_desc bwd_data_pd;
-  dnnl::convolution_backward_weights::primitive_desc bwd_weights_pd;
-  dnnl::primitive fwd, fwd_acc, bwd_data, bwd_weights;
-  dnnl::reorder fwd_weights_reorder, bwd_weights_reorder, diff_weights_reorder;
-  bool fwd_weights_plain = false, bwd_weights_plain = false, diff_weights_plain = false;
-  memory diff_weights_scratch;    // when backward-weights writes a non-plain layout
-  std::string impl;
+  tag layout = tag::undef;
   int64_t block = 16;             // channels per block of the activation layout (all channels: nhwc)
-  struct Scaled {
-    dnnl::primitive primitive;
-    int addend_index = -1;        // position of the binary-add post-op, or -1
-  };
-  std::map<std::pair<float, bool>, Scaled> scaled;  // (alpha, has addend)
+  std::unique_ptr<ConvKernels> f32;
+  std::unique_ptr<ConvKernels> bf16;  // created at the first bf16 request (null where oneDNN has none)
+  // Backward-data: float32 only (the layers' transposed convolutions run on the forward primitive).
+  dnnl::convolution_backward_data::primitive_desc bwd_data_pd;
+  dnnl::primitive bwd_data;
+  dnnl::reorder bwd_weights_reorder;
+  bool bwd_weights_plain = false;
+  // Whether the forward / backward-weights pass of a bf16 request runs in bf16, once chosen; and why.
+  std::optional<bool> bf16_forward, bf16_backward_weights;
+  std::string impl, bf16_choices;
 };
 
 CpuBackend::CpuBackend() : engine_(dnnl::engine::kind::cpu, 0), stream_(engine_) {
   auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
   auto avx512 = static_cast<unsigned>(dnnl::cpu_isa::avx512_core);
+  auto avx512_bf16 = static_cast<unsigned>(dnnl::cpu_isa::avx512_core_bf16);
   blocked_tag_ = (isa & avx512) == avx512 ? tag::nChw16c : tag::nChw8c;
+  has_bf16_ = (isa & avx512_bf16) == avx512_bf16;
 }
 
 CpuBackend::~CpuBackend() = default;
@@ -103,7 +126,7 @@ CpuBackend::~CpuBackend() = default;
 std::string CpuBackend::name() const {
   auto v = dnnl::version();
   return detail::concat("cpu (oneDNN ", v->major, ".", v->minor, ".", v->patch, ", ",
-                        blocked_tag_ == tag::nChw16c ? "nChw16c" : "nChw8c", ")");
+                        blocked_tag_ == tag::nChw16c ? "nChw16c" : "nChw8c", has_bf16_ ? ", bf16" : "", ")");
 }
 
 memory::desc CpuBackend::activation_desc(const ConvShape& shape, int64_t channels, memory::format_tag layout) const {
@@ -116,6 +139,52 @@ memory::desc CpuBackend::plain_weights_desc(const ConvShape& shape) const {
     return memory::desc({shape.out_channels, shape.in_channels, k, k}, memory::data_type::f32, tag::oihw);
   return memory::desc({shape.groups, shape.out_channels / shape.groups, shape.in_channels / shape.groups, k, k},
                       memory::data_type::f32, tag::goihw);
+}
+
+std::unique_ptr<CpuBackend::ConvKernels> CpuBackend::make_kernels(const ConvShape& shape, const ConvPrimitives& p,
+                                                                  memory::data_type input_type) {
+  auto k = std::make_unique<ConvKernels>();
+  k->act = memory::desc(p.out.dims(), input_type, p.layout);
+  memory::desc any_weights(p.plain_weights.dims(), input_type, tag::any);
+  memory::desc any_diff_weights(p.plain_weights.dims(), memory::data_type::f32, tag::any);
+  memory::dims strides{1, 1}, pad{shape.kernel / 2, shape.kernel / 2};
+  const auto algo = dnnl::algorithm::convolution_direct;
+  const auto prop = dnnl::prop_kind::forward_training;
+
+  k->fwd_pd = dnnl::convolution_forward::primitive_desc(
+      dnnl::convolution_forward::desc(prop, algo, k->act, any_weights, p.out, strides, pad, pad), engine_);
+  dnnl::post_ops sum;
+  sum.append_sum(1.0f);
+  dnnl::primitive_attr acc_attr;
+  acc_attr.set_post_ops(sum);
+  k->fwd_acc_pd = dnnl::convolution_forward::primitive_desc(
+      dnnl::convolution_forward::desc(prop, algo, k->act, k->fwd_pd.weights_desc(), p.out, strides, pad, pad),
+      acc_attr, engine_);
+  // Backward-weights takes diff_dst in the input type; its hint is the forward with that dst type.
+  const dnnl::convolution_forward::primitive_desc hint =
+      input_type == memory::data_type::f32
+          ? k->fwd_pd
+          : dnnl::convolution_forward::primitive_desc(
+                dnnl::convolution_forward::desc(prop, algo, k->act, any_weights, k->act, strides, pad, pad), engine_);
+  k->bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
+      dnnl::convolution_backward_weights::desc(algo, k->act, any_diff_weights, k->act, strides, pad, pad), engine_,
+      hint);
+  k->fwd = dnnl::convolution_forward(k->fwd_pd);
+  k->fwd_acc = dnnl::convolution_forward(k->fwd_acc_pd);
+  k->bwd_weights = dnnl::convolution_backward_weights(k->bwd_weights_pd);
+
+  k->fwd_weights_plain = k->fwd_pd.weights_desc() == p.plain_weights;
+  if (!k->fwd_weights_plain)
+    k->fwd_weights_reorder = dnnl::reorder(
+        dnnl::reorder::primitive_desc(engine_, p.plain_weights, engine_, k->fwd_pd.weights_desc()));
+  k->diff_weights_plain = k->bwd_weights_pd.diff_weights_desc() == p.plain_weights;
+  if (!k->diff_weights_plain) {
+    k->diff_weights_scratch = memory(k->bwd_weights_pd.diff_weights_desc(), engine_);
+    k->diff_weights_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+        engine_, k->bwd_weights_pd.diff_weights_desc(), engine_, p.plain_weights));
+  }
+  k->impl = detail::concat("fwd ", k->fwd_pd.impl_info_str(), ", bwd-weights ", k->bwd_weights_pd.impl_info_str());
+  return k;
 }
 
 CpuBackend::ConvPrimitives& CpuBackend::primitives(const ConvShape& shape) {
@@ -139,64 +208,43 @@ CpuBackend::ConvPrimitives& CpuBackend::primitives(const ConvShape& shape) {
     std::vector<tag> layouts{blocked_tag_};
     if (blocked_tag_ != tag::nChw8c) layouts.push_back(tag::nChw8c);
     layouts.push_back(tag::nhwc);
-    memory::desc src, dst;
-    for (size_t i = 0; i < layouts.size(); ++i) {
-      src = activation_desc(shape, shape.in_channels, layouts[i]);
-      dst = activation_desc(shape, shape.out_channels, layouts[i]);
-      dnnl::convolution_forward::desc fwd(dnnl::prop_kind::forward_training, algo, src, any_weights, dst,
+    for (tag layout : layouts) {
+      p->out = activation_desc(shape, shape.in_channels, layout);
+      dnnl::convolution_forward::desc fwd(dnnl::prop_kind::forward_training, algo, p->out, any_weights, p->out,
                                           strides, pad, pad);
-      p->fwd_pd = dnnl::convolution_forward::primitive_desc(fwd, engine_);
-      const std::string impl = p->fwd_pd.impl_info_str();
-      p->block = layouts[i] == tag::nChw16c ? 16 : layouts[i] == tag::nChw8c ? 8 : shape.in_channels;
+      const std::string impl = dnnl::convolution_forward::primitive_desc(fwd, engine_).impl_info_str();
+      p->layout = layout;
+      p->block = layout == tag::nChw16c ? 16 : layout == tag::nChw8c ? 8 : shape.in_channels;
       if (impl.rfind("ref", 0) != 0) break;
     }
-    p->act = src;
+    p->f32 = make_kernels(shape, *p, memory::data_type::f32);
 
-    dnnl::post_ops sum;
-    sum.append_sum(1.0f);
-    dnnl::primitive_attr acc_attr;
-    acc_attr.set_post_ops(sum);
-    dnnl::convolution_forward::desc fwd_fixed(dnnl::prop_kind::forward_training, algo, src,
-                                              p->fwd_pd.weights_desc(), dst, strides, pad, pad);
-    p->fwd_acc_pd = dnnl::convolution_forward::primitive_desc(fwd_fixed, acc_attr, engine_);
-
-    dnnl::convolution_backward_data::desc bwd(algo, src, any_weights, dst, strides, pad, pad);
-    p->bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(bwd, engine_, p->fwd_pd);
-    dnnl::convolution_backward_weights::desc bww(algo, src, any_weights, dst, strides, pad, pad);
-    p->bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(bww, engine_, p->fwd_pd);
-
-    p->fwd = dnnl::convolution_forward(p->fwd_pd);
-    p->fwd_acc = dnnl::convolution_forward(p->fwd_acc_pd);
+    dnnl::convolution_backward_data::desc bwd(algo, p->out, any_weights, p->out, strides, pad, pad);
+    p->bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(bwd, engine_, p->f32->fwd_pd);
     p->bwd_data = dnnl::convolution_backward_data(p->bwd_data_pd);
-    p->bwd_weights = dnnl::convolution_backward_weights(p->bwd_weights_pd);
-
-    p->fwd_weights_plain = p->fwd_pd.weights_desc() == p->plain_weights;
-    if (!p->fwd_weights_plain)
-      p->fwd_weights_reorder = dnnl::reorder(
-          dnnl::reorder::primitive_desc(engine_, p->plain_weights, engine_, p->fwd_pd.weights_desc()));
     p->bwd_weights_plain = p->bwd_data_pd.weights_desc() == p->plain_weights;
     if (!p->bwd_weights_plain)
       p->bwd_weights_reorder = dnnl::reorder(
           dnnl::reorder::primitive_desc(engine_, p->plain_weights, engine_, p->bwd_data_pd.weights_desc()));
-    p->diff_weights_plain = p->bwd_weights_pd.diff_weights_desc() == p->plain_weights;
-    if (!p->diff_weights_plain) {
-      p->diff_weights_scratch = memory(p->bwd_weights_pd.diff_weights_desc(), engine_);
-      p->diff_weights_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
-          engine_, p->bwd_weights_pd.diff_weights_desc(), engine_, p->plain_weights));
-    }
-    p->impl = detail::concat(p->block == 16 ? "nChw16c" : p->block == 8 ? "nChw8c" : "nhwc", ": fwd ",
-                             p->fwd_pd.impl_info_str(), ", bwd-data ", p->bwd_data_pd.impl_info_str(),
-                             ", bwd-weights ", p->bwd_weights_pd.impl_info_str());
+    p->impl = detail::concat(p->block == 16 ? "nChw16c" : p->block == 8 ? "nChw8c" : "nhwc", ": ", p->f32->impl,
+                             gemm_backward_weights(shape) ? " (float32: im2col + sgemm)" : "", ", bwd-data ",
+                             p->bwd_data_pd.impl_info_str());
     auto& slot = cache_[key];
     slot = std::move(p);
     return slot.get();
   });
 }
 
-std::string CpuBackend::implementation(const ConvShape& shape) { return primitives(shape).impl; }
+std::string CpuBackend::implementation(const ConvShape& shape) {
+  ConvPrimitives& p = primitives(shape);
+  if (shape.precision != ConvPrecision::bf16) return p.impl;
+  conv_precision(shape, ConvPass::forward);
+  conv_precision(shape, ConvPass::backward_weights);
+  return detail::concat(p.impl, "; bf16 requested: ", p.bf16_choices, p.bf16 ? "; bf16 " + p.bf16->impl : "");
+}
 
 int64_t CpuBackend::conv_buffer_size(const ConvShape& shape) {
-  return static_cast<int64_t>(primitives(shape).act.get_size() / sizeof(float));
+  return static_cast<int64_t>(primitives(shape).out.get_size() / sizeof(float));
 }
 
 void CpuBackend::to_conv_layout(const ConvShape& shape, const float* nchw, float* dst) {
@@ -225,21 +273,23 @@ void CpuBackend::from_conv_layout(const ConvShape& shape, const float* src, floa
 
 int64_t CpuBackend::conv_weights_size(const ConvShape& shape, ConvPass pass) {
   auto& p = primitives(shape);
-  auto desc = pass == ConvPass::forward ? p.fwd_pd.weights_desc() : p.bwd_data_pd.weights_desc();
-  return static_cast<int64_t>(desc.get_size() / sizeof(float));
+  auto desc = pass == ConvPass::backward_data ? p.bwd_data_pd.weights_desc()
+                                              : kernels(shape, pass).fwd_pd.weights_desc();
+  return static_cast<int64_t>((desc.get_size() + sizeof(float) - 1) / sizeof(float));
 }
 
 void CpuBackend::weights_to_conv_layout(const ConvShape& shape, ConvPass pass, const float* plain, float* dst) {
   auto& p = primitives(shape);
-  bool forward = pass == ConvPass::forward;
-  if (forward ? p.fwd_weights_plain : p.bwd_weights_plain) {
+  const bool forward = pass != ConvPass::backward_data;
+  ConvKernels* k = forward ? &kernels(shape, pass) : nullptr;
+  if (forward ? k->fwd_weights_plain : p.bwd_weights_plain) {
     copy(plain, dst, shape.weight_count());
     return;
   }
   dnnl_checked("weights reorder", shape, [&] {
-    auto desc = forward ? p.fwd_pd.weights_desc() : p.bwd_data_pd.weights_desc();
+    auto desc = forward ? k->fwd_pd.weights_desc() : p.bwd_data_pd.weights_desc();
     memory in(p.plain_weights, engine_, const_cast<float*>(plain)), out(desc, engine_, dst);
-    (forward ? p.fwd_weights_reorder : p.bwd_weights_reorder).execute(stream_, in, out);
+    (forward ? k->fwd_weights_reorder : p.bwd_weights_reorder).execute(stream_, in, out);
     stream_.wait();
   });
 }
@@ -247,11 +297,12 @@ void CpuBackend::weights_to_conv_layout(const ConvShape& shape, ConvPass pass, c
 void CpuBackend::conv_forward(const ConvShape& shape, const float* src, const float* weights, float* dst,
                               bool accumulate) {
   auto& p = primitives(shape);
+  auto& k = kernels(shape, ConvPass::forward);
   dnnl_checked("convolution forward", shape, [&] {
-    memory s(p.act, engine_, const_cast<float*>(src));
-    memory w(p.fwd_pd.weights_desc(), engine_, const_cast<float*>(weights));
-    memory d(p.fwd_pd.dst_desc(), engine_, dst);
-    (accumulate ? p.fwd_acc : p.fwd).execute(stream_, {{DNNL_ARG_SRC, s}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, d}});
+    memory s(k.act, engine_, const_cast<float*>(src));
+    memory w(k.fwd_pd.weights_desc(), engine_, const_cast<float*>(weights));
+    memory d(p.out, engine_, dst);
+    (accumulate ? k.fwd_acc : k.fwd).execute(stream_, {{DNNL_ARG_SRC, s}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, d}});
     stream_.wait();
   });
 }
@@ -270,54 +321,259 @@ void CpuBackend::conv_backward_data(const ConvShape& shape, const float* diff_ds
 
 void CpuBackend::conv_backward_weights(const ConvShape& shape, const float* src, const float* diff_dst,
                                        float* diff_weights) {
+  run_backward_weights(shape, kernels(shape, ConvPass::backward_weights), src, diff_dst, diff_weights);
+}
+
+void CpuBackend::run_backward_weights(const ConvShape& shape, ConvKernels& k, const float* src,
+                                      const float* diff_dst, float* diff_weights) {
   auto& p = primitives(shape);
+  if (&k == p.f32.get() && gemm_backward_weights(shape)) {
+    run_gemm_backward_weights(shape, p, src, diff_dst, diff_weights);
+    return;
+  }
   dnnl_checked("convolution backward-weights", shape, [&] {
-    memory s(p.bwd_weights_pd.src_desc(), engine_, const_cast<float*>(src));
-    memory dd(p.bwd_weights_pd.diff_dst_desc(), engine_, const_cast<float*>(diff_dst));
+    memory s(k.bwd_weights_pd.src_desc(), engine_, const_cast<float*>(src));
+    memory dd(k.bwd_weights_pd.diff_dst_desc(), engine_, const_cast<float*>(diff_dst));
     memory plain(p.plain_weights, engine_, diff_weights);
-    memory dw = p.diff_weights_plain ? plain : p.diff_weights_scratch;
-    p.bwd_weights.execute(stream_, {{DNNL_ARG_SRC, s}, {DNNL_ARG_DIFF_DST, dd}, {DNNL_ARG_DIFF_WEIGHTS, dw}});
-    if (!p.diff_weights_plain) p.diff_weights_reorder.execute(stream_, p.diff_weights_scratch, plain);
+    memory dw = k.diff_weights_plain ? plain : k.diff_weights_scratch;
+    k.bwd_weights.execute(stream_, {{DNNL_ARG_SRC, s}, {DNNL_ARG_DIFF_DST, dd}, {DNNL_ARG_DIFF_WEIGHTS, dw}});
+    if (!k.diff_weights_plain) k.diff_weights_reorder.execute(stream_, k.diff_weights_scratch, plain);
     stream_.wait();
+  });
+}
+
+bool CpuBackend::gemm_backward_weights(const ConvShape& shape) {
+  return shape.groups == 1 && shape.kernel > 1 && shape.height * shape.width <= 4;
+}
+
+void CpuBackend::run_gemm_backward_weights(const ConvShape& shape, const ConvPrimitives& p, const float* src,
+                                           const float* diff_dst, float* diff_weights) {
+  // Row r = (n, y, x) of the N*H*W output pixels: cols[r, (ci, ky, kx)] = X(n, ci, y + ky - k/2, x + kx - k/2)
+  // (0 outside), dy[r, co] = dY(n, co, y, x); conv layout: element (n, c, y, x) at
+  // ((n * blocks + c / block) * H * W + y * W + x) * block + c % block.
+  const int64_t n = shape.batch, c = shape.in_channels, h = shape.height, w = shape.width, k = shape.kernel;
+  const int64_t plane = h * w, rows = n * plane, taps = k * k, cols = c * taps, pad = k / 2;
+  const int64_t block = p.block, blocks = (c + block - 1) / block;
+  const size_t needed = static_cast<size_t>(rows * (cols + c));
+  if (gemm_scratch_.size() < needed) gemm_scratch_.resize(needed);
+  float* im2col = gemm_scratch_.data();
+  float* dy = im2col + rows * cols;
+  auto at = [&](int64_t image, int64_t channel, int64_t pixel) {
+    return ((image * blocks + channel / block) * plane + pixel) * block + channel % block;
+  };
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t image = r / plane, y = r % plane / w, x = r % w;
+    float* row = im2col + r * cols;
+    for (int64_t ci = 0; ci < c; ++ci)
+      for (int64_t ky = 0; ky < k; ++ky)
+        for (int64_t kx = 0; kx < k; ++kx) {
+          const int64_t sy = y + ky - pad, sx = x + kx - pad;
+          row[ci * taps + ky * k + kx] =
+              sy >= 0 && sy < h && sx >= 0 && sx < w ? src[at(image, ci, sy * w + sx)] : 0.0f;
+        }
+    for (int64_t co = 0; co < c; ++co) dy[r * c + co] = diff_dst[at(image, co, r % plane)];
+  }
+  // dW [c_out, c_in * k * k] (the plain [o, i, k, k] layout) = dy^T im2col.
+  const dnnl::status status =
+      dnnl::sgemm('T', 'N', c, cols, rows, 1.0f, dy, c, im2col, cols, 0.0f, diff_weights, cols);
+  require<BackendError>(status == dnnl::status::success, "oneDNN sgemm failed (status ", static_cast<int>(status),
+                        ") for the backward-weights of ", shape.str());
+}
+
+CpuBackend::ScaledPrimitive& CpuBackend::scaled_primitive(const ConvShape& shape, ConvKernels& k, float alpha,
+                                                             bool addend) {
+  auto key = std::make_pair(alpha, addend);
+  auto it = k.scaled.find(key);
+  if (it != k.scaled.end()) return it->second;
+  return dnnl_checked("scaled forward primitive creation", shape, [&]() -> ScaledPrimitive& {
+    const memory::desc& out = primitives(shape).out;
+    memory::dims strides{1, 1}, pad{shape.kernel / 2, shape.kernel / 2};
+    dnnl::convolution_forward::desc desc(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+                                         k.act, k.fwd_pd.weights_desc(), out, strides, pad, pad);
+    dnnl::post_ops ops;
+    ScaledPrimitive entry;
+    if (alpha != 1.0f) ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_linear, alpha, 0.0f);
+    if (addend) {
+      entry.addend_index = ops.len();
+      ops.append_binary(dnnl::algorithm::binary_add, out);
+    }
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(ops);
+    dnnl::convolution_forward::primitive_desc pd(desc, attr, engine_);
+    entry.primitive = dnnl::convolution_forward(pd);
+    if (k.scaled.empty()) k.impl += detail::concat(", fwd-scaled ", pd.impl_info_str());
+    return k.scaled.emplace(key, std::move(entry)).first->second;
   });
 }
 
 void CpuBackend::conv_forward_scaled(const ConvShape& shape, const float* src, const float* weights, float alpha,
                                      const float* addend, float* dst) {
+  run_scaled(shape, kernels(shape, ConvPass::forward), src, weights, alpha, addend, dst);
+}
+
+void CpuBackend::run_scaled(const ConvShape& shape, ConvKernels& k, const float* src, const float* weights,
+                            float alpha, const float* addend, float* dst) {
   auto& p = primitives(shape);
-  auto key = std::make_pair(alpha, addend != nullptr);
-  auto it = p.scaled.find(key);
-  if (it == p.scaled.end()) {
-    it = dnnl_checked("scaled forward primitive creation", shape, [&] {
-      memory::dims strides{1, 1}, pad{shape.kernel / 2, shape.kernel / 2};
-      dnnl::convolution_forward::desc desc(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-                                           p.act, p.fwd_pd.weights_desc(), p.act, strides, pad, pad);
-      dnnl::post_ops ops;
-      ConvPrimitives::Scaled entry;
-      if (alpha != 1.0f) ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_linear, alpha, 0.0f);
-      if (addend) {
-        entry.addend_index = ops.len();
-        ops.append_binary(dnnl::algorithm::binary_add, p.act);
-      }
-      dnnl::primitive_attr attr;
-      attr.set_post_ops(ops);
-      dnnl::convolution_forward::primitive_desc pd(desc, attr, engine_);
-      entry.primitive = dnnl::convolution_forward(pd);
-      if (p.scaled.empty()) p.impl += detail::concat(", fwd-scaled ", pd.impl_info_str());
-      return p.scaled.emplace(key, std::move(entry)).first;
-    });
-  }
+  auto& scaled = scaled_primitive(shape, k, alpha, addend != nullptr);
   dnnl_checked("scaled convolution forward", shape, [&] {
-    memory s(p.act, engine_, const_cast<float*>(src));
-    memory w(p.fwd_pd.weights_desc(), engine_, const_cast<float*>(weights));
-    memory d(p.act, engine_, dst);
+    memory s(k.act, engine_, const_cast<float*>(src));
+    memory w(k.fwd_pd.weights_desc(), engine_, const_cast<float*>(weights));
+    memory d(p.out, engine_, dst);
     std::unordered_map<int, memory> args{{DNNL_ARG_SRC, s}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, d}};
     if (addend)
-      args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(it->second.addend_index) | DNNL_ARG_SRC_1,
-                   memory(p.act, engine_, const_cast<float*>(addend)));
-    it->second.primitive.execute(stream_, args);
+      args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(scaled.addend_index) | DNNL_ARG_SRC_1,
+                   memory(p.out, engine_, const_cast<float*>(addend)));
+    scaled.primitive.execute(stream_, args);
     stream_.wait();
   });
+}
+
+// ---------------------------------------------------------------- bf16
+
+void CpuBackend::check_precision(ConvPrecision precision) const {
+  require(precision != ConvPrecision::tf32, "--precision tf32 is a CUDA tensor-core format; the CPU backend runs "
+          "--precision fp32 or bf16");
+  require(precision != ConvPrecision::bf16 || has_bf16_, "--precision bf16 needs a CPU with AVX512-BF16 (oneDNN's ",
+          "avx512_core_bf16 ISA); oneDNN finds none here", std::getenv("DNNL_MAX_CPU_ISA") ? " (DNNL_MAX_CPU_ISA is "
+          "set)" : "", "; use --precision fp32");
+}
+
+std::vector<std::string> CpuBackend::precision_choices() const {
+  std::vector<std::string> out;
+  for (const auto& [key, p] : cache_)
+    if (!p->bf16_choices.empty())
+      out.push_back(detail::concat("batch ", key.n, ", ", key.ci, " ch ", key.h, "x", key.w, " k", key.k, " g", key.g,
+                                   ": ", p->bf16_choices));
+  return out;
+}
+
+void CpuBackend::set_precision_choice(PrecisionChoice choice) {
+  if (choice == precision_choice_) return;
+  precision_choice_ = choice;
+  for (auto& entry : cache_) {
+    entry.second->bf16_forward.reset();
+    entry.second->bf16_backward_weights.reset();
+    entry.second->bf16_choices.clear();
+  }
+}
+
+ConvPrecision CpuBackend::conv_precision(const ConvShape& shape, ConvPass pass) {
+  if (shape.precision != ConvPrecision::bf16 || pass == ConvPass::backward_data || !has_bf16_)
+    return ConvPrecision::fp32;
+  ConvPrimitives& p = primitives(shape);
+  std::optional<bool>& chosen = pass == ConvPass::forward ? p.bf16_forward : p.bf16_backward_weights;
+  if (!chosen) chosen = choose_bf16(shape, p, pass);
+  return *chosen ? ConvPrecision::bf16 : ConvPrecision::fp32;
+}
+
+CpuBackend::ConvKernels& CpuBackend::kernels(const ConvShape& shape, ConvPass pass) {
+  ConvPrimitives& p = primitives(shape);
+  return conv_precision(shape, pass) == ConvPrecision::bf16 ? *p.bf16 : *p.f32;
+}
+
+namespace {
+
+// Seconds of one call of `run` (which waits for its work).
+template <typename F>
+double seconds_of(F&& run) {
+  const auto start = std::chrono::steady_clock::now();
+  run();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
+// bf16 for `pass` at `shape`: only in a blocked layout (an even number of values per image, so that conv inputs
+// stack), only with oneDNN's jit kernels (its reference bf16 backward-weights at GS-SOC's 8-channel groups is
+// ~3000x slower than float32), and, when measured, only where the bf16 pass including the rounding of its
+// inputs (to_conv_input) beats float32: best of five interleaved runs each on scratch buffers (on a busy machine
+// single runs vary by 2x).
+bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass pass) {
+  const bool forward = pass == ConvPass::forward;
+  const char* name = forward ? "fwd" : "bwd-weights";
+  auto note = [&](const std::string& why, bool use) {
+    p.bf16_choices += detail::concat(p.bf16_choices.empty() ? "" : ", ", name, use ? " bf16" : " fp32", " (", why,
+                                     ")");
+    return use;
+  };
+  if (p.layout == tag::nhwc) return note("nhwc layout", false);
+  if (!p.bf16) {
+    try {
+      p.bf16 = make_kernels(shape, p, memory::data_type::bf16);
+    } catch (const dnnl::error& e) {
+      return note(detail::concat("no oneDNN bf16 kernel: ", e.what()), false);
+    }
+  }
+  ConvKernels& low = *p.bf16;
+  const std::string impl = forward ? low.fwd_pd.impl_info_str() : low.bwd_weights_pd.impl_info_str();
+  if (impl.rfind("ref", 0) == 0) return note("oneDNN has only its reference kernel", false);
+  if (precision_choice_ == PrecisionChoice::always) return note("always", true);
+
+  // Scratch buffers of the shape (zeros: the kernels' time does not depend on the values).
+  ConvKernels& high = *p.f32;
+  const int64_t floats = static_cast<int64_t>(p.out.get_size() / sizeof(float));
+  const int64_t weights = static_cast<int64_t>(
+      std::max(high.fwd_pd.weights_desc().get_size(), p.plain_weights.get_size()) / sizeof(float));
+  std::vector<float> a(static_cast<size_t>(floats)), b(a.size()), out(a.size()), a_low(a.size() / 2 + 1),
+      b_low(a_low.size()), w_high(static_cast<size_t>(weights)), w_low(w_high.size());
+  std::function<void()> run_high, run_low;
+  if (forward) {  // the Horner step: x0 added as a post-op
+    run_high = [&] { run_scaled(shape, high, a.data(), w_high.data(), 1.0f, b.data(), out.data()); };
+    run_low = [&] {
+      to_conv_input(shape, a.data(), a_low.data());
+      run_scaled(shape, low, a_low.data(), w_low.data(), 1.0f, b.data(), out.data());
+    };
+  } else {
+    run_high = [&] { run_backward_weights(shape, high, a.data(), b.data(), w_high.data()); };
+    run_low = [&] {
+      to_conv_input(shape, a.data(), a_low.data());
+      to_conv_input(shape, b.data(), b_low.data());
+      run_backward_weights(shape, low, a_low.data(), b_low.data(), w_high.data());
+    };
+  }
+  run_high();  // first runs: page faults, oneDNN's lazy set-up
+  run_low();
+  double best_high = 1e300, best_low = 1e300;
+  for (int round = 0; round < 5; ++round) {
+    best_high = std::min(best_high, seconds_of(run_high));
+    best_low = std::min(best_low, seconds_of(run_low));
+    if (best_low > 2.0 * best_high) break;  // clearly slower: spare the other rounds
+  }
+  char why[96];
+  std::snprintf(why, sizeof(why), "%.2f ms vs fp32 %.2f ms", 1e3 * best_low, 1e3 * best_high);
+  return note(why, best_low < best_high);
+}
+
+int64_t CpuBackend::conv_input_size(const ConvShape& shape) {
+  const ConvPrimitives& p = primitives(shape);
+  return static_cast<int64_t>((p.out.get_size() / sizeof(float) + 1) / 2);
+}
+
+namespace {
+
+// float32 -> bfloat16, round to nearest even (as oneDNN's conversions); NaN stays a (quiet) NaN.
+ORTHOCONV_SIMD_CLONES
+void round_to_bf16(const float* src, uint16_t* dst, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, src + i, sizeof(bits));
+    const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    dst[i] = static_cast<uint16_t>(nan ? (bits >> 16) | 0x40u : rounded);
+  }
+}
+
+}  // namespace
+
+void CpuBackend::to_conv_input(const ConvShape& shape, const float* src, float* dst) {
+  const int64_t count = static_cast<int64_t>(primitives(shape).out.get_size() / sizeof(float));
+  auto* out = reinterpret_cast<uint16_t*>(dst);
+  constexpr int64_t kChunk = int64_t{1} << 14;
+  const int64_t chunks = (count + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (count > kParallelFloats)
+  for (int64_t c = 0; c < chunks; ++c)
+    round_to_bf16(src + c * kChunk, out + c * kChunk, std::min(kChunk, count - c * kChunk));
 }
 
 }  // namespace orthoconv::cpu

@@ -4,11 +4,15 @@
 // with plain NCHW oneDNN 2.6 falls back to im2col + GEMM, 2 to 5 times slower at LipConvnet's shapes.
 // Every primitive (forward, forward-accumulate, backward-data, backward-weights, reorders) is created once
 // per ConvShape and kept in a cache.
+// bf16 (ConvShape::precision): a second set of forward and backward-weights primitives with bfloat16 src /
+// diff_dst / weights, float32 dst / diff_weights and post-op addends, in the same blocked layout; created at
+// the first bf16 request for a shape and chosen per pass (measured against float32 once, or always).
 #pragma once
 
 #include <dnnl.hpp>
 #include <map>
 #include <memory>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -36,6 +40,12 @@ class CpuBackend final : public Backend {
                              float* diff_weights) override;
   void conv_forward_scaled(const ConvShape& shape, const float* src, const float* weights, float alpha,
                            const float* addend, float* dst) override;
+
+  void check_precision(ConvPrecision precision) const override;
+  ConvPrecision conv_precision(const ConvShape& shape, ConvPass pass) override;
+  void set_precision_choice(PrecisionChoice choice) override;
+  int64_t conv_input_size(const ConvShape& shape) override;
+  void to_conv_input(const ConvShape& shape, const float* src, float* dst) override;
 
   void fill(float* dst, int64_t count, float value) override;
   void copy(const float* src, float* dst, int64_t count) override;
@@ -76,10 +86,14 @@ class CpuBackend final : public Backend {
   void to_host(const float* src, float* host_dst, int64_t count) override;
   void from_host(const float* host_src, float* dst, int64_t count) override;
 
-  // The oneDNN implementation chosen for each pass of `shape` ("jit:avx512_core", ...), for benchmarks.
+  // The oneDNN implementation chosen for each pass of `shape` ("jit:avx512_core", ...), and for a bf16 shape
+  // which passes run in bf16, with the timings that chose them; for benchmarks.
   std::string implementation(const ConvShape& shape);
+  // One line per shape a bf16 choice was made for so far: the shape and, per pass, bf16 or fp32 and why.
+  std::vector<std::string> precision_choices() const;
 
  private:
+  struct ConvKernels;
   struct ConvPrimitives;
   struct ShapeKey {
     int64_t n, ci, co, h, w, k, g;
@@ -88,6 +102,24 @@ class CpuBackend final : public Backend {
     }
   };
   ConvPrimitives& primitives(const ConvShape& shape);
+  // The kernels `pass` of `shape` runs on (float32, or bf16 where conv_precision says so).
+  ConvKernels& kernels(const ConvShape& shape, ConvPass pass);
+  std::unique_ptr<ConvKernels> make_kernels(const ConvShape& shape, const ConvPrimitives& p,
+                                            dnnl::memory::data_type input_type);
+  // The forward primitive with post-ops alpha * conv (+ addend) of kernels k, created at its first use.
+  struct ScaledPrimitive;
+  ScaledPrimitive& scaled_primitive(const ConvShape& shape, ConvKernels& k, float alpha, bool addend);
+  void run_scaled(const ConvShape& shape, ConvKernels& k, const float* src, const float* weights, float alpha,
+                  const float* addend, float* dst);
+  void run_backward_weights(const ConvShape& shape, ConvKernels& k, const float* src, const float* diff_dst,
+                            float* diff_weights);
+  bool choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass pass);
+  // Float32 backward-weights as ONE sgemm, dW = dY^T im2col(X), for dense k x k convolutions on planes of at
+  // most 4 pixels, where oneDNN 2.6's kernel is up to 6x slower (1024 channels at 2x2: 2.6 against 0.44 CPU s
+  // for 2560 images); im2col and dY gathered from the conv layout into gemm_scratch_.
+  static bool gemm_backward_weights(const ConvShape& shape);
+  void run_gemm_backward_weights(const ConvShape& shape, const ConvPrimitives& p, const float* src,
+                                 const float* diff_dst, float* diff_weights);
   dnnl::memory::desc activation_desc(const ConvShape& shape, int64_t channels,
                                      dnnl::memory::format_tag layout) const;
   dnnl::memory::desc plain_weights_desc(const ConvShape& shape) const;
@@ -95,9 +127,12 @@ class CpuBackend final : public Backend {
   dnnl::engine engine_;
   dnnl::stream stream_;
   dnnl::memory::format_tag blocked_tag_;
+  bool has_bf16_ = false;                 // oneDNN's effective ISA includes AVX512-BF16
+  PrecisionChoice precision_choice_ = PrecisionChoice::measured;
   std::map<ShapeKey, std::unique_ptr<ConvPrimitives>> cache_;
   // Scratch of the filter passes (filter.cpp), grown once: expanded vectors / accumulators, per-thread bins.
   std::vector<float> filter_scratch_, thread_scratch_;
+  std::vector<float> gemm_scratch_;  // run_gemm_backward_weights: im2col(X) and dY, grown once
 };
 
 }  // namespace orthoconv::cpu

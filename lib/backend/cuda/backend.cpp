@@ -23,6 +23,7 @@ CudaBackend::CudaBackend() {
   const size_t cudnn_version = cudnnGetVersion();
   require<BackendError>(cudnn_version / 10000 == CUDNN_MAJOR, "the cuDNN library loaded at run time is version ",
                         cudnn_version, ", but orthoconv was built against cuDNN ", CUDNN_MAJOR, ".", CUDNN_MINOR);
+  compute_capability_ = props.major * 10 + props.minor;
   ORTHOCONV_CUDNN_CHECK(cudnnCreate(&cudnn_));
   ORTHOCONV_CUDNN_CHECK(cudnnSetStream(cudnn_, s));
   ORTHOCONV_CUBLAS_CHECK(cublasCreate(&cublas_));

@@ -8,6 +8,14 @@
 // one workspace buffer, grown to the largest need, serves them all.
 // Math: CUDNN_FMA_MATH (plain float32) unless CudaOptions::allow_tf32 (orthoconv/cuda_options.hpp); cuBLAS
 // likewise: CUBLAS_DEFAULT_MATH (float32 products, no TF32), or CUBLAS_TF32_TENSOR_OP_MATH with allow_tf32.
+// Reduced precision (ConvShape::precision, compute capability 8.0 or newer; no timing: tensor cores beat the
+// float32 CUDA cores at every LipConvnet shape): tf32 lets every pass of the shape run on TF32 tensor cores
+// (float32 buffers). bf16 forward convolutions take bf16 src and weights (conv inputs) and run cuDNN's
+// PSEUDO_BFLOAT16 configuration (float32 accumulation, bf16 result): the result is rounded once to bf16 before
+// the float32 epilogue alpha * result + addend, so Horner's addend x0 and every buffer handed on stay float32
+// (cuDNN's legacy API has no bf16-in, float32-out convolution). bf16 backward-weights widens its bf16 inputs to
+// float32 (exactly) and runs on TF32 tensor cores, whose products of bf16 values are exact: a float32 weight
+// gradient of the rounded inputs, as on the CPU. Backward-data stays float32 (or TF32).
 // Work is enqueued on one stream (memory.hpp); calls return without waiting, except those with host outputs
 // (power_iteration, group_dot, softmax_cross_entropy, to_host) and from_host, which wait for the stream.
 // Host inputs: `scale` (scale_groups), `which` and `coefficient` (add_sigma_gradient), `labels`
@@ -52,6 +60,11 @@ class CudaBackend final : public Backend {
                           float* diff_src) override;
   void conv_backward_weights(const ConvShape& shape, const float* src, const float* diff_dst,
                              float* diff_weights) override;
+
+  void check_precision(ConvPrecision precision) const override;
+  ConvPrecision conv_precision(const ConvShape& shape, ConvPass pass) override;
+  int64_t conv_input_size(const ConvShape& shape) override;
+  void to_conv_input(const ConvShape& shape, const float* src, float* dst) override;
 
   void fill(float* dst, int64_t count, float value) override;
   void copy(const float* src, float* dst, int64_t count) override;
@@ -111,14 +124,24 @@ class CudaBackend final : public Backend {
   struct ConvPlan;
   struct ShapeKey {
     int64_t n, ci, co, h, w, k, g;
+    ConvPrecision precision;
     bool operator<(const ShapeKey& o) const {
-      return std::tie(n, ci, co, h, w, k, g) < std::tie(o.n, o.ci, o.co, o.h, o.w, o.k, o.g);
+      return std::tie(n, ci, co, h, w, k, g, precision) < std::tie(o.n, o.ci, o.co, o.h, o.w, o.k, o.g, o.precision);
     }
   };
-  ConvPlan& plan(const ConvShape& shape);
+  // The plan of `shape` at the precision `pass` runs in (conv_precision; bf16 backward-weights: tf32).
+  ConvPlan& plan(const ConvShape& shape, ConvPass pass);
+  ConvPlan& plan_for(const ConvShape& shape);  // exactly shape.precision
   void* workspace(size_t bytes);
+  // bf16 <-> float32 on device buffers (conv_bf16.cu): round to nearest even, widen exactly, and the epilogue
+  // dst = alpha * bf16 result + addend (or dst += result when accumulate).
+  void round_to_bf16(const float* src, void* dst, int64_t count);
+  void widen_bf16(const void* src, float* dst, int64_t count);
+  void bf16_epilogue(const void* result, float alpha, const float* addend, bool accumulate, float* dst,
+                     int64_t count);
 
   std::string name_;
+  int compute_capability_ = 0;  // major * 10 + minor
   CudaOptions options_;
   cudnnHandle_t cudnn_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
@@ -126,6 +149,8 @@ class CudaBackend final : public Backend {
   DeviceScratch workspace_;
   DeviceScratch reduce_scratch_;   // partial sums of reductions
   DeviceScratch result_scratch_;   // per-group / per-row results copied to the host
+  DeviceScratch bf16_result_;      // bf16 forward results before the epilogue
+  DeviceScratch widened_src_, widened_diff_;  // bf16 backward-weights inputs widened to float32
 };
 
 // One convolution descriptor per pass, so that each carries the math type its algorithm was chosen with.
