@@ -11,8 +11,8 @@
 // FLOPs forward, and as much again for its backward-data and for its share of the batched backward-weights.
 // Everything else a layer does (layout reorders, Horner's additions, the power iteration, the filter's
 // skew-symmetrization and scaling, shuffles, bias) is time without FLOPs: it lowers the ratio.
-// Layers with a 1x1 SocConv (GS-SOC (4,1)'s second stage) run once per --paths entry (series, matrix, auto: the
-// cost model's choice; soc_conv.hpp), interleaved with everything else; the FLOPs stay those of the series, so
+// Layers with a 1x1 SocConv (GS-SOC (4,1)'s second stage) run once per --paths entry (series, matrix, matrix-conv,
+// matrix-gemm, auto: the cost model's choice; soc_conv.hpp), interleaved with everything else; the FLOPs stay those of the series, so
 // a faster path shows as a ratio above the series'. Per shape, the 1x1 stage's share of a (4,1) layer is
 // 1 - time(4,-) / time(4,1) for each path.
 //
@@ -347,7 +347,7 @@ void print_header(const nlohmann::json& out) {
               out["train_terms"].get<int>(), out["eval_terms"].get<int>());
   std::printf("ratio = (series conv FLOP/s) / (plain 3x3 conv FLOP/s, same shape, same run); "
               "xSOC = SOC time / layer time\n");
-  std::printf("1x1 paths (--paths): series, matrix, auto (=the cost model's choice in training/evaluation); "
+  std::printf("1x1 paths (--paths): series, matrix[-conv|-gemm], auto (=the cost model's choice in training/evaluation); "
               "xSer = the same layer's series time / its time; 1x1% = the 1x1 stage's share of the (4,1) training "
               "step, 1 - (4,-) / (4,1)\n\n");
   std::printf("%-13s %-30s %9s %7s %6s %9s %7s %6s %9s %7s %6s %6s %6s %6s %6s %6s %6s %5s\n", "shape", "layer",
@@ -461,9 +461,10 @@ Runner setup_bench(CLI::App& app) {
   layers->add_option("--train-terms", lo->train_terms, "series terms in training mode")->capture_default_str();
   layers->add_option("--eval-terms", lo->eval_terms, "series terms in evaluation mode")->capture_default_str();
   layers->add_option("--seed", lo->seed, "random seed")->capture_default_str();
-  layers->add_option("--paths", lo->paths, "paths of the 1x1 stage to run side by side: series, matrix, auto")
+  layers->add_option("--paths", lo->paths, "paths of the 1x1 stage to run side by side: series, matrix, "
+                     "matrix-conv, matrix-gemm (the matrix path's two applications of P), auto")
       ->capture_default_str()
-      ->check(CLI::IsMember({"series", "matrix", "auto"}));
+      ->check(CLI::IsMember({"series", "matrix", "matrix-conv", "matrix-gemm", "auto"}));
 
   auto to = std::make_shared<TrainBenchOptions>();
   auto* train = cmd->add_subcommand("train", "images/s of full LipConvnet training steps");
@@ -475,9 +476,10 @@ Runner setup_bench(CLI::App& app) {
   train->add_option("--warmup", to->warmup, "untimed steps first")->capture_default_str();
   train->add_option("--device", to->device, "cpu or cuda")->capture_default_str();
   train->add_option("--paths", to->paths, "paths of the 1x1 SocConvs to time side by side, step by step: series, "
-                    "matrix (every 1x1 layer), auto (the cost model's choice, as in training)")
+                    "matrix (every 1x1 layer; also matrix-conv, matrix-gemm), auto (the cost model's choice, as in "
+                    "training)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"series", "matrix", "auto"}));
+      ->check(CLI::IsMember({"series", "matrix", "matrix-conv", "matrix-gemm", "auto"}));
   train->add_option("--precision", to->precisions, "series-convolution precisions to compare, e.g. fp32,bf16 "
                     "(steps alternate; ratios against the first)")
       ->delimiter(',')->capture_default_str()->check(CLI::IsMember({"fp32", "tf32", "bf16"}));

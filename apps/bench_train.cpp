@@ -126,7 +126,7 @@ int run_train_benchmark(const TrainBenchOptions& o) {
       for (NamedSoc& s : model.soc_layers())
         if (s.soc->config().kernel == 1) {
           ++p.one_by_one_layers;
-          p.matrix_layers += s.soc->last_path() == SocPath::matrix;
+          p.matrix_layers += is_matrix_path(s.soc->last_path());
         }
     }
   // The headline numbers: the first variant on the path training takes (auto) when it was run, else the first.

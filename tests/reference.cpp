@@ -158,20 +158,24 @@ Vec conv_backward_weights(const ConvDims& d, const Vec& input, const Vec& diff_o
 // ---- SOC pieces ----
 
 void matmul(const MatmulDims& d, double alpha, const Vec& a, const Vec& b, double beta, double shift, Vec& c) {
-  for (int64_t n = 0; n < d.batch; ++n)
+  const bool summed = d.batch > 1 && d.stride_c == 0;  // one C: the sum over the batch
+  const int64_t outputs = summed ? 1 : d.batch, terms = summed ? d.batch : 1;
+  for (int64_t m = 0; m < outputs; ++m)
     for (int64_t r = 0; r < d.rows; ++r)
       for (int64_t q = 0; q < d.cols; ++q) {
         double sum = 0.0;
-        if (b.empty()) {
-          sum = d.transpose_a ? a.at(n * d.stride_a + q * d.rows + r) : a.at(n * d.stride_a + r * d.inner + q);
-        } else {
-          for (int64_t i = 0; i < d.inner; ++i) {
-            const double x = d.transpose_a ? a.at(n * d.stride_a + i * d.rows + r) : a.at(n * d.stride_a + r * d.inner + i);
-            const double y = d.transpose_b ? b.at(n * d.stride_b + q * d.inner + i) : b.at(n * d.stride_b + i * d.cols + q);
-            sum += x * y;
+        for (int64_t n = m; n < m + terms; ++n) {
+          if (b.empty()) {
+            sum += d.transpose_a ? a.at(n * d.stride_a + q * d.rows + r) : a.at(n * d.stride_a + r * d.inner + q);
+          } else {
+            for (int64_t i = 0; i < d.inner; ++i) {
+              const double x = d.transpose_a ? a.at(n * d.stride_a + i * d.rows + r) : a.at(n * d.stride_a + r * d.inner + i);
+              const double y = d.transpose_b ? b.at(n * d.stride_b + q * d.inner + i) : b.at(n * d.stride_b + i * d.cols + q);
+              sum += x * y;
+            }
           }
         }
-        double& out = c.at(n * d.stride_c + r * d.cols + q);
+        double& out = c.at(m * d.stride_c + r * d.cols + q);
         out = alpha * sum + (beta == 0.0 ? 0.0 : beta * out) + (r == q ? shift : 0.0);
       }
 }

@@ -75,7 +75,8 @@ Vec conv_backward_weights(const ConvDims& dims, const Vec& input, const Vec& dif
 
 // ---- small matrices ----
 // Backend::matmul's contract: for b < batch, C_b = alpha op(A_b) op(B_b) + beta C_b + shift I on row-major
-// matrices at pointer + b * stride; b empty: op(B_b) = I. `c` is updated in place (beta == 0 ignores its values).
+// matrices at pointer + b * stride (stride_c == 0, batch > 1: one C, alpha times the sum of the products);
+// b empty: op(B_b) = I. `c` is updated in place (beta == 0 ignores its values).
 struct MatmulDims {
   int64_t batch = 1, rows = 1, cols = 1, inner = 1;
   bool transpose_a = false, transpose_b = false;

@@ -143,7 +143,7 @@ TEST_CASE("the float32 rounding bound of a 1x1 layer covers its matrix path, and
     SocConv layer(config);
     const int64_t side = 6, c = config.group_channels();
     const auto [err, xnorm] = float32_series_error(layer, side);
-    REQUIRE(layer.last_path() == SocPath::matrix);
+    REQUIRE(is_matrix_path(layer.last_path()));
     const double abs_norm = abs_filter_norm_bound(layer.scaled_filter().to_vector(), groups, c, 1);
     const double coefficient = matrix_rounding_bound(abs_norm, c, 12, kFloat32Unit);
     INFO("groups " << groups << ": actual float32 error " << err << " vs ||x|| " << xnorm << ", || |A_n| || "

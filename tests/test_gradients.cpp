@@ -174,8 +174,9 @@ TEST_CASE("SocConv stride-2 gradients match finite differences", "[soc][gradient
   }
 }
 
-TEST_CASE("1x1 SocConv gradients match finite differences on the series and the matrix path", "[soc][gradient]") {
-  for (SocPath path : {SocPath::series, SocPath::matrix}) {
+TEST_CASE("1x1 SocConv gradients match finite differences on the series and the matrix path (conv and GEMM)",
+          "[soc][gradient]") {
+  for (SocPath path : {SocPath::series, SocPath::matrix_conv, SocPath::matrix_gemm}) {
     INFO("path " << soc_path_name(path));
     auto with_path = [path](SocConfig c) {
       c.path = path;

@@ -105,17 +105,21 @@ TEST_CASE("an evaluation-mode SocConv forward keeps no series terms, whatever th
       trained.forward(random_tensor(input, 1), y);  // training mode: the K+1 terms stay for the backward
       CHECK(trained.retained_bytes() >= (terms + 1) * series_buffer);
 
-      if (c.kernel == 1) {  // the matrix path in training keeps x0 and y, and C x C matrices, never K+1 terms
-        SocConfig matrix_config = config;
-        matrix_config.path = SocPath::matrix;
-        SocConv matrix(matrix_config);
-        matrix.forward(random_tensor(input, 1), y);
-        REQUIRE(matrix.last_path() == SocPath::matrix);
-        const int64_t channels = config.group_channels();
-        const int64_t matrices = (terms + 8) * c.groups * channels * channels * static_cast<int64_t>(sizeof(float));
-        CHECK(matrix.retained_bytes() >= 2 * series_buffer);
-        CHECK(matrix.retained_bytes() < 3 * series_buffer + matrices + (terms + 1) * filters);
-      }
+      // The matrix path in training keeps C x C matrices, never K+1 terms: matrix-conv x0 and y in the conv
+      // layout; matrix-gemm nothing of x0 (the input itself here) and the NCHW staging of the truncated y.
+      if (c.kernel == 1)
+        for (SocPath path : {SocPath::matrix_conv, SocPath::matrix_gemm}) {
+          SocConfig matrix_config = config;
+          matrix_config.path = path;
+          SocConv matrix(matrix_config);
+          matrix.forward(random_tensor(input, 1), y);
+          REQUIRE(matrix.last_path() == path);
+          const int64_t channels = config.group_channels();
+          const int64_t matrices = (terms + 8) * c.groups * channels * channels * static_cast<int64_t>(sizeof(float));
+          const int64_t buffers = path == SocPath::matrix_conv ? 2 : 0;
+          CHECK(matrix.retained_bytes() >= buffers * series_buffer);
+          CHECK(matrix.retained_bytes() < (buffers + 1) * series_buffer + matrices + (terms + 1) * filters);
+        }
     }
   }
 }

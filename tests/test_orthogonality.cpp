@@ -164,23 +164,28 @@ TEST_CASE("GsSocConv with stride 2 or truncation: isometric when c_out = 4 c_in,
 
 TEST_CASE("GsSocConv (4,1) and 1x1 SocConvs on the matrix path are orthogonal: singular values 1 +- 1e-5",
           "[gs-soc][matrix][orthogonality]") {
-  for (int64_t channels : {16, 32}) {
-    GsSocConfig config = gs(channels, channels, 4, 1, false, 1, 40 + static_cast<uint64_t>(channels));
-    config.base.path = SocPath::matrix;  // for the 1x1 stage; the 3x3 one takes the series
-    GsSocConv layer(config);
-    REQUIRE(layer.second()->config().path == SocPath::matrix);
-    check_isometry(layer, Shape{1, channels, 4, 4});
-    CHECK(layer.second()->last_path() == SocPath::matrix);
+  for (SocPath variant : {SocPath::matrix_conv, SocPath::matrix_gemm}) {
+    INFO(soc_path_name(variant));
+    for (int64_t channels : {16, 32}) {
+      GsSocConfig config = gs(channels, channels, 4, 1, false, 1, 40 + static_cast<uint64_t>(channels));
+      config.base.path = variant;  // for the 1x1 stage; the 3x3 one takes the series
+      GsSocConv layer(config);
+      REQUIRE(layer.second()->config().path == variant);
+      check_isometry(layer, Shape{1, channels, 4, 4});
+      CHECK(layer.second()->last_path() == variant);
+    }
+    SocConfig grouped = soc(8, 8, 1, 2, 1, 45);
+    grouped.path = variant;
+    SocConv plain(grouped);
+    check_isometry(plain, Shape{1, 8, 4, 4});
+    SocConfig strided = soc(4, 16, 1, 1, 2, 46);  // c_out = 4 c_in: an isometry
+    strided.path = variant;
+    SocConv down(strided);
+    check_isometry(down, Shape{1, 4, 4, 4});
+    CHECK(down.last_path() == variant);
   }
   SocConfig grouped = soc(8, 8, 1, 2, 1, 45);
   grouped.path = SocPath::matrix;
-  SocConv plain(grouped);
-  check_isometry(plain, Shape{1, 8, 4, 4});
-  SocConfig strided = soc(4, 16, 1, 1, 2, 46);  // c_out = 4 c_in: an isometry
-  strided.path = SocPath::matrix;
-  SocConv down(strided);
-  check_isometry(down, Shape{1, 4, 4, 4});
-  CHECK(down.last_path() == SocPath::matrix);
 
   // The check can fail here too: a doubled A_n with a 2-term series is not orthogonal.
   SocConfig inflated = grouped;

@@ -85,6 +85,16 @@ TEST_CASE("ChannelShuffle with inverse = true inverts the forward permutation (b
     }
 }
 
+TEST_CASE("ChannelShuffle into one group is the identity (GsSocConv skips it), into more groups it is not",
+          "[shuffle]") {
+  for (bool paired : {false, true}) {
+    CHECK(ChannelShuffle(8, 1, paired).is_identity());
+    CHECK_FALSE(ChannelShuffle(8, 2, paired).is_identity());
+    CHECK_FALSE(ChannelShuffle(12, 3, paired, true).is_identity());
+  }
+  CHECK(ChannelShuffle(8, 8).is_identity());  // groups of one channel: also the identity
+}
+
 TEST_CASE("MaxMin forward: plain halves [min(A,B), max(A,B)] and paired (2i, 2i+1) = (min, max)", "[maxmin]") {
   // One sample, 4 channels, 2 pixels: A = channels 0,1; B = channels 2,3.
   const Shape in{1, 4, 1, 2};

@@ -50,7 +50,7 @@ TEST_CASE("Backend::matmul matches the double reference: transposes, batch strid
   struct Case {
     int64_t batch, rows, cols, inner;
     bool ta, tb, no_b;
-    int64_t stride_a, stride_b, stride_c;  // 0: packed (rows*inner etc.); -1: a broadcast (stride 0)
+    int64_t stride_a, stride_b, stride_c;  // 0: packed (rows*inner etc.); -1: stride 0 (A: broadcast; C: summed)
     float alpha, beta, shift;
   };
   const Case cases[] = {
@@ -64,7 +64,12 @@ TEST_CASE("Backend::matmul matches the double reference: transposes, batch strid
       {3, 5, 5, 5, false, false, false, -1, 0, 40, 1.0f, 0.0f, -1.5f},  // A broadcast, C strided with gaps
       {2, 6, 6, 6, true, false, true, 0, 0, 0, 0.2f, 0.0f, 1.0f},      // B = I: T_K = I + A^T / K
       {2, 4, 4, 4, false, false, true, 0, 0, 0, -1.0f, 2.0f, 0.0f},
-      {1, 96, 96, 96, false, false, false, 0, 0, 0, 1.0f, 1.0f, 1.0f}};
+      {1, 96, 96, 96, false, false, false, 0, 0, 0, 1.0f, 1.0f, 1.0f},
+      {6, 4, 9, 4, false, false, false, -1, 40, 45, 1.0f, 0.0f, 0.0f},   // the 1x1 conv on NCHW: Y_n = P X_n
+      {5, 4, 4, 9, false, true, false, 40, 45, -1, 1.0f, 0.0f, 0.0f},    // summed: dP^T = sum_n X_n dY_n^T
+      {3, 5, 5, 7, true, false, false, 0, 0, -1, 0.5f, 1.5f, 1.0f},      // summed, with beta and shift
+      {37, 6, 6, 5, false, true, false, 0, 0, -1, -1.0f, 0.0f, 0.0f},    // summed over more matrices than threads
+      {4, 3, 3, 3, false, false, true, 0, 0, -1, 2.0f, 0.0f, 0.0f}};     // summed, B = I
   uint64_t seed = 300;
   for (const Case& c : cases) {
     const ref::MatmulDims d{c.batch,
@@ -75,7 +80,7 @@ TEST_CASE("Backend::matmul matches the double reference: transposes, batch strid
                             c.tb,
                             c.stride_a < 0 ? 0 : c.stride_a > 0 ? c.stride_a : c.rows * c.inner,
                             c.stride_b > 0 ? c.stride_b : c.inner * c.cols,
-                            c.stride_c > 0 ? c.stride_c : c.rows * c.cols};
+                            c.stride_c < 0 ? 0 : c.stride_c > 0 ? c.stride_c : c.rows * c.cols};
     const MatmulShape s = d.shape();
     INFO("matmul " << s.str() << (c.no_b ? ", B = I" : "") << ", alpha " << c.alpha << ", beta " << c.beta
                    << ", shift " << c.shift);
@@ -170,54 +175,56 @@ TEST_CASE("the matrix path equals the series path and the double reference: grou
       {6, 8, 2, 1, 2, 3, KeepChannels::first},     {96, 10, 1, 1, 3, 1, KeepChannels::first}};
   uint64_t seed = 500;
   for (const Case& c : cases)
-    for (bool training : {true, false}) {
-      SocConfig config = soc_1x1(c.c_in, c.c_out, c.groups, c.stride, ++seed);
-      config.keep = c.keep;
-      config.path = SocPath::series;
-      SocConv series(config);
-      config.path = SocPath::matrix;
-      SocConv matrix(config);  // the same seed: the same M, bias, u, v
-      series.set_training(training);
-      matrix.set_training(training);
-      INFO(matrix.describe() << (training ? ", training" : ", evaluation") << ", batch " << c.batch << ", side "
-                             << c.side);
-      const Shape in{c.batch, c.c_in, c.side, c.side};
-      const Vec x = quantized(static_cast<size_t>(in.numel()), seed + 1000);
-      const Vec w = quantized(static_cast<size_t>(series.output_shape(in).numel()), seed + 2000);
-      const PassResult s = run(series, in, x, w), m = run(matrix, in, x, w);
-      REQUIRE(series.last_path() == SocPath::series);
-      REQUIRE(matrix.last_path() == SocPath::matrix);
+    for (bool training : {true, false})
+      for (SocPath variant : {SocPath::matrix_conv, SocPath::matrix_gemm}) {
+        SocConfig config = soc_1x1(c.c_in, c.c_out, c.groups, c.stride, ++seed);
+        config.keep = c.keep;
+        config.path = SocPath::series;
+        SocConv series(config);
+        config.path = variant;
+        SocConv matrix(config);  // the same seed: the same M, bias, u, v
+        series.set_training(training);
+        matrix.set_training(training);
+        INFO(matrix.describe() << (training ? ", training" : ", evaluation") << ", batch " << c.batch << ", side "
+                               << c.side);
+        const Shape in{c.batch, c.c_in, c.side, c.side};
+        const Vec x = quantized(static_cast<size_t>(in.numel()), seed + 1000);
+        const Vec w = quantized(static_cast<size_t>(series.output_shape(in).numel()), seed + 2000);
+        const PassResult s = run(series, in, x, w), m = run(matrix, in, x, w);
+        REQUIRE(series.last_path() == SocPath::series);
+        REQUIRE(matrix.last_path() == variant);
 
-      const ref::SocParams p = ref::soc_params(matrix);
-      const Vec expected = ref::soc_forward(p, x, c.batch, c.side, c.side);
-      CHECK(ref::max_relative_error(m.y, expected) < kForwardTolerance);
-      CHECK(ref::max_relative_error(s.y, expected) < kForwardTolerance);
-      CHECK(ref::max_relative_error(m.dx, s.dx) < kGradientTolerance);
-      CHECK(ref::max_relative_error(m.dm, s.dm) < kGradientTolerance);
-      CHECK(ref::max_relative_error(m.db, s.db) < kGradientTolerance);
-      // Not vacuous: the gradients are not zero.
-      CHECK(ref::norm(s.dm) > 1e-3);
-      CHECK(ref::norm(s.dx) > 1e-3);
-    }
+        const ref::SocParams p = ref::soc_params(matrix);
+        const Vec expected = ref::soc_forward(p, x, c.batch, c.side, c.side);
+        CHECK(ref::max_relative_error(m.y, expected) < kForwardTolerance);
+        CHECK(ref::max_relative_error(s.y, expected) < kForwardTolerance);
+        CHECK(ref::max_relative_error(m.dx, s.dx) < kGradientTolerance);
+        CHECK(ref::max_relative_error(m.dm, s.dm) < kGradientTolerance);
+        CHECK(ref::max_relative_error(m.db, s.db) < kGradientTolerance);
+        // Not vacuous: the gradients are not zero.
+        CHECK(ref::norm(s.dm) > 1e-3);
+        CHECK(ref::norm(s.dx) > 1e-3);
+      }
 }
 
 TEST_CASE("the matrix path runs any number of terms: K = 1, 2, 3 (the edge cases of the Horner stacks)",
           "[soc][matrix]") {
-  for (int terms : {1, 2, 3}) {
-    SocConfig config = soc_1x1(12, 12, 2, 1, 40 + static_cast<uint64_t>(terms));
-    config.train_terms = terms;
-    config.path = SocPath::series;
-    SocConv series(config);
-    config.path = SocPath::matrix;
-    SocConv matrix(config);
-    INFO("terms " << terms);
-    const Shape in{2, 12, 3, 3};
-    const Vec x = quantized(static_cast<size_t>(in.numel()), 41), w = quantized(static_cast<size_t>(in.numel()), 42);
-    const PassResult s = run(series, in, x, w), m = run(matrix, in, x, w);
-    CHECK(ref::max_relative_error(m.y, ref::soc_forward(ref::soc_params(matrix), x, 2, 3, 3)) < kForwardTolerance);
-    CHECK(ref::max_relative_error(m.dx, s.dx) < kGradientTolerance);
-    CHECK(ref::max_relative_error(m.dm, s.dm) < kGradientTolerance);
-  }
+  for (int terms : {1, 2, 3})
+    for (SocPath variant : {SocPath::matrix_conv, SocPath::matrix_gemm}) {
+      SocConfig config = soc_1x1(12, 12, 2, 1, 40 + static_cast<uint64_t>(terms));
+      config.train_terms = terms;
+      config.path = SocPath::series;
+      SocConv series(config);
+      config.path = variant;
+      SocConv matrix(config);
+      INFO("terms " << terms << ", " << soc_path_name(variant));
+      const Shape in{2, 12, 3, 3};
+      const Vec x = quantized(static_cast<size_t>(in.numel()), 41), w = quantized(static_cast<size_t>(in.numel()), 42);
+      const PassResult s = run(series, in, x, w), m = run(matrix, in, x, w);
+      CHECK(ref::max_relative_error(m.y, ref::soc_forward(ref::soc_params(matrix), x, 2, 3, 3)) < kForwardTolerance);
+      CHECK(ref::max_relative_error(m.dx, s.dx) < kGradientTolerance);
+      CHECK(ref::max_relative_error(m.dm, s.dm) < kGradientTolerance);
+    }
 }
 
 TEST_CASE("SocConv path setting: matrix needs kernel 1, names parse and print, a backward follows its forward's "
@@ -226,13 +233,16 @@ TEST_CASE("SocConv path setting: matrix needs kernel 1, names parse and print, a
   config.kernel = 3;
   config.path = SocPath::matrix;
   CHECK_THROWS_WITH(SocConv(config), Catch::Contains("path=matrix needs kernel 1"));
+  config.path = SocPath::matrix_gemm;
+  CHECK_THROWS_WITH(SocConv(config), Catch::Contains("path=matrix-gemm needs kernel 1"));
   config.path = SocPath::automatic;
   SocConv k3(config);
   CHECK_THROWS_AS(k3.set_path(SocPath::matrix), ConfigError);
   CHECK(k3.config().path == SocPath::automatic);
   CHECK(k3.path_for(Shape{128, 8, 32, 32}) == SocPath::series);
 
-  for (SocPath path : {SocPath::automatic, SocPath::series, SocPath::matrix})
+  for (SocPath path : {SocPath::automatic, SocPath::series, SocPath::matrix, SocPath::matrix_conv,
+                       SocPath::matrix_gemm})
     CHECK(parse_soc_path(soc_path_name(path)) == path);
   CHECK_THROWS_WITH(parse_soc_path("fast"), Catch::Contains("'fast'"));
 
@@ -248,6 +258,30 @@ TEST_CASE("SocConv path setting: matrix needs kernel 1, names parse and print, a
   CHECK(layer.describe().find("path series") != std::string::npos);
   CHECK(ref::max_relative_error(first.dm, second.dm) < kGradientTolerance);
   CHECK(ref::max_relative_error(first.y, second.y) < kForwardTolerance);
+}
+
+TEST_CASE("the matrix path applies P by GEMMs on NCHW where the image is at least as large as P, else by the 1x1 "
+          "convolution", "[soc][matrix][cost]") {
+  CHECK(soc_matrix_variant(32, 1024) == SocPath::matrix_gemm);
+  CHECK(soc_matrix_variant(128, 32) == SocPath::matrix_gemm);
+  CHECK(soc_matrix_variant(129, 32) == SocPath::matrix_conv);
+  CHECK(soc_matrix_variant(512, 4) == SocPath::matrix_conv);
+  // path_for resolves matrix (and auto, where the matrix path is cheaper) by C per group and the output plane.
+  SocConv layer(soc_1x1(64, 64, 2, 1, 3));  // C = 32 per group
+  layer.set_path(SocPath::matrix);
+  CHECK(layer.path_for(Shape{8, 64, 4, 4}) == SocPath::matrix_gemm);
+  CHECK(layer.path_for(Shape{8, 64, 2, 2}) == SocPath::matrix_conv);
+  layer.set_path(SocPath::automatic);
+  CHECK(layer.path_for(Shape{128, 64, 4, 4}) == SocPath::matrix_gemm);
+  CHECK(layer.path_for(Shape{128, 64, 2, 2}) == SocPath::matrix_conv);
+  layer.set_path(SocPath::matrix_conv);
+  CHECK(layer.path_for(Shape{8, 64, 4, 4}) == SocPath::matrix_conv);
+  layer.set_path(SocPath::matrix_gemm);
+  CHECK(layer.path_for(Shape{8, 64, 2, 2}) == SocPath::matrix_gemm);
+  SocConv down(soc_1x1(16, 32, 1, 2, 4));  // C = 64 after the unshuffle; the plane is the output's
+  down.set_path(SocPath::matrix);
+  CHECK(down.path_for(Shape{2, 16, 8, 8}) == SocPath::matrix_gemm);
+  CHECK(down.path_for(Shape{2, 16, 4, 4}) == SocPath::matrix_conv);
 }
 
 TEST_CASE("cost model: multiply-adds cross at N*H*W = C, the bytes favour the matrix path at the tie",
@@ -304,7 +338,7 @@ TEST_CASE("cost model picks the matrix path for LipConvnet-15's GS-SOC second st
           CHECK(path == SocPath::series);
         } else {
           CHECK(second);  // the only other 1x1 layers: the GS-SOC second stages, widths 32..512
-          CHECK(path == SocPath::matrix);
+          CHECK(is_matrix_path(path));
           ++matrix_layers;
         }
       }
@@ -346,7 +380,7 @@ TEST_CASE("a checkpoint trained before the matrix path certifies to the same num
   const NetworkBound bound = verify_network(model, config.eval_terms, Precision::float64, norm);
   REQUIRE(bound.lipschitz == before["verified"]["lipschitz"].get<double>());
 
-  for (SocPath path : {SocPath::automatic, SocPath::series, SocPath::matrix}) {
+  for (SocPath path : {SocPath::automatic, SocPath::series, SocPath::matrix_conv, SocPath::matrix_gemm}) {
     INFO("1x1 path " << soc_path_name(path));
     int one_by_one = 0, on_matrix = 0;
     for (NamedSoc& s : model.soc_layers())
@@ -358,10 +392,11 @@ TEST_CASE("a checkpoint trained before the matrix path certifies to the same num
     for (NamedSoc& s : model.soc_layers())
       if (s.soc->config().kernel == 1) {
         ++one_by_one;
-        on_matrix += s.soc->last_path() == SocPath::matrix;
+        on_matrix += is_matrix_path(s.soc->last_path());
+        if (is_matrix_path(path)) CHECK(s.soc->last_path() == path);
       }
     if (path == SocPath::automatic) CHECK((on_matrix > 0 && on_matrix < one_by_one));  // both paths in one model
-    if (path == SocPath::matrix) CHECK(on_matrix == one_by_one);
+    if (is_matrix_path(path)) CHECK(on_matrix == one_by_one);
     if (path == SocPath::series) CHECK(on_matrix == 0);
 
     // Counts: exactly as before (the fractions are count / images, computed the same way).

@@ -58,7 +58,8 @@ struct ConvShape {
 //   op(A_b) rows x inner: A_b stored rows x inner, or inner x rows when transpose_a (then used transposed);
 //   op(B_b) inner x cols: B_b stored inner x cols, or cols x inner when transpose_b;
 //   C_b     rows x cols.
-// A stride of 0 uses one matrix for the whole batch (A and B only).
+// A stride of 0 uses one matrix for the whole batch; for C (batch > 1) it sums the batch into one matrix:
+//   C = alpha * sum_b op(A_b) op(B_b) + beta * C + shift * I.
 struct MatmulShape {
   int64_t batch = 1;
   int64_t rows = 1;
@@ -71,7 +72,7 @@ struct MatmulShape {
   int64_t stride_c = 0;
 
   std::string str() const;
-  void validate() const;  // throws ConfigError for impossible settings (C matrices must not overlap)
+  void validate() const;  // throws ConfigError for impossible settings (C matrices must not overlap, unless summed)
 };
 
 // The persistent power-iteration state of one SocConv filter [g, C, C, k, k]: four (u, v) pairs per group,
@@ -226,14 +227,16 @@ class Backend {
   virtual void group_dot(const float* a, const float* b, float* out, int64_t groups, int64_t group_size) = 0;
 
   // ---- small dense matrices (SocConv's matrix path: one C x C matrix per group) ----
-  // For b < shape.batch:  C_b = alpha * op(A_b) op(B_b) + beta * C_b + shift * I   (see MatmulShape).
+  // For b < shape.batch:  C_b = alpha * op(A_b) op(B_b) + beta * C_b + shift * I   (see MatmulShape; with
+  // stride_c == 0 the batch is summed into one C, in an unspecified order).
   // b == nullptr: op(B_b) is the identity (inner == cols) and nothing is multiplied: C_b = alpha op(A_b) + ...
   // shift != 0 needs rows == cols (I is the identity of C_b). beta == 0: C is only written, never read (NaN or
   // garbage there does not propagate). c aliases neither a nor b. Device pointers; alpha, beta, shift by value.
   // Each entry of a product is a float32 dot product of `inner` terms (in any order, with or without FMA: the
   // vendor's GEMM, oneDNN's sgemm on the CPU, cuBLAS on CUDA); alpha scales that sum, beta * C and the shift are
   // added to it. The steps of Horner's rule on matrix polynomials are single calls:
-  // T <- shift I + alpha op(A) T_next.
+  // T <- shift I + alpha op(A) T_next. The 1x1 convolutions of the matrix path on NCHW buffers are single calls
+  // too: Y_n = P X_n (A stride 0, batch over images), dP^T = sum_n X_n dY_n^T (C stride 0).
   virtual void matmul(const MatmulShape& shape, float alpha, const float* a, const float* b, float beta,
                       float shift, float* c) = 0;
 

@@ -25,6 +25,7 @@ class ChannelShuffle : public Layer {
   void forward(const Tensor& input, Tensor& output) override;
   void backward(const Tensor& diff_output, Tensor& diff_input) override;
   const std::vector<int32_t>& destination() const { return destination_; }
+  bool is_identity() const;  // one group: every channel stays where it is
 
  private:
   int64_t channels_, groups_;

@@ -8,6 +8,7 @@
 // The single-stage variant (a, -) stops after the grouped k x k SocConv. `paired` selects the paired shuffles.
 // Each stage is orthogonal (or a coordinate projection of one), so the layer is 1-Lipschitz.
 // (The reference code has a variant that computes the middle shuffle and discards it; this one applies it.)
+// With b = 1 the middle shuffle is the identity: the forward and backward skip it (no pass over the activation).
 #pragma once
 
 #include <memory>

@@ -35,7 +35,9 @@
 //                      the input must be left unchanged in between, as for MaxMin) into the layer's own buffers,
 //                      then proceeds as in training.
 // Every mode also keeps the filter, A_n and the scaled filter copies (at most B in all). A 1x1 layer on the
-// matrix path (below) keeps 2 B in training (x0 and y) and, in every mode, its K+2 C x C matrices per group
+// matrix path (below) keeps 2 B in training (x0 and y; matrix_gemm: x0 only, and nothing when x0 is the input
+// itself (stride 1, no padded channels): then, in training too, the input must be left unchanged until the
+// backward) and, in every mode, its K+2 C x C matrices per group
 // (the Horner products T_2..T_K, P and P^T, for a backward) and the adjoints after a backward.
 //
 // Two ways to compute the series of a 1x1 layer (k = 1), the same operator up to float32 rounding:
@@ -43,6 +45,9 @@
 //   matrix  per group, the C x C matrix P = sum_{i=0..K} A_n^i / i! by Horner's rule on the matrices (K-1
 //           products), then ONE 1x1 convolution by P; backward: one convolution by P^T for the input gradient,
 //           one backward-weights call for dL/dP, and reverse-mode Horner on the matrices for dL/dA_n (exact).
+//           P is applied either as a 1x1 convolution in the backend's conv layout (matrix-conv) or as batched
+//           GEMMs Y_n = P X_n straight on the NCHW buffers (matrix-gemm: no layout conversions; dL/dP^T is one
+//           GEMM summed over the images), chosen by soc_matrix_variant for the shape.
 // SocConfig::path chooses; `automatic` takes the cheaper by soc_path_cost for each input shape and mode.
 #pragma once
 
@@ -76,9 +81,19 @@ struct PowerSchedule {
   static PowerSchedule parse(const std::string& text);
   bool operator==(const PowerSchedule&) const = default;
 };
-enum class SocPath { automatic, series, matrix };
-SocPath parse_soc_path(const std::string& text);  // "auto" | "series" | "matrix" (throws ConfigError)
+// matrix: the matrix path, applied as soc_matrix_variant chooses; matrix_conv, matrix_gemm: that application.
+enum class SocPath { automatic, series, matrix, matrix_conv, matrix_gemm };
+// "auto" | "series" | "matrix" | "matrix-conv" | "matrix-gemm" (throws ConfigError)
+SocPath parse_soc_path(const std::string& text);
 std::string soc_path_name(SocPath path);
+bool is_matrix_path(SocPath path);  // matrix, matrix_conv or matrix_gemm
+
+// How the matrix path applies P to `channels` (C per group) x `plane` (H*W, after the pixel-unshuffle) images:
+// matrix_gemm, one GEMM per image and group on the NCHW buffers, where C <= 4 * plane, else matrix_conv, oneDNN's
+// 1x1 convolution in its blocked layout (which batches the pixels of all images into one GEMM, at the price of
+// layout conversions). The GEMMs read P once per image: measured, they win up to C = 4 * plane and lose from
+// C = 16 * plane (lib/layers/soc_matrix.cpp).
+SocPath soc_matrix_variant(int64_t channels, int64_t plane);
 
 // The cost model behind SocPath::automatic (lib/layers/soc_matrix.cpp, where the counts are derived): the
 // multiply-adds and the bytes moved by what differs between the two paths of one 1x1 SocConv for one forward
@@ -137,8 +152,9 @@ class SocConv : public Layer {
   int terms() const { return training_ ? config_.train_terms : config_.eval_terms; }
   void set_terms(int train_terms, int eval_terms);
   void set_schedule(const PowerSchedule& schedule);  // validated; takes effect at the next training forward
-  // The path setting (throws ConfigError for matrix on k > 1), the path a forward on `input` would take in the
-  // current mode, and the path the last forward took (its backward takes the same).
+  // The path setting (throws ConfigError for a matrix path on k > 1), the path a forward on `input` would take in
+  // the current mode (series, matrix_conv or matrix_gemm), and the path the last forward took (its backward takes
+  // the same).
   void set_path(SocPath path);
   SocPath path_for(const Shape& input) const;
   SocPath last_path() const { return forward_path_; }
@@ -172,13 +188,22 @@ class SocConv : public Layer {
   };
   RoundedInputs rounded_inputs(const ConvShape& shape, int terms) const;
   void prepare_filter(int iterations);
-  // x0 from `input`, then the Horner terms p_K..p_1 with forward_terms_ terms; keep: in series_ (for the
-  // backward), else in the backend's shared buffers. Returns p_1 (conv layout).
-  const float* run_series(const Tensor& input, bool keep);
-  // The matrix path (lib/layers/soc_matrix.cpp), on conv-layout buffers of `shape`: y = P x0; and, from
-  // h = dL/dy, dx0 = P^T h and (with weight_gradient) diff_weights_ = dL/dA_n from x0 in series_ slot 1.
+  // x0 from `input`, then the Horner terms p_K..p_1 with forward_terms_ terms (or the matrices of the matrix
+  // path); keep: in series_ (for the backward), else in the backend's shared buffers. Writes y = p_1 in NCHW
+  // (series channels) to `y` unless it is null (a recompute for the backward).
+  void run_series(const Tensor& input, bool keep, float* y);
+  // Whether x0 is the input itself (matrix_gemm without unshuffle or padding: kept as input_), and where the
+  // last forward keeps x0 otherwise (series_ slot).
+  bool x0_is_input() const;
+  int x0_slot() const;
+  const float* kept_x0() const;
+  // The matrix path (lib/layers/soc_matrix.cpp), on buffers of `shape` in the conv layout (matrix_conv) or NCHW
+  // (matrix_gemm): the matrices, then y = P x0 unless y is null; and, from h = dL/dy, dx0 = P^T h and (with
+  // weight_gradient) diff_weights_ = dL/dA_n from kept_x0().
   void matrix_forward(const ConvShape& shape, const float* x0, float* y);
   void matrix_backward(const ConvShape& shape, const float* h, float* dx0, bool weight_gradient);
+  // y_n = P x_n per image and group on NCHW buffers of `shape` (P: [g, C, C]).
+  void apply_nchw(const ConvShape& shape, const float* p, const float* x, float* y);
 
   SocConfig config_;
   std::shared_ptr<Backend> backend_;
@@ -196,9 +221,9 @@ class SocConv : public Layer {
   std::vector<int32_t> which_;
   Tensor weights_forward_;        // [K+1] copies in forward conv layout: slot j = A_n / j (slot 0 = A_n)
   Tensor filter_scratch_;         // plain, A_n / j on its way to weights_forward_
-  Tensor series_;                 // [K+1] x (batch in conv layout): slot s holds p_{s+1}; slot K = x0
+  Tensor series_;                 // [K+1] x (batch in conv layout): slot s holds p_{s+1}; slot K = x0 (x0_slot())
   bool series_kept_ = false;      // series_ holds the last forward's terms (training mode, or recomputed)
-  Tensor input_;                  // the last evaluation-mode forward's input (a handle), for a backward
+  Tensor input_;                  // the last forward's input (a handle), for a backward: evaluation mode or x0_is_input()
   Tensor diff_series_;            // [K+2] x (batch in conv layout): slot j-1 holds h_j, slot K+1 dL/dx0
   Tensor series_input_;           // bf16 passes: [K] conv inputs, slot s-1 = p_{s+1} rounded (s = 1..K)
   Tensor diff_series_input_;      // bf16 passes: [K] conv inputs, slot j-1 = h_j rounded (j = 1..K)

@@ -82,7 +82,8 @@ std::string MatmulShape::str() const {
 void MatmulShape::validate() const {
   require(batch > 0 && rows > 0 && cols > 0 && inner > 0, "matmul sizes must be positive, got ", str());
   require(stride_a >= 0 && stride_b >= 0, "matmul strides of A and B must be >= 0, got ", str());
-  require(batch == 1 || stride_c >= rows * cols, "matmul: the C matrices of a batch must not overlap, got ", str());
+  require(batch == 1 || stride_c == 0 || stride_c >= rows * cols,
+          "matmul: the C matrices of a batch must not overlap (stride 0 sums them), got ", str());
 }
 
 std::shared_ptr<Backend> cpu_backend() {

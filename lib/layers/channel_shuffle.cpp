@@ -31,6 +31,12 @@ ChannelShuffle::ChannelShuffle(int64_t channels, int64_t groups, bool paired, bo
   source_ = inverse ? forward : backward;
 }
 
+bool ChannelShuffle::is_identity() const {
+  for (size_t i = 0; i < destination_.size(); ++i)
+    if (destination_[i] != static_cast<int32_t>(i)) return false;
+  return true;
+}
+
 std::string ChannelShuffle::describe() const {
   std::ostringstream out;
   out << "channel-shuffle " << channels_ << " ch, groups " << groups_ << (paired_ ? " paired" : "")

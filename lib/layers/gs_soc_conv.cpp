@@ -98,6 +98,10 @@ void GsSocConv::forward(const Tensor& input, Tensor& output) {
     return;
   }
   first_->forward(*x, first_out_);
+  if (middle_shuffle_->is_identity()) {
+    second_->forward(first_out_, output);
+    return;
+  }
   middle_shuffle_->forward(first_out_, middle_);
   second_->forward(middle_, output);
 }
@@ -105,8 +109,12 @@ void GsSocConv::forward(const Tensor& input, Tensor& output) {
 void GsSocConv::backward(const Tensor& diff_output, Tensor& diff_input) {
   const Tensor* d = &diff_output;
   if (second_) {
-    second_->backward(diff_output, diff_a_);
-    middle_shuffle_->backward(diff_a_, diff_b_);
+    if (middle_shuffle_->is_identity()) {
+      second_->backward(diff_output, diff_b_);
+    } else {
+      second_->backward(diff_output, diff_a_);
+      middle_shuffle_->backward(diff_a_, diff_b_);
+    }
     d = &diff_b_;
   }
   if (!input_shuffle_) {

@@ -43,7 +43,8 @@ void SocConfig::validate() const {
   schedule.validate();
   require(!correction || (*correction > 0.0f && std::isfinite(*correction)),
           "SocConv correction must be positive and finite, got ", correction.value_or(0.0f));
-  require(path != SocPath::matrix || kernel == 1, "SocConv path=matrix needs kernel 1, got kernel ", kernel);
+  require(!is_matrix_path(path) || kernel == 1, "SocConv path=", soc_path_name(path), " needs kernel 1, got kernel ",
+          kernel);
   if (keep == KeepChannels::per_group)
     require(out_channels % groups == 0, "SocConv keep=per-group needs groups (", groups,
             ") to divide out_channels (", out_channels, ")");
@@ -285,10 +286,10 @@ void SocConv::forward(const Tensor& input, Tensor& output) {
   forward_path_ = path_for(input_shape_);
   forward_precision_ = training_ && forward_path_ == SocPath::series ? config_.precision : ConvPrecision::fp32;
   // Training keeps the K+1 terms for the backward; evaluation runs in the backend's shared buffers and keeps only
-  // (a handle to) the input, from which a backward recomputes the terms.
+  // (a handle to) the input, from which a backward recomputes the terms. Where x0 is the input itself, the
+  // handle is all a backward needs of it in both modes.
   series_kept_ = training_;
-  input_ = series_kept_ ? Tensor() : input;
-  const float* y_series = run_series(input, series_kept_);
+  input_ = !series_kept_ || x0_is_input() ? input : Tensor();
 
   const int64_t n = input_shape_[0], g = config_.groups, c = config_.group_channels();
   const ConvShape shape = series_shape(n);
@@ -297,9 +298,16 @@ void SocConv::forward(const Tensor& input, Tensor& output) {
   output.resize(out_shape, backend_->device());
   float* y = output.data();
   const bool direct = config_.out_channels == channels;
-  // Evaluation: x0's shared buffer is free again and serves as the NCHW staging.
-  float* staging = series_kept_ ? staging_.data() : be.shared_buffer(0).data();
-  be.from_conv_layout(shape, y_series, direct ? y : staging);
+  // The NCHW staging of y when channels are dropped. Evaluation: a shared buffer, sized as run_series sizes them:
+  // x0's (free again once the series has run; matrix_gemm reads x0 while it writes y: the next one).
+  float* staging = nullptr;
+  if (!direct) {
+    Tensor& t = series_kept_ ? staging_ : be.shared_buffer(forward_path_ == SocPath::matrix_gemm ? 1 : 0);
+    t.resize(series_kept_ ? Shape{n, channels, shape.height, shape.width} : Shape{be.conv_buffer_size(shape)},
+             backend_->device());
+    staging = t.data();
+  }
+  run_series(input, series_kept_, direct ? y : staging);
   if (!direct) {
     if (config_.keep == KeepChannels::first)
       be.copy_channels(staging, channels, y, config_.out_channels, n, plane, false);
@@ -309,7 +317,24 @@ void SocConv::forward(const Tensor& input, Tensor& output) {
   if (config_.bias) be.add_bias(y, bias_.value.data(), n, config_.out_channels, plane);
 }
 
-const float* SocConv::run_series(const Tensor& input, bool keep) {
+bool SocConv::x0_is_input() const {
+  return forward_path_ == SocPath::matrix_gemm && config_.stride == 1 &&
+         config_.in_channels == config_.group_channels() * config_.groups;
+}
+
+int SocConv::x0_slot() const {
+  switch (forward_path_) {
+    case SocPath::matrix_conv: return 1;
+    case SocPath::matrix_gemm: return 0;
+    default: return forward_terms_;
+  }
+}
+
+const float* SocConv::kept_x0() const {
+  return x0_is_input() ? input_.data() : series_.data() + x0_slot() * buffer_size_;
+}
+
+void SocConv::run_series(const Tensor& input, bool keep, float* y) {
   const int K = forward_terms_;
   const int64_t n = input_shape_[0];
   const ConvShape shape = series_shape(n);
@@ -318,26 +343,26 @@ const float* SocConv::run_series(const Tensor& input, bool keep) {
   buffer_size_ = backend_->conv_buffer_size(shape);
   Backend& be = *backend_;
 
-  // Where x0 and p_j (j = K..1) live. Kept: series_ slot K holds x0 and slot j-1 holds p_j, for the backward
-  // (the matrix path: slot 1 holds x0, slot 0 y = p_1). Not kept: x0 in shared buffer 0, p_j alternating between
-  // shared buffers 1 and 2; the NCHW staging of x0 uses buffers 1 and 2 before the series needs them
-  // (conv_buffer_size >= any NCHW size of the series channels).
-  const bool matrix = forward_path_ == SocPath::matrix;
-  const int x0_slot = matrix ? 1 : K;
+  // Where x0 and p_j (j = K..1) live. Kept: series_ slot x0_slot() holds x0 and slot j-1 holds p_j, for the
+  // backward (matrix_conv: slot 1 holds x0, slot 0 y = p_1; matrix_gemm: slot 0 holds x0 in NCHW, unless x0 is
+  // the input). Not kept: x0 in shared buffer 0, p_j alternating between shared buffers 1 and 2; the NCHW
+  // staging of x0 uses buffers 1 and 2 before the series needs them (conv_buffer_size >= any NCHW size of the
+  // series channels). matrix_gemm builds x0 in NCHW where it stays.
+  const bool matrix = forward_path_ != SocPath::series, gemm = forward_path_ == SocPath::matrix_gemm;
   float *x0, *staging, *unshuffle_target;
   if (keep) {
-    series_.resize(Shape{(x0_slot + 1) * buffer_size_}, backend_->device());
-    staging_.resize(Shape{n, channels, shape.height, shape.width}, backend_->device());
+    if (!x0_is_input()) series_.resize(Shape{(x0_slot() + 1) * buffer_size_}, backend_->device());
+    if (!gemm) staging_.resize(Shape{n, channels, shape.height, shape.width}, backend_->device());
     if (config_.stride > 1 && unshuffled != channels)
       scratch_.resize(Shape{n, unshuffled, shape.height, shape.width}, backend_->device());
-    x0 = series_.data() + x0_slot * buffer_size_;
-    staging = staging_.data();
+    x0 = series_.data() + x0_slot() * buffer_size_;
+    staging = gemm ? x0 : staging_.data();
     unshuffle_target = scratch_.data();
   } else {
     for (int b = 0; b < Backend::kSharedBuffers; ++b)
       be.shared_buffer(b).resize(Shape{buffer_size_}, backend_->device());
     x0 = be.shared_buffer(0).data();
-    staging = be.shared_buffer(1).data();
+    staging = gemm ? x0 : be.shared_buffer(1).data();
     unshuffle_target = be.shared_buffer(2).data();
   }
   auto p = [&](int j) -> float* {
@@ -356,56 +381,60 @@ const float* SocConv::run_series(const Tensor& input, bool keep) {
     be.copy_channels(x, unshuffled, staging, channels, n, plane, false);
     x = staging;
   }
+  if (gemm) {
+    matrix_forward(shape, x, y);
+    return;
+  }
   be.to_conv_layout(shape, x, x0);
 
   if (matrix) {
-    matrix_forward(shape, x0, p(1));
-    return p(1);
-  }
-  // bf16 convolution inputs (training only): p_{s+1} rounded in series_input_ slot s-1, for the forward
-  // convolutions and (the same rounded terms) the stacked backward-weights, where the backend runs them in bf16.
-  const RoundedInputs low = rounded_inputs(shape, K);
-  if (low.size) {
-    series_input_.resize(Shape{K * low.size}, backend_->device());
-    be.to_conv_input(shape, x0, series_input_.data() + (K - 1) * low.size);
-  }
-  auto rounded = [&](int j) { return series_input_.data() + (j - 1) * low.size; };  // p_{j+1}, j = 1..K
+    matrix_forward(shape, x0, y != nullptr ? p(1) : nullptr);
+  } else {
+    // bf16 convolution inputs (training only): p_{s+1} rounded in series_input_ slot s-1, for the forward
+    // convolutions and (the same rounded terms) the stacked backward-weights, where the backend runs them in bf16.
+    const RoundedInputs low = rounded_inputs(shape, K);
+    if (low.size) {
+      series_input_.resize(Shape{K * low.size}, backend_->device());
+      be.to_conv_input(shape, x0, series_input_.data() + (K - 1) * low.size);
+    }
+    auto rounded = [&](int j) { return series_input_.data() + (j - 1) * low.size; };  // p_{j+1}, j = 1..K
 
-  // Slot 0 of weights_forward_ holds A_n in the conv layout (the backward uses it too). Where the filter is
-  // small next to the activations (the wide early layers), slots 1..K hold A_n / j and the Horner steps only
-  // add x0; elsewhere the 1/j is a post-op scale (with both post-ops oneDNN's kernels slow down at few
-  // channels, up to 2.7x at 32 channels; copying a 9.4 MB filter K times would cost more at 512).
-  // A_n / j is scaled in float32 (plain layout) and then converted, so that a bf16 copy is A_n / j rounded once.
-  const int64_t wsize = be.conv_weights_size(shape, ConvPass::forward);
-  const bool scaled_copies = K * wsize <= buffer_size_;
-  weights_forward_.resize(Shape{(scaled_copies ? K + 1 : 1) * wsize}, backend_->device());
-  float* w = weights_forward_.data();
-  be.weights_to_conv_layout(shape, ConvPass::forward, scaled_.data(), w);
-  if (scaled_copies) {
-    filter_scratch_.resize(scaled_.shape(), backend_->device());
-    for (int j = 2; j <= K; ++j) {
-      be.axpby(1.0f / static_cast<float>(j), scaled_.data(), 0.0f, filter_scratch_.data(), scaled_.numel());
-      be.weights_to_conv_layout(shape, ConvPass::forward, filter_scratch_.data(), w + j * wsize);
+    // Slot 0 of weights_forward_ holds A_n in the conv layout (the backward uses it too). Where the filter is
+    // small next to the activations (the wide early layers), slots 1..K hold A_n / j and the Horner steps only
+    // add x0; elsewhere the 1/j is a post-op scale (with both post-ops oneDNN's kernels slow down at few
+    // channels, up to 2.7x at 32 channels; copying a 9.4 MB filter K times would cost more at 512).
+    // A_n / j is scaled in float32 (plain layout) and then converted, so that a bf16 copy is A_n / j rounded once.
+    const int64_t wsize = be.conv_weights_size(shape, ConvPass::forward);
+    const bool scaled_copies = K * wsize <= buffer_size_;
+    weights_forward_.resize(Shape{(scaled_copies ? K + 1 : 1) * wsize}, backend_->device());
+    float* w = weights_forward_.data();
+    be.weights_to_conv_layout(shape, ConvPass::forward, scaled_.data(), w);
+    if (scaled_copies) {
+      filter_scratch_.resize(scaled_.shape(), backend_->device());
+      for (int j = 2; j <= K; ++j) {
+        be.axpby(1.0f / static_cast<float>(j), scaled_.data(), 0.0f, filter_scratch_.data(), scaled_.numel());
+        be.weights_to_conv_layout(shape, ConvPass::forward, filter_scratch_.data(), w + j * wsize);
+      }
+    }
+    for (int j = K; j >= 1; --j) {
+      const float* src = low.forward ? rounded(j) : p(j + 1);
+      if (scaled_copies)
+        be.conv_forward_scaled(shape, src, j == 1 ? w : w + j * wsize, 1.0f, x0, p(j));
+      else
+        be.conv_forward_scaled(shape, src, w, 1.0f / static_cast<float>(j), x0, p(j));
+      if (low.size && j > 1) be.to_conv_input(shape, p(j), rounded(j - 1));
     }
   }
-  for (int j = K; j >= 1; --j) {
-    const float* src = low.forward ? rounded(j) : p(j + 1);
-    if (scaled_copies)
-      be.conv_forward_scaled(shape, src, j == 1 ? w : w + j * wsize, 1.0f, x0, p(j));
-    else
-      be.conv_forward_scaled(shape, src, w, 1.0f / static_cast<float>(j), x0, p(j));
-    if (low.size && j > 1) be.to_conv_input(shape, p(j), rounded(j - 1));
-  }
-  return p(1);
+  if (y != nullptr) be.from_conv_layout(shape, p(1), y);
 }
 
 void SocConv::backward(const Tensor& diff_output, Tensor& diff_input) {
   require<ShapeError>(forward_terms_ > 0, "SocConv::backward called before forward");
   check_shape(diff_output, output_shape(input_shape_), "SocConv::backward diff_output");
   if (!series_kept_ && parameter_gradients_) {  // after an evaluation-mode forward: the terms, from the same input
-    run_series(input_, true);
+    run_series(input_, true, nullptr);
     series_kept_ = true;
-    input_ = Tensor();
+    if (!x0_is_input()) input_ = Tensor();
   }
   const int K = forward_terms_;
   const int64_t n = input_shape_[0], g = config_.groups, c = config_.group_channels(), k = config_.kernel;
@@ -427,16 +456,19 @@ void SocConv::backward(const Tensor& diff_output, Tensor& diff_input) {
       be.copy_channels(dy, config_.out_channels / g, staging_.data(), c, n * g, plane, false);
     expanded = staging_.data();
   }
-  // Series: slot j-1 holds h_j, slot K+1 dL/dx0. Matrix: slot 0 holds h = dL/dy, slot 1 dL/dx0.
-  const bool matrix = forward_path_ == SocPath::matrix;
-  diff_series_.resize(Shape{(matrix ? 2 : K + 2) * buffer_size_}, backend_->device());
+  // Series: slot j-1 holds h_j, slot K+1 dL/dx0. matrix_conv: slot 0 holds h = dL/dy, slot 1 dL/dx0. matrix_gemm
+  // (NCHW): h is `expanded`, dL/dx0 goes to diff_input, or to slot 0 when unshuffle or padding follow.
+  const bool matrix = forward_path_ != SocPath::series, gemm = forward_path_ == SocPath::matrix_gemm;
+  const bool direct = config_.stride == 1 && unshuffled == channels;
+  diff_input.resize(input_shape_, backend_->device());
+  if (!gemm || !direct) diff_series_.resize(Shape{(gemm ? 1 : matrix ? 2 : K + 2) * buffer_size_}, backend_->device());
   auto dslot = [&](int s) { return diff_series_.data() + s * buffer_size_; };
-  float* dx0 = dslot(matrix ? 1 : K + 1);
-  be.to_conv_layout(shape, expanded, dslot(0));
+  float* dx0 = gemm ? (direct ? diff_input.data() : dslot(0)) : dslot(matrix ? 1 : K + 1);
+  if (!gemm) be.to_conv_layout(shape, expanded, dslot(0));
   if (parameter_gradients_) diff_weights_.resize(weight_.value.shape(), backend_->device());
 
   if (matrix) {
-    matrix_backward(shape, dslot(0), dx0, parameter_gradients_);
+    matrix_backward(shape, gemm ? expanded : dslot(0), dx0, parameter_gradients_);
   } else {
     // bf16 convolution inputs (after a training-mode forward): h_{s+1} rounded in diff_series_input_ slot s.
     const RoundedInputs low = rounded_inputs(shape, K);
@@ -484,20 +516,22 @@ void SocConv::backward(const Tensor& diff_output, Tensor& diff_input) {
     be.axpby(1.0f, diff_skew_.data(), 1.0f, weight_.grad.data(), weight_.grad.numel());
   }
 
-  // dL/dx: out of the conv layout, drop the padded channels, undo the pixel-unshuffle.
-  diff_input.resize(input_shape_, backend_->device());
-  const bool direct = config_.stride == 1 && unshuffled == channels;
-  staging_.resize(Shape{n, channels, shape.height, shape.width}, backend_->device());
-  be.from_conv_layout(shape, dx0, direct ? diff_input.data() : staging_.data());
+  // dL/dx: NCHW (out of the conv layout), drop the padded channels, undo the pixel-unshuffle.
+  const float* dx_nchw = dx0;
+  if (!gemm) {
+    staging_.resize(Shape{n, channels, shape.height, shape.width}, backend_->device());
+    be.from_conv_layout(shape, dx0, direct ? diff_input.data() : staging_.data());
+    dx_nchw = staging_.data();
+  }
   if (direct) return;
   if (config_.stride == 1) {
-    be.copy_channels(staging_.data(), channels, diff_input.data(), unshuffled, n, plane, false);
+    be.copy_channels(dx_nchw, channels, diff_input.data(), unshuffled, n, plane, false);
     return;
   }
-  const float* unshuffled_grad = staging_.data();
+  const float* unshuffled_grad = dx_nchw;
   if (unshuffled != channels) {
     scratch_.resize(Shape{n, unshuffled, shape.height, shape.width}, backend_->device());
-    be.copy_channels(staging_.data(), channels, scratch_.data(), unshuffled, n, plane, false);
+    be.copy_channels(dx_nchw, channels, scratch_.data(), unshuffled, n, plane, false);
     unshuffled_grad = scratch_.data();
   }
   be.pixel_unshuffle(unshuffled_grad, diff_input.data(), n, config_.in_channels, input_shape_[2],
