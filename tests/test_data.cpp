@@ -109,8 +109,8 @@ std::vector<int64_t> iota_indices(int64_t count) {
 }
 
 // All batches of one epoch.
-std::vector<Batch> epoch_batches(BatchLoader& loader, int64_t epoch) {
-  loader.start_epoch(epoch);
+std::vector<Batch> epoch_batches(BatchLoader& loader, int64_t epoch, int64_t first_batch = 0) {
+  loader.start_epoch(epoch, first_batch);
   std::vector<Batch> out;
   Batch batch;
   while (loader.next(batch)) {
@@ -558,6 +558,26 @@ TEST_CASE("BatchLoader batches are a pure function of (seed, epoch): a resumed r
   CHECK(position == 700);
   CHECK(flipped > 0);
   CHECK(flipped < 700);
+}
+
+TEST_CASE("BatchLoader started at batch k of an epoch hands out exactly that epoch's batches k, k+1, ...",
+          "[data][resume]") {
+  const CifarSplit split = synthetic_split(300);
+  BatchLoader::Options options;
+  options.batch_size = 64;  // 5 batches, the last of 44
+  BatchLoader uninterrupted(split, iota_indices(300), Normalization{}, options);
+  const std::vector<Batch> whole = epoch_batches(uninterrupted, 3);
+  REQUIRE(whole.size() == 5);
+  for (int64_t first = 0; first <= 5; ++first) {
+    INFO("first batch " << first);
+    BatchLoader resumed(split, iota_indices(300), Normalization{}, options);  // a fresh process
+    const std::vector<Batch> tail(whole.begin() + first, whole.end());
+    CHECK(same_batches(epoch_batches(resumed, 3, first), tail));
+  }
+  // Mid-epoch restarts on one loader, and a start outside the epoch is refused.
+  CHECK(same_batches(epoch_batches(uninterrupted, 3, 4), {whole[4]}));
+  CHECK_THROWS_AS(uninterrupted.start_epoch(3, 6), ConfigError);
+  CHECK_THROWS_AS(uninterrupted.start_epoch(3, -1), ConfigError);
 }
 
 TEST_CASE("BatchLoader without shuffle or augmentation equals make_batch over the indices in order", "[data]") {

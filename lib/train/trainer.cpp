@@ -655,7 +655,7 @@ TrainingState read_training_state(const Checkpoint& c, const std::string& file) 
 
 void Trainer::load(const std::string& path) {
   Checkpoint c = load_checkpoint(path);
-  check_checkpoint_format(c, path);
+  model_config_from_checkpoint(c, path);  // the format, and every architecture field valid and agreeing
   TrainingState state = read_training_state(c, path);
   // The data order and the schedule must be the ones the run started with.
   const TrainConfig& saved = state.config;
