@@ -108,7 +108,7 @@ int run_certify(const CertifyOptions& o, bool terms_given) {
   // What surely gets allocated: the weights (bounded by load_model's validation), and the block outputs of one
   // evaluation batch, checked before any batch runs.
   const ModelConfig::Sizes sizes = config.sizes();
-  const int64_t batch = std::min<int64_t>(o.batch, o.images > 0 ? std::min<int64_t>(o.images, 10000) : 10000);
+  const int64_t batch = std::min(o.batch, o.images > 0 ? std::min(o.images, kCifarTestRecords) : kCifarTestRecords);
   require_memory(4.0 * (sizes.weights + static_cast<double>(batch) * sizes.activations),
                  "certifying " + config.architecture() + " in batches of " + std::to_string(batch) + " (--batch)");
 

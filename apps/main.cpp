@@ -1,6 +1,8 @@
 // orthoconv: the command line. main() is the only place that catches orthoconv::Error: one line, exit 1.
 #include <charconv>
+#include <cmath>
 #include <cstdio>
+#include <limits>
 #include <algorithm>
 #include <map>
 #include <new>
@@ -32,6 +34,9 @@ CLI::Validator strict_number(const std::string& type) {
           const auto [stop, error] = std::from_chars(begin, end, value);
           if (error == std::errc::result_out_of_range) return "'" + text + "' is out of range";
           if (error != std::errc() || stop != end) return "'" + text + "' is not a number";
+          // No setting needs more, and CLI11 would narrow a larger value to float with undefined behaviour.
+          if (std::isfinite(value) && std::fabs(value) > std::numeric_limits<float>::max())
+            return "'" + text + "' is out of range";
           return "";
         }
         if (type == "UINT" && text[0] == '-') return "'" + text + "' is negative";

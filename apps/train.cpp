@@ -199,7 +199,7 @@ int run_train(CLI::App& cmd, TrainOptions o) {
   trainer.set_stop_request([] { return g_signal.load(std::memory_order_relaxed) != 0; });
   trainer.prepare(resume_file);
   if (g_signal != 0) {
-    std::fprintf(stderr, "orthoconv: interrupted before training started; nothing was changed\n");
+    std::fprintf(stderr, "orthoconv: interrupted before the first training step; no checkpoint was written\n");
     return 128 + g_signal;
   }
   trainer.run(o.stop_after);

@@ -19,6 +19,8 @@ constexpr int64_t kCifarSide = 32;
 constexpr int64_t kCifarPixels = 3 * kCifarSide * kCifarSide;  // 3072
 constexpr int64_t kCifarRecord = 2 + kCifarPixels;             // 3074
 constexpr int64_t kCifarClasses = 100;
+constexpr int64_t kCifarTrainRecords = 50000;  // train.bin
+constexpr int64_t kCifarTestRecords = 10000;   // test.bin
 
 struct CifarSplit {
   std::string path;                    // the file it was read from

@@ -25,8 +25,8 @@ namespace {
 namespace fs = std::filesystem;
 
 int64_t expected_records(const std::string& split) {
-  if (split == "train") return 50000;
-  if (split == "test") return 10000;
+  if (split == "train") return kCifarTrainRecords;
+  if (split == "test") return kCifarTestRecords;
   throw ConfigError("CIFAR-100 split must be 'train' or 'test', got '" + split + "'");
 }
 

@@ -65,6 +65,20 @@ double json_number(const json& j, const std::string& key) {
   return value.get<double>();
 }
 
+// `count` finite numbers within float32's range (converting a larger double to float is undefined behaviour).
+std::vector<float> json_floats(const json& j, const std::string& key, size_t count) {
+  const json& value = j.at(key);
+  std::vector<float> out;
+  if (value.is_array() && value.size() == count)
+    for (const json& x : value)
+      if (x.is_number() && std::fabs(x.get<double>()) <= std::numeric_limits<float>::max())
+        out.push_back(static_cast<float>(x.get<double>()));
+  if (out.size() != count)
+    throw ConfigError("'" + key + "' must hold " + std::to_string(count) + " finite float32 numbers, got " +
+                      value.dump());
+  return out;
+}
+
 uint64_t json_uint64(const json& j, const std::string& key) {
   const json& value = j.at(key);
   if (value.is_number_unsigned()) return value.get<uint64_t>();
@@ -160,9 +174,7 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     // Absent in configurations written before the setting existed: the reference's schedule.
     if (j.contains("power_schedule"))
       c.model.power_schedule = PowerSchedule::parse(j.at("power_schedule").get<std::string>());
-    auto mean = j.at("mean").get<std::vector<float>>();
-    auto std = j.at("std").get<std::vector<float>>();
-    require(mean.size() == 3 && std.size() == 3, "mean and std need 3 values each");
+    const std::vector<float> mean = json_floats(j, "mean", 3), std = json_floats(j, "std", 3);
     for (int i = 0; i < 3; ++i) {
       c.normalization.mean[i] = mean[i];
       c.normalization.std[i] = std[i];
