@@ -826,7 +826,7 @@ std::string joined(const std::vector<std::string>& words) {
 
 }  // namespace
 
-TEST_CASE("SIGTERM stops `orthoconv train` after its step with a checkpoint there; the resume equals the "
+TEST_CASE("SIGTERM stops `orthoconv train` after its step with a checkpoint there, the resume equals the "
           "uninterrupted run bit for bit, and a second writer is refused meanwhile",
           "[train][cli][interrupt]") {
   const std::string straight = fresh_dir("cli-straight"), stopped = fresh_dir("cli-stopped");
@@ -924,7 +924,7 @@ TEST_CASE("certify refuses a checkpoint with NaN, an infinity or a huge value, n
   }
 }
 
-TEST_CASE("train --resume: an architecture flag that differs from the run's is named; a bad config.json too",
+TEST_CASE("train --resume: an architecture flag that differs from the run's is named, and so is a bad config.json",
           "[train][cli][errors]") {
   const std::string dir = fresh_dir("cli-resume-architecture");
   fs::create_directories(dir);
