@@ -381,10 +381,10 @@ void check_same_models(Trainer& a, Trainer& b) {
   REQUIRE(pa.size() == pb.size());
   for (size_t i = 0; i < pa.size(); ++i) {
     INFO(pa[i].name);
-    CHECK(values_of(pa[i].parameter->value) == values_of(pb[i].parameter->value));
+    CHECK((values_of(pa[i].parameter->value) == values_of(pb[i].parameter->value)));  // (( )): no 1e5-float dump
   }
   auto ba = a.model().buffers(), bb = b.model().buffers();
-  for (size_t i = 0; i < ba.size(); ++i) CHECK(values_of(*ba[i].tensor) == values_of(*bb[i].tensor));
+  for (size_t i = 0; i < ba.size(); ++i) CHECK((values_of(*ba[i].tensor) == values_of(*bb[i].tensor)));
   auto sa = a.model().soc_layers(), sb = b.model().soc_layers();
   for (size_t i = 0; i < sa.size(); ++i) CHECK(sa[i].soc->step() == sb[i].soc->step());
 }
@@ -476,7 +476,7 @@ TEST_CASE("a stop request mid-epoch, before, during and after the evaluation: ea
     REQUIRE(ka.tensors.size() == kb.tensors.size());
     for (auto& [name, t] : ka.tensors) {
       INFO(name);
-      CHECK(t.values == kb.tensors.at(name).values);
+      CHECK((t.values == kb.tensors.at(name).values));
     }
   }
   CHECK(without_wall_time(slurp((fs::path(a) / "metrics.jsonl").string())) ==
@@ -860,7 +860,7 @@ TEST_CASE("SIGTERM stops `orthoconv train` after its step with a checkpoint ther
   REQUIRE(a.tensors.size() == b.tensors.size());
   for (const auto& [name, t] : a.tensors) {
     INFO(name);
-    CHECK(t.values == b.tensors.at(name).values);
+    CHECK((t.values == b.tensors.at(name).values));
   }
   CHECK(without_wall_time(slurp((fs::path(straight) / "metrics.jsonl").string())) ==
         without_wall_time(slurp((fs::path(stopped) / "metrics.jsonl").string())));
