@@ -76,6 +76,13 @@ TrainConfig tiny_config(const std::string& out) {
 
 std::vector<float> values_of(Tensor& t) { return t.to_vector(); }
 
+// A fresh run of `config` (stop_after: as Trainer::run), its trainer gone at return (the directory unlocked).
+void train_fresh(const TrainConfig& config, const CifarSplit& train, const CifarSplit& test, int64_t stop_after = 0) {
+  Trainer t(config, train, test, nullptr);
+  t.prepare();
+  t.run(stop_after);
+}
+
 using Result = orthoconv::testing::CliResult;
 using orthoconv::testing::slurp;
 
@@ -287,11 +294,7 @@ TEST_CASE("bad checkpoints: truncated, wrong architecture, missing tensor -> one
   const std::string dir = fresh_dir("bad-checkpoints");
   TrainConfig c = tiny_config(dir);
   c.epochs = 1;
-  {
-    Trainer t(c, train, test, nullptr);
-    t.prepare();
-    t.run();
-  }
+  train_fresh(c, train, test);
   const std::string good = (fs::path(dir) / "last.safetensors").string();
   const std::string original = slurp(good);
 
@@ -346,11 +349,7 @@ TEST_CASE("a non-finite loss stops training with a clear message and keeps the l
   const std::string dir = fresh_dir("diverge");
   TrainConfig c = tiny_config(dir);
   c.epochs = 3;
-  {
-    Trainer t(c, train, test, nullptr);
-    t.prepare();
-    t.run(1);
-  }
+  train_fresh(c, train, test, 1);
   const std::string last = (fs::path(dir) / "last.safetensors").string();
   const std::string good = slurp(last);
   TrainConfig wild = c;
@@ -508,11 +507,8 @@ TEST_CASE("resuming run A into an output directory that holds run B is refused a
   TrainConfig ca = tiny_config(run_a), cb = tiny_config(run_b);
   ca.epochs = cb.epochs = 1;
   cb.seed = 7;
-  for (TrainConfig* c : {&ca, &cb}) {
-    Trainer t(*c, train, test, nullptr);
-    t.prepare();
-    t.run();
-  }
+  train_fresh(ca, train, test);
+  train_fresh(cb, train, test);
   const std::string b_last = (fs::path(run_b) / "last.safetensors").string();
   const std::string before = slurp(b_last);
   TrainConfig into_b = ca;
@@ -580,11 +576,7 @@ TEST_CASE("a checkpoint holding NaN, an infinity or a huge value is refused nami
   const std::string dir = fresh_dir("corrupt-values");
   TrainConfig c = tiny_config(dir);
   c.epochs = 2;
-  {
-    Trainer t(c, train, test, nullptr);
-    t.prepare();
-    t.run(1);
-  }
+  train_fresh(c, train, test, 1);
   const std::string good = (fs::path(dir) / "last.safetensors").string();
   struct Case {
     std::string tensor;
@@ -634,11 +626,7 @@ TEST_CASE("crafted training state in a checkpoint is refused naming the file and
   const std::string dir = fresh_dir("crafted-state");
   TrainConfig c = tiny_config(dir);
   c.epochs = 3;
-  {
-    Trainer t(c, train, test, nullptr);
-    t.prepare();
-    t.run(1);
-  }
+  train_fresh(c, train, test, 1);
   const std::string good = (fs::path(dir) / "last.safetensors").string();
   const Checkpoint original = load_checkpoint(good);
   nlohmann::json config = nlohmann::json::parse(original.metadata.at("train.config"));
