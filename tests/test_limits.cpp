@@ -11,6 +11,7 @@
 #include "orthoconv/limits.hpp"
 #include "orthoconv/model.hpp"
 #include "orthoconv/model_state.hpp"
+#include "orthoconv/runtime.hpp"
 
 using namespace orthoconv;
 

@@ -27,6 +27,7 @@
 #include "orthoconv/checkpoint.hpp"
 #include "orthoconv/limits.hpp"
 #include "orthoconv/model_state.hpp"
+#include "orthoconv/runtime.hpp"
 #include "orthoconv/trainer.hpp"
 
 using namespace orthoconv;
