@@ -213,6 +213,7 @@ class Trainer {
   std::function<bool()> stop_requested_;
   bool interrupted_ = false;
   std::string last_good_checkpoint_;  // the newest checkpoint of this run known to be valid (loaded or written)
+  int64_t last_good_step_ = 0;        // the step it holds
   int lock_fd_ = -1;                  // <out_dir>/train.lock, flock'ed from prepare() to destruction
 };
 

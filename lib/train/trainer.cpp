@@ -709,6 +709,7 @@ void Trainer::load(const std::string& path) {
   best_epoch_ = state.best_epoch;
   history_ = std::move(state.history);
   last_good_checkpoint_ = path;
+  last_good_step_ = global_step_;
 }
 
 void Trainer::save(const std::string& path) {
@@ -733,6 +734,7 @@ void Trainer::save(const std::string& path) {
   c.metadata["train.history"] = history;
   save_checkpoint(path, c);
   last_good_checkpoint_ = path;
+  last_good_step_ = global_step_;
 }
 
 void Trainer::write_metrics() {
@@ -773,7 +775,7 @@ void Trainer::diverged(const std::string& what) const {
                          (last_good_checkpoint_.empty()
                               ? std::string("No checkpoint had been written yet.")
                               : "The last good checkpoint is kept: " + last_good_checkpoint_ + " (step " +
-                                    std::to_string(global_step_ - progress_.steps) + " or earlier).") +
+                                    std::to_string(last_good_step_) + ").") +
                          " Try a smaller --lr.");
 }
 

@@ -1,7 +1,7 @@
 // libFuzzer entry point: checkpoint files (see fuzz_targets.hpp).
 #include "fuzz_targets.hpp"
 
-#include "orthoconv/trainer.hpp"
+#include "orthoconv/runtime.hpp"
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   orthoconv::set_thread_count(1);  // one thread per input: the fuzzer runs many inputs, not one big one

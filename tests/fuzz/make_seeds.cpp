@@ -10,6 +10,7 @@
 #include "orthoconv/checkpoint.hpp"
 #include "orthoconv/data.hpp"
 #include "orthoconv/model_state.hpp"
+#include "orthoconv/runtime.hpp"
 #include "orthoconv/trainer.hpp"
 
 using namespace orthoconv;
