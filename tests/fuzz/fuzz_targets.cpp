@@ -19,18 +19,26 @@ namespace orthoconv::fuzz {
 
 namespace {
 
-// The input as a file (the loaders read files), private to this process.
-std::string input_file(const uint8_t* data, size_t size, const char* name) {
-  const std::string path = (std::filesystem::temp_directory_path() /
-                            ("orthoconv-fuzz-" + std::to_string(::getpid()) + "-" + name))
-                               .string();
-  std::FILE* file = std::fopen(path.c_str(), "wb");
-  if (file == nullptr || (size > 0 && std::fwrite(data, 1, size, file) != size) || std::fclose(file) != 0) {
-    std::perror(path.c_str());
-    std::abort();  // the harness itself failed: not a finding about the input
+// The input as a file (the loaders read files), private to this process and removed when done.
+class InputFile {
+ public:
+  InputFile(const uint8_t* data, size_t size, const char* name)
+      : path_((std::filesystem::temp_directory_path() / ("orthoconv-fuzz-" + std::to_string(::getpid()) + "-" + name))
+                  .string()) {
+    std::FILE* file = std::fopen(path_.c_str(), "wb");
+    if (file == nullptr || (size > 0 && std::fwrite(data, 1, size, file) != size) || std::fclose(file) != 0) {
+      std::perror(path_.c_str());
+      std::abort();  // the harness itself failed: not a finding about the input
+    }
   }
-  return path;
-}
+  ~InputFile() { std::remove(path_.c_str()); }
+  InputFile(const InputFile&) = delete;
+  InputFile& operator=(const InputFile&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
 
 // Runs `part`, accepting an orthoconv::Error as the input's rejection.
 template <typename Part>
@@ -46,7 +54,8 @@ bool accepted(Part&& part) {
 }  // namespace
 
 int checkpoint_input(const uint8_t* data, size_t size) {
-  const std::string path = input_file(data, size, "checkpoint.safetensors");
+  const InputFile file(data, size, "checkpoint.safetensors");
+  const std::string& path = file.path();
   Checkpoint checkpoint;
   if (!accepted([&] { checkpoint = load_checkpoint(path); })) return 0;
   accepted([&] { normalization_from_checkpoint(checkpoint, path); });
@@ -66,7 +75,8 @@ int checkpoint_input(const uint8_t* data, size_t size) {
 }
 
 int cifar_input(const uint8_t* data, size_t size) {
-  const std::string path = input_file(data, size, "cifar.bin");
+  const InputFile file(data, size, "cifar.bin");
+  const std::string& path = file.path();
   const int64_t records = static_cast<int64_t>(size / static_cast<size_t>(kCifarRecord));
   if (accepted([&] { load_cifar100_file(path, records + 1, "fuzz"); }))
     throw std::logic_error("a file of " + std::to_string(records) + " records was read as " +
