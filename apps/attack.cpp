@@ -8,6 +8,7 @@
 
 #include "commands.hpp"
 #include "orthoconv/attack.hpp"
+#include "orthoconv/limits.hpp"
 #include "orthoconv/model_state.hpp"
 #include "orthoconv/network_bound.hpp"
 #include "orthoconv/runtime.hpp"
@@ -29,15 +30,16 @@ struct AttackCommandOptions {
   bool json = false;
 };
 
-int run_attack(const AttackCommandOptions& o) {
+int run_attack(const AttackCommandOptions& o, bool terms_given) {
   require(o.eps > 0, "--eps must be a positive numerator over 255, got ", o.eps);
   require(o.images > 0, "--images must be positive, got ", o.images);
   require(o.steps > 0, "--steps must be positive, got ", o.steps);
-  require(o.terms >= 0, "--terms must be positive, got ", o.terms);
+  require(!terms_given || (o.terms > 0 && o.terms <= kMaxSeriesTerms), "--terms must be in 1..", kMaxSeriesTerms,
+          ", got ", o.terms);
   set_thread_count(o.threads);
   const LoadedModel loaded = load_model(o.checkpoint);
   LipConvnet& model = *loaded.model;
-  if (o.terms > 0) model.set_terms(model.config().train_terms, o.terms);
+  if (terms_given) model.set_terms(model.config().train_terms, o.terms);
   const ModelConfig& config = model.config();
   const Normalization& norm = loaded.normalization;
 
@@ -139,11 +141,11 @@ Runner setup_attack(CLI::App& app) {
   cmd->add_option("--restarts", o->restarts, "PGD restarts")->capture_default_str();
   cmd->add_option("--images", o->images, "the first N test images")->capture_default_str();
   cmd->add_option("--batch", o->batch, "attack batch size")->capture_default_str();
-  cmd->add_option("--terms", o->terms, "series terms (default: the checkpoint's evaluation terms)");
+  auto* terms = cmd->add_option("--terms", o->terms, "series terms (default: the checkpoint's evaluation terms)");
   cmd->add_option("--threads", o->threads, "OpenMP threads (0: default)")->capture_default_str();
   cmd->add_option("--seed", o->seed, "random seed of the restarts")->capture_default_str();
   cmd->add_flag("--json", o->json, "print one JSON object");
-  return [o] { return run_attack(*o); };
+  return [o, terms] { return run_attack(*o, terms->count() > 0); };
 }
 
 }  // namespace

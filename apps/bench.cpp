@@ -39,6 +39,7 @@
 #include "bench_train.hpp"
 #include "commands.hpp"
 #include "orthoconv/orthoconv.hpp"
+#include "orthoconv/limits.hpp"
 
 namespace orthoconv::apps {
 
@@ -407,7 +408,7 @@ int run_layer_bench(const LayerBenchOptions& o) {
   require(o.batch > 0, "--batch must be positive, got ", o.batch);
   require(o.repeats > 0, "--repeats must be positive, got ", o.repeats);
   require(o.warmup >= 0, "--warmup must be >= 0, got ", o.warmup);
-  require(o.threads >= 0, "--threads must be >= 0, got ", o.threads);
+  require_thread_count(o.threads);
   for (int64_t c : o.channels)
     require(c >= 4 && c <= 1024 && 1024 % c == 0, "--channels: each must divide 1024 (C * H = 1024), got ", c);
   const int threads = set_openmp_threads(o.threads);

@@ -23,20 +23,11 @@ ModelConfig bench_model_config(const TrainBenchOptions& o) {
   ModelConfig config;
   config.conv = o.conv;
   config.depth = o.depth;
-  if (o.conv == "soc") {
-    // The shared default "4,1" is for gs-soc; plain SOC unless a single count is given.
-    GroupPair g = parse_groups(o.groups == "4,1" ? std::string("1") : o.groups);
-    require(!g.has_second, "--conv soc takes one group count, got '", o.groups, "'");
-    config.groups_first = g.first;
-    config.groups_second.reset();
-  } else {
-    GroupPair g = parse_groups(o.groups);
-    config.groups_first = g.first;
-    if (g.has_second)
-      config.groups_second = g.second;
-    else
-      config.groups_second.reset();
-  }
+  // The shared default "4,1" is for gs-soc; plain SOC unless a single count is given.
+  const GroupCounts g = parse_groups(o.conv == "soc" && o.groups == "4,1" ? default_groups("soc") : o.groups);
+  require(o.conv == "gs-soc" || !g.second, "--conv soc takes one group count, got '", o.groups, "'");
+  config.groups_first = g.first;
+  config.groups_second = g.second;
   config.validate();
   return config;
 }

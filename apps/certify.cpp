@@ -9,6 +9,7 @@
 
 #include "commands.hpp"
 #include "orthoconv/certify.hpp"
+#include "orthoconv/limits.hpp"
 #include "orthoconv/model_state.hpp"
 #include "orthoconv/network_bound.hpp"
 #include "orthoconv/plot.hpp"
@@ -22,7 +23,7 @@ struct CertifyOptions {
   std::string checkpoint;
   std::string data;
   std::vector<int> eps{36, 72, 108};
-  int terms = 0;  // 0: the checkpoint's eval terms
+  int terms = 0;  // the checkpoint's eval terms unless --terms is given
   int64_t images = 0;
   int64_t batch = 256;
   int threads = 0;
@@ -89,18 +90,27 @@ nlohmann::ordered_json verified_json(const CertifyReport& v, const CertifyReport
           {"layers", layers}};
 }
 
-int run_certify(const CertifyOptions& o) {
+int run_certify(const CertifyOptions& o, bool terms_given) {
   require(!o.eps.empty(), "--eps needs at least one value");
   for (int e : o.eps) require(e >= 0, "--eps values must be non-negative numerators over 255, got ", e);
-  require(o.terms >= 0, "--terms must be positive, got ", o.terms);
+  require(!terms_given || (o.terms > 0 && o.terms <= kMaxSeriesTerms), "--terms must be in 1..", kMaxSeriesTerms,
+          ", got ", o.terms);
   require(o.images >= 0, "--images must be >= 0, got ", o.images);
   require(o.batch > 0, "--batch must be positive, got ", o.batch);
   set_thread_count(o.threads);
+  // Outputs are checked before the long work, so that a bad path fails at once rather than after it.
+  if (!o.plot.empty()) check_writable_file(o.plot, "plot");
   const LoadedModel loaded = load_model(o.checkpoint, o.device == "cuda" ? Device::cuda : Device::cpu);
   LipConvnet& model = *loaded.model;
-  if (o.terms > 0) model.set_terms(model.config().train_terms, o.terms);
+  if (terms_given) model.set_terms(model.config().train_terms, o.terms);
   const ModelConfig& config = model.config();
   const Normalization& norm = loaded.normalization;
+  // What surely gets allocated: the weights (bounded by load_model's validation), and the block outputs of one
+  // evaluation batch, checked before any batch runs.
+  const ModelConfig::Sizes sizes = config.sizes();
+  const int64_t batch = std::min(o.batch, o.images > 0 ? std::min(o.images, kCifarTestRecords) : kCifarTestRecords);
+  require_memory(4.0 * (sizes.weights + static_cast<double>(batch) * sizes.activations),
+                 "certifying " + config.architecture() + " in batches of " + std::to_string(batch) + " (--batch)");
 
   const std::string dir = find_cifar100(o.data);
   CifarSplit test = load_cifar100(dir, "test");
@@ -110,11 +120,18 @@ int run_certify(const CertifyOptions& o) {
   const NetworkBound bound = verify_network(model, config.eval_terms, Precision::float64, norm);
   const VerifiedEvaluation evaluation = evaluate_verified(model, bound, test, indices, norm, o.eps, o.batch);
   double max_deviation = 0.0;
-  for (double d : evaluation.logit_deviation) max_deviation = std::max(max_deviation, d);
+  for (double d : evaluation.logit_deviation)
+    if (!(d <= max_deviation)) max_deviation = d;  // a NaN wins, and is refused below
+  // With every loaded value finite and bounded (read_model_state) these hold; a report built on anything else
+  // would be a certificate of nothing.
+  require<Error>(std::isfinite(bound.lipschitz) && std::isfinite(bound.error_per_input_norm) &&
+                     std::isfinite(bound.error_constant) && std::isfinite(max_deviation),
+                 "checkpoint ", o.checkpoint, ": the verified bound or the float64 pass is not finite (L = ",
+                 bound.lipschitz, ", largest logit difference ", max_deviation, "): no certificate can be given");
   const CertifyReport& r = evaluation.nominal;
   const CertifyReport& v = evaluation.verified;
   const CertifyReport& l = evaluation.lipschitz;
-  if (!o.plot.empty()) write_certificate_plot(o.plot, evaluation, config, bound.lipschitz);
+  // The results are printed (and flushed) before the plot is written: a late failure must not lose them.
 
   if (o.json) {
     nlohmann::ordered_json cert;
@@ -129,6 +146,8 @@ int run_certify(const CertifyOptions& o) {
                                {"eval_terms", config.eval_terms},
                                {"lipschitz_input", norm.lipschitz()}};
     std::printf("%s\n", out.dump().c_str());
+    std::fflush(stdout);
+    if (!o.plot.empty()) write_certificate_plot(o.plot, evaluation, config, bound.lipschitz);
     return 0;
   }
   std::printf("checkpoint   %s\n", o.checkpoint.c_str());
@@ -158,7 +177,11 @@ int run_certify(const CertifyOptions& o) {
   std::printf("nominal: the reference's certificate (float32 logits, every layer taken as exactly 1-Lipschitz);\n"
               "verified L: float32 logits, radii divided by the verified Lipschitz bound (truncation, sigma);\n"
               "L + float64: the certificate that holds, from a float64 pass with its rounding bound (docs/certificates.md)\n");
-  if (!o.plot.empty()) std::printf("plot         %s\n", o.plot.c_str());
+  std::fflush(stdout);
+  if (!o.plot.empty()) {
+    write_certificate_plot(o.plot, evaluation, config, bound.lipschitz);
+    std::printf("plot         %s\n", o.plot.c_str());
+  }
   return 0;
 }
 
@@ -168,14 +191,14 @@ Runner setup_certify(CLI::App& app) {
   cmd->add_option("--checkpoint", o->checkpoint, "a .safetensors checkpoint from `orthoconv train`")->required();
   cmd->add_option("--data", o->data, "CIFAR-100 binary directory (default: search, as `train`)");
   cmd->add_option("--eps", o->eps, "radii as numerators over 255")->delimiter(',')->capture_default_str();
-  cmd->add_option("--terms", o->terms, "series terms (default: the checkpoint's evaluation terms, 12)");
+  auto* terms = cmd->add_option("--terms", o->terms, "series terms (default: the checkpoint's evaluation terms, 12)");
   cmd->add_option("--images", o->images, "certify the first N test images (0: all)")->capture_default_str();
   cmd->add_option("--batch", o->batch, "evaluation batch size")->capture_default_str();
   cmd->add_option("--threads", o->threads, "OpenMP threads (0: default)")->capture_default_str();
   cmd->add_option("--device", o->device, "cpu | cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_flag("--json", o->json, "print one JSON object");
   cmd->add_option("--plot", o->plot, "write a PNG of certified accuracy against eps (nominal and verified)");
-  return [o] { return run_certify(*o); };
+  return [o, terms] { return run_certify(*o, terms->count() > 0); };
 }
 
 }  // namespace

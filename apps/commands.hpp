@@ -15,12 +15,4 @@ using Runner = std::function<int()>;
 using Setup = std::function<Runner(CLI::App& app)>;
 bool register_command(const std::string& name, Setup setup);
 
-// "4,1" -> (4, 1); "4,-" or "4" -> (4, none). Throws orthoconv::Error on anything else.
-struct GroupPair {
-  int64_t first = 1;
-  bool has_second = false;
-  int64_t second = 1;
-};
-GroupPair parse_groups(const std::string& text);
-
 }  // namespace orthoconv::apps

@@ -25,14 +25,11 @@ struct ModelFlags {
     ModelConfig c;
     require(conv == "soc" || conv == "gs-soc", "--conv must be 'soc' or 'gs-soc', got '", conv, "'");
     c.conv = conv;
-    GroupPair g = parse_groups(groups.empty() ? (conv == "soc" ? std::string("1") : std::string("4,1")) : groups);
-    require(conv == "gs-soc" || !g.has_second, "--conv soc takes one group count ('--groups 1' is plain SOC), "
+    const GroupCounts g = parse_groups(groups.empty() ? default_groups(conv) : groups);
+    require(conv == "gs-soc" || !g.second, "--conv soc takes one group count ('--groups 1' is plain SOC), "
             "got '", groups, "'; use --conv gs-soc for a pair");
     c.groups_first = g.first;
-    if (g.has_second)
-      c.groups_second = g.second;
-    else
-      c.groups_second.reset();
+    c.groups_second = g.second;
     c.depth = depth;
     c.init_channels = width;
     c.classes = classes;

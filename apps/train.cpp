@@ -4,7 +4,17 @@
 // --preset paper (the default) is Table 3's recipe: 200 epochs of the full training set, batch 128, SGD lr 0.1
 // momentum 0.9 wd 5e-4, lr x0.1 at 50% and 75% of the iterations. --preset quick is a short CPU schedule (a
 // training subset, a few epochs, a test subset) sized to finish in about ten minutes on 2 cores; any flag given
-// explicitly overrides the preset. With --resume DIR, every flag not given is taken from DIR/config.json.
+// explicitly overrides the preset. With --resume DIR, every flag not given is taken from DIR/config.json; the
+// architecture flags, when given, must be the run's.
+//
+// Signals: the first SIGINT / SIGTERM asks the trainer to stop after the step in progress; it writes
+// last.safetensors at that step (a resume continues exactly there) and the command exits with 128 + the signal
+// number. A second signal exits at once: the checkpoint on disk is then the previous one, intact (every file is
+// written atomically; the next start in that directory removes the temporary file).
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -84,6 +94,51 @@ TrainConfig config_from_options(const TrainOptions& o) {
   return c;
 }
 
+// The signal handler only touches this lock-free atomic (async-signal-safe); the trainer polls it.
+std::atomic<int> g_signal{0};
+static_assert(std::atomic<int>::is_always_lock_free);
+
+void on_signal(int signal) {
+  int expected = 0;
+  if (g_signal.compare_exchange_strong(expected, signal)) {
+    const char message[] = "\northoconv: interrupted: finishing the current step, then writing a checkpoint "
+                           "(interrupt again to exit at once)\n";
+    (void)!::write(STDERR_FILENO, message, sizeof message - 1);
+    return;
+  }
+  const char message[] = "\northoconv: interrupted again: exiting at once (the last checkpoint is intact)\n";
+  (void)!::write(STDERR_FILENO, message, sizeof message - 1);
+  ::signal(signal, SIG_DFL);
+  ::raise(signal);
+}
+
+// Installs on_signal for SIGINT and SIGTERM while training, and puts the previous handlers back.
+class InterruptHandlers {
+ public:
+  InterruptHandlers() {
+    g_signal = 0;
+    struct sigaction action {};
+    action.sa_handler = on_signal;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_RESTART;
+    ::sigaction(SIGINT, &action, &previous_int_);
+    ::sigaction(SIGTERM, &action, &previous_term_);
+  }
+  ~InterruptHandlers() {
+    ::sigaction(SIGINT, &previous_int_, nullptr);
+    ::sigaction(SIGTERM, &previous_term_, nullptr);
+  }
+  InterruptHandlers(const InterruptHandlers&) = delete;
+  InterruptHandlers& operator=(const InterruptHandlers&) = delete;
+
+ private:
+  struct sigaction previous_int_ {}, previous_term_ {};
+};
+
+// The flags that fix the architecture: on --resume, one given explicitly must be the run's.
+constexpr const char* kArchitectureKeys[] = {"conv", "groups", "depth", "width", "classes", "activation", "head",
+                                             "downsample_keep"};
+
 std::string read_text(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw IoError("cannot read " + path);
@@ -112,17 +167,31 @@ int run_train(CLI::App& cmd, TrainOptions o) {
       throw IoError("--resume: " + saved_path + " is not valid JSON: " + e.what());
     }
     nlohmann::json merged = nlohmann::json::parse(config.to_json());
-    for (auto& [key, value] : saved.items()) {
-      if (key == "architecture" || !merged.contains(key)) continue;
-      std::string flag = "--" + key;
-      for (char& ch : flag)
+    auto flag_of = [](std::string key) {
+      for (char& ch : key)
         if (ch == '_') ch = '-';
-      const CLI::Option* option = cmd.get_option_no_throw(flag);
-      if (option == nullptr || option->count() == 0) merged[key] = value;
+      return "--" + key;
+    };
+    auto given = [&](const std::string& key) {
+      const CLI::Option* option = cmd.get_option_no_throw(flag_of(key));
+      return option != nullptr && option->count() > 0;
+    };
+    for (const char* key : kArchitectureKeys) {
+      if (!given(key) || !saved.contains(key) || saved[key] == merged[key]) continue;
+      throw ConfigError("--resume " + o.resume + ": " + flag_of(key) + " " + merged[key].dump() + " differs from "
+                        "the run's " + saved[key].dump() + "; a resumed run keeps its architecture (" +
+                        saved.value("architecture", std::string("?")) + "): drop " + flag_of(key) +
+                        ", or start a new run with another --out");
     }
+    for (auto& [key, value] : saved.items())
+      if (key != "architecture" && merged.contains(key) && !given(key)) merged[key] = value;
     if (cmd.count("--out") == 0) merged["out"] = o.resume;
-    config = TrainConfig::from_json(merged.dump());
-    config.validate();
+    try {
+      config = TrainConfig::from_json(merged.dump());
+      config.validate();
+    } catch (const ConfigError& e) {
+      throw ConfigError("--resume " + o.resume + ": " + saved_path + " with the flags given: " + e.what());
+    }
   }
   // Before the dataset is read: a precision this machine cannot run fails at once.
   backend_for(config.device == "cuda" ? Device::cuda : Device::cpu)->check_precision(config.precision);
@@ -130,8 +199,22 @@ int run_train(CLI::App& cmd, TrainOptions o) {
   CifarSplit train = load_cifar100(config.data_dir, "train");
   CifarSplit test = load_cifar100(config.data_dir, "test");
   Trainer trainer(config, train, test, stdout);
+  InterruptHandlers handlers;
+  trainer.set_stop_request([] { return g_signal.load(std::memory_order_relaxed) != 0; });
   trainer.prepare(resume_file);
+  if (g_signal != 0) {
+    std::fprintf(stderr, "orthoconv: interrupted before the first training step; no checkpoint was written\n");
+    return 128 + g_signal;
+  }
   trainer.run(o.stop_after);
+  if (trainer.interrupted()) {
+    std::fprintf(stderr, "orthoconv: stopped at step %lld (epoch %lld, %lld of %lld steps done); checkpoint %s; "
+                 "continue with: orthoconv train --resume %s\n",
+                 static_cast<long long>(trainer.global_step()), static_cast<long long>(trainer.epochs_done() + 1),
+                 static_cast<long long>(trainer.progress().steps), static_cast<long long>(trainer.steps_per_epoch()),
+                 (fs::path(config.out_dir) / "last.safetensors").string().c_str(), config.out_dir.c_str());
+    return 128 + g_signal;
+  }
   const auto& history = trainer.history();
   if (!history.empty()) {
     const EpochMetrics& last = history.back();

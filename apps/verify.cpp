@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.hpp"
+#include "orthoconv/limits.hpp"
 #include "orthoconv/model_state.hpp"
 #include "orthoconv/network_bound.hpp"
 #include "orthoconv/orthoconv.hpp"
@@ -20,7 +21,7 @@ struct VerifyOptions {
   int64_t out_channels = 0;
   int64_t size = 8;
   int64_t kernel = 3;
-  std::string groups = "4,1";
+  std::string groups;  // default: default_groups(layer)
   int64_t stride = 1;
   int terms = 12;
   uint64_t seed = 1;
@@ -90,7 +91,17 @@ int run_verify_checkpoint(const VerifyOptions& o, bool terms_given) {
 
 int run_verify(const VerifyOptions& o) {
   require(o.layer == "soc" || o.layer == "gs-soc", "--layer must be soc or gs-soc, got '", o.layer, "'");
-  GroupPair groups = parse_groups(o.groups);
+  const GroupCounts groups = parse_groups(o.groups.empty() ? default_groups(o.layer) : o.groups);
+  // A dense Jacobian of C H^2 rows: each size checked alone before any product.
+  constexpr int64_t kMaxJacobianSide = 16384;
+  require(o.channels > 0 && o.channels <= kMaxJacobianSide, "--channels must be in 1..", kMaxJacobianSide, ", got ",
+          o.channels);
+  require(o.size > 0 && o.size <= kMaxJacobianSide, "--size must be in 1..", kMaxJacobianSide, ", got ", o.size);
+  require(o.out_channels >= 0 && o.out_channels <= kMaxJacobianSide, "--out-channels must be in 0..",
+          kMaxJacobianSide, " (0: C * stride), got ", o.out_channels);
+  require(o.kernel > 0 && o.kernel <= 2 * o.size + 1, "--kernel must be in 1..", 2 * o.size + 1,
+          " (2 * --size + 1), got ", o.kernel);
+  require(o.terms > 0 && o.terms <= kMaxSeriesTerms, "--terms must be in 1..", kMaxSeriesTerms, ", got ", o.terms);
   SocConfig base;
   base.in_channels = o.channels;
   base.out_channels = o.out_channels > 0 ? o.out_channels : o.channels * o.stride;
@@ -98,14 +109,13 @@ int run_verify(const VerifyOptions& o) {
   base.stride = o.stride;
   base.eval_terms = o.terms;
   base.seed = o.seed;
-  require(o.size > 0, "--size must be positive, got ", o.size);
-  require(o.channels * o.size * o.size <= 16384, "--channels * --size^2 must be at most 16384 for a dense "
-          "Jacobian, got ", o.channels * o.size * o.size);
+  require(o.channels * o.size * o.size <= kMaxJacobianSide, "--channels * --size^2 must be at most ",
+          kMaxJacobianSide, " for a dense Jacobian, got ", o.channels * o.size * o.size);
 
   std::unique_ptr<Layer> layer;
   std::vector<SocConv*> socs;
   if (o.layer == "soc") {
-    require(!groups.has_second, "--layer soc takes one group count, got '", o.groups, "'");
+    require(!groups.second, "--layer soc takes one group count, got '", o.groups, "'");
     base.groups = groups.first;
     auto soc = std::make_unique<SocConv>(base);
     socs.push_back(soc.get());
@@ -114,7 +124,7 @@ int run_verify(const VerifyOptions& o) {
     GsSocConfig config;
     config.base = base;
     config.groups_first = groups.first;
-    if (groups.has_second) config.groups_second = groups.second;
+    config.groups_second = groups.second;
     auto gs = std::make_unique<GsSocConv>(config);
     socs.push_back(&gs->first());
     if (gs->second()) socs.push_back(gs->second());
@@ -162,11 +172,11 @@ Runner setup_verify(CLI::App& app) {
   auto o = std::make_shared<VerifyOptions>();
   auto* cmd = app.add_subcommand("verify", "Check that a random SOC / GS-SOC layer is orthogonal (Jacobian singular values)");
   cmd->add_option("--layer", o->layer, "soc or gs-soc")->capture_default_str();
-  cmd->add_option("--channels", o->channels, "input channels C")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--channels", o->channels, "input channels C")->capture_default_str();
   cmd->add_option("--out-channels", o->out_channels, "output channels (default C * stride)");
-  cmd->add_option("--size", o->size, "input height = width H")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--size", o->size, "input height = width H")->capture_default_str();
   cmd->add_option("--kernel", o->kernel, "kernel size k (odd)")->capture_default_str();
-  cmd->add_option("--groups", o->groups, "groups: 'a' for soc; 'a,b' or 'a,-' for gs-soc")->capture_default_str();
+  cmd->add_option("--groups", o->groups, "groups: 'a' for soc (default 1); 'a,b' or 'a,-' for gs-soc (default 4,1)");
   cmd->add_option("--stride", o->stride, "stride (1 or 2)")->capture_default_str();
   cmd->add_option("--terms", o->terms, "series terms in evaluation mode")->capture_default_str();
   cmd->add_option("--seed", o->seed, "random seed")->capture_default_str();

@@ -9,11 +9,13 @@
 #   python3 python3-venv                the interop tests' virtual environment (.ci/run; scripts/requirements.txt)
 # The CUDA backend needs the CUDA toolkit and cuDNN, which are not Debian packages: install them separately
 # (the build detects them with -DORTHOCONV_CUDA=AUTO and builds the CPU-only library without them).
+# Extra package names given as arguments are installed too (.ci/run's fuzzing step: clang-14 libclang-rt-14-dev
+# libomp-14-dev).
 # Does nothing (and needs no root) when everything is already installed. Runs apt-get through sudo when not root.
 set -euo pipefail
 
 packages=(build-essential cmake ninja-build libdnnl-dev libeigen3-dev catch2 libcli11-dev nlohmann-json3-dev
-          libstb-dev python3 python3-venv)
+          libstb-dev python3 python3-venv "$@")
 
 missing=()
 for package in "${packages[@]}"; do

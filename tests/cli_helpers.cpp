@@ -3,12 +3,15 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
+#include <string>
+#include <system_error>
 #include <vector>
 
 namespace orthoconv::testing {
@@ -65,6 +68,35 @@ std::string real_data_dir() {
       return dir;
   }
   return "";
+}
+
+std::string synthetic_cifar100_dir() {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::path(ORTHOCONV_TEST_BINARY_DIR) / "synthetic-cifar100";
+  std::error_code ec;
+  if (fs::exists(dir / "test.bin", ec)) return dir.string();
+  // Built under a private name and renamed into place: concurrent test processes never see half a dataset.
+  const fs::path building = dir.string() + ".building-" + std::to_string(getpid());
+  fs::create_directories(building);
+  uint64_t state = 0x2545f4914f6cdd1dULL;
+  for (const auto& [name, records] : {std::pair<const char*, int>{"train.bin", 50000}, {"test.bin", 10000}}) {
+    std::vector<char> bytes(static_cast<size_t>(records) * 3074);
+    for (int r = 0; r < records; ++r) {
+      char* record = bytes.data() + static_cast<size_t>(r) * 3074;
+      record[0] = static_cast<char>(r % 20);
+      record[1] = static_cast<char>(r % 10);
+      for (int i = 2; i < 3074; i += 8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        for (int b = 0; b < 8 && i + b < 3074; ++b) record[i + b] = static_cast<char>(state >> (8 * b));
+      }
+    }
+    std::ofstream(building / name, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  fs::rename(building, dir, ec);
+  if (ec) fs::remove_all(building, ec);  // another process was first
+  return dir.string();
 }
 
 }  // namespace orthoconv::testing

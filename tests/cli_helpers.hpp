@@ -23,5 +23,9 @@ size_t line_count(const std::string& text);
 // The shared read-only copy of the real CIFAR-100 ($ORTHOCONV_DATA, else ../shared/cifar100/cifar-100-binary next
 // to the repository), or "" when this machine has none.
 std::string real_data_dir();
+// A directory with a CIFAR-100-shaped train.bin (50,000 records) and test.bin (10,000): pseudo-random pixels, fine
+// labels 0..9 (for 10-class test models). Written once into the test binary directory and shared (read only) by
+// the tests that run `orthoconv train` or `certify` on data without depending on the real dataset.
+std::string synthetic_cifar100_dir();
 
 }  // namespace orthoconv::testing

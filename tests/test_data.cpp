@@ -15,6 +15,7 @@
 #include <fstream>
 #include <iterator>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <tuple>
@@ -108,8 +109,8 @@ std::vector<int64_t> iota_indices(int64_t count) {
 }
 
 // All batches of one epoch.
-std::vector<Batch> epoch_batches(BatchLoader& loader, int64_t epoch) {
-  loader.start_epoch(epoch);
+std::vector<Batch> epoch_batches(BatchLoader& loader, int64_t epoch, int64_t first_batch = 0) {
+  loader.start_epoch(epoch, first_batch);
   std::vector<Batch> out;
   Batch batch;
   while (loader.next(batch)) {
@@ -240,46 +241,90 @@ TEST_CASE("load_cifar100 rejects a missing file, a truncated file, a wrong recor
   }
 }
 
-TEST_CASE("find_cifar100 returns a directory holding both files and otherwise lists what it tried", "[data]") {
+// Sets an environment variable (or unsets it, for nullptr) for one scope.
+struct ScopedEnv {
+  std::string name;
+  std::optional<std::string> saved;
+  ScopedEnv(const std::string& variable, const char* value) : name(variable) {
+    if (const char* old = std::getenv(name.c_str())) saved = old;
+    if (value)
+      ::setenv(name.c_str(), value, 1);
+    else
+      ::unsetenv(name.c_str());
+  }
+  ~ScopedEnv() {
+    if (saved)
+      ::setenv(name.c_str(), saved->c_str(), 1);
+    else
+      ::unsetenv(name.c_str());
+  }
+};
+
+TEST_CASE("find_cifar100 returns a directory holding both files and otherwise says what is wrong", "[data]") {
   TempDir dir;
-  // A hint without the files: an error naming the hint.
-  require_io_error([&] { find_cifar100(dir.path.string()); }, dir.path.string(), "does not hold train.bin");
-  // Both files present (their contents are not checked here; load_cifar100 does that).
+  // A hint without the files: an error naming the hint and the missing file.
+  require_io_error([&] { find_cifar100(dir.path.string()); }, dir.path.string(), "has no train.bin");
   std::ofstream(dir.path / "train.bin") << "x";
-  require_io_error([&] { find_cifar100(dir.path.string()); }, dir.path.string(), "does not hold");
+  require_io_error([&] { find_cifar100(dir.path.string()); }, dir.path.string(), "has no test.bin");
+  // A directory where a file should be is named as such.
+  fs::create_directories(dir.path / "test.bin");
+  require_io_error([&] { find_cifar100(dir.path.string()); }, dir.path.string(), "holds test.bin as a directory");
+  fs::remove(dir.path / "test.bin");
+  require_io_error([&] { find_cifar100((dir.path / "train.bin").string()); }, "train.bin", "is not a directory");
+  require_io_error([&] { find_cifar100((dir.path / "nowhere").string()); }, "nowhere", "does not exist");
+  // Both files present (their contents are not checked here; load_cifar100 does that).
   std::ofstream(dir.path / "test.bin") << "x";
   CHECK(find_cifar100(dir.path.string()) == dir.path.string());
 
   // $ORTHOCONV_DATA comes before the default locations.
-  const char* saved = std::getenv("ORTHOCONV_DATA");
-  const std::string saved_value = saved ? saved : "";
-  ::setenv("ORTHOCONV_DATA", dir.path.string().c_str(), 1);
-  CHECK(find_cifar100() == dir.path.string());
-  ::setenv("ORTHOCONV_DATA", (dir.path / "nowhere").string().c_str(), 1);
-  require_io_error([&] { find_cifar100(); }, (dir.path / "nowhere").string(), "ORTHOCONV_DATA");
-  if (saved) {
-    ::setenv("ORTHOCONV_DATA", saved_value.c_str(), 1);
-  } else {
-    ::unsetenv("ORTHOCONV_DATA");
+  {
+    ScopedEnv data("ORTHOCONV_DATA", dir.path.string().c_str());
+    CHECK(find_cifar100() == dir.path.string());
   }
+  {
+    ScopedEnv data("ORTHOCONV_DATA", (dir.path / "nowhere").string().c_str());
+    require_io_error([&] { find_cifar100(); }, (dir.path / "nowhere").string(), "ORTHOCONV_DATA");
+  }
+}
 
-  // Without hint or variable, from a directory with no dataset nearby: the message lists every candidate.
-  if (!saved) {
-    const fs::path cwd = fs::current_path();
-    TempDir empty;
-    fs::current_path(empty.path);
-    try {
-      const std::string found = find_cifar100();
-      // A ~/.cache copy may legitimately exist on this machine.
-      CHECK(found.find(".cache/orthoconv") != std::string::npos);
-    } catch (const IoError& error) {
-      const std::string message = error.what();
-      CHECK(message.find("../shared/cifar100/cifar-100-binary") != std::string::npos);
-      CHECK(message.find("data/cifar-100-binary") != std::string::npos);
-      CHECK(message.find(".cache/orthoconv/cifar-100-binary") != std::string::npos);
-    }
-    fs::current_path(cwd);
+TEST_CASE("find_cifar100 searches ../shared, data/ and ~/.cache in that order, whatever exists around the test",
+          "[data]") {
+  // Every place searched lies inside this test's own directory tree: the working directory is root/work/cwd (so
+  // ../shared is root/work/shared) and $HOME is root/home. Nothing outside it can change the outcome.
+  TempDir root;
+  const fs::path cwd = root.path / "work" / "cwd", home = root.path / "home";
+  fs::create_directories(cwd);
+  fs::create_directories(home);
+  ScopedEnv data("ORTHOCONV_DATA", nullptr);
+  ScopedEnv home_variable("HOME", home.string().c_str());
+  const fs::path saved_cwd = fs::current_path();
+  fs::current_path(cwd);
+  struct Restore {
+    fs::path path;
+    ~Restore() { fs::current_path(path); }
+  } restore{saved_cwd};
+  auto make_dataset = [](const fs::path& where) {
+    fs::create_directories(where);
+    std::ofstream(where / "train.bin") << "x";
+    std::ofstream(where / "test.bin") << "x";
+  };
+
+  // Nothing anywhere: the message lists every candidate.
+  try {
+    find_cifar100();
+    FAIL("find_cifar100 found a dataset in an empty directory tree");
+  } catch (const IoError& error) {
+    const std::string message = error.what();
+    CHECK(message.find("../shared/cifar100/cifar-100-binary") != std::string::npos);
+    CHECK(message.find("data/cifar-100-binary") != std::string::npos);
+    CHECK(message.find((home / ".cache/orthoconv/cifar-100-binary").string()) != std::string::npos);
   }
+  make_dataset(home / ".cache/orthoconv/cifar-100-binary");
+  CHECK(find_cifar100() == (home / ".cache/orthoconv/cifar-100-binary").string());
+  make_dataset(cwd / "data/cifar-100-binary");
+  CHECK(find_cifar100() == "data/cifar-100-binary");
+  make_dataset(root.path / "work/shared/cifar100/cifar-100-binary");
+  CHECK(find_cifar100() == "../shared/cifar100/cifar-100-binary");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -513,6 +558,26 @@ TEST_CASE("BatchLoader batches are a pure function of (seed, epoch): a resumed r
   CHECK(position == 700);
   CHECK(flipped > 0);
   CHECK(flipped < 700);
+}
+
+TEST_CASE("BatchLoader started at batch k of an epoch hands out exactly that epoch's batches k, k+1, ...",
+          "[data][resume]") {
+  const CifarSplit split = synthetic_split(300);
+  BatchLoader::Options options;
+  options.batch_size = 64;  // 5 batches, the last of 44
+  BatchLoader uninterrupted(split, iota_indices(300), Normalization{}, options);
+  const std::vector<Batch> whole = epoch_batches(uninterrupted, 3);
+  REQUIRE(whole.size() == 5);
+  for (int64_t first = 0; first <= 5; ++first) {
+    INFO("first batch " << first);
+    BatchLoader resumed(split, iota_indices(300), Normalization{}, options);  // a fresh process
+    const std::vector<Batch> tail(whole.begin() + first, whole.end());
+    CHECK(same_batches(epoch_batches(resumed, 3, first), tail));
+  }
+  // Mid-epoch restarts on one loader, and a start outside the epoch is refused.
+  CHECK(same_batches(epoch_batches(uninterrupted, 3, 4), {whole[4]}));
+  CHECK_THROWS_AS(uninterrupted.start_epoch(3, 6), ConfigError);
+  CHECK_THROWS_AS(uninterrupted.start_epoch(3, -1), ConfigError);
 }
 
 TEST_CASE("BatchLoader without shuffle or augmentation equals make_batch over the indices in order", "[data]") {

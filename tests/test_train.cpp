@@ -6,6 +6,8 @@
 
 #include "cli_helpers.hpp"
 
+#include <fcntl.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -14,12 +16,19 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <limits>
+#include <memory>
 #include <random>
 #include <sstream>
 
+#include <nlohmann/json.hpp>
+
 #include "orthoconv/checkpoint.hpp"
+#include "orthoconv/limits.hpp"
 #include "orthoconv/model_state.hpp"
 #include "orthoconv/certify.hpp"
+#include "orthoconv/runtime.hpp"
 #include "orthoconv/trainer.hpp"
 #include "reference.hpp"
 
@@ -69,6 +78,13 @@ TrainConfig tiny_config(const std::string& out) {
 }
 
 std::vector<float> values_of(Tensor& t) { return t.to_vector(); }
+
+// A fresh run of `config` (stop_after: as Trainer::run), its trainer gone at return (the directory unlocked).
+void train_fresh(const TrainConfig& config, const CifarSplit& train, const CifarSplit& test, int64_t stop_after = 0) {
+  Trainer t(config, train, test, nullptr);
+  t.prepare();
+  t.run(stop_after);
+}
 
 using Result = orthoconv::testing::CliResult;
 using orthoconv::testing::slurp;
@@ -313,9 +329,11 @@ TEST_CASE("bf16 training is recorded in config.json, every metrics line and the 
   // Resuming with another precision is refused, naming the flag; with the same one it continues.
   TrainConfig other = config;
   other.precision = ConvPrecision::fp32;
-  Trainer refused(other, train, test, nullptr);
-  REQUIRE_THROWS_WITH(refused.prepare((fs::path(dir) / "last.safetensors").string()),
-                      Catch::Contains("--precision") && Catch::Contains("bf16"));
+  {
+    Trainer refused(other, train, test, nullptr);  // holds the run directory's lock until it is gone
+    REQUIRE_THROWS_WITH(refused.prepare((fs::path(dir) / "last.safetensors").string()),
+                        Catch::Contains("--precision") && Catch::Contains("bf16"));
+  }
   Trainer resumed(config, train, test, nullptr);
   resumed.prepare((fs::path(dir) / "last.safetensors").string());
   resumed.run();
@@ -343,11 +361,7 @@ TEST_CASE("bad checkpoints: truncated, wrong architecture, missing tensor -> one
   const std::string dir = fresh_dir("bad-checkpoints");
   TrainConfig c = tiny_config(dir);
   c.epochs = 1;
-  {
-    Trainer t(c, train, test, nullptr);
-    t.prepare();
-    t.run();
-  }
+  train_fresh(c, train, test);
   const std::string good = (fs::path(dir) / "last.safetensors").string();
   const std::string original = slurp(good);
 
@@ -402,21 +416,360 @@ TEST_CASE("a non-finite loss stops training with a clear message and keeps the l
   const std::string dir = fresh_dir("diverge");
   TrainConfig c = tiny_config(dir);
   c.epochs = 3;
-  {
-    Trainer t(c, train, test, nullptr);
-    t.prepare();
-    t.run(1);
-  }
+  train_fresh(c, train, test, 1);
   const std::string last = (fs::path(dir) / "last.safetensors").string();
   const std::string good = slurp(last);
   TrainConfig wild = c;
   wild.lr = 1e38;  // the updates overflow the parameters to inf within a few steps; the loss turns NaN
   Trainer t(wild, train, test, nullptr);
   t.prepare(last);
-  CHECK_THROWS_WITH(t.run(), Catch::Contains("non-finite") && Catch::Contains("last.safetensors"));
+  CHECK_THROWS_WITH(t.run(), Catch::Contains("non-finite") &&
+                                Catch::Contains("last good checkpoint is kept: " + last + " (step 2)"));
   CHECK((slurp(last) == good));
   Checkpoint k = load_checkpoint(last);
   CHECK(k.metadata.at("train.epoch") == "1");
+}
+
+
+// ---------------------------------------------------------------------------------------------------------------
+// Interrupts, run directories, corrupt values (issue 13)
+
+namespace {
+
+// A stop request that answers true at its n-th poll (polls: after each training step, before an epoch's
+// evaluation, after each evaluation batch, after an epoch's saves).
+std::function<bool()> stop_at_poll(int n) {
+  auto polls = std::make_shared<int>(0);
+  return [polls, n] { return ++*polls == n; };
+}
+
+void check_same_models(Trainer& a, Trainer& b) {
+  auto pa = a.model().parameters(), pb = b.model().parameters();
+  REQUIRE(pa.size() == pb.size());
+  for (size_t i = 0; i < pa.size(); ++i) {
+    INFO(pa[i].name);
+    CHECK((values_of(pa[i].parameter->value) == values_of(pb[i].parameter->value)));  // (( )): no 1e5-float dump
+  }
+  auto ba = a.model().buffers(), bb = b.model().buffers();
+  for (size_t i = 0; i < ba.size(); ++i) CHECK((values_of(*ba[i].tensor) == values_of(*bb[i].tensor)));
+  auto sa = a.model().soc_layers(), sb = b.model().soc_layers();
+  for (size_t i = 0; i < sa.size(); ++i) CHECK(sa[i].soc->step() == sb[i].soc->step());
+}
+
+std::vector<std::string> lines_of(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream in(text);
+  for (std::string line; std::getline(in, line);) out.push_back(line);
+  return out;
+}
+
+// Metrics lines without the wall-clock fields, for comparing runs.
+std::string without_wall_time(const std::string& jsonl) {
+  std::string out;
+  for (const std::string& line : lines_of(jsonl)) {
+    nlohmann::json j = nlohmann::json::parse(line);
+    j.erase("seconds");
+    j.erase("images_per_second");
+    out += j.dump() + "\n";
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("a stop request mid-epoch, before, during and after the evaluation: each resume continues bit for bit",
+          "[train][resume][interrupt]") {
+  CifarSplit train = synthetic_split(320, 10, 11), test = synthetic_split(64, 10, 12);
+  const std::string a = fresh_dir("stop-straight"), b = fresh_dir("stop-interrupted");
+  TrainConfig ca = tiny_config(a), cb = tiny_config(b);
+  ca.val_split = cb.val_split = 64;  // 4 steps per epoch; evaluation: 1 test batch, 1 validation batch
+  Trainer straight(ca, train, test, nullptr);
+  straight.prepare();
+  straight.run();
+
+  const std::string last = (fs::path(b) / "last.safetensors").string();
+  // Polls per epoch: 4 steps, 1 before the evaluation, 1 test batch, 1 validation batch, 1 after the saves.
+  struct Session {
+    int poll;
+    int64_t epochs_done, steps_in_epoch;
+  };
+  const Session sessions[] = {
+      {2, 0, 2},  // after step 2 of epoch 1: a checkpoint in the middle of the epoch
+      {3, 0, 4},  // steps 3, 4, then before the evaluation: every step done, the evaluation pending
+      {2, 0, 4},  // before the evaluation (not stopped), then during the test evaluation
+      {3, 0, 4},  // during the validation evaluation
+      {4, 1, 0},  // after epoch 1's saves: stopped at the end of the epoch
+      {1, 1, 1},  // after step 1 of epoch 2
+  };
+  bool first = true;
+  for (const Session& s : sessions) {
+    INFO("session stopping at poll " << s.poll);
+    Trainer t(cb, train, test, nullptr);
+    t.set_stop_request(stop_at_poll(s.poll));
+    t.prepare(first ? "" : last);
+    first = false;
+    t.run();
+    CHECK(t.interrupted());
+    CHECK(t.epochs_done() == s.epochs_done);
+    CHECK(t.progress().steps == s.steps_in_epoch);
+    Checkpoint k = load_checkpoint(last);
+    CHECK(k.metadata.at("train.epoch") == std::to_string(s.epochs_done));
+    CHECK(k.metadata.at("train.step") == std::to_string(s.epochs_done * 4 + s.steps_in_epoch));
+    CHECK(k.metadata.count("train.epoch_progress") == (s.steps_in_epoch > 0 ? 1u : 0u));
+    // The logs never report an epoch that has no checkpoint.
+    CHECK(lines_of(slurp((fs::path(b) / "metrics.jsonl").string())).size() == static_cast<size_t>(s.epochs_done));
+  }
+  Trainer resumed(cb, train, test, nullptr);
+  resumed.prepare(last);
+  resumed.run();
+  CHECK_FALSE(resumed.interrupted());
+  REQUIRE(resumed.epochs_done() == 2);
+  check_same_models(straight, resumed);
+  REQUIRE(resumed.history().size() == 2);
+  for (size_t e = 0; e < 2; ++e) {
+    INFO("epoch " << e + 1);
+    const EpochMetrics &x = straight.history()[e], &y = resumed.history()[e];
+    CHECK(x.train_loss == y.train_loss);
+    CHECK(x.train_accuracy == y.train_accuracy);
+    CHECK(x.lr == y.lr);
+    CHECK(x.test_loss == y.test_loss);
+    CHECK(x.certified == y.certified);
+    CHECK(x.val_certified == y.val_certified);
+  }
+  for (const char* file : {"last.safetensors", "best.safetensors"}) {
+    INFO(file);
+    Checkpoint ka = load_checkpoint((fs::path(a) / file).string());
+    Checkpoint kb = load_checkpoint((fs::path(b) / file).string());
+    REQUIRE(ka.tensors.size() == kb.tensors.size());
+    for (auto& [name, t] : ka.tensors) {
+      INFO(name);
+      CHECK((t.values == kb.tensors.at(name).values));
+    }
+  }
+  CHECK(without_wall_time(slurp((fs::path(a) / "metrics.jsonl").string())) ==
+        without_wall_time(slurp((fs::path(b) / "metrics.jsonl").string())));
+}
+
+TEST_CASE("a second trainer on the same output directory is refused while the first holds it", "[train][errors]") {
+  CifarSplit train = synthetic_split(64, 10, 13), test = synthetic_split(64, 10, 14);
+  const std::string dir = fresh_dir("locked");
+  TrainConfig c = tiny_config(dir);
+  c.epochs = 1;
+  {
+    Trainer first(c, train, test, nullptr);
+    first.prepare();
+    Trainer second(c, train, test, nullptr);
+    CHECK_THROWS_WITH(second.prepare(), Catch::Contains("in use by another training run") &&
+                                            Catch::Contains("pid " + std::to_string(::getpid())));
+    first.run();
+  }
+  // Released with the first trainer: the run can be resumed (and its one epoch is all there is to do).
+  Trainer again(c, train, test, nullptr);
+  CHECK_NOTHROW(again.prepare((fs::path(dir) / "last.safetensors").string()));
+}
+
+TEST_CASE("resuming run A into an output directory that holds run B is refused and B stays intact",
+          "[train][errors]") {
+  CifarSplit train = synthetic_split(64, 10, 15), test = synthetic_split(64, 10, 16);
+  const std::string run_a = fresh_dir("run-a"), run_b = fresh_dir("run-b"), empty = fresh_dir("run-c");
+  TrainConfig ca = tiny_config(run_a), cb = tiny_config(run_b);
+  ca.epochs = cb.epochs = 1;
+  cb.seed = 7;
+  train_fresh(ca, train, test);
+  train_fresh(cb, train, test);
+  const std::string b_last = (fs::path(run_b) / "last.safetensors").string();
+  const std::string before = slurp(b_last);
+  TrainConfig into_b = ca;
+  into_b.out_dir = run_b;
+  into_b.epochs = 2;
+  Trainer t(into_b, train, test, nullptr);
+  CHECK_THROWS_WITH(t.prepare((fs::path(run_a) / "last.safetensors").string()),
+                    Catch::Contains("already holds another run") && Catch::Contains(run_b));
+  CHECK((slurp(b_last) == before));
+  // Into an empty directory it continues A there.
+  TrainConfig into_c = ca;
+  into_c.out_dir = empty;
+  into_c.epochs = 2;
+  Trainer c(into_c, train, test, nullptr);
+  c.prepare((fs::path(run_a) / "last.safetensors").string());
+  c.run();
+  CHECK(c.epochs_done() == 2);
+}
+
+TEST_CASE("the temporary files of interrupted saves are removed at the next start, and only those",
+          "[train]") {
+  CifarSplit train = synthetic_split(64, 10, 17), test = synthetic_split(64, 10, 18);
+  const std::string dir = fresh_dir("stale");
+  fs::create_directories(dir);
+  const std::vector<std::string> stale = {"last.safetensors.tmp-4242", "metrics.jsonl.tmp-17", "config.json.tmp-1"};
+  const std::vector<std::string> kept = {"notes.txt.tmp-4242", "last.safetensors.tmp-x1", "plot.png"};
+  for (const auto& name : stale) std::ofstream(fs::path(dir) / name) << "half a file";
+  for (const auto& name : kept) std::ofstream(fs::path(dir) / name) << "not ours";
+  TrainConfig c = tiny_config(dir);
+  c.epochs = 1;
+  Trainer t(c, train, test, nullptr);
+  t.prepare();
+  for (const auto& name : stale) CHECK_FALSE(fs::exists(fs::path(dir) / name));
+  for (const auto& name : kept) CHECK(fs::exists(fs::path(dir) / name));
+}
+
+TEST_CASE("the checkpoint is written before the metrics logs, and a resume rewrites the logs from it",
+          "[train][errors]") {
+  CifarSplit train = synthetic_split(64, 10, 19), test = synthetic_split(64, 10, 20);
+  const std::string dir = fresh_dir("metrics-order");
+  TrainConfig c = tiny_config(dir);
+  c.epochs = 2;
+  fs::create_directories(fs::path(dir) / "metrics.jsonl");  // the log cannot be written
+  {
+    Trainer t(c, train, test, nullptr);
+    t.prepare();
+    CHECK_THROWS_AS(t.run(), IoError);
+  }
+  const std::string last = (fs::path(dir) / "last.safetensors").string();
+  REQUIRE(fs::exists(last));  // the epoch was saved before its log failed
+  CHECK(load_checkpoint(last).metadata.at("train.epoch") == "1");
+  // A log that disagrees with the checkpoint (as after a crash between the two) is rewritten on resume.
+  fs::remove(fs::path(dir) / "metrics.jsonl");
+  std::ofstream(fs::path(dir) / "metrics.jsonl") << "{\"epoch\":1}\n{\"epoch\":2}\n{\"epoch\":3}\n";
+  Trainer t(c, train, test, nullptr);
+  t.prepare(last);
+  const auto lines = lines_of(slurp((fs::path(dir) / "metrics.jsonl").string()));
+  REQUIRE(lines.size() == 1);
+  CHECK(lines[0] == t.history()[0].json());
+}
+
+TEST_CASE("a checkpoint holding NaN, an infinity or a huge value is refused naming the file and the tensor",
+          "[train][errors]") {
+  CifarSplit train = synthetic_split(64, 10, 21), test = synthetic_split(64, 10, 22);
+  const std::string dir = fresh_dir("corrupt-values");
+  TrainConfig c = tiny_config(dir);
+  c.epochs = 2;
+  train_fresh(c, train, test, 1);
+  const std::string good = (fs::path(dir) / "last.safetensors").string();
+  struct Case {
+    std::string tensor;
+    float value;
+    std::string problem;
+  };
+  const Case cases[] = {
+      {"head.bias", std::numeric_limits<float>::quiet_NaN(), "NaN at index 3"},
+      {"head.bias", std::numeric_limits<float>::infinity(), "an infinity at index 3"},
+      {"stage1.block0.conv.weight", std::numeric_limits<float>::quiet_NaN(), "NaN at index 3"},
+      {"stage1.block0.conv.weight", 3e38f, "too large for float32"},
+      {"stage1.block0.conv.u1", -std::numeric_limits<float>::infinity(), "an infinity"},
+      {"optimizer.momentum.head.weight", std::numeric_limits<float>::quiet_NaN(), "NaN"},
+  };
+  for (const Case& k : cases) {
+    INFO(k.tensor << " = " << k.value);
+    Checkpoint broken = load_checkpoint(good);
+    REQUIRE(broken.tensors.count(k.tensor) == 1);
+    broken.tensors.at(k.tensor).values.at(3) = k.value;
+    const std::string path = (fs::path(dir) / "broken.safetensors").string();
+    save_checkpoint(path, broken);
+    const std::string out = fresh_dir("corrupt-resume");
+    TrainConfig resume = c;
+    resume.out_dir = out;
+    Trainer t(resume, train, test, nullptr);
+    try {
+      t.prepare(path);
+      FAIL("the checkpoint was accepted");
+    } catch (const IoError& e) {
+      const std::string message = e.what();
+      CHECK(message.find(path) != std::string::npos);
+      CHECK(message.find("'" + k.tensor + "'") != std::string::npos);
+      CHECK(message.find(k.problem) != std::string::npos);
+      CHECK(message.find("--lr") == std::string::npos);  // not blamed on the learning rate
+    }
+    if (k.tensor.rfind("optimizer.", 0) != 0) {  // evaluation tools read the model state the same way
+      ModelConfig mc = model_config_from_checkpoint(broken, path);
+      mc.init_iterations = 0;
+      LipConvnet model(mc);
+      CHECK_THROWS_WITH(read_model_state(broken, path, model), Catch::Contains(k.tensor) && Catch::Contains(path));
+    }
+  }
+}
+
+TEST_CASE("crafted training state in a checkpoint is refused naming the file and the key", "[train][errors]") {
+  CifarSplit train = synthetic_split(64, 10, 23), test = synthetic_split(64, 10, 24);
+  const std::string dir = fresh_dir("crafted-state");
+  TrainConfig c = tiny_config(dir);
+  c.epochs = 3;
+  train_fresh(c, train, test, 1);
+  const std::string good = (fs::path(dir) / "last.safetensors").string();
+  const Checkpoint original = load_checkpoint(good);
+  nlohmann::json config = nlohmann::json::parse(original.metadata.at("train.config"));
+  auto with_config = [&](const char* key, nlohmann::json value) {
+    nlohmann::json j = config;
+    j[key] = value;
+    return j.dump();
+  };
+  struct Case {
+    std::string key, value, expected;
+  };
+  const Case cases[] = {
+      {"train.epoch", "99999999999999999999", "train.epoch"},
+      {"train.epoch", "-1", "train.epoch"},
+      {"train.step", "7", "inconsistent training state"},
+      {"train.epoch", "2", "train.history"},
+      {"train.best_epoch", "5", "train.best_epoch"},
+      {"train.best_metric", "nan", "train.best_metric"},
+      {"optimizer.steps", "1e3", "optimizer.steps"},
+      {"train.epoch_progress", "{\"steps\":9,\"loss_sum\":1,\"correct\":1,\"images\":9,\"seconds\":0}",
+       "inconsistent training state"},
+      {"train.epoch_progress", "{\"steps\":1,\"loss_sum\":1,\"correct\":5,\"images\":2,\"seconds\":0}",
+       "train.epoch_progress"},
+      {"train.config", with_config("epochs", 1e300), "'epochs'"},
+      {"train.config", with_config("width", 2.5), "'width'"},
+      {"train.config", with_config("groups", "x"), "'groups'"},
+      {"train.config", with_config("threads", 100000), "--threads"},
+      {"model.width", "100000", "memory"},
+      {"model.classes", "1000000", "memory"},
+      {"model.depth", "99999999999999999995", "model.depth"},
+      {"model.groups", "x,1", "model.groups"},
+      {"series.eval_terms", "4294967301", "series.eval_terms"},
+      {"model.seed", "-1", "model.seed"},
+  };
+  for (const Case& k : cases) {
+    INFO(k.key << " = " << k.value);
+    Checkpoint crafted = original;
+    crafted.metadata[k.key] = k.value;
+    const std::string path = (fs::path(dir) / "crafted.safetensors").string();
+    save_checkpoint(path, crafted);
+    TrainConfig resume = c;
+    resume.out_dir = fresh_dir("crafted-resume");
+    Trainer t(resume, train, test, nullptr);
+    try {
+      t.prepare(path);
+      FAIL("the crafted checkpoint was accepted");
+    } catch (const Error& e) {
+      const std::string message = e.what();
+      CHECK(message.find(path) != std::string::npos);
+      CHECK(message.find(k.expected) != std::string::npos);
+      CHECK(message.find("stoll") == std::string::npos);
+    }
+  }
+}
+
+TEST_CASE("sizes and thread counts beyond what the machine can hold are refused before anything is allocated",
+          "[train][errors]") {
+  CifarSplit train = synthetic_split(64, 10, 25), test = synthetic_split(64, 10, 26);
+  TrainConfig c = tiny_config(fresh_dir("limits"));
+  c.threads = max_thread_count() + 1;
+  CHECK_THROWS_WITH(c.validate(), Catch::Contains("--threads") && Catch::Contains("processors"));
+  CHECK_THROWS_AS(set_thread_count(100000), ConfigError);
+  CHECK_THROWS_AS(set_thread_count(-1), ConfigError);
+  c.threads = 1;
+  c.epochs = int64_t{1} << 62;
+  CHECK_THROWS_WITH(Trainer(c, train, test, nullptr), Catch::Contains("--epochs") && Catch::Contains("2^53"));
+  c.epochs = 2;
+  c.batch_size = 64;
+  c.model.init_channels = 100000;
+  CHECK_THROWS_WITH(Trainer(c, train, test, nullptr), Catch::Contains("width 100000") && Catch::Contains("memory"));
+  c.model.init_channels = 8;
+  c.model.classes = 1000000;
+  CHECK_THROWS_WITH(Trainer(c, train, test, nullptr), Catch::Contains("1000000 classes") && Catch::Contains("memory"));
+  // The schedule itself refuses step counts it cannot place exactly.
+  CHECK_THROWS_AS(scheduled_lr(c, 0, int64_t{1} << 60), ConfigError);
 }
 
 #ifdef ORTHOCONV_CLI_PATH
@@ -444,6 +797,217 @@ TEST_CASE("train / certify / model-info: bad flags and values give one line and 
     CHECK(orthoconv::testing::line_count(r.err) == 1);
   }
   CHECK_FALSE(fs::exists(fs::path(missing) / "last.safetensors"));
+}
+
+namespace {
+
+// A child `orthoconv` process: stdout read line by line through a pipe, stderr into a file.
+class CliProcess {
+ public:
+  CliProcess(const std::vector<std::string>& args, const std::string& err_file) : err_file_(err_file) {
+    std::vector<std::string> words{ORTHOCONV_CLI_PATH};
+    words.insert(words.end(), args.begin(), args.end());
+    std::vector<char*> argv;
+    for (std::string& w : words) argv.push_back(w.data());
+    argv.push_back(nullptr);
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    pid_ = ::fork();
+    REQUIRE(pid_ >= 0);
+    if (pid_ == 0) {  // only async-signal-safe calls until exec
+      ::dup2(fds[1], 1);
+      const int err = ::open(err_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      if (err >= 0) ::dup2(err, 2);
+      ::close(fds[0]);
+      ::execv(argv[0], argv.data());
+      ::_exit(127);
+    }
+    ::close(fds[1]);
+    out_ = ::fdopen(fds[0], "r");
+  }
+  ~CliProcess() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      wait();
+    }
+    if (out_) std::fclose(out_);
+  }
+  // Reads stdout until a line containing `needle`; false at the end of the output.
+  bool wait_for_line(const std::string& needle) {
+    char line[1024];
+    while (std::fgets(line, sizeof line, out_))
+      if (std::string(line).find(needle) != std::string::npos) return true;
+    return false;
+  }
+  // Polls stderr until it contains `needle` (up to 60 s).
+  bool wait_for_stderr(const std::string& needle) {
+    for (int i = 0; i < 60000; ++i) {
+      if (slurp(err_file_).find(needle) != std::string::npos) return true;
+      ::usleep(1000);
+    }
+    return false;
+  }
+  void signal(int number) { ::kill(pid_, number); }
+  // The raw wait status, after draining stdout.
+  int wait() {
+    char line[1024];
+    while (out_ && std::fgets(line, sizeof line, out_)) {
+    }
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return status;
+  }
+  std::string err() const { return slurp(err_file_); }
+
+ private:
+  pid_t pid_ = -1;
+  std::FILE* out_ = nullptr;
+  std::string err_file_;
+};
+
+// A tiny 10-class run on the synthetic dataset: 40 steps per epoch, printed every 4 steps.
+std::vector<std::string> tiny_train_args(const std::string& out, int64_t epochs, int64_t batch) {
+  return {"train", "--conv", "soc", "--groups", "1", "--depth", "5", "--width", "8", "--classes", "10",
+          "--epochs", std::to_string(epochs), "--batch", std::to_string(batch), "--train-subset",
+          std::to_string(40 * batch), "--test-subset", "64", "--lr", "0.05", "--threads", "1", "--data",
+          orthoconv::testing::synthetic_cifar100_dir(), "--out", out};
+}
+
+std::string joined(const std::vector<std::string>& words) {
+  std::string out;
+  for (const std::string& w : words) out += (out.empty() ? "'" : " '") + w + "'";
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("SIGTERM stops `orthoconv train` after its step with a checkpoint there, the resume equals the "
+          "uninterrupted run bit for bit, and a second writer is refused meanwhile",
+          "[train][cli][interrupt]") {
+  const std::string straight = fresh_dir("cli-straight"), stopped = fresh_dir("cli-stopped");
+  Result full = run_cli(joined(tiny_train_args(straight, 1, 8)));
+  INFO("uninterrupted: " << full.err);
+  REQUIRE(full.exit_code == 0);
+
+  CliProcess run(tiny_train_args(stopped, 1, 8), stopped + ".err");
+  REQUIRE(run.wait_for_line("step 8/40"));
+  run.signal(SIGSTOP);  // held in the middle of epoch 1, with its directory locked
+  Result second = run_cli(joined(tiny_train_args(stopped, 1, 8)));
+  CHECK(second.exit_code == 1);
+  CHECK(second.err.find("in use by another training run") != std::string::npos);
+  CHECK(orthoconv::testing::line_count(second.err) == 1);
+  run.signal(SIGTERM);
+  run.signal(SIGCONT);
+  const int status = run.wait();
+  INFO("stderr: " << run.err());
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 128 + SIGTERM);
+  CHECK(run.err().find("continue with: orthoconv train --resume " + stopped) != std::string::npos);
+  const Checkpoint k = load_checkpoint((fs::path(stopped) / "last.safetensors").string());
+  CHECK(k.metadata.at("train.epoch") == "0");  // inside epoch 1
+  CHECK(k.metadata.count("train.epoch_progress") == 1);
+
+  Result resumed = run_cli("train --resume '" + stopped + "'");
+  INFO("resume: " << resumed.err);
+  REQUIRE(resumed.exit_code == 0);
+  const Checkpoint a = load_checkpoint((fs::path(straight) / "last.safetensors").string());
+  const Checkpoint b = load_checkpoint((fs::path(stopped) / "last.safetensors").string());
+  REQUIRE(a.tensors.size() == b.tensors.size());
+  for (const auto& [name, t] : a.tensors) {
+    INFO(name);
+    CHECK((t.values == b.tensors.at(name).values));
+  }
+  CHECK(without_wall_time(slurp((fs::path(straight) / "metrics.jsonl").string())) ==
+        without_wall_time(slurp((fs::path(stopped) / "metrics.jsonl").string())));
+}
+
+TEST_CASE("a second SIGINT ends `orthoconv train` at once, by the signal, leaving no broken checkpoint",
+          "[train][cli][interrupt]") {
+  const std::string dir = fresh_dir("cli-twice");
+  // Larger batches: a step long enough that the second signal surely comes while the first is being honoured.
+  CliProcess run(tiny_train_args(dir, 1, 64), dir + ".err");
+  REQUIRE(run.wait_for_line("step 4/40"));
+  run.signal(SIGINT);
+  REQUIRE(run.wait_for_stderr("finishing the current step"));
+  run.signal(SIGINT);
+  const int status = run.wait();
+  INFO("stderr: " << run.err());
+  CHECK(WIFSIGNALED(status));
+  CHECK((WIFSIGNALED(status) && WTERMSIG(status) == SIGINT));
+  CHECK(run.err().find("interrupted again: exiting at once") != std::string::npos);
+  CHECK_FALSE(fs::exists(fs::path(dir) / "last.safetensors"));  // no step-checkpoint was written
+}
+
+TEST_CASE("certify refuses a checkpoint with NaN, an infinity or a huge value, naming file and tensor",
+          "[train][cli][errors]") {
+  const std::string dir = fresh_dir("cli-corrupt");
+  fs::create_directories(dir);
+  ModelConfig mc;
+  mc.conv = "soc";
+  mc.groups_first = 1;
+  mc.groups_second.reset();
+  mc.depth = 5;
+  mc.init_channels = 8;
+  mc.classes = 10;
+  LipConvnet model(mc);
+  Checkpoint good;
+  write_model_state(model, Normalization{}, good);
+  const std::string data = orthoconv::testing::synthetic_cifar100_dir();
+  const std::string good_path = (fs::path(dir) / "good.safetensors").string();
+  save_checkpoint(good_path, good);
+  Result fine = run_cli("certify --checkpoint '" + good_path + "' --data '" + data + "' --images 32 --json");
+  INFO("good checkpoint: " << fine.err);
+  REQUIRE(fine.exit_code == 0);
+  const std::pair<std::string, float> cases[] = {{"head.bias", std::numeric_limits<float>::quiet_NaN()},
+                                                 {"head.bias", std::numeric_limits<float>::infinity()},
+                                                 {"stage1.block0.conv.weight", 3e38f}};
+  for (const auto& [tensor, value] : cases) {
+    Checkpoint broken = good;
+    broken.tensors.at(tensor).values.at(1) = value;
+    const std::string path = (fs::path(dir) / "broken.safetensors").string();
+    save_checkpoint(path, broken);
+    for (const std::string command : {"certify", "verify"}) {
+      Result r = run_cli(command + " --checkpoint '" + path + "' --data '" + data + "' --images 32 --json");
+      if (command == "verify") r = run_cli("verify --checkpoint '" + path + "' --json");
+      INFO(command << " with " << tensor << " = " << value << "\nstdout: " << r.out << "\nstderr: " << r.err);
+      CHECK(r.exit_code == 1);
+      CHECK(r.out.empty());
+      CHECK(orthoconv::testing::line_count(r.err) == 1);
+      CHECK(r.err.find(path) != std::string::npos);
+      CHECK(r.err.find("'" + tensor + "'") != std::string::npos);
+    }
+  }
+}
+
+TEST_CASE("train --resume: an architecture flag that differs from the run's is named, and so is a bad config.json",
+          "[train][cli][errors]") {
+  const std::string dir = fresh_dir("cli-resume-architecture");
+  fs::create_directories(dir);
+  TrainConfig gs;  // the default: gs-soc (4,1)
+  gs.out_dir = dir;
+  write_file_atomically((fs::path(dir) / "config.json").string(), gs.to_json());
+  write_file_atomically((fs::path(dir) / "last.safetensors").string(), "not read before the flags are checked");
+  Result r = run_cli("train --resume '" + dir + "' --conv soc --data /nonexistent");
+  INFO("stderr: " << r.err);
+  CHECK(r.exit_code == 1);
+  CHECK(orthoconv::testing::line_count(r.err) == 1);
+  CHECK(r.err.find("--conv \"soc\" differs from the run's \"gs-soc\"") != std::string::npos);
+  CHECK(r.err.find("architecture") != std::string::npos);
+  // The same value as the run's is fine (the failure is then the missing data).
+  r = run_cli("train --resume '" + dir + "' --conv gs-soc --groups 4,1 --data /nonexistent");
+  CHECK(r.err.find("differs") == std::string::npos);
+  CHECK(r.err.find("/nonexistent") != std::string::npos);
+
+  nlohmann::json bad = nlohmann::json::parse(gs.to_json());
+  bad["groups"] = "x,1";
+  write_file_atomically((fs::path(dir) / "config.json").string(), bad.dump());
+  r = run_cli("train --resume '" + dir + "' --data /nonexistent");
+  INFO("stderr: " << r.err);
+  CHECK(r.exit_code == 1);
+  CHECK(r.err.find("config.json") != std::string::npos);
+  CHECK(r.err.find("'groups': expected 'a,b', 'a,-' or 'a'") != std::string::npos);
+  CHECK(r.err.find("stoll") == std::string::npos);
 }
 
 TEST_CASE("model-info --json gives the paper's GS-SOC (4,1) count", "[train][cli]") {

@@ -75,16 +75,19 @@ class Certifier {
 };
 
 // Runs `model` in evaluation mode on split[indices] (no augmentation) in batches of `batch_size` and calls
-// visit(batch, host_logits [n, classes]) for each; restores the model's previous mode. The one evaluation loop
-// behind evaluate_model and evaluate_verified (network_bound.hpp).
+// visit(batch, host_logits [n, classes]) for each; restores the model's previous mode (also when it throws). The
+// one evaluation loop behind evaluate_model and evaluate_verified (network_bound.hpp). When given, stop_requested
+// is polled after each batch; once it returns true the loop throws Interrupted.
 void for_each_evaluation_batch(LipConvnet& model, const CifarSplit& split, const std::vector<int64_t>& indices,
                                const Normalization& norm, int64_t batch_size,
-                               const std::function<void(const Batch&, const std::vector<float>&)>& visit);
+                               const std::function<void(const Batch&, const std::vector<float>&)>& visit,
+                               const std::function<bool()>& stop_requested = {});
 
 // Runs `model` in evaluation mode on split[indices] (no augmentation) in batches and certifies every image;
-// restores the model's previous mode. Also sums the cross-entropy of each image into loss_sum.
+// restores the model's previous mode. Also sums the cross-entropy of each image into loss_sum. stop_requested:
+// as for_each_evaluation_batch.
 CertifyReport evaluate_model(LipConvnet& model, const CifarSplit& split, const std::vector<int64_t>& indices,
                              const Normalization& norm, const std::vector<int>& eps_numerators,
-                             int64_t batch_size = 256);
+                             int64_t batch_size = 256, const std::function<bool()>& stop_requested = {});
 
 }  // namespace orthoconv

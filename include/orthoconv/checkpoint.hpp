@@ -36,4 +36,14 @@ Checkpoint load_checkpoint(const std::string& path);
 // Writes `contents` to `path` atomically (temporary file, fsync, rename). For metrics/config files too.
 void write_file_atomically(const std::string& path, const std::string& contents);
 
+// The temporary file this process writes `path` through: "<path>.tmp-<pid>".
+std::string temporary_path(const std::string& path);
+// Removes "<directory>/<name>.tmp-<digits>" for each of `names` (what a save interrupted by a crash or kill -9
+// leaves behind) and returns the paths removed. Call it only while no other process may be saving those files (the
+// trainer holds its directory's lock). Throws IoError when one cannot be removed.
+std::vector<std::string> remove_stale_temporaries(const std::string& directory, const std::vector<std::string>& names);
+// Checks, before any long computation, that write_file_atomically(path, ...) can succeed: the directory exists, is
+// a directory and is writable, and `path` is not a directory. IoError "cannot write <what> <path>: ..." otherwise.
+void check_writable_file(const std::string& path, const std::string& what);
+
 }  // namespace orthoconv

@@ -19,6 +19,8 @@ constexpr int64_t kCifarSide = 32;
 constexpr int64_t kCifarPixels = 3 * kCifarSide * kCifarSide;  // 3072
 constexpr int64_t kCifarRecord = 2 + kCifarPixels;             // 3074
 constexpr int64_t kCifarClasses = 100;
+constexpr int64_t kCifarTrainRecords = 50000;  // train.bin
+constexpr int64_t kCifarTestRecords = 10000;   // test.bin
 
 struct CifarSplit {
   std::string path;                    // the file it was read from
@@ -30,6 +32,8 @@ struct CifarSplit {
 
 // split: "train" (expects 50,000 records) or "test" (10,000). dir holds train.bin / test.bin.
 CifarSplit load_cifar100(const std::string& dir, const std::string& split);
+// The reader behind load_cifar100: one file that must hold exactly `records` records of `split` (named in messages).
+CifarSplit load_cifar100_file(const std::string& path, int64_t records, const std::string& split);
 
 // The dataset directory: `hint` if not empty (must hold train.bin and test.bin), else $ORTHOCONV_DATA, else the
 // first of ../shared/cifar100/cifar-100-binary, data/cifar-100-binary, ~/.cache/orthoconv/cifar-100-binary
@@ -101,7 +105,9 @@ class BatchLoader {
   BatchLoader(const BatchLoader&) = delete;
   BatchLoader& operator=(const BatchLoader&) = delete;
 
-  void start_epoch(int64_t epoch);   // must be called before next()
+  // Must be called before next(). first_batch (0..batches_per_epoch()) skips that many batches without building
+  // them: the batches that follow are those of an uninterrupted epoch (a resume in the middle of an epoch).
+  void start_epoch(int64_t epoch, int64_t first_batch = 0);
   bool next(Batch& out);             // false at the end of the epoch
   int64_t batches_per_epoch() const;
   int64_t size() const;              // images per epoch

@@ -41,6 +41,13 @@ class IoError : public Error {
   using Error::Error;
 };
 
+// Work abandoned because a stop was requested (the trainer's stop request, polled between batches): nothing is
+// wrong, and nothing half-done was kept.
+class Interrupted : public Error {
+ public:
+  using Error::Error;
+};
+
 namespace detail {
 template <typename... Parts>
 std::string concat(Parts&&... parts) {

@@ -55,8 +55,19 @@ struct ModelConfig {
   int init_iterations = 50;
   PowerSchedule power_schedule;
 
-  void validate() const;                   // throws ConfigError naming the setting
+  // Throws ConfigError naming the setting: bad values, depth above kMaxDepth, terms above kMaxSeriesTerms, and
+  // weights that could not fit in this machine's memory (checked from weight_values() before any allocation).
+  void validate() const;
   int64_t block_size() const { return depth / 5; }
+  // Float32 value counts from the configuration alone, in double so that none can overflow: checked against memory
+  // before anything is allocated. Both are lower bounds of what the model allocates.
+  struct Sizes {
+    double weights = 0;      // every SocConv's M and the lln head's W (no biases, no power-iteration vectors)
+    double activations = 0;  // per image: the outputs of every block's convolution and activation (kept by forward)
+  };
+  Sizes sizes() const;
+  // "4,1", "4,-" (gs-soc) or "1" (soc): the groups as --groups, config.json and checkpoints write them.
+  std::string groups_text() const;
   bool paired() const { return activation == "maxmin-paired"; }
   // "gs-soc(4,1)", "gs-soc(4,-)", "soc" (or "soc(g4)"): for tables.
   std::string conv_label() const;
@@ -68,6 +79,15 @@ struct ModelConfig {
 // Parse helpers shared by the command line and the checkpoint reader (throw ConfigError on bad values).
 KeepChannels parse_keep(const std::string& text);     // "first" | "per-group"
 std::string keep_name(KeepChannels keep);
+// Group counts as written by groups_text(): "a,b", "a,-" or "a" with positive integers ("a" is (a, -) for
+// gs-soc). Throws ConfigError naming `setting` ("--groups", "metadata 'model.groups'", ...) and the text.
+struct GroupCounts {
+  int64_t first = 1;
+  std::optional<int64_t> second;
+};
+GroupCounts parse_groups(const std::string& text, const std::string& setting = "--groups");
+// The groups a conv gets when none are given: "1" for soc (plain SOC), "4,1" for gs-soc (the GS paper's).
+std::string default_groups(const std::string& conv);
 
 // The `lln` head: rows of W normalized to unit norm, plus a bias. Input [N, F, 1, 1], output [N, classes, 1, 1].
 // Backward: with q_i = w_i / ||w_i|| and g_i = sum_n dy_ni x_n, dW_i = (g_i - q_i (q_i . g_i)) / ||w_i||.

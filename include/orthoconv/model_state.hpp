@@ -31,9 +31,10 @@ ModelConfig model_config_from_checkpoint(const Checkpoint& checkpoint, const std
 Normalization normalization_from_checkpoint(const Checkpoint& checkpoint, const std::string& file);
 
 // Loads every parameter, buffer and step counter into `model`. The checkpoint's architecture must equal the
-// model's (IoError "checkpoint F: architecture ... does not match ..."); a missing tensor or a wrong shape is an
-// IoError naming the tensor (by its name in the file). Nothing in the model changes unless everything is present
-// and valid. Older format versions are converted on the way in (version 1: u4 and v4 are renamed).
+// model's (IoError "checkpoint F: architecture ... does not match ..."); a missing tensor, a wrong shape or values
+// check_tensor_values refuses are an IoError naming the tensor (by its name in the file). Nothing in the model
+// changes unless everything is present and valid. Older format versions are converted on the way in (version 1:
+// u4 and v4 are renamed).
 void read_model_state(const Checkpoint& checkpoint, const std::string& file, LipConvnet& model);
 
 // A trained LipConvnet read from a checkpoint, ready to evaluate.
@@ -49,6 +50,17 @@ struct LoadedModel {
 // The model can also be trained further (set_training(true)): it keeps the default PowerSchedule.
 // Throws IoError naming the file for a bad checkpoint, Error when `device` is not available in this build.
 LoadedModel load_model(const std::string& path, Device device = Device::cpu);
+
+// Refuses (IoError naming the file, the tensor and the index) a NaN or an infinity, and values whose squared norm
+// exceeds float32's range (3.4e38): the power iteration, the scale sigma and the bounds square them, so such a
+// tensor cannot be a trained model's and would turn certificates into NaN or null.
+void check_tensor_values(const CheckpointTensor& tensor, const std::string& name, const std::string& file);
+
+// Metadata `key` as a decimal integer in [min, max] (digits only, no spaces, sign only where min < 0), or an
+// unsigned 64-bit one; IoError naming the file, the key and the text otherwise (or when missing).
+int64_t metadata_int(const Checkpoint& checkpoint, const std::string& key, const std::string& file, int64_t min,
+                     int64_t max);
+uint64_t metadata_uint64(const Checkpoint& checkpoint, const std::string& key, const std::string& file);
 
 // "0.4914,0.4822,0.4465" with enough digits to round-trip float32; and back (throws ConfigError).
 std::string format_floats(const float* values, size_t count);

@@ -9,6 +9,7 @@
 //   bounds, jacobian, attack                  certifying pass, Jacobian singular values, L2 attacks
 //   trainer, plot                             the training loop, certificate plots
 //   runtime, cuda_options                     threads and peak memory; CUDA backend settings
+//   limits                                    the bounds on sizes, series terms and threads, checked before allocating
 // docs/library.md walks through a complete consumer program.
 #pragma once
 
@@ -25,6 +26,7 @@
 #include "orthoconv/gs_soc_conv.hpp"
 #include "orthoconv/jacobian.hpp"
 #include "orthoconv/layer.hpp"
+#include "orthoconv/limits.hpp"
 #include "orthoconv/maxmin.hpp"
 #include "orthoconv/model.hpp"
 #include "orthoconv/model_state.hpp"

@@ -8,7 +8,8 @@
 
 namespace orthoconv {
 
-// Sets OpenMP's thread count for this process (oneDNN and every loop); n <= 0 leaves the current setting.
+// Sets OpenMP's thread count for this process (oneDNN and every loop); n == 0 leaves the current setting. Throws
+// ConfigError unless require_thread_count (limits.hpp) accepts n (0 to the processors this process may use).
 void set_thread_count(int n);
 // The threads a parallel region started now would use.
 int thread_count();

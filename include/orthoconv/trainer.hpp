@@ -12,12 +12,22 @@
 // checkpoints, and a resumed run keeps it.
 //
 // Each epoch: train loss/accuracy, then clean and certified accuracy on the test set (or its first
-// test_subset images), appended to metrics.jsonl / metrics.csv in out_dir (both rewritten atomically) and
-// printed as one line; then last.safetensors (and best.safetensors when val_split > 0 picks a new best on the
-// held-out training images) are written atomically. Resuming from last.safetensors continues bit for bit on
-// the CPU with the same thread count: the checkpoint holds every parameter, power-iteration vector and step
-// counter, the momentum buffers, epoch/step, the loader's RNG state (seed; batches are a pure function of
-// (seed, epoch)) and the metrics history.
+// test_subset images), printed as one line; then best.safetensors (when val_split > 0 picks a new best on the
+// held-out training images) and last.safetensors are written atomically, and only then metrics.jsonl /
+// metrics.csv (rewritten atomically from the history that last.safetensors holds): the logs never report an epoch
+// that has no checkpoint, and a resume rewrites them from the checkpoint.
+//
+// The output directory belongs to one trainer at a time: prepare() takes an exclusive flock on <out>/train.lock
+// (held until the trainer is destroyed) and refuses a second writer; it then removes the temporary files that
+// saves interrupted by a crash left there (<file>.tmp-<pid>).
+//
+// A stop request (set_stop_request: in the command line, the first SIGINT / SIGTERM) is polled after every
+// training step and every evaluation batch: the trainer then writes last.safetensors at that step, with the
+// position in the epoch, and run() returns with interrupted() true. Resuming from last.safetensors, after an epoch
+// or in the middle of one, continues bit for bit on the CPU with the same thread count: the checkpoint holds every
+// parameter, power-iteration vector and step counter, the momentum buffers, epoch/step and the steps done in the
+// epoch in progress with their loss and accuracy sums, the loader's RNG state (seed; batches are a pure function
+// of (seed, epoch)) and the metrics history.
 #pragma once
 
 #include <cstdint>
@@ -56,15 +66,16 @@ struct TrainConfig {
   int64_t eval_batch = 256;
   std::vector<int> eps{36};                      // numerators over 255; the first is the headline
   uint64_t seed = 42;
-  int threads = 0;                               // 0: leave OpenMP's default
+  int threads = 0;                               // 0: leave OpenMP's default (at most max_thread_count())
 
   void validate() const;                         // ConfigError naming the setting
   std::string to_json() const;                   // config.json (pretty, stable key order)
   static TrainConfig from_json(const std::string& text);  // ConfigError on bad JSON / values
 };
 
-// Learning rate of iteration `step` (0-based) of `total`: lr * decay^(number of milestones m <= step), with
-// the milestones floor(total * fraction) (50%: total / 2, 75%: 3 * total / 4, as the reference).
+// Learning rate of iteration `step` (0-based) of `total` (at most kMaxTrainingSteps): lr * decay^(number of
+// milestones m <= step), with the milestones floor(total * fraction) (50%: total / 2, 75%: 3 * total / 4, as the
+// reference).
 double scheduled_lr(const TrainConfig& config, int64_t step, int64_t total);
 
 // SGD with momentum over every model parameter, on the model's backend (PyTorch semantics).
@@ -122,7 +133,32 @@ struct EpochMetrics {
   bool validated = false;
   double val_accuracy = 0.0, val_certified = 0.0;
   std::string json() const;   // one JSON line (only seconds and images_per_second depend on wall time)
+  static EpochMetrics from_json(const std::string& line);  // ConfigError on bad JSON / values
 };
+
+// The epoch in progress: training steps done in it and their sums (so that a resume in the middle of an epoch
+// reports the same train loss and accuracy as an uninterrupted run).
+struct EpochProgress {
+  int64_t steps = 0;
+  double loss_sum = 0.0;
+  int64_t correct = 0, images = 0;
+  double seconds = 0.0;  // wall time spent on those steps (reported, not compared)
+};
+
+// Where a run stands, as a checkpoint's train.* metadata records it.
+struct TrainingState {
+  TrainConfig config;                // train.config
+  int64_t epochs_done = 0;           // train.epoch: completed epochs
+  int64_t step = 0;                  // train.step: iterations done
+  EpochProgress progress;            // train.epoch_progress (absent: none, the checkpoint is at an epoch's end)
+  double best_metric = -1.0;         // train.best_metric
+  int64_t best_epoch = 0;            // train.best_epoch
+  std::vector<EpochMetrics> history; // train.history: one line per completed epoch
+};
+// Reads and checks the train.* metadata: IoError naming the file and the key on anything missing or malformed, and
+// on a state that cannot be (a history that is not epochs 1..epochs_done, a best epoch after the last, sums that
+// do not fit their counts). The step counts against steps per epoch are checked by Trainer::prepare.
+TrainingState read_training_state(const Checkpoint& checkpoint, const std::string& file);
 
 // Training errors that leave the last checkpoint in place (non-finite loss).
 class TrainingDiverged : public Error {
@@ -136,22 +172,36 @@ class Trainer {
   Trainer(const TrainConfig& config, const CifarSplit& train, const CifarSplit& test, std::FILE* log = stdout);
   ~Trainer();
 
-  // Prepares out_dir (created; must be writable; must not already hold a run unless resuming) and writes
-  // config.json. With resume_from, loads the checkpoint (architecture must match) and continues after it.
+  // Prepares out_dir: created, writable, locked (IoError when another trainer holds it), stale temporaries removed;
+  // it must not hold a run (last.safetensors) unless resume_from is that run's last.safetensors. Then writes
+  // config.json. With resume_from, loads the checkpoint (architecture, seed, batch and subsets must match; its state
+  // must be consistent with them) and continues where it stopped, after an epoch or inside one.
   void prepare(const std::string& resume_from = "");
   // Runs the remaining epochs, or stops after epoch `stop_after` (1-based; 0: run to the end) as if interrupted
-  // there. Throws TrainingDiverged on a non-finite loss.
+  // there, or earlier on a stop request. Throws TrainingDiverged on a non-finite loss.
   void run(int64_t stop_after = 0);
+  // Polled after every training step and every evaluation batch (see the top of this file). `requested` must be
+  // cheap; the command line's reads an atomic flag that its signal handler sets.
+  void set_stop_request(std::function<bool()> requested) { stop_requested_ = std::move(requested); }
+  bool interrupted() const { return interrupted_; }
 
   LipConvnet& model() { return *model_; }
   const std::vector<EpochMetrics>& history() const { return history_; }
   int64_t epochs_done() const { return epochs_done_; }
+  int64_t global_step() const { return global_step_; }
+  const EpochProgress& progress() const { return progress_; }  // of the epoch in progress
+  int64_t steps_per_epoch() const;
   std::string configuration_table() const;
 
  private:
-  void save(const std::string& path, int64_t epoch);
+  void lock_output_directory();
+  void save(const std::string& path);
   void write_metrics();
   void load(const std::string& path);
+  bool stop_requested() const { return stop_requested_ && stop_requested_(); }
+  // Writes last.safetensors at the current step after a stop request and logs where the run stopped.
+  void save_interrupted(const std::string& last_path);
+  [[noreturn]] void diverged(const std::string& what) const;
 
   TrainConfig config_;
   const CifarSplit& train_;
@@ -164,8 +214,14 @@ class Trainer {
   std::vector<EpochMetrics> history_;
   int64_t epochs_done_ = 0;
   int64_t global_step_ = 0;
+  EpochProgress progress_;
   double best_metric_ = -1.0;
   int64_t best_epoch_ = 0;
+  std::function<bool()> stop_requested_;
+  bool interrupted_ = false;
+  std::string last_good_checkpoint_;  // the newest checkpoint of this run known to be valid (loaded or written)
+  int64_t last_good_step_ = 0;        // the step it holds
+  int lock_fd_ = -1;                  // <out_dir>/train.lock, flock'ed from prepare() to destruction
 };
 
 }  // namespace orthoconv

@@ -155,9 +155,14 @@ void Certifier::add_batch(const float* logits, int64_t n, int64_t classes, const
 
 void for_each_evaluation_batch(LipConvnet& model, const CifarSplit& split, const std::vector<int64_t>& indices,
                                const Normalization& norm, int64_t batch_size,
-                               const std::function<void(const Batch&, const std::vector<float>&)>& visit) {
+                               const std::function<void(const Batch&, const std::vector<float>&)>& visit,
+                               const std::function<bool()>& stop_requested) {
   require(batch_size > 0, "evaluation batch size must be positive, got ", batch_size);
-  const bool was_training = model.training();
+  struct ModeGuard {  // the caller's mode comes back however the loop ends
+    LipConvnet& model;
+    const bool was_training;
+    ~ModeGuard() { model.set_training(was_training); }
+  } guard{model, model.training()};
   model.set_training(false);
   const int64_t classes = model.config().classes;
   Backend& be = model.backend();
@@ -180,13 +185,15 @@ void for_each_evaluation_batch(LipConvnet& model, const CifarSplit& split, const
     host_logits.resize(static_cast<size_t>(n * classes));
     be.to_host(logits.data(), host_logits.data(), n * classes);
     visit(batch, host_logits);
+    if (stop_requested && stop_requested())
+      throw Interrupted("evaluation stopped on request after " + std::to_string(end) + " of " +
+                        std::to_string(indices.size()) + " images");
   }
-  model.set_training(was_training);
 }
 
 CertifyReport evaluate_model(LipConvnet& model, const CifarSplit& split, const std::vector<int64_t>& indices,
                              const Normalization& norm, const std::vector<int>& eps_numerators,
-                             int64_t batch_size) {
+                             int64_t batch_size, const std::function<bool()>& stop_requested) {
   require(batch_size > 0, "evaluation batch size must be positive, got ", batch_size);
   Certifier certifier(eps_numerators, norm.lipschitz());
   if (LinearNormalized* lln = model.lln_head())
@@ -205,7 +212,7 @@ CertifyReport evaluate_model(LipConvnet& model, const CifarSplit& split, const s
       for (int64_t j = 0; j < classes; ++j) sum += std::exp(static_cast<double>(row[j]) - top);
       loss_sum += top + std::log(sum) - static_cast<double>(row[batch.labels[static_cast<size_t>(i)]]);
     }
-  });
+  }, stop_requested);
   CertifyReport report = certifier.report();
   report.loss_sum = loss_sum;
   return report;

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "orthoconv/checkpoint.hpp"
 #include "orthoconv/error.hpp"
 
 namespace orthoconv {
@@ -136,18 +137,14 @@ void write_line_plot(const std::string& path, const PlotSpec& spec) {
     ly += 24;
   }
 
-  std::filesystem::path target(path);
-  std::string temporary = path + ".tmp-" + std::to_string(::getpid());
-  if (!stbi_write_png(temporary.c_str(), spec.width, spec.height, 3, canvas.pixels.data(), spec.width * 3)) {
-    std::remove(temporary.c_str());
-    throw IoError(detail::concat("cannot write plot ", path, " (is the directory writable?)"));
-  }
-  std::error_code error;
-  std::filesystem::rename(temporary, target, error);
-  if (error) {
-    std::remove(temporary.c_str());
-    throw IoError(detail::concat("cannot write plot ", path, ": ", error.message()));
-  }
+  // Encoded in memory, then written atomically like every other output (temporary file, fsync, rename).
+  std::string png;
+  auto append = [](void* context, void* data, int size) {
+    static_cast<std::string*>(context)->append(static_cast<const char*>(data), static_cast<size_t>(size));
+  };
+  if (!stbi_write_png_to_func(append, &png, spec.width, spec.height, 3, canvas.pixels.data(), spec.width * 3))
+    throw IoError(detail::concat("cannot encode plot ", path, " as PNG"));
+  write_file_atomically(path, png);
 }
 
 }  // namespace orthoconv

@@ -4,9 +4,12 @@
 #include <omp.h>
 #include <sys/resource.h>
 
+#include "orthoconv/limits.hpp"
+
 namespace orthoconv {
 
 void set_thread_count(int n) {
+  require_thread_count(n);
   if (n > 0) omp_set_num_threads(n);
 }
 

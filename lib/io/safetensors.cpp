@@ -97,7 +97,7 @@ void write_atomically(const std::string& path, const std::string& what,
   require<IoError>(!path.empty(), "cannot write ", what, ": empty path");
   const fs::path target(path);
   const fs::path directory = target.has_parent_path() ? target.parent_path() : fs::path(".");
-  const std::string temporary = path + ".tmp-" + std::to_string(::getpid());
+  const std::string temporary = temporary_path(path);
   const std::string label = what + " " + path;
 
   const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -404,6 +404,42 @@ Checkpoint load_checkpoint(const std::string& path) {
 
 void write_file_atomically(const std::string& path, const std::string& contents) {
   write_atomically(path, "file", [&](Sink& sink) { sink.write(contents.data(), contents.size()); });
+}
+
+std::string temporary_path(const std::string& path) { return path + ".tmp-" + std::to_string(::getpid()); }
+
+std::vector<std::string> remove_stale_temporaries(const std::string& directory, const std::vector<std::string>& names) {
+  std::vector<std::string> removed;
+  std::error_code ec;
+  for (fs::directory_iterator it(directory, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string file = it->path().filename().string();
+    for (const std::string& name : names) {
+      const std::string prefix = name + ".tmp-";
+      if (file.size() <= prefix.size() || file.compare(0, prefix.size(), prefix) != 0) continue;
+      if (!std::all_of(file.begin() + static_cast<std::ptrdiff_t>(prefix.size()), file.end(),
+                       [](char c) { return c >= '0' && c <= '9'; }))
+        continue;
+      std::error_code removal;
+      if (!fs::remove(it->path(), removal) && removal)
+        throw IoError("cannot remove the stale temporary file " + it->path().string() + ": " + removal.message());
+      removed.push_back(it->path().string());
+    }
+  }
+  if (ec) throw IoError("cannot list " + directory + ": " + ec.message());
+  return removed;
+}
+
+void check_writable_file(const std::string& path, const std::string& what) {
+  auto fail = [&](const std::string& problem) { return IoError("cannot write " + what + " " + path + ": " + problem); };
+  if (path.empty()) throw IoError("cannot write " + what + ": empty path");
+  const fs::path target(path);
+  const fs::path directory = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  std::error_code ec;
+  const fs::file_type type = fs::status(directory, ec).type();
+  if (type == fs::file_type::not_found) throw fail("directory " + directory.string() + " does not exist");
+  if (type != fs::file_type::directory) throw fail(directory.string() + " is not a directory");
+  if (::access(directory.c_str(), W_OK) != 0) throw fail("directory " + directory.string() + " is not writable");
+  if (fs::is_directory(target, ec)) throw fail("it is a directory");
 }
 
 }  // namespace orthoconv

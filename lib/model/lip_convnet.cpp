@@ -1,7 +1,10 @@
 // LipConvnet-N: the builder (stages, strides, kernels, widths), forward and backward through every layer, and
 // the stable names of its parameters, buffers and SocConv step counters. See include/orthoconv/model.hpp.
+#include <algorithm>
+#include <charconv>
 #include <sstream>
 
+#include "orthoconv/limits.hpp"
 #include "orthoconv/model.hpp"
 
 namespace orthoconv {
@@ -26,6 +29,60 @@ KeepChannels parse_keep(const std::string& text) {
 
 std::string keep_name(KeepChannels keep) { return keep == KeepChannels::first ? "first" : "per-group"; }
 
+GroupCounts parse_groups(const std::string& text, const std::string& setting) {
+  auto count = [&](const std::string& part) {
+    int64_t value = 0;
+    const auto [end, error] = std::from_chars(part.data(), part.data() + part.size(), value);
+    require(!part.empty() && error == std::errc() && end == part.data() + part.size() && value > 0, setting,
+            ": expected 'a,b', 'a,-' or 'a' with positive integers, got '", text, "'");
+    return value;
+  };
+  GroupCounts out;
+  const auto comma = text.find(',');
+  out.first = count(text.substr(0, comma));
+  if (comma != std::string::npos && text.substr(comma + 1) != "-") out.second = count(text.substr(comma + 1));
+  return out;
+}
+
+std::string default_groups(const std::string& conv) { return conv == "soc" ? "1" : "4,1"; }
+
+std::string ModelConfig::groups_text() const {
+  std::string out = std::to_string(groups_first);
+  if (conv == "gs-soc") out += "," + (groups_second ? std::to_string(*groups_second) : std::string("-"));
+  return out;
+}
+
+ModelConfig::Sizes ModelConfig::sizes() const {
+  // The builder's walk (LipConvnet::LipConvnet), stage by stage in closed form: block 0 maps the stage's input to
+  // `planes`, blocks 1..n-2 keep `planes`, the last block doubles them with stride 2. A SocConv on c_in -> c_out
+  // with stride s runs its series on C = max(c_out, c_in s^2) channels in g groups: g (C/g)^2 k^2 weights.
+  auto soc = [](double c_in, double c_out, double stride, double kernel, double groups) {
+    const double channels = std::max(c_out, c_in * stride * stride);
+    return channels * channels * kernel * kernel / groups;
+  };
+  auto block = [&](double c_in, double c_out, double stride, double kernel) {
+    if (conv == "soc") return soc(c_in, c_out, stride, kernel, static_cast<double>(groups_first));
+    const double second = groups_second ? soc(c_out, c_out, 1, 1, static_cast<double>(*groups_second)) : 0.0;
+    return soc(c_in, c_out, stride, kernel, static_cast<double>(groups_first)) + second;
+  };
+  const double blocks = static_cast<double>(block_size());
+  double in_planes = 3, side = static_cast<double>(input_side);
+  Sizes out;
+  for (int stage = 0; stage < 5; ++stage) {
+    const double planes = stage == 0 ? static_cast<double>(init_channels) : in_planes;
+    const double kernel = stage == 4 ? 1 : 3;  // the last block of stage 5 is 1x1
+    if (blocks > 1) out.weights += block(in_planes, planes, 1, 3) + (blocks - 2) * block(planes, planes, 1, 3);
+    out.weights += block(blocks > 1 ? planes : in_planes, 2 * planes, 2, kernel);
+    // Two tensors per block: (blocks - 1) of planes x side^2, then 2 planes x (side / 2)^2.
+    out.activations += 2 * ((blocks - 1) * planes * side * side + 2 * planes * (side / 2) * (side / 2));
+    in_planes = 2 * planes;
+    side /= 2;
+  }
+  const double features = in_planes * side * side, outputs = static_cast<double>(classes);
+  out.weights += head == "soc" ? soc(features, outputs, 1, 1, 1) : features * outputs;
+  return out;
+}
+
 void ModelConfig::validate() const {
   require(conv == "soc" || conv == "gs-soc", "conv must be 'soc' or 'gs-soc', got '", conv, "'");
   require(groups_first > 0, "groups must be positive, got ", groups_first);
@@ -33,17 +90,25 @@ void ModelConfig::validate() const {
   require(conv == "gs-soc" || !groups_second, "conv 'soc' takes one group count (grouped SOC), not a pair; use "
           "--conv gs-soc for (a,b)");
   require(depth >= 5 && depth % 5 == 0, "depth must be a positive multiple of 5 (5, 10, 15, ...), got ", depth);
+  require(depth <= kMaxDepth, "depth must be at most ", kMaxDepth, ", got ", depth);
   require(init_channels > 0, "init channels (width) must be positive, got ", init_channels);
   require(classes > 1, "classes must be at least 2, got ", classes);
   require(activation == "maxmin" || activation == "maxmin-paired",
           "activation must be 'maxmin' or 'maxmin-paired', got '", activation, "'");
   require(head == "soc" || head == "lln", "head must be 'soc' or 'lln', got '", head, "'");
-  require(train_terms > 0 && eval_terms > 0, "series terms must be positive, got ", train_terms, " (train) and ",
-          eval_terms, " (eval)");
+  require(train_terms > 0 && eval_terms > 0 && train_terms <= kMaxSeriesTerms && eval_terms <= kMaxSeriesTerms,
+          "series terms must be in 1..", kMaxSeriesTerms, ", got ", train_terms, " (train) and ", eval_terms,
+          " (eval)");
   require(init_iterations >= 0, "initial power iterations must be >= 0, got ", init_iterations);
   power_schedule.validate();
   require(input_side >= 32 && input_side % 32 == 0, "input side must be a positive multiple of 32 (five stride-2 "
           "stages), got ", input_side);
+  // Every size is positive and the depth bounded: the weight count (in double) says whether the model can exist.
+  std::ostringstream what;
+  const double weights = sizes().weights;
+  what << "LipConvnet-" << depth << " " << conv_label() << " with width " << init_channels << ", " << classes
+       << " classes and input side " << input_side << " (" << weights << " weights)";
+  require_memory(4.0 * weights, what.str());
 }
 
 std::string ModelConfig::conv_label() const {
@@ -203,8 +268,9 @@ void LipConvnet::set_parameter_gradients(bool enabled) {
 }
 
 void LipConvnet::set_terms(int train_terms, int eval_terms) {
-  require(train_terms > 0 && eval_terms > 0, "series terms must be positive, got ", train_terms, " (train) and ",
-          eval_terms, " (eval)");
+  require(train_terms > 0 && eval_terms > 0 && train_terms <= kMaxSeriesTerms && eval_terms <= kMaxSeriesTerms,
+          "series terms must be in 1..", kMaxSeriesTerms, ", got ", train_terms, " (train) and ", eval_terms,
+          " (eval)");
   config_.train_terms = train_terms;
   config_.eval_terms = eval_terms;
   for (NamedSoc& s : soc_layers()) s.soc->set_terms(train_terms, eval_terms);

@@ -2,9 +2,13 @@
 // Checkpoint. Loading validates everything before touching the model, so a bad file changes nothing.
 #include "orthoconv/model_state.hpp"
 
+#include <charconv>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <sstream>
+
+#include "orthoconv/limits.hpp"
 
 namespace orthoconv {
 
@@ -22,20 +26,6 @@ const std::string& meta_of(const Checkpoint& c, const std::string& key, const st
   return it->second;
 }
 
-int64_t meta_int(const Checkpoint& c, const std::string& key, const std::string& file) {
-  const std::string& text = meta_of(c, key, file);
-  size_t used = 0;
-  long long value = 0;
-  try {
-    value = std::stoll(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used != text.size() || text.empty())
-    throw IoError("checkpoint " + file + ": metadata '" + key + "' is not an integer: '" + text + "'");
-  return value;
-}
-
 // Where format version `version` stored the tensor the current version calls `name`. Version 1 had the fourth
 // reshape's vectors under each other's names (its u4 was the in-channel vector, its v4 the (out, h, w) vector:
 // the reference's v4 and u4); the values are the same, so converting is renaming.
@@ -47,13 +37,55 @@ std::string stored_name(const std::string& name, int64_t version) {
   return name;
 }
 
-std::string groups_text(const ModelConfig& m) {
-  std::string out = std::to_string(m.groups_first);
-  if (m.conv == "gs-soc") out += "," + (m.groups_second ? std::to_string(*m.groups_second) : std::string("-"));
-  return out;
+}  // namespace
+
+int64_t metadata_int(const Checkpoint& checkpoint, const std::string& key, const std::string& file, int64_t min,
+                     int64_t max) {
+  const std::string& text = meta_of(checkpoint, key, file);
+  int64_t value = 0;
+  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (text.empty() || error != std::errc() || end != text.data() + text.size() || value < min || value > max)
+    throw IoError("checkpoint " + file + ": metadata '" + key + "' = '" + text.substr(0, 40) +
+                  (text.size() > 40 ? "..." : "") + "' is not an integer in " + std::to_string(min) + ".." +
+                  std::to_string(max));
+  return value;
 }
 
-}  // namespace
+uint64_t metadata_uint64(const Checkpoint& checkpoint, const std::string& key, const std::string& file) {
+  const std::string& text = meta_of(checkpoint, key, file);
+  uint64_t value = 0;
+  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (text.empty() || error != std::errc() || end != text.data() + text.size())
+    throw IoError("checkpoint " + file + ": metadata '" + key + "' = '" + text.substr(0, 40) +
+                  (text.size() > 40 ? "..." : "") + "' is not an unsigned 64-bit integer");
+  return value;
+}
+
+void check_tensor_values(const CheckpointTensor& tensor, const std::string& name, const std::string& file) {
+  // Checked in double: the squared norm of any float32 tensor is finite there.
+  double squares = 0.0, largest = 0.0;
+  size_t largest_at = 0;
+  for (size_t i = 0; i < tensor.values.size(); ++i) {
+    const float x = tensor.values[i];
+    if (!std::isfinite(x))
+      throw IoError("checkpoint " + file + ": tensor '" + name + "' holds " + (std::isnan(x) ? "NaN" : "an infinity") +
+                    " at index " + std::to_string(i) + " of " + std::to_string(tensor.values.size()) +
+                    " (a corrupt file or a diverged run)");
+    const double magnitude = std::fabs(static_cast<double>(x));
+    squares += magnitude * magnitude;
+    if (magnitude > largest) {
+      largest = magnitude;
+      largest_at = i;
+    }
+  }
+  if (squares > static_cast<double>(std::numeric_limits<float>::max())) {
+    char detail[160];
+    std::snprintf(detail, sizeof detail, "squared norm %.3g exceeds float32's range (largest |value| %.3g at index %zu)",
+                  squares, largest, largest_at);
+    throw IoError("checkpoint " + file + ": tensor '" + name + "' holds values too large for float32 arithmetic: " +
+                  detail + "; not a trained model");
+  }
+}
 
 std::string format_floats(const float* values, size_t count) {
   std::string out;
@@ -93,7 +125,7 @@ void write_model_state(LipConvnet& model, const Normalization& norm, Checkpoint&
   out.metadata["format_version"] = std::to_string(kCheckpointVersion);
   out.metadata["architecture"] = m.architecture();
   out.metadata["model.conv"] = m.conv;
-  out.metadata["model.groups"] = groups_text(m);
+  out.metadata["model.groups"] = m.groups_text();
   out.metadata["model.depth"] = std::to_string(m.depth);
   out.metadata["model.width"] = std::to_string(m.init_channels);
   out.metadata["model.classes"] = std::to_string(m.classes);
@@ -120,7 +152,7 @@ int check_checkpoint_format(const Checkpoint& checkpoint, const std::string& fil
   const std::string& format = meta_of(checkpoint, "format", file);
   if (format != kCheckpointFormat)
     throw IoError("checkpoint " + file + ": format '" + format + "' is not '" + kCheckpointFormat + "'");
-  const int64_t version = meta_int(checkpoint, "format_version", file);
+  const int64_t version = metadata_int(checkpoint, "format_version", file, 0, std::numeric_limits<int64_t>::max());
   if (version < 1 || version > kCheckpointVersion)
     throw IoError("checkpoint " + file + ": format version " + std::to_string(version) +
                   " is not supported (this build reads versions 1 to " + std::to_string(kCheckpointVersion) + ")");
@@ -132,21 +164,20 @@ ModelConfig model_config_from_checkpoint(const Checkpoint& checkpoint, const std
   ModelConfig m;
   try {
     m.conv = meta_of(checkpoint, "model.conv", file);
-    const std::string groups = meta_of(checkpoint, "model.groups", file);
-    const auto comma = groups.find(',');
-    m.groups_first = std::stoll(groups.substr(0, comma));
-    m.groups_second.reset();
-    if (comma != std::string::npos && groups.substr(comma + 1) != "-") m.groups_second = std::stoll(groups.substr(comma + 1));
-    m.depth = meta_int(checkpoint, "model.depth", file);
-    m.init_channels = meta_int(checkpoint, "model.width", file);
-    m.classes = meta_int(checkpoint, "model.classes", file);
+    const GroupCounts groups = parse_groups(meta_of(checkpoint, "model.groups", file), "metadata 'model.groups'");
+    m.groups_first = groups.first;
+    m.groups_second = groups.second;
+    constexpr int64_t kLargest = std::numeric_limits<int64_t>::max();
+    m.depth = metadata_int(checkpoint, "model.depth", file, 5, kMaxDepth);
+    m.init_channels = metadata_int(checkpoint, "model.width", file, 1, kLargest);
+    m.classes = metadata_int(checkpoint, "model.classes", file, 2, kLargest);
     m.activation = meta_of(checkpoint, "model.activation", file);
     m.head = meta_of(checkpoint, "model.head", file);
     m.keep = parse_keep(meta_of(checkpoint, "model.downsample_keep", file));
-    m.input_side = meta_int(checkpoint, "model.input_side", file);
-    m.seed = static_cast<uint64_t>(std::stoull(meta_of(checkpoint, "model.seed", file)));
-    m.train_terms = static_cast<int>(meta_int(checkpoint, "series.train_terms", file));
-    m.eval_terms = static_cast<int>(meta_int(checkpoint, "series.eval_terms", file));
+    m.input_side = metadata_int(checkpoint, "model.input_side", file, 32, kLargest);
+    m.seed = metadata_uint64(checkpoint, "model.seed", file);
+    m.train_terms = static_cast<int>(metadata_int(checkpoint, "series.train_terms", file, 1, kMaxSeriesTerms));
+    m.eval_terms = static_cast<int>(metadata_int(checkpoint, "series.eval_terms", file, 1, kMaxSeriesTerms));
     m.validate();
   } catch (const IoError&) {
     throw;
@@ -201,15 +232,14 @@ void read_model_state(const Checkpoint& checkpoint, const std::string& file, Lip
     if (static_cast<int64_t>(it->second.values.size()) != t.numel())
       throw IoError("checkpoint " + file + ": tensor '" + name + "' holds " + std::to_string(it->second.values.size()) +
                     " values, expected " + std::to_string(t.numel()));
+    check_tensor_values(it->second, name, file);
     return &it->second;
   };
   for (NamedParameter& p : model.parameters()) targets.push_back({&p.parameter->value, find(p.name, p.parameter->value)});
   for (NamedBuffer& b : model.buffers()) targets.push_back({b.tensor, find(b.name, *b.tensor)});
   std::vector<std::pair<SocConv*, int64_t>> steps;
   for (NamedSoc& s : model.soc_layers()) {
-    const int64_t step = meta_int(checkpoint, "step." + s.name, file);
-    if (step < 0) throw IoError("checkpoint " + file + ": negative step counter for '" + s.name + "'");
-    steps.push_back({s.soc, step});
+    steps.push_back({s.soc, metadata_int(checkpoint, "step." + s.name, file, 0, kMaxTrainingSteps)});
   }
   Backend& be = model.backend();
   for (Target& t : targets) be.from_host(t.source->values.data(), t.tensor->data(), t.tensor->numel());

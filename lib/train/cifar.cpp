@@ -25,8 +25,8 @@ namespace {
 namespace fs = std::filesystem;
 
 int64_t expected_records(const std::string& split) {
-  if (split == "train") return 50000;
-  if (split == "test") return 10000;
+  if (split == "train") return kCifarTrainRecords;
+  if (split == "test") return kCifarTestRecords;
   throw ConfigError("CIFAR-100 split must be 'train' or 'test', got '" + split + "'");
 }
 
@@ -34,10 +34,22 @@ struct FileCloser {
   void operator()(std::FILE* file) const { std::fclose(file); }
 };
 
-bool holds_both_files(const fs::path& dir) {
+// What keeps `dir` from being a dataset directory ("" when it holds train.bin and test.bin as regular files).
+std::string dataset_problem(const fs::path& dir) {
   std::error_code ec;
-  return fs::is_regular_file(dir / "train.bin", ec) && fs::is_regular_file(dir / "test.bin", ec);
+  const fs::file_type type = fs::status(dir, ec).type();
+  if (type == fs::file_type::not_found) return "does not exist";
+  if (type != fs::file_type::directory) return "is not a directory";
+  for (const char* name : {"train.bin", "test.bin"}) {
+    const fs::file_type file = fs::status(dir / name, ec).type();
+    if (file == fs::file_type::not_found) return std::string("has no ") + name;
+    if (file == fs::file_type::directory) return std::string("holds ") + name + " as a directory, not a file";
+    if (file != fs::file_type::regular) return std::string("holds ") + name + " but it is not a regular file";
+  }
+  return "";
 }
+
+bool holds_both_files(const fs::path& dir) { return dataset_problem(dir).empty(); }
 
 // splitmix64's output function: a bijective 64-bit mixer.
 uint64_t mix64(uint64_t z) {
@@ -63,7 +75,11 @@ uint64_t splitmix_at(uint64_t key, uint64_t n) { return mix64(key + (n + 1) * kG
 
 CifarSplit load_cifar100(const std::string& dir, const std::string& split) {
   const int64_t records = expected_records(split);
-  const std::string path = (fs::path(dir) / (split + ".bin")).string();
+  return load_cifar100_file((fs::path(dir) / (split + ".bin")).string(), records, split);
+}
+
+CifarSplit load_cifar100_file(const std::string& path, int64_t records, const std::string& split) {
+  require(records >= 0, "CIFAR-100 record count must be non-negative, got ", records);
   auto fail = [&](const std::string& problem) { return IoError("CIFAR-100 file " + path + ": " + problem); };
 
   std::error_code ec;
@@ -122,12 +138,15 @@ CifarSplit load_cifar100(const std::string& dir, const std::string& split) {
 
 std::string find_cifar100(const std::string& hint) {
   if (!hint.empty()) {
-    if (holds_both_files(hint)) return hint;
-    throw IoError("CIFAR-100 directory " + hint + " does not hold train.bin and test.bin");
+    const std::string problem = dataset_problem(hint);
+    if (problem.empty()) return hint;
+    throw IoError("CIFAR-100 directory " + hint + " " + problem + " (it must hold train.bin and test.bin)");
   }
   if (const char* env = std::getenv("ORTHOCONV_DATA"); env != nullptr && *env != '\0') {
-    if (holds_both_files(env)) return env;
-    throw IoError(std::string("CIFAR-100 directory $ORTHOCONV_DATA=") + env + " does not hold train.bin and test.bin");
+    const std::string problem = dataset_problem(env);
+    if (problem.empty()) return env;
+    throw IoError(std::string("CIFAR-100 directory $ORTHOCONV_DATA=") + env + " " + problem +
+                  " (it must hold train.bin and test.bin)");
   }
   std::vector<std::string> candidates = {"../shared/cifar100/cifar-100-binary", "data/cifar-100-binary"};
   if (const char* home = std::getenv("HOME"); home != nullptr && *home != '\0') {

@@ -149,7 +149,9 @@ struct BatchLoader::Impl {
     }
   }
 
-  void start_epoch(int64_t epoch_number) {
+  void start_epoch(int64_t epoch_number, int64_t first_batch) {
+    require(first_batch >= 0 && first_batch <= batches, "BatchLoader: first batch ", first_batch, " is outside 0..",
+            batches);
     const int64_t count = static_cast<int64_t>(indices.size());
     std::shared_ptr<const std::vector<int64_t>> new_order;
     if (options.shuffle) {
@@ -165,8 +167,8 @@ struct BatchLoader::Impl {
       started = true;
       epoch = epoch_number;
       order = std::move(new_order);
-      next_to_build = 0;
-      next_to_hand_out = 0;
+      next_to_build = first_batch;
+      next_to_hand_out = first_batch;
       failure = nullptr;
       while (!finished.empty()) {
         spare.push_back(std::move(finished.front()));
@@ -213,7 +215,7 @@ BatchLoader::BatchLoader(const CifarSplit& split, std::vector<int64_t> indices, 
 
 BatchLoader::~BatchLoader() = default;
 
-void BatchLoader::start_epoch(int64_t epoch) { impl_->start_epoch(epoch); }
+void BatchLoader::start_epoch(int64_t epoch, int64_t first_batch) { impl_->start_epoch(epoch, first_batch); }
 
 bool BatchLoader::next(Batch& out) { return impl_->next(out); }
 

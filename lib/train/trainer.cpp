@@ -2,17 +2,24 @@
 // checkpoints (atomic), exact resume. See include/orthoconv/trainer.hpp.
 #include "orthoconv/trainer.hpp"
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
 
 #include "orthoconv/certify.hpp"
+#include "orthoconv/limits.hpp"
 #include "orthoconv/model_state.hpp"
 #include "orthoconv/runtime.hpp"
 
@@ -20,6 +27,77 @@ namespace orthoconv {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
+
+namespace {
+
+// The files a trainer writes in its output directory (atomically, through "<name>.tmp-<pid>").
+const std::vector<std::string> kRunFiles = {"last.safetensors", "best.safetensors", "metrics.jsonl", "metrics.csv",
+                                            "config.json"};
+constexpr const char* kLockFile = "train.lock";
+
+// Strict JSON field readers: an integer must be a JSON integer within [min, max] (nlohmann's get<int64_t> would
+// truncate 1e300 or 2.5 silently), a number finite. ConfigError naming the key otherwise.
+int64_t json_integer(const json& value, const std::string& key, int64_t min, int64_t max) {
+  int64_t out = 0;
+  bool ok = false;
+  if (value.is_number_unsigned()) {
+    const uint64_t u = value.get<uint64_t>();
+    ok = u <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
+    out = ok ? static_cast<int64_t>(u) : 0;
+  } else if (value.is_number_integer()) {
+    out = value.get<int64_t>();
+    ok = true;
+  }
+  if (!ok || out < min || out > max)
+    throw ConfigError("'" + key + "' must be an integer in " + std::to_string(min) + ".." + std::to_string(max) +
+                      ", got " + value.dump());
+  return out;
+}
+
+int64_t json_int(const json& j, const std::string& key, int64_t min, int64_t max) {
+  return json_integer(j.at(key), key, min, max);
+}
+
+double json_number(const json& j, const std::string& key) {
+  const json& value = j.at(key);
+  if (!value.is_number() || !std::isfinite(value.get<double>()))
+    throw ConfigError("'" + key + "' must be a finite number, got " + value.dump());
+  return value.get<double>();
+}
+
+// An optional string setting (absent: `fallback`), e.g. the precision of runs from before --precision existed.
+std::string json_string(const json& j, const std::string& key, const std::string& fallback) {
+  if (!j.contains(key)) return fallback;
+  const json& value = j.at(key);
+  if (!value.is_string()) throw ConfigError("'" + key + "' must be a string, got " + value.dump());
+  return value.get<std::string>();
+}
+
+// `count` finite numbers within float32's range (converting a larger double to float is undefined behaviour).
+std::vector<float> json_floats(const json& j, const std::string& key, size_t count) {
+  const json& value = j.at(key);
+  std::vector<float> out;
+  if (value.is_array() && value.size() == count)
+    for (const json& x : value)
+      if (x.is_number() && std::fabs(x.get<double>()) <= std::numeric_limits<float>::max())
+        out.push_back(static_cast<float>(x.get<double>()));
+  if (out.size() != count)
+    throw ConfigError("'" + key + "' must hold " + std::to_string(count) + " finite float32 numbers, got " +
+                      value.dump());
+  return out;
+}
+
+uint64_t json_uint64(const json& j, const std::string& key) {
+  const json& value = j.at(key);
+  if (value.is_number_unsigned()) return value.get<uint64_t>();
+  if (value.is_number_integer() && value.get<int64_t>() >= 0) return static_cast<uint64_t>(value.get<int64_t>());
+  throw ConfigError("'" + key + "' must be a non-negative integer, got " + value.dump());
+}
+
+constexpr int64_t kLargest = std::numeric_limits<int64_t>::max();
+constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+
+}  // namespace
 
 // ---------------------------------------------------------------- configuration
 
@@ -45,7 +123,7 @@ void TrainConfig::validate() const {
   require(device == "cpu" || device == "cuda", "--device must be 'cpu' or 'cuda', got '", device, "'");
   require(precision != ConvPrecision::tf32 || device == "cuda", "--precision tf32 is a CUDA tensor-core format; "
           "with --device cpu use --precision fp32 or bf16");
-  require(threads >= 0, "--threads must be >= 0, got ", threads);
+  require_thread_count(threads);
   for (int i = 0; i < 3; ++i)
     require(normalization.std[i] > 0 && std::isfinite(normalization.std[i]), "--std values must be positive");
 }
@@ -53,9 +131,7 @@ void TrainConfig::validate() const {
 std::string TrainConfig::to_json() const {
   json j;
   j["conv"] = model.conv;
-  j["groups"] = model.conv == "soc" ? std::to_string(model.groups_first)
-                                    : std::to_string(model.groups_first) + "," +
-                                          (model.groups_second ? std::to_string(*model.groups_second) : "-");
+  j["groups"] = model.groups_text();
   j["depth"] = model.depth;
   j["width"] = model.init_channels;
   j["classes"] = model.classes;
@@ -95,26 +171,21 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
   try {
     json j = json::parse(text);
     c.model.conv = j.at("conv").get<std::string>();
-    const std::string groups = j.at("groups").get<std::string>();
-    const auto comma = groups.find(',');
-    c.model.groups_first = std::stoll(groups.substr(0, comma));
-    c.model.groups_second.reset();
-    if (comma != std::string::npos && groups.substr(comma + 1) != "-")
-      c.model.groups_second = std::stoll(groups.substr(comma + 1));
-    c.model.depth = j.at("depth").get<int64_t>();
-    c.model.init_channels = j.at("width").get<int64_t>();
-    c.model.classes = j.at("classes").get<int64_t>();
+    const GroupCounts groups = parse_groups(j.at("groups").get<std::string>(), "'groups'");
+    c.model.groups_first = groups.first;
+    c.model.groups_second = groups.second;
+    c.model.depth = json_int(j, "depth", 5, kMaxDepth);
+    c.model.init_channels = json_int(j, "width", 1, kLargest);
+    c.model.classes = json_int(j, "classes", 2, kLargest);
     c.model.activation = j.at("activation").get<std::string>();
     c.model.head = j.at("head").get<std::string>();
     c.model.keep = parse_keep(j.at("downsample_keep").get<std::string>());
-    c.model.train_terms = j.at("train_terms").get<int>();
-    c.model.eval_terms = j.at("eval_terms").get<int>();
+    c.model.train_terms = static_cast<int>(json_int(j, "train_terms", 1, kMaxSeriesTerms));
+    c.model.eval_terms = static_cast<int>(json_int(j, "eval_terms", 1, kMaxSeriesTerms));
     // Absent in configurations written before the setting existed: the reference's schedule.
     if (j.contains("power_schedule"))
       c.model.power_schedule = PowerSchedule::parse(j.at("power_schedule").get<std::string>());
-    auto mean = j.at("mean").get<std::vector<float>>();
-    auto std = j.at("std").get<std::vector<float>>();
-    require(mean.size() == 3 && std.size() == 3, "mean and std need 3 values each");
+    const std::vector<float> mean = json_floats(j, "mean", 3), std = json_floats(j, "std", 3);
     for (int i = 0; i < 3; ++i) {
       c.normalization.mean[i] = mean[i];
       c.normalization.std[i] = std[i];
@@ -123,25 +194,27 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
     c.out_dir = j.at("out").get<std::string>();
     c.device = j.at("device").get<std::string>();
     // Absent in runs from before --precision existed: they trained in float32.
-    c.precision = parse_conv_precision(j.value("precision", std::string("fp32")));
-    c.epochs = j.at("epochs").get<int64_t>();
-    c.batch_size = j.at("batch").get<int64_t>();
-    c.lr = j.at("lr").get<double>();
-    c.momentum = j.at("momentum").get<double>();
-    c.weight_decay = j.at("weight_decay").get<double>();
-    c.lr_decay = j.at("lr_decay").get<double>();
+    c.precision = parse_conv_precision(json_string(j, "precision", "fp32"));
+    c.epochs = json_int(j, "epochs", 1, kMaxTrainingSteps);
+    c.batch_size = json_int(j, "batch", 1, kLargest);
+    c.lr = json_number(j, "lr");
+    c.momentum = json_number(j, "momentum");
+    c.weight_decay = json_number(j, "weight_decay");
+    c.lr_decay = json_number(j, "lr_decay");
     c.milestones = j.at("milestones").get<std::vector<double>>();
-    c.gamma = j.at("gamma").get<double>();
-    c.train_subset = j.at("train_subset").get<int64_t>();
-    c.val_split = j.at("val_split").get<int64_t>();
-    c.test_subset = j.at("test_subset").get<int64_t>();
-    c.eval_every = j.at("eval_every").get<int64_t>();
-    c.eps = j.at("eps").get<std::vector<int>>();
-    c.seed = j.at("seed").get<uint64_t>();
+    c.gamma = json_number(j, "gamma");
+    c.train_subset = json_int(j, "train_subset", 0, kLargest);
+    c.val_split = json_int(j, "val_split", 0, kLargest);
+    c.test_subset = json_int(j, "test_subset", 0, kLargest);
+    c.eval_every = json_int(j, "eval_every", 1, kLargest);
+    c.eps.clear();
+    require(j.at("eps").is_array(), "'eps' must be an array");
+    for (const json& e : j.at("eps")) c.eps.push_back(static_cast<int>(json_integer(e, "eps", 0, kIntMax)));
+    c.seed = json_uint64(j, "seed");
     c.model.seed = c.seed;
-    c.threads = j.at("threads").get<int>();
-  } catch (const Error&) {
-    throw;
+    c.threads = static_cast<int>(json_int(j, "threads", 0, kIntMax));
+  } catch (const Error& e) {
+    throw ConfigError(std::string("invalid training configuration: ") + e.what());
   } catch (const std::exception& e) {
     throw ConfigError(std::string("invalid training configuration JSON: ") + e.what());
   }
@@ -149,6 +222,8 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
 }
 
 double scheduled_lr(const TrainConfig& config, int64_t step, int64_t total) {
+  require(total > 0 && total <= kMaxTrainingSteps && step >= 0, "scheduled_lr: step ", step, " of ", total,
+          " outside 0..", kMaxTrainingSteps);
   double lr = config.lr;
   for (double fraction : config.milestones) {
     // floor(total * fraction) computed exactly for the usual 1/2 and 3/4: (total * k) / d
@@ -199,16 +274,10 @@ void Sgd::load(const Checkpoint& in, const std::string& file) {
         static_cast<int64_t>(it->second.values.size()) != momentum_[i].numel())
       throw IoError("checkpoint " + file + ": tensor '" + name + "' has shape " + Shape(it->second.shape).str() +
                     ", expected " + momentum_[i].shape().str());
+    check_tensor_values(it->second, name, file);
     sources.push_back(&it->second);
   }
-  auto steps = in.metadata.find("optimizer.steps");
-  if (steps == in.metadata.end()) throw IoError("checkpoint " + file + ": missing metadata 'optimizer.steps'");
-  int64_t count = 0;
-  try {
-    count = std::stoll(steps->second);
-  } catch (const std::exception&) {
-    throw IoError("checkpoint " + file + ": metadata 'optimizer.steps' is not an integer");
-  }
+  const int64_t count = metadata_int(in, "optimizer.steps", file, 0, kMaxTrainingSteps);
   Backend& be = model_.backend();
   for (size_t i = 0; i < params_.size(); ++i)
     be.from_host(sources[i]->values.data(), momentum_[i].data(), momentum_[i].numel());
@@ -304,34 +373,49 @@ std::string EpochMetrics::json() const {
   return j.dump();
 }
 
-namespace {
-
-EpochMetrics metrics_from_json(const std::string& line) {
-  json j = json::parse(line);
+EpochMetrics EpochMetrics::from_json(const std::string& line) {
   EpochMetrics m;
-  m.epoch = j.at("epoch").get<int64_t>();
-  m.step = j.at("step").get<int64_t>();
-  m.precision = j.value("precision", std::string("fp32"));
-  m.lr = j.at("lr").get<double>();
-  m.seconds = j.at("seconds").get<double>();
-  m.images_per_second = j.at("images_per_second").get<double>();
-  m.train_loss = j.at("train_loss").get<double>();
-  m.train_accuracy = j.at("train_accuracy").get<double>();
-  m.evaluated = j.at("evaluated").get<bool>();
-  if (m.evaluated) {
-    m.test_loss = j.at("test_loss").get<double>();
-    m.test_accuracy = j.at("test_accuracy").get<double>();
-    for (auto& [key, value] : j.at("certified_accuracy").items()) m.certified[std::stoi(key)] = value.get<double>();
-    m.mean_radius = j.at("mean_radius").get<double>();
-    m.test_images = j.at("test_images").get<int64_t>();
-  }
-  if (j.contains("val_accuracy")) {
-    m.validated = true;
-    m.val_accuracy = j.at("val_accuracy").get<double>();
-    m.val_certified = j.at("val_certified_accuracy").get<double>();
+  try {
+    const nlohmann::json j = nlohmann::json::parse(line);
+    m.epoch = json_int(j, "epoch", 1, kMaxTrainingSteps);
+    m.step = json_int(j, "step", 0, kMaxTrainingSteps);
+    m.precision = json_string(j, "precision", "fp32");
+    m.lr = json_number(j, "lr");
+    m.seconds = json_number(j, "seconds");
+    m.images_per_second = json_number(j, "images_per_second");
+    m.train_loss = json_number(j, "train_loss");
+    m.train_accuracy = json_number(j, "train_accuracy");
+    m.evaluated = j.at("evaluated").get<bool>();
+    if (m.evaluated) {
+      m.test_loss = json_number(j, "test_loss");
+      m.test_accuracy = json_number(j, "test_accuracy");
+      const nlohmann::json& certified = j.at("certified_accuracy");
+      require(certified.is_object(), "'certified_accuracy' must be an object");
+      for (const auto& item : certified.items()) {
+        const std::string& key = item.key();
+        int eps = -1;
+        const auto [end, error] = std::from_chars(key.data(), key.data() + key.size(), eps);
+        require(error == std::errc() && end == key.data() + key.size() && eps >= 0,
+                "'certified_accuracy' keys must be eps numerators, got '", key, "'");
+        m.certified[eps] = json_number(certified, key);
+      }
+      m.mean_radius = json_number(j, "mean_radius");
+      m.test_images = json_int(j, "test_images", 0, kLargest);
+    }
+    if (j.contains("val_accuracy")) {
+      m.validated = true;
+      m.val_accuracy = json_number(j, "val_accuracy");
+      m.val_certified = json_number(j, "val_certified_accuracy");
+    }
+  } catch (const Error& e) {
+    throw ConfigError(std::string("invalid epoch metrics: ") + e.what());
+  } catch (const std::exception& e) {
+    throw ConfigError(std::string("invalid epoch metrics JSON: ") + e.what());
   }
   return m;
 }
+
+namespace {
 
 std::string format_duration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "?";
@@ -391,9 +475,27 @@ Trainer::Trainer(const TrainConfig& config, const CifarSplit& train, const Cifar
   }
   const int64_t tests = config_.test_subset > 0 ? std::min(config_.test_subset, test_.size()) : test_.size();
   for (int64_t i = 0; i < tests; ++i) test_indices_.push_back(i);
+  require(!train_indices_.empty(), "no training images left (", available, " in the split, --val-split ",
+          config_.val_split, ")");
+  const int64_t per_epoch = steps_per_epoch();
+  require(config_.epochs <= kMaxTrainingSteps / per_epoch, "--epochs ", config_.epochs, " at ", per_epoch,
+          " steps per epoch makes more than the ", kMaxTrainingSteps, " (2^53) training steps the schedule counts");
+  // What surely gets allocated: weights, their gradients and momentum buffers, and the block outputs of the
+  // largest batch (training or evaluation).
+  const ModelConfig::Sizes sizes = config_.model.sizes();
+  const double batch = static_cast<double>(
+      std::max(std::min<int64_t>(config_.batch_size, static_cast<int64_t>(train_indices_.size())),
+               std::min<int64_t>(config_.eval_batch, std::max(test_indices_.size(), val_indices_.size()))));
+  require_memory(4.0 * (3.0 * sizes.weights + batch * sizes.activations),
+                 "training " + config_.model.conv_label() + " LipConvnet-" + std::to_string(config_.model.depth) +
+                     " of width " + std::to_string(config_.model.init_channels) + " on batches of " +
+                     std::to_string(static_cast<int64_t>(batch)) + " (--batch " + std::to_string(config_.batch_size) +
+                     ")");
 }
 
-Trainer::~Trainer() = default;
+Trainer::~Trainer() {
+  if (lock_fd_ >= 0) ::close(lock_fd_);  // releases the flock
+}
 
 std::string Trainer::configuration_table() const {
   std::ostringstream out;
@@ -442,14 +544,40 @@ std::string Trainer::configuration_table() const {
   return out.str();
 }
 
-void Trainer::prepare(const std::string& resume_from) {
-  set_thread_count(config_.threads);
-  const Device device = config_.device == "cuda" ? Device::cuda : Device::cpu;
-  model_ = std::make_unique<LipConvnet>(config_.model, backend_for(device));
-  model_->set_precision(config_.precision);
-  sgd_ = std::make_unique<Sgd>(*model_);
-  step_ = std::make_unique<TrainStep>(*model_, *sgd_, config_.gamma, config_.normalization.lipschitz());
+int64_t Trainer::steps_per_epoch() const {
+  const int64_t images = static_cast<int64_t>(train_indices_.size());
+  return images / config_.batch_size + (images % config_.batch_size != 0);  // the last batch may be smaller
+}
 
+void Trainer::lock_output_directory() {
+  const std::string lock_path = (fs::path(config_.out_dir) / kLockFile).string();
+  const int fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) throw IoError("cannot open the run lock " + lock_path + ": " + std::strerror(errno));
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int error = errno;
+    char holder[32] = {};
+    const ssize_t got = ::pread(fd, holder, sizeof holder - 1, 0);
+    ::close(fd);
+    std::string pid(holder, got > 0 ? static_cast<size_t>(got) : 0);
+    while (!pid.empty() && (pid.back() == '\n' || pid.back() == ' ')) pid.pop_back();
+    if (error == EWOULDBLOCK)
+      throw IoError("the output directory " + config_.out_dir + " is in use by another training run" +
+                    (pid.empty() ? std::string() : " (pid " + pid + ")") + ": wait for it to finish, or choose "
+                    "another --out");
+    throw IoError("cannot lock " + lock_path + ": " + std::strerror(error));
+  }
+  const std::string pid = std::to_string(::getpid()) + "\n";
+  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
+    const int error = errno;
+    ::close(fd);
+    throw IoError("cannot write the run lock " + lock_path + ": " + std::strerror(error));
+  }
+  lock_fd_ = fd;
+}
+
+void Trainer::prepare(const std::string& resume_from) {
+  require(model_ == nullptr, "Trainer::prepare called twice");
+  set_thread_count(config_.threads);
   std::error_code ec;
   fs::create_directories(config_.out_dir, ec);
   if (ec || !fs::is_directory(config_.out_dir))
@@ -457,34 +585,111 @@ void Trainer::prepare(const std::string& resume_from) {
                   (ec ? ec.message() : std::string("not a directory")));
   if (::access(config_.out_dir.c_str(), W_OK) != 0)
     throw IoError("the output directory " + config_.out_dir + " is not writable");
+  lock_output_directory();
+  for (const std::string& stale : remove_stale_temporaries(config_.out_dir, kRunFiles))
+    if (log_) std::fprintf(log_, "removed %s (left by an interrupted save)\n", stale.c_str());
+
   const std::string last = (fs::path(config_.out_dir) / "last.safetensors").string();
-  if (resume_from.empty()) {
-    if (fs::exists(last))
+  if (fs::exists(last, ec) && (resume_from.empty() || !fs::equivalent(resume_from, last, ec))) {
+    if (resume_from.empty())
       throw IoError("the output directory " + config_.out_dir + " already holds a run (last.safetensors); pass "
                     "--resume " + config_.out_dir + " to continue it, or choose another --out");
-  } else {
-    load(resume_from);
+    throw IoError("the output directory " + config_.out_dir + " already holds another run (last.safetensors); "
+                  "resuming " + resume_from + " there would replace it: choose an empty --out, or pass --resume " +
+                  config_.out_dir + " to continue that run");
   }
+
+  const Device device = config_.device == "cuda" ? Device::cuda : Device::cpu;
+  model_ = std::make_unique<LipConvnet>(config_.model, backend_for(device));
+  model_->set_precision(config_.precision);
+  sgd_ = std::make_unique<Sgd>(*model_);
+  step_ = std::make_unique<TrainStep>(*model_, *sgd_, config_.gamma, config_.normalization.lipschitz());
+  if (!resume_from.empty()) load(resume_from);
   write_file_atomically((fs::path(config_.out_dir) / "config.json").string(), config_.to_json());
+  if (!resume_from.empty()) write_metrics();  // the logs follow the checkpoint (a crash may have come in between)
   if (log_) {
     std::fprintf(log_, "%s", configuration_table().c_str());
-    if (!resume_from.empty())
-      std::fprintf(log_, "resumed from %s after epoch %lld (step %lld)\n", resume_from.c_str(),
-                   static_cast<long long>(epochs_done_), static_cast<long long>(global_step_));
+    if (!resume_from.empty()) {
+      std::fprintf(log_, "resumed from %s after epoch %lld", resume_from.c_str(),
+                   static_cast<long long>(epochs_done_));
+      if (progress_.steps > 0)
+        std::fprintf(log_, " and %lld of %lld steps of epoch %lld", static_cast<long long>(progress_.steps),
+                     static_cast<long long>(steps_per_epoch()), static_cast<long long>(epochs_done_ + 1));
+      std::fprintf(log_, " (step %lld)\n", static_cast<long long>(global_step_));
+    }
     std::fflush(log_);
   }
 }
 
-void Trainer::load(const std::string& path) {
-  Checkpoint c = load_checkpoint(path);
-  check_checkpoint_format(c, path);
+TrainingState read_training_state(const Checkpoint& c, const std::string& file) {
   auto meta = [&](const std::string& key) -> const std::string& {
     auto it = c.metadata.find(key);
-    if (it == c.metadata.end()) throw IoError("checkpoint " + path + ": missing metadata '" + key + "'");
+    if (it == c.metadata.end()) throw IoError("checkpoint " + file + ": missing metadata '" + key + "'");
     return it->second;
   };
+  auto invalid = [&](const std::string& key, const std::string& problem) {
+    return IoError("checkpoint " + file + ": metadata '" + key + "': " + problem);
+  };
+  TrainingState state;
+  try {
+    state.config = TrainConfig::from_json(meta("train.config"));
+    state.config.validate();
+  } catch (const IoError&) {
+    throw;
+  } catch (const Error& e) {
+    throw invalid("train.config", e.what());
+  }
+  state.epochs_done = metadata_int(c, "train.epoch", file, 0, kMaxTrainingSteps);
+  state.step = metadata_int(c, "train.step", file, 0, kMaxTrainingSteps);
+  state.best_epoch = metadata_int(c, "train.best_epoch", file, 0, state.epochs_done);
+  const std::string& best = meta("train.best_metric");
+  const auto [best_end, best_error] = std::from_chars(best.data(), best.data() + best.size(), state.best_metric);
+  if (best.empty() || best_error != std::errc() || best_end != best.data() + best.size() ||
+      !(state.best_metric == -1.0 || (state.best_metric >= 0.0 && state.best_metric <= 1.0)))
+    throw invalid("train.best_metric", "'" + best.substr(0, 40) + "' is not -1 or an accuracy in [0, 1]");
+  try {
+    std::stringstream lines(meta("train.history"));
+    std::string line;
+    while (std::getline(lines, line))
+      if (!line.empty()) state.history.push_back(EpochMetrics::from_json(line));
+  } catch (const Error& e) {
+    throw invalid("train.history", e.what());
+  }
+  if (static_cast<int64_t>(state.history.size()) != state.epochs_done)
+    throw invalid("train.history", "holds " + std::to_string(state.history.size()) + " epochs, but train.epoch is " +
+                  std::to_string(state.epochs_done));
+  for (size_t i = 0; i < state.history.size(); ++i) {
+    const EpochMetrics& m = state.history[i];
+    if (m.epoch != static_cast<int64_t>(i) + 1 || m.step > state.step || (i > 0 && m.step <= state.history[i - 1].step))
+      throw invalid("train.history", "line " + std::to_string(i + 1) + " is epoch " + std::to_string(m.epoch) +
+                    " at step " + std::to_string(m.step) + ", out of order (the run is at step " +
+                    std::to_string(state.step) + ")");
+  }
+  if (auto it = c.metadata.find("train.epoch_progress"); it != c.metadata.end()) {
+    try {
+      const json j = json::parse(it->second);
+      EpochProgress& p = state.progress;
+      p.steps = json_int(j, "steps", 1, kMaxTrainingSteps);
+      p.images = json_int(j, "images", 1, kLargest);
+      p.correct = json_int(j, "correct", 0, p.images);
+      p.loss_sum = json_number(j, "loss_sum");
+      p.seconds = json_number(j, "seconds");
+      require(p.loss_sum >= 0.0 && p.seconds >= 0.0, "negative loss or seconds");
+    } catch (const Error& e) {
+      throw invalid("train.epoch_progress", e.what());
+    } catch (const std::exception& e) {
+      throw invalid("train.epoch_progress", e.what());
+    }
+  }
+  return state;
+}
+
+void Trainer::load(const std::string& path) {
+  Checkpoint c = load_checkpoint(path);
+  model_config_from_checkpoint(c, path);  // the format, and every architecture field valid and agreeing
+  TrainingState state = read_training_state(c, path);
   // The data order and the schedule must be the ones the run started with.
-  TrainConfig saved = TrainConfig::from_json(meta("train.config"));
+  const TrainConfig& saved = state.config;
   auto same = [&](bool equal, const std::string& flag, const std::string& was) {
     if (!equal)
       throw ConfigError("--resume: " + flag + " differs from the checkpoint's (" + was + "); a resumed run must "
@@ -495,34 +700,51 @@ void Trainer::load(const std::string& path) {
   same(saved.train_subset == config_.train_subset, "--train-subset", std::to_string(saved.train_subset));
   same(saved.val_split == config_.val_split, "--val-split", std::to_string(saved.val_split));
   same(saved.precision == config_.precision, "--precision", conv_precision_name(saved.precision));
+  // Every count follows from the steps per epoch: a state that disagrees was not written by this run.
+  const int64_t per_epoch = steps_per_epoch();
+  auto inconsistent = [&](const std::string& problem) {
+    return IoError("checkpoint " + path + ": inconsistent training state: " + problem + " (" +
+                   std::to_string(per_epoch) + " steps per epoch)");
+  };
+  if (state.progress.steps > per_epoch)
+    throw inconsistent(std::to_string(state.progress.steps) + " steps done in the epoch in progress");
+  if (state.step != state.epochs_done * per_epoch + state.progress.steps)
+    throw inconsistent("step " + std::to_string(state.step) + " after " + std::to_string(state.epochs_done) +
+                       " epochs and " + std::to_string(state.progress.steps) + " steps");
+  for (const EpochMetrics& m : state.history)
+    if (m.step != m.epoch * per_epoch)
+      throw inconsistent("history epoch " + std::to_string(m.epoch) + " ends at step " + std::to_string(m.step));
+  if (state.progress.images > state.progress.steps * config_.batch_size)
+    throw inconsistent(std::to_string(state.progress.images) + " images in " + std::to_string(state.progress.steps) +
+                       " steps");
   read_model_state(c, path, *model_);
   sgd_->load(c, path);
-  try {
-    epochs_done_ = std::stoll(meta("train.epoch"));
-    global_step_ = std::stoll(meta("train.step"));
-    best_metric_ = std::stod(meta("train.best_metric"));
-    best_epoch_ = std::stoll(meta("train.best_epoch"));
-    history_.clear();
-    std::stringstream lines(meta("train.history"));
-    std::string line;
-    while (std::getline(lines, line))
-      if (!line.empty()) history_.push_back(metrics_from_json(line));
-  } catch (const Error&) {
-    throw;
-  } catch (const std::exception& e) {
-    throw IoError("checkpoint " + path + ": invalid training state: " + e.what());
-  }
+  if (sgd_->steps() != state.step)
+    throw inconsistent("optimizer.steps " + std::to_string(sgd_->steps()) + " but train.step " +
+                       std::to_string(state.step));
+  epochs_done_ = state.epochs_done;
+  global_step_ = state.step;
+  progress_ = state.progress;
+  best_metric_ = state.best_metric;
+  best_epoch_ = state.best_epoch;
+  history_ = std::move(state.history);
+  last_good_checkpoint_ = path;
+  last_good_step_ = global_step_;
 }
 
-void Trainer::save(const std::string& path, int64_t epoch) {
+void Trainer::save(const std::string& path) {
   Checkpoint c;
   write_model_state(*model_, config_.normalization, c);
   sgd_->save(c);
-  c.metadata["train.epoch"] = std::to_string(epoch);
+  c.metadata["train.epoch"] = std::to_string(epochs_done_);
   c.metadata["train.step"] = std::to_string(global_step_);
+  if (progress_.steps > 0)
+    c.metadata["train.epoch_progress"] = json{{"steps", progress_.steps}, {"loss_sum", progress_.loss_sum},
+                                              {"correct", progress_.correct}, {"images", progress_.images},
+                                              {"seconds", progress_.seconds}}.dump();
   c.metadata["train.config"] = config_.to_json();
   c.metadata["train.precision"] = conv_precision_name(config_.precision);
-  json rng{{"generator", "BatchLoader(seed, epoch)"}, {"seed", config_.seed}, {"next_epoch", epoch}};
+  json rng{{"generator", "BatchLoader(seed, epoch)"}, {"seed", config_.seed}, {"next_epoch", epochs_done_}};
   c.metadata["train.rng"] = rng.dump();
   char best[64];
   std::snprintf(best, sizeof(best), "%.17g", best_metric_);
@@ -532,6 +754,8 @@ void Trainer::save(const std::string& path, int64_t epoch) {
   for (const EpochMetrics& m : history_) history += m.json() + "\n";
   c.metadata["train.history"] = history;
   save_checkpoint(path, c);
+  last_good_checkpoint_ = path;
+  last_good_step_ = global_step_;
 }
 
 void Trainer::write_metrics() {
@@ -567,8 +791,33 @@ void Trainer::write_metrics() {
   write_file_atomically((fs::path(config_.out_dir) / "metrics.csv").string(), csv);
 }
 
+void Trainer::diverged(const std::string& what) const {
+  throw TrainingDiverged(what + "; stopped. " +
+                         (last_good_checkpoint_.empty()
+                              ? std::string("No checkpoint had been written yet.")
+                              : "The last good checkpoint is kept: " + last_good_checkpoint_ + " (step " +
+                                    std::to_string(last_good_step_) + ").") +
+                         " Try a smaller --lr.");
+}
+
+void Trainer::save_interrupted(const std::string& last_path) {
+  // A step that overflowed the parameters must not become the checkpoint to resume from.
+  if (!parameters_finite(*model_))
+    diverged("non-finite parameters at step " + std::to_string(global_step_) + " (interrupted)");
+  save(last_path);
+  interrupted_ = true;
+  if (log_) {
+    std::fprintf(log_, "stopped on request at step %lld: epoch %lld, %lld of %lld steps done%s; checkpoint %s\n",
+                 static_cast<long long>(global_step_), static_cast<long long>(epochs_done_ + 1),
+                 static_cast<long long>(progress_.steps), static_cast<long long>(steps_per_epoch()),
+                 progress_.steps == steps_per_epoch() ? " (its evaluation runs on resume)" : "", last_path.c_str());
+    std::fflush(log_);
+  }
+}
+
 void Trainer::run(int64_t stop_after) {
   require(model_ != nullptr, "Trainer::run called before prepare");
+  interrupted_ = false;
   if (epochs_done_ >= config_.epochs) {
     if (log_) std::fprintf(log_, "nothing to do: %lld of %lld epochs already done\n",
                            static_cast<long long>(epochs_done_), static_cast<long long>(config_.epochs));
@@ -582,7 +831,7 @@ void Trainer::run(int64_t stop_after) {
   options.seed = config_.seed;
   BatchLoader loader(train_, train_indices_, config_.normalization, options);
   const int64_t per_epoch = loader.batches_per_epoch();
-  const int64_t total = per_epoch * config_.epochs;
+  const int64_t total = per_epoch * config_.epochs;  // <= kMaxTrainingSteps: checked by the constructor
   const bool tty = log_ == stdout && ::isatty(::fileno(stdout));
   const std::string last_path = (fs::path(config_.out_dir) / "last.safetensors").string();
   const std::string best_path = (fs::path(config_.out_dir) / "best.safetensors").string();
@@ -590,7 +839,7 @@ void Trainer::run(int64_t stop_after) {
   using Clock = std::chrono::steady_clock;
   const auto run_start = Clock::now();
   int64_t run_steps = 0;
-  double run_images = 0.0;
+  const auto stop_polled = [this] { return stop_requested(); };
 
   if (log_) {
     std::fprintf(log_, "%-9s %-9s %-8s %-9s %-9s | %-9s %-9s %-9s %-8s | %-8s %-7s\n", "epoch", "step", "lr",
@@ -602,54 +851,48 @@ void Trainer::run(int64_t stop_after) {
   model_->set_training(true);
   const int64_t end_epoch = stop_after > 0 ? std::min(stop_after, config_.epochs) : config_.epochs;
   for (int64_t epoch = epochs_done_; epoch < end_epoch; ++epoch) {
-    const auto epoch_start = Clock::now();
-    auto last_print = epoch_start;
-    loader.start_epoch(epoch);
-    double loss_sum = 0.0;
-    int64_t correct = 0, images = 0, step_in_epoch = 0;
-    double lr = config_.lr;
+    // progress_ holds what an interrupted earlier session did of this epoch (nothing at an epoch's start).
+    const auto epoch_start = Clock::now() - std::chrono::duration_cast<Clock::duration>(
+                                                std::chrono::duration<double>(progress_.seconds));
+    auto last_print = Clock::now();
+    loader.start_epoch(epoch, progress_.steps);
     while (loader.next(batch)) {
-      lr = scheduled_lr(config_, global_step_, total);
+      const double lr = scheduled_lr(config_, global_step_, total);
       StepStats s = step_->run(batch.images, batch.labels, static_cast<float>(lr),
                                static_cast<float>(config_.momentum), static_cast<float>(config_.weight_decay));
       if (!std::isfinite(s.loss_sum)) {
         if (tty && log_) std::fprintf(log_, "\n");
-        throw TrainingDiverged(
-            "non-finite training loss at epoch " + std::to_string(epoch + 1) + ", step " +
-            std::to_string(global_step_ + 1) + " (lr " + std::to_string(lr) + "); stopped. " +
-            (fs::exists(last_path) ? "The last good checkpoint is kept: " + last_path + " (epoch " +
-                                         std::to_string(epochs_done_) + ")"
-                                   : std::string("No checkpoint had been written yet.")) +
-            " Try a smaller --lr.");
+        diverged("non-finite training loss at epoch " + std::to_string(epoch + 1) + ", step " +
+                 std::to_string(global_step_ + 1) + " (lr " + std::to_string(lr) + ")");
       }
       ++global_step_;
-      ++step_in_epoch;
       ++run_steps;
-      loss_sum += s.loss_sum;
-      correct += s.correct;
-      images += s.images;
-      run_images += static_cast<double>(s.images);
+      progress_.steps += 1;
+      progress_.loss_sum += s.loss_sum;
+      progress_.correct += s.correct;
+      progress_.images += s.images;
+      progress_.seconds = std::chrono::duration<double>(Clock::now() - epoch_start).count();
       if (log_) {
         const auto now = Clock::now();
         const double elapsed = std::chrono::duration<double>(now - run_start).count();
-        const double epoch_elapsed = std::chrono::duration<double>(now - epoch_start).count();
         const double per_step = elapsed / static_cast<double>(run_steps);
         const double eta = per_step * static_cast<double>(total - global_step_);
-        const bool periodic = step_in_epoch == per_epoch ||
+        const bool periodic = progress_.steps == per_epoch ||
                               std::chrono::duration<double>(now - last_print).count() >= (tty ? 0.2 : 30.0) ||
-                              (!tty && per_epoch >= 10 && step_in_epoch % (per_epoch / 10) == 0);
+                              (!tty && per_epoch >= 10 && progress_.steps % (per_epoch / 10) == 0);
         if (periodic) {
           last_print = now;
           char line[256];
           std::snprintf(line, sizeof(line),
                         "  epoch %lld/%lld step %lld/%lld loss %.4f lr %.5f %.1f img/s ETA %s",
                         static_cast<long long>(epoch + 1), static_cast<long long>(config_.epochs),
-                        static_cast<long long>(step_in_epoch), static_cast<long long>(per_epoch),
-                        loss_sum / static_cast<double>(images), lr,
-                        static_cast<double>(images) / std::max(epoch_elapsed, 1e-9), format_duration(eta).c_str());
+                        static_cast<long long>(progress_.steps), static_cast<long long>(per_epoch),
+                        progress_.loss_sum / static_cast<double>(progress_.images), lr,
+                        static_cast<double>(progress_.images) / std::max(progress_.seconds, 1e-9),
+                        format_duration(eta).c_str());
           if (tty) {
             const int width = 20;
-            const int filled = static_cast<int>(width * step_in_epoch / std::max<int64_t>(per_epoch, 1));
+            const int filled = static_cast<int>(width * progress_.steps / std::max<int64_t>(per_epoch, 1));
             std::fprintf(log_, "\r[%s%s]%s\033[K", std::string(static_cast<size_t>(filled), '#').c_str(),
                          std::string(static_cast<size_t>(width - filled), '.').c_str(), line);
           } else {
@@ -658,57 +901,71 @@ void Trainer::run(int64_t stop_after) {
           std::fflush(log_);
         }
       }
+      if (stop_requested()) {
+        if (tty && log_) std::fprintf(log_, "\r\033[K");
+        save_interrupted(last_path);
+        return;
+      }
     }
     if (tty && log_) std::fprintf(log_, "\r\033[K");
-    const double train_seconds = std::chrono::duration<double>(Clock::now() - epoch_start).count();
     // A finite loss with overflowed parameters would save a broken checkpoint: check them before anything.
     if (!parameters_finite(*model_))
-      throw TrainingDiverged("non-finite parameters after epoch " + std::to_string(epoch + 1) + " (step " +
-                             std::to_string(global_step_) + ", lr " + std::to_string(lr) + "); stopped. " +
-                             (fs::exists(last_path) ? "The last good checkpoint is kept: " + last_path + " (epoch " +
-                                                          std::to_string(epochs_done_) + ")"
-                                                    : std::string("No checkpoint had been written yet.")) +
-                             " Try a smaller --lr.");
+      diverged("non-finite parameters after epoch " + std::to_string(epoch + 1) + " (step " +
+               std::to_string(global_step_) + ")");
+    // The epoch's steps are done; a stop request from here on abandons its evaluation, which a resume reruns.
+    if (stop_requested()) {
+      save_interrupted(last_path);
+      return;
+    }
 
     EpochMetrics m;
     m.epoch = epoch + 1;
     m.step = global_step_;
     m.precision = conv_precision_name(config_.precision);
-    m.lr = lr;
-    m.train_loss = images ? loss_sum / static_cast<double>(images) : 0.0;
-    m.train_accuracy = images ? static_cast<double>(correct) / static_cast<double>(images) : 0.0;
-    m.images_per_second = static_cast<double>(images) / std::max(train_seconds, 1e-9);
+    m.lr = scheduled_lr(config_, global_step_ - 1, total);  // the lr of the epoch's last step
+    m.train_loss = progress_.images ? progress_.loss_sum / static_cast<double>(progress_.images) : 0.0;
+    m.train_accuracy =
+        progress_.images ? static_cast<double>(progress_.correct) / static_cast<double>(progress_.images) : 0.0;
+    m.images_per_second = static_cast<double>(progress_.images) / std::max(progress_.seconds, 1e-9);
     const bool last_epoch = epoch + 1 == config_.epochs;
-    if (((epoch + 1) % config_.eval_every == 0 || last_epoch) && !test_indices_.empty()) {
-      CertifyReport r = evaluate_model(*model_, test_, test_indices_, config_.normalization, config_.eps,
-                                       config_.eval_batch);
-      m.evaluated = true;
-      m.test_loss = r.mean_loss();
-      m.test_accuracy = r.clean_accuracy();
-      m.mean_radius = r.mean_radius();
-      m.test_images = r.images;
-      for (int e : config_.eps) m.certified[e] = r.certified_accuracy(e);
-    }
     bool new_best = false;
-    if (!val_indices_.empty()) {
-      CertifyReport r = evaluate_model(*model_, train_, val_indices_, config_.normalization, config_.eps,
-                                       config_.eval_batch);
-      m.validated = true;
-      m.val_accuracy = r.clean_accuracy();
-      m.val_certified = r.certified_accuracy(headline);
-      if (m.val_certified >= best_metric_) {
-        best_metric_ = m.val_certified;
-        best_epoch_ = epoch + 1;
-        new_best = true;
+    try {
+      if (((epoch + 1) % config_.eval_every == 0 || last_epoch) && !test_indices_.empty()) {
+        CertifyReport r = evaluate_model(*model_, test_, test_indices_, config_.normalization, config_.eps,
+                                         config_.eval_batch, stop_polled);
+        m.evaluated = true;
+        m.test_loss = r.mean_loss();
+        m.test_accuracy = r.clean_accuracy();
+        m.mean_radius = r.mean_radius();
+        m.test_images = r.images;
+        for (int e : config_.eps) m.certified[e] = r.certified_accuracy(e);
       }
+      if (!val_indices_.empty()) {
+        CertifyReport r = evaluate_model(*model_, train_, val_indices_, config_.normalization, config_.eps,
+                                         config_.eval_batch, stop_polled);
+        m.validated = true;
+        m.val_accuracy = r.clean_accuracy();
+        m.val_certified = r.certified_accuracy(headline);
+        new_best = m.val_certified >= best_metric_;
+      }
+    } catch (const Interrupted&) {
+      model_->set_training(true);
+      save_interrupted(last_path);
+      return;
     }
     model_->set_training(true);
     m.seconds = std::chrono::duration<double>(Clock::now() - epoch_start).count();
     history_.push_back(m);
     epochs_done_ = epoch + 1;
+    progress_ = EpochProgress{};
+    if (new_best) {
+      best_metric_ = m.val_certified;
+      best_epoch_ = epochs_done_;
+    }
+    // best first, then last (the commit), then the logs derived from last's history.
+    if (new_best) save(best_path);
+    save(last_path);
     write_metrics();
-    save(last_path, epochs_done_);
-    if (new_best) save(best_path, epochs_done_);
     if (log_) {
       char line[320];
       if (m.evaluated)
@@ -727,6 +984,12 @@ void Trainer::run(int64_t stop_after) {
                                     new_best ? " (best)" : "");
       std::fprintf(log_, "\n");
       std::fflush(log_);
+    }
+    if (stop_requested()) {  // came during the saves: they are done, and so is the epoch
+      interrupted_ = true;
+      if (log_) std::fprintf(log_, "stopped on request after epoch %lld; checkpoint %s\n",
+                             static_cast<long long>(epochs_done_), last_path.c_str());
+      return;
     }
   }
 }
