@@ -705,7 +705,7 @@ void add_elementwise_cases(std::vector<OpCase>& table) {
                        DeviceBuffer& out = y_unread ? b.output("y", count) : b.inout("y", a.in_place ? x : y);
                        const float* src = a.in_place ? out.data() : b.input("x", x);
                        be.axpby(a.alpha, src, a.beta, out.data(), count);
-                       Vec exact(size_t(count)), magnitude(size_t(count));
+                       Vec exact(static_cast<size_t>(count)), magnitude(static_cast<size_t>(count));
                        for (size_t i = 0; i < exact.size(); ++i) {
                          const double yi = a.in_place ? x[i] : y_unread ? 0.0 : y[i];
                          exact[i] = a.alpha * double(x[i]) + a.beta * yi;
@@ -1162,7 +1162,7 @@ void run_softmax_cross_entropy(int64_t batch, RecordingBackend& be, Buffers& b, 
   const int64_t classes = 100;
   auto logits = random_floats(batch * classes, row.seed, 3.0);
   logits[5] = logits[6];  // a tie for the first arg-max of row 0 (when it is the maximum)
-  std::vector<int32_t> labels(size_t(batch));
+  std::vector<int32_t> labels(static_cast<size_t>(batch));
   for (int64_t i = 0; i < batch; ++i) labels[size_t(i)] = static_cast<int32_t>((i * 37) % classes);
   // Some rows labelled with their first arg-max, so `correct` counts something.
   for (int64_t i = 0; i < batch; i += 3) {
@@ -1222,7 +1222,7 @@ void add_train_cases(std::vector<OpCase>& table) {
            be.sgd_momentum(param.data(), b.input("grad", g), momentum.data(), count, lr, mom, wd, first);
            Vec p = ref::to_double(p0), m = ref::to_double(m0);
            ref::sgd_momentum(p, ref::to_double(g), m, lr, mom, wd, first);
-           Vec m_magnitude(size_t(count)), p_magnitude(size_t(count));
+           Vec m_magnitude(static_cast<size_t>(count)), p_magnitude(static_cast<size_t>(count));
            for (size_t i = 0; i < m_magnitude.size(); ++i) {
              m_magnitude[i] = std::abs(double(g[i])) + std::abs(double(wd) * p0[i]) + (first ? 0.0 : std::abs(double(mom) * m0[i]));
              p_magnitude[i] = std::abs(double(p0[i])) + double(lr) * m_magnitude[i];
