@@ -9,8 +9,8 @@
 //    notes which were called: a row fails if it never called its own op, and the table run fails if a member a
 //    row declares in `uses` was called by none of the rows that ran;
 //  - puts every raw-pointer buffer (device buffers and the host arrays of scales, labels, sigma, ...) between
-//    guard blocks of kGuard elements holding a NaN pattern: a write past either end changes the pattern (checked
-//    bitwise after the op), a read past an end mixes NaN into a result (the comparison fails); inputs must come
+//    guard blocks of kGuard elements (inputs: a NaN, so a read past an end poisons the result; outputs: a huge
+//    value of their own, so a write past an end changes it, checked bitwise after the op); inputs must come
 //    back bit for bit unchanged; outputs start as NaN, so an element the op should write and does not fails too;
 //  - compares element by element with the reference computed in double from the same float32 inputs.
 // The coverage check (TEST_CASE "every Backend member ...") reads include/orthoconv/backend.hpp, collects the
@@ -253,31 +253,41 @@ class RecordingBackend final : public Backend {
 };
 
 // ---- guarded buffers ------------------------------------------------------------------------------------------
-constexpr int64_t kGuard = 64;                // elements before and after: 256 bytes, four AVX-512 vectors
-constexpr uint32_t kGuardBits = 0x7fc0dead;   // a quiet NaN with a payload
-constexpr int32_t kGuardIndex = -123456789;   // for int32 arrays
+// Guard values. An input's guards hold a NaN: an op that reads past the input's end mixes NaN into its result,
+// which then fails the comparison. The guards of outputs (and of buffers that are both) hold a huge finite value
+// of their own (a different one per buffer): a write past the end stores something else there (a NaN, a copy of
+// another buffer's value, a sum with the guard), which the bitwise check finds. A NaN there would hide a write of
+// a NaN computed from an input's guard (NaN + NaN keeps the payload on x86).
+constexpr int64_t kGuard = 64;               // elements before and after: 256 bytes, four AVX-512 vectors
+constexpr uint32_t kInputGuardBits = 0x7fc0dead;  // a quiet NaN with a payload
 const float kPoison = std::numeric_limits<float>::quiet_NaN();  // initial value of outputs
 
-float guard_value(float) {
+float input_guard() {
   float value;
-  std::memcpy(&value, &kGuardBits, sizeof value);
+  std::memcpy(&value, &kInputGuardBits, sizeof value);
   return value;
 }
-int32_t guard_value(int32_t) { return kGuardIndex; }
+// -(1 + id/64) 2^100, id cycling through 64 values: distinct for the buffers of one row.
+float output_guard() {
+  static int id = 0;
+  id = (id + 1) % 64;
+  return -std::ldexp(1.0f + float(id) / 64.0f, 100);
+}
+int32_t index_guard() { return -123456789; }
 
 template <typename T>
 bool same_bits(T a, T b) {
   return std::memcmp(&a, &b, sizeof(T)) == 0;
 }
 
-// Checks that the guard blocks of `storage` (kGuard elements at each end) hold the pattern; names the first
+// Checks that the guard blocks of `storage` (kGuard elements at each end) still hold `guard`; names the first
 // element that does not.
 template <typename T>
-void check_guards(const std::string& name, const std::vector<T>& storage) {
+void check_guards(const std::string& name, const std::vector<T>& storage, T guard) {
   const int64_t total = static_cast<int64_t>(storage.size()), count = total - 2 * kGuard;
   for (int64_t i = 0; i < total; ++i) {
     if (i == kGuard) i = kGuard + count;
-    if (!same_bits(storage[static_cast<size_t>(i)], guard_value(T{}))) {
+    if (!same_bits(storage[static_cast<size_t>(i)], guard)) {
       const bool before = i < kGuard;
       FAIL_CHECK("buffer '" << name << "' (" << count << " elements): written "
                             << (before ? kGuard - i : i - kGuard - count + 1) << " element(s) "
@@ -288,8 +298,8 @@ void check_guards(const std::string& name, const std::vector<T>& storage) {
 }
 
 template <typename T>
-std::vector<T> with_guards(const std::vector<T>& values) {
-  std::vector<T> storage(values.size() + 2 * kGuard, guard_value(T{}));
+std::vector<T> with_guards(const std::vector<T>& values, T guard) {
+  std::vector<T> storage(values.size() + 2 * kGuard, guard);
   std::copy(values.begin(), values.end(), storage.begin() + kGuard);
   return storage;
 }
@@ -302,9 +312,10 @@ class DeviceBuffer {
         name_(std::move(name)),
         count_(static_cast<int64_t>(values.size())),
         input_(input),
+        guard_(input ? input_guard() : output_guard()),
         initial_(values),
         storage_(Shape{count_ + 2 * kGuard}, backend.device()) {
-    const auto host = with_guards(values);
+    const auto host = with_guards(values, guard_);
     backend_.from_host(host.data(), storage_.data(), storage_.numel());
   }
   float* data() { return storage_.data() + kGuard; }
@@ -313,7 +324,7 @@ class DeviceBuffer {
   std::vector<float> read() {
     std::vector<float> host(static_cast<size_t>(storage_.numel()));
     backend_.to_host(storage_.data(), host.data(), storage_.numel());
-    check_guards(name_, host);
+    check_guards(name_, host, guard_);
     return {host.begin() + kGuard, host.end() - kGuard};
   }
   // Guards intact and, for inputs, the values unchanged bit for bit.
@@ -332,6 +343,7 @@ class DeviceBuffer {
   std::string name_;
   int64_t count_;
   bool input_;
+  float guard_;
   std::vector<float> initial_;
   Tensor storage_;
 };
@@ -341,10 +353,14 @@ template <typename T>
 class HostBuffer {
  public:
   HostBuffer(std::string name, const std::vector<T>& values, bool input)
-      : name_(std::move(name)), input_(input), initial_(values), storage_(with_guards(values)) {}
+      : name_(std::move(name)),
+        input_(input),
+        guard_(guard_for(input)),
+        initial_(values),
+        storage_(with_guards(values, guard_)) {}
   T* data() { return storage_.data() + kGuard; }
   std::vector<T> read() const {
-    check_guards(name_, storage_);
+    check_guards(name_, storage_, guard_);
     return {storage_.begin() + kGuard, storage_.end() - kGuard};
   }
   void verify() const {
@@ -358,8 +374,15 @@ class HostBuffer {
   }
 
  private:
+  static T guard_for(bool input) {
+    if constexpr (std::is_same_v<T, float>)
+      return input ? input_guard() : output_guard();
+    else
+      return index_guard();
+  }
   std::string name_;
   bool input_;
+  T guard_;
   std::vector<T> initial_;
   std::vector<T> storage_;
 };
