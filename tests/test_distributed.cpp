@@ -47,6 +47,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "orthoconv/backend.hpp"
 #include "orthoconv/checkpoint.hpp"
 #include "orthoconv/communicator.hpp"
 #include "orthoconv/data.hpp"
@@ -489,5 +490,43 @@ TEST_CASE("a rank that fails ends the job with its message and a non-zero exit w
     CHECK_FALSE(fs::exists(fs::path(dir) / "last.safetensors"));  // checked before anything is written
   }
 }
+
+#ifdef ORTHOCONV_WITH_NCCL
+// One rank per GPU of this machine (NCCL's all-reduce of device memory); with a single GPU, a job of one rank (the
+// MPI + CUDA start-up without NCCL). cuDNN may choose other algorithms for the parts' smaller batches, which moves
+// each float32 logit by a few units of the last place: far below eps_g above, so the same tolerance holds.
+TEST_CASE("one rank per GPU trains the run of one GPU process within the reordering tolerance",
+          "[.gpu][distributed][mpi]") {
+  if (!cuda_available()) {
+    WARN("ORTHOCONV_GPU_SKIPPED: no usable CUDA device, GPU test not run");
+    return;
+  }
+  const CliResult listed = run_command("nvidia-smi -L");
+  const int gpus = std::max<int>(1, static_cast<int>(orthoconv::testing::line_count(listed.out)));
+  const int ranks = std::min(gpus, 8);
+  const std::string one_dir = fresh_dir("gpu-one"), job_dir = fresh_dir("gpu-job");
+  std::vector<std::string> one = tiny_train_args(one_dir), job = tiny_train_args(job_dir);
+  one.insert(one.end(), {"--device", "cuda"});
+  job.insert(job.end(), {"--device", "cuda"});
+  const CliResult a = run_cli(joined(one));
+  INFO("1 process: " << a.err);
+  REQUIRE(a.exit_code == 0);
+  const CliResult b = run_command(mpirun(ranks, 300) + quoted(ORTHOCONV_CLI_PATH) + " " + joined(job));
+  INFO(ranks << " ranks: " << b.out << b.err);
+  REQUIRE(b.exit_code == 0);
+  if (ranks > 1) CHECK(b.out.find("NCCL") != std::string::npos);  // the configuration table names it
+  const std::string last = (fs::path(one_dir) / "last.safetensors").string();
+  ModelConfig config = model_config_from_checkpoint(load_checkpoint(last), last);
+  config.seed = 42;
+  LipConvnet fresh(config, backend_for(Device::cpu));
+  Checkpoint initial;
+  write_model_state(fresh, Normalization{}, initial);
+  std::vector<float> initial_weights;
+  for (const auto& [name, t] : initial.tensors)
+    initial_weights.insert(initial_weights.end(), t.values.begin(), t.values.end());
+  check_within_displacement(checkpoint_weights(job_dir), checkpoint_weights(one_dir), initial_weights,
+                            kWeightTolerance);
+}
+#endif  // ORTHOCONV_WITH_NCCL
 
 #endif  // ORTHOCONV_WITH_MPI && ORTHOCONV_CLI_PATH

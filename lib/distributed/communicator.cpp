@@ -14,6 +14,9 @@
 #include "orthoconv/error.hpp"
 
 #ifdef ORTHOCONV_WITH_MPI
+// MPI's C API only: the deprecated C++ bindings would drag in their headers (and their warnings).
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
 #include <mpi.h>
 #endif
 #ifdef ORTHOCONV_WITH_NCCL

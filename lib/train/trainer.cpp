@@ -308,7 +308,7 @@ TrainStep::TrainStep(LipConvnet& model, Sgd& optimizer, double gamma, double inp
 
 int64_t TrainStep::allreduce_floats() const {
   int64_t total = 0;
-  for (const NamedParameter& p : params_) total += p.parameter->grad.numel();
+  for (const NamedParameter& p : params_) total += p.parameter->value.numel();
   return total;
 }
 
@@ -320,6 +320,9 @@ void TrainStep::allreduce_gradients() {
   float* flat = flat_gradient_.data();
   int64_t offset = 0;
   for (NamedParameter& p : params_) {
+    require<ShapeError>(p.parameter->grad.numel() == p.parameter->value.numel(), "all-reduce: the gradient of ",
+                        p.name, " has ", p.parameter->grad.numel(), " values for ", p.parameter->value.numel(),
+                        " weights");
     be.copy(p.parameter->grad.data(), flat + offset, p.parameter->grad.numel());
     offset += p.parameter->grad.numel();
   }
