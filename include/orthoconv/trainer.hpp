@@ -180,7 +180,7 @@ struct EpochProgress {
   double loss_sum = 0.0;
   int64_t correct = 0, images = 0;
   double seconds = 0.0;  // wall time spent on those steps (reported, not compared)
-  double allreduce_seconds = 0.0;  // of that, in the all-reduces (N > 1 ranks)
+  double allreduce_seconds = 0.0;  // of that, in the all-reduces (N > 1 ranks; not saved: see Trainer::save)
 };
 
 // Where a run stands, as a checkpoint's train.* metadata records it.

@@ -811,8 +811,7 @@ TrainingState read_training_state(const Checkpoint& c, const std::string& file) 
       p.correct = json_int(j, "correct", 0, p.images);
       p.loss_sum = json_number(j, "loss_sum");
       p.seconds = json_number(j, "seconds");
-      if (j.contains("allreduce_seconds")) p.allreduce_seconds = json_number(j, "allreduce_seconds");
-      require(p.loss_sum >= 0.0 && p.seconds >= 0.0 && p.allreduce_seconds >= 0.0, "negative loss or seconds");
+      require(p.loss_sum >= 0.0 && p.seconds >= 0.0, "negative loss or seconds");
     } catch (const Error& e) {
       throw invalid("train.epoch_progress", e.what());
     } catch (const std::exception& e) {
@@ -876,12 +875,12 @@ void Trainer::save(const std::string& path) {
   sgd_->save(c);
   c.metadata["train.epoch"] = std::to_string(epochs_done_);
   c.metadata["train.step"] = std::to_string(global_step_);
-  if (progress_.steps > 0) {
-    json progress{{"steps", progress_.steps}, {"loss_sum", progress_.loss_sum}, {"correct", progress_.correct},
-                  {"images", progress_.images}, {"seconds", progress_.seconds}};
-    if (progress_.allreduce_seconds > 0) progress["allreduce_seconds"] = progress_.allreduce_seconds;
-    c.metadata["train.epoch_progress"] = progress.dump();
-  }
+  // Only a single-process run stops inside an epoch (stop requests are not polled with more ranks): the epoch's
+  // all-reduce time is 0 there and is not recorded.
+  if (progress_.steps > 0)
+    c.metadata["train.epoch_progress"] = json{{"steps", progress_.steps}, {"loss_sum", progress_.loss_sum},
+                                              {"correct", progress_.correct}, {"images", progress_.images},
+                                              {"seconds", progress_.seconds}}.dump();
   c.metadata["train.config"] = config_.to_json();
   c.metadata["train.precision"] = conv_precision_name(config_.precision);
   json rng{{"generator", "BatchLoader(seed, epoch)"}, {"seed", config_.seed}, {"next_epoch", epochs_done_}};
