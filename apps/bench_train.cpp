@@ -78,7 +78,8 @@ int run_train_benchmark(const TrainBenchOptions& o) {
   require(!o.paths.empty(), "--paths needs at least one of series, matrix, auto");
   require(!o.precisions.empty(), "--precision needs at least one of fp32, tf32, bf16");
   const ModelConfig config = bench_model_config(o);
-  const std::shared_ptr<Communicator> job = join_job(o.device, 0);
+  const std::shared_ptr<Communicator> job = join_job(0);
+  use_local_gpu(*job, o.device);
   require(o.batch >= job->size(), "--batch ", o.batch, " leaves ranks without images: at least one per rank (",
           job->size(), ")");
   const Device device = o.device == "cuda" ? Device::cuda : Device::cpu;

@@ -93,7 +93,8 @@ nlohmann::ordered_json verified_json(const CertifyReport& v, const CertifyReport
 }
 
 int run_certify(const CertifyOptions& o, bool terms_given) {
-  const std::shared_ptr<Communicator> job = join_job(o.device, o.threads);
+  const std::shared_ptr<Communicator> job = join_job(o.threads);
+  use_local_gpu(*job, o.device);
   require(!o.eps.empty(), "--eps needs at least one value");
   for (int e : o.eps) require(e >= 0, "--eps values must be non-negative numerators over 255, got ", e);
   require(!terms_given || (o.terms > 0 && o.terms <= kMaxSeriesTerms), "--terms must be in 1..", kMaxSeriesTerms,

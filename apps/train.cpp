@@ -153,7 +153,7 @@ std::string read_text(const std::string& path) {
 }
 
 int run_train(CLI::App& cmd, TrainOptions o) {
-  const std::shared_ptr<Communicator> job = join_job(o.device, o.threads);
+  const std::shared_ptr<Communicator> job = join_job(o.threads);
   if (o.preset == "quick") {
     if (cmd.count("--epochs") == 0) o.epochs = QuickPreset::epochs;
     if (cmd.count("--train-subset") == 0) o.train_subset = QuickPreset::train_subset;
@@ -199,6 +199,7 @@ int run_train(CLI::App& cmd, TrainOptions o) {
       throw ConfigError("--resume " + o.resume + ": " + saved_path + " with the flags given: " + e.what());
     }
   }
+  use_local_gpu(*job, config.device);
   // Before the dataset is read: a precision this machine cannot run fails at once.
   backend_for(config.device == "cuda" ? Device::cuda : Device::cpu)->check_precision(config.precision);
   config.data_dir = find_cifar100(config.data_dir);
