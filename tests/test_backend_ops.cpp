@@ -78,6 +78,7 @@ struct Tolerance {
 
 Tolerance exact(std::string reason) { return {Check::exact, 0, std::move(reason)}; }
 Tolerance sum(int64_t terms, std::string reason) { return {Check::sum, terms, std::move(reason)}; }
+Tolerance derived(Check check, int64_t terms, std::string reason) { return {check, terms, std::move(reason)}; }
 
 // ---- a Backend that forwards to the backend under test and notes which members were called ------------------
 class RecordingBackend final : public Backend {
@@ -1048,8 +1049,8 @@ void add_filter_cases(std::vector<OpCase>& table) {
     for (int iterations : {0, 1, 2})
       table.push_back(
           {"power_iteration", {}, filter_params(c) + ", " + std::to_string(iterations) + " iterations",
-           {Check::power_iteration, group_size,
-            "matrix-vector products of rows of up to C k^2 terms, normalised; bounds carried along the exact path"},
+           derived(Check::power_iteration, group_size,
+            "matrix-vector products of rows of up to C k^2 terms, normalised; bounds carried along the exact path"),
            ConvPrecision::fp32, 3010 + uint64_t(iterations), [c, iterations](RecordingBackend& be, Buffers& b, const OpCase& row) {
              run_power_iteration(c, iterations, be, b, row);
            }});
@@ -1226,7 +1227,7 @@ void run_softmax_cross_entropy(int64_t batch, RecordingBackend& be, Buffers& b, 
 void add_train_cases(std::vector<OpCase>& table) {
   for (int64_t batch : {int64_t{7}, int64_t{1000}})  // 1000 rows: two CUDA launches' chunks of labels
     table.push_back({"softmax_cross_entropy", {}, "batch " + std::to_string(batch) + ", 100 classes, logits N(0, 9)",
-                     {Check::softmax, 100, "exp of float differences and a sum of 100 terms; the loss in double"},
+                     derived(Check::softmax, 100, "exp of float differences and a sum of 100 terms; the loss in double"),
                      ConvPrecision::fp32, 5000, [batch](RecordingBackend& be, Buffers& b, const OpCase& row) {
                        run_softmax_cross_entropy(batch, be, b, row);
                      }});
@@ -1257,14 +1258,14 @@ void add_train_cases(std::vector<OpCase>& table) {
 
 // ---- queries and settings ----
 void add_contract_cases(std::vector<OpCase>& table) {
-  table.push_back({"name", {"device"}, "-", {Check::contract, 0, "names its device"}, ConvPrecision::fp32, 6000,
+  table.push_back({"name", {"device"}, "-", derived(Check::contract, 0, "names its device"), ConvPrecision::fp32, 6000,
                    [](RecordingBackend& be, Buffers&, const OpCase&) {
                      const std::string name = be.name();
                      CHECK_FALSE(name.empty());
                      CHECK(name.rfind(be.device() == Device::cuda ? "cuda" : "cpu", 0) == 0);
                    }});
   table.push_back({"check_precision", {"conv_precision"}, "fp32 on a 16-channel 3x3 shape",
-                   {Check::contract, 0, "fp32 always runs, and runs in fp32"}, ConvPrecision::fp32, 6001,
+                   derived(Check::contract, 0, "fp32 always runs, and runs in fp32"), ConvPrecision::fp32, 6001,
                    [](RecordingBackend& be, Buffers&, const OpCase&) {
                      CHECK_NOTHROW(be.check_precision(ConvPrecision::fp32));
                      const ConvShape s = conv_shape({2, 16, 4, 4, 3, 1}, ConvPrecision::fp32);
