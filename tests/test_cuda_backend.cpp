@@ -186,7 +186,7 @@ TEST_CASE("GPU group_dot is exact in double over long groups (two-stage reductio
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-TEST_CASE("GPU softmax cross-entropy refuses a label outside [0, classes) before launching", "[.gpu][cuda][train]") {
+TEST_CASE("GPU softmax cross-entropy refuses a label outside 0 .. classes-1 before launching", "[.gpu][cuda][train]") {
   if (!gpu_ready()) return;
   auto gpu = cuda_backend();
   std::vector<int32_t> bad{0, 100};
