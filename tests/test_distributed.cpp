@@ -57,23 +57,7 @@
 
 using namespace orthoconv;
 namespace fs = std::filesystem;
-
-namespace {
-
-CifarSplit random_split(int64_t images, int64_t classes, uint64_t seed) {
-  CifarSplit s;
-  s.path = "synthetic";
-  std::mt19937_64 rng(seed);
-  s.pixels.resize(static_cast<size_t>(images * kCifarPixels));
-  for (auto& p : s.pixels) p = static_cast<uint8_t>(rng() & 0xff);
-  for (int64_t i = 0; i < images; ++i) {
-    s.fine_labels.push_back(static_cast<int32_t>(rng() % static_cast<uint64_t>(classes)));
-    s.coarse_labels.push_back(0);
-  }
-  return s;
-}
-
-}  // namespace
+using orthoconv::testing::synthetic_split;
 
 TEST_CASE("batch parts and evaluation shards cover every item once, in order, as evenly as possible",
           "[distributed]") {
@@ -105,7 +89,7 @@ TEST_CASE("batch parts and evaluation shards cover every item once, in order, as
 
 TEST_CASE("BatchLoader parts: the ranks' parts of every batch, put together, are the batch of one loader",
           "[distributed][data]") {
-  const CifarSplit split = random_split(150, 10, 3);
+  const CifarSplit split = synthetic_split(150, 10, 3);
   std::vector<int64_t> indices;
   for (int64_t i = 0; i < 140; ++i) indices.push_back((i * 37) % 150);
   BatchLoader::Options whole_options;
@@ -164,7 +148,7 @@ TEST_CASE("a job needs an image per rank in every batch: a smaller batch or last
     void barrier() override {}
     void abort_job(int) noexcept override {}
   };
-  const CifarSplit train = random_split(67, 10, 1), test = random_split(8, 10, 2);
+  const CifarSplit train = synthetic_split(67, 10, 1), test = synthetic_split(8, 10, 2);
   TrainConfig c;
   c.model.conv = "soc";
   c.model.groups_first = 1;
@@ -229,7 +213,7 @@ std::vector<float> all_weights(LipConvnet& model) {
 // each rank's part of each global batch, one TrainStep with the job's all-reduces.
 Trace train_tiny(std::shared_ptr<Communicator> job) {
   set_thread_count(1);
-  const CifarSplit train = random_split(256, 10, 7);
+  const CifarSplit train = synthetic_split(256, 10, 7);
   ModelConfig config;
   config.conv = "soc";
   config.groups_first = 1;
