@@ -264,3 +264,33 @@ TEST_CASE("certifying pass: x0 has one rounding, and bad settings are refused", 
   CHECK_THROWS_AS(evaluate_verified(model, verify_network(model, 5, Precision::float64, norm), split, {0}, norm, {36}),
                   ConfigError);
 }
+
+TEST_CASE("the certifying pass and the verified bound take the model's evaluation terms unless given",
+          "[certifying][steps]") {
+  ModelConfig config = variants().front().config;
+  config.eval_terms = 7;
+  LipConvnet model(config);
+  model.set_training(false);
+  const Normalization norm;
+  const std::vector<uint8_t> pixels = random_pixels(2, 5);
+  const int64_t classes = config.classes;
+  auto logits = [&](const Float64Network& pass) {
+    std::vector<double> out(static_cast<size_t>(2 * classes));
+    pass.forward(pixels.data(), 2, out.data());
+    return out;
+  };
+  const std::vector<double> from_model = logits(Float64Network(model, norm));
+  CHECK(from_model == logits(Float64Network(model, norm, 7)));
+  CHECK(from_model != logits(Float64Network(model, norm, 12)));  // the terms do change the logits
+  const NetworkBound bound = verify_network(model, Precision::float64, norm);
+  const NetworkBound seven = verify_network(model, 7, Precision::float64, norm);
+  const NetworkBound twelve = verify_network(model, 12, Precision::float64, norm);
+  CHECK(bound.terms == 7);
+  CHECK(bound.lipschitz == seven.lipschitz);
+  CHECK(bound.error_per_input_norm == seven.error_per_input_norm);
+  CHECK(bound.error_per_input_norm != twelve.error_per_input_norm);
+  // After set_terms both follow the model again.
+  model.set_terms(config.train_terms, 12);
+  CHECK(verify_network(model, Precision::float64, norm).terms == 12);
+  CHECK(logits(Float64Network(model, norm)) == logits(Float64Network(model, norm, 12)));
+}

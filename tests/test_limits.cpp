@@ -43,13 +43,13 @@ TEST_CASE("ModelConfig::sizes counts exactly the weights and block outputs the b
   for (const ModelConfig& config : configs) {
     INFO(config.architecture());
     LipConvnet model(config);
-    double weights = 0;
-    for (NamedParameter& p : model.parameters())
-      if (p.name.size() >= 7 && p.name.compare(p.name.size() - 7, 7, ".weight") == 0)
-        weights += static_cast<double>(p.parameter->value.numel());
-    double activations = 0;
-    for (const LayerRow& row : model.layer_table())
-      if (row.name != "head") activations += 2.0 * static_cast<double>(row.output.numel());  // conv + MaxMin
+    double weights = 0, activations = 0;
+    for (const NetworkStep& step : model.steps()) {
+      if (step.soc) weights += static_cast<double>(step.soc->weight().value.numel());
+      if (step.lln) weights += static_cast<double>(step.lln->weight().value.numel());
+      if (step.maxmin)  // the block's conv output (the MaxMin's input) and the MaxMin's output
+        activations += static_cast<double>(step.input.numel() + step.output.numel());
+    }
     const ModelConfig::Sizes sizes = config.sizes();
     CHECK(sizes.weights == weights);
     CHECK(sizes.activations == activations);

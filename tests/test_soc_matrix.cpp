@@ -319,20 +319,18 @@ TEST_CASE("cost model picks the matrix path for LipConvnet-15's GS-SOC second st
     if (conv == "soc") config.groups_second.reset();
     config.init_iterations = 0;  // shapes only
     LipConvnet model(config);
-    // The input shape of each SocConv: block inputs from the layer table; a second stage reads its block's output.
-    std::map<std::string, LayerRow> rows;
-    for (const LayerRow& row : model.layer_table()) rows[row.name] = row;
+    // Each SocConv on its step's input shape (model.steps()).
     int matrix_layers = 0;
     for (bool training : {true, false}) {
       model.set_training(training);
-      for (NamedSoc& named : model.soc_layers()) {
-        const std::string block = named.name.substr(0, named.name.find(".conv"));
-        const bool second = named.name.size() > 7 && named.name.substr(named.name.size() - 7) == ".second";
-        Shape in = named.name == "head" ? rows["head"].input : second ? rows[block].output : rows[block].input;
-        in = Shape{batch, in[1], in[2], in[3]};
-        const SocConfig& c = named.soc->config();
-        const SocPath path = named.soc->path_for(in);
-        INFO(named.name << " " << named.soc->describe() << " on " << in.str() << (training ? ", training" : ""));
+      for (const NetworkStep& step : model.steps()) {
+        if (step.kind != StepKind::soc) continue;
+        const Shape in{batch, step.input[1], step.input[2], step.input[3]};
+        const SocConfig& c = step.soc->config();
+        const SocPath path = step.soc->path_for(in);
+        // Inside a GS-SOC block (the block's layer is not this SocConv), the 1x1 stride-1 stage is the second one.
+        const bool second = step.block_layer != step.soc && c.kernel == 1 && c.stride == 1;
+        INFO(step.name << " " << step.soc->describe() << " on " << in.str() << (training ? ", training" : ""));
         const bool wide = c.group_channels() * c.groups >= 1024;  // the 2048-channel layer and the head
         if (c.kernel != 1 || wide) {
           CHECK(path == SocPath::series);

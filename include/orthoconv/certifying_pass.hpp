@@ -32,8 +32,8 @@ namespace orthoconv {
 template <class Real>
 class HostNetwork {
  public:
-  // The steps of model.steps(), in order. terms: series terms of every SocConv; by default each SocConv's
-  // evaluation terms (the model's eval_terms), the number the float32 forward runs.
+  // The steps of model.steps(), in order. terms: series terms of every SocConv; by default the model's
+  // evaluation terms (config().eval_terms, which every SocConv runs in evaluation mode), as verify_network.
   HostNetwork(LipConvnet& model, const Normalization& norm, std::optional<int> terms = std::nullopt);
   ~HostNetwork();
   HostNetwork(const HostNetwork&) = delete;

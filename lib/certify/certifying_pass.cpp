@@ -140,6 +140,8 @@ template <class Real>
 HostNetwork<Real>::HostNetwork(LipConvnet& model, const Normalization& norm, std::optional<int> terms)
     : impl_(std::make_unique<Impl>()) {
   require(!terms || *terms > 0, "certifying pass: terms must be positive, got ", terms.value_or(0));
+  // The model's evaluation terms (which its constructor and set_terms give every SocConv), as verify_network.
+  const int series_terms = terms.value_or(model.config().eval_terms);
   norm.lipschitz();  // validates the stds
   impl_->side = model.config().input_side;
   impl_->classes = model.config().classes;
@@ -158,7 +160,7 @@ HostNetwork<Real>::HostNetwork(LipConvnet& model, const Normalization& norm, std
       }
       case StepKind::soc: {
         Step<Real> step(Step<Real>::Kind::soc);
-        step.soc = snapshot<Real>(*network_step.soc, terms.value_or(network_step.soc->config().eval_terms));
+        step.soc = snapshot<Real>(*network_step.soc, series_terms);
         impl_->steps.push_back(std::move(step));
         break;
       }
