@@ -788,7 +788,7 @@ TEST_CASE("crafted training state in a checkpoint is refused naming the file and
       {"train.config", with_config("epochs", 1e300), "'epochs'"},
       {"train.config", with_config("width", 2.5), "'width'"},
       {"train.config", with_config("groups", "x"), "'groups'"},
-      {"train.config", with_config("threads", 100000), "--threads"},
+      {"train.config", with_config("threads", 100000), "threads 100000 is more than"},  // the setting, not a flag
       {"model.width", "100000", "memory"},
       {"model.classes", "1000000", "memory"},
       {"model.depth", "99999999999999999995", "model.depth"},
