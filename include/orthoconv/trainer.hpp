@@ -86,7 +86,7 @@ struct TrainConfig {
   uint64_t seed = 42;
   int threads = 0;                               // 0: leave OpenMP's default (at most max_thread_count())
 
-  void validate() const;                         // ConfigError naming the setting
+  void validate() const;                         // SettingError naming the setting (its config.json key)
   std::string to_json() const;                   // config.json (pretty, stable key order)
   static TrainConfig from_json(const std::string& text);  // ConfigError on bad JSON / values
 };
