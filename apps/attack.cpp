@@ -37,9 +37,9 @@ int run_attack(const AttackCommandOptions& o, bool terms_given) {
   require(!terms_given || (o.terms > 0 && o.terms <= kMaxSeriesTerms), "--terms must be in 1..", kMaxSeriesTerms,
           ", got ", o.terms);
   set_thread_count(o.threads);
-  const LoadedModel loaded = load_model(o.checkpoint);
+  const LoadedModel loaded =
+      load_model(o.checkpoint, Device::cpu, terms_given ? std::optional<int>(o.terms) : std::nullopt);
   LipConvnet& model = *loaded.model;
-  if (terms_given) model.set_terms(model.config().train_terms, o.terms);
   const ModelConfig& config = model.config();
   const Normalization& norm = loaded.normalization;
 

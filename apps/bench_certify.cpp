@@ -20,7 +20,7 @@ int run_certify_benchmark(const TrainBenchOptions& o) {
           o.warmup);
   require(o.device == "cpu" || o.device == "cuda", "--device must be cpu or cuda, got '", o.device, "'");
   const ModelConfig config = bench_model_config(o);
-  LipConvnet model(config, backend_for(o.device == "cuda" ? Device::cuda : Device::cpu));
+  LipConvnet model(config, backend_for(parse_device(o.device)));
   model.set_training(false);
   const Normalization norm;
   const Float64Network pass(model, norm);

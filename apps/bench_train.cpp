@@ -6,7 +6,6 @@
 // Under mpirun (N ranks; docs/distributed.md) every rank runs its part of each global batch of --batch images and
 // the steps all-reduce their gradients, as `orthoconv train` does: the time in the all-reduces is reported per step
 // and as a share of the step, with the volume all-reduced; rank 0 prints, CPU seconds are summed over the ranks.
-#include <sys/resource.h>
 
 #include <chrono>
 #include <cstdio>
@@ -79,10 +78,10 @@ int run_train_benchmark(const TrainBenchOptions& o) {
   require(!o.precisions.empty(), "--precision needs at least one of fp32, tf32, bf16");
   const ModelConfig config = bench_model_config(o);
   const std::shared_ptr<Communicator> job = join_job(0);
-  use_local_gpu(*job, o.device);
+  use_local_gpu(*job, parse_device(o.device));
   require(o.batch >= job->size(), "--batch ", o.batch, " leaves ranks without images: at least one per rank (",
           job->size(), ")");
-  const Device device = o.device == "cuda" ? Device::cuda : Device::cpu;
+  const Device device = parse_device(o.device);
   LipConvnet model(config, backend_for(device));
   std::vector<Variant> variants;
   for (const std::string& path : o.paths)
@@ -110,12 +109,7 @@ int run_train_benchmark(const TrainBenchOptions& o) {
 
   using Clock = std::chrono::steady_clock;
   // CPU time of the whole process (all threads): on a shared machine wall time measures the neighbours too.
-  auto cpu_seconds = [] {
-    struct rusage usage {};
-    getrusage(RUSAGE_SELF, &usage);
-    return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
-           1e-6 * static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec);
-  };
+  const auto cpu_seconds = process_cpu_seconds;
   auto run_step = [&](Variant& p) {
     set_one_by_one_path(model, p.path);
     model.set_precision(p.precision);

@@ -94,7 +94,7 @@ nlohmann::ordered_json verified_json(const CertifyReport& v, const CertifyReport
 
 int run_certify(const CertifyOptions& o, bool terms_given) {
   const std::shared_ptr<Communicator> job = join_job(o.threads);
-  use_local_gpu(*job, o.device);
+  use_local_gpu(*job, parse_device(o.device));
   require(!o.eps.empty(), "--eps needs at least one value");
   for (int e : o.eps) require(e >= 0, "--eps values must be non-negative numerators over 255, got ", e);
   require(!terms_given || (o.terms > 0 && o.terms <= kMaxSeriesTerms), "--terms must be in 1..", kMaxSeriesTerms,
@@ -104,9 +104,9 @@ int run_certify(const CertifyOptions& o, bool terms_given) {
   set_thread_count(o.threads);
   // Outputs are checked before the long work, so that a bad path fails at once rather than after it.
   if (!o.plot.empty() && job->root()) check_writable_file(o.plot, "plot");
-  const LoadedModel loaded = load_model(o.checkpoint, o.device == "cuda" ? Device::cuda : Device::cpu);
+  const LoadedModel loaded = load_model(o.checkpoint, parse_device(o.device),
+                                        terms_given ? std::optional<int>(o.terms) : std::nullopt);
   LipConvnet& model = *loaded.model;
-  if (terms_given) model.set_terms(model.config().train_terms, o.terms);
   const ModelConfig& config = model.config();
   const Normalization& norm = loaded.normalization;
   // What surely gets allocated: the weights (bounded by load_model's validation), and the block outputs of one

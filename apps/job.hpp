@@ -30,8 +30,8 @@ inline std::shared_ptr<Communicator> join_job(int threads) {
 
 // For --device cuda with several ranks: each rank of a machine takes its own GPU. Call it once the device is known
 // (train --resume takes it from the run's config.json) and before the CUDA backend's first use.
-inline void use_local_gpu(const Communicator& job, const std::string& device) {
-  if (job.size() > 1 && device == "cuda") select_local_gpu(job);
+inline void use_local_gpu(const Communicator& job, Device device) {
+  if (job.size() > 1 && device == Device::cuda) select_local_gpu(job);
 }
 
 }  // namespace orthoconv::apps

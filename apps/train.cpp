@@ -38,23 +38,16 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// The flags bind to the TrainConfig fields directly (its defaults are the flags' defaults); the few that need
+// parsing or a check first (architecture, device, precision, normalization) are kept as given.
 struct TrainOptions {
+  TrainConfig config;
   ModelFlags model;
   std::string preset = "paper";
-  std::string data;
-  std::string out = "runs/lipconvnet";
   std::string resume;
   std::string device = "cpu";
   std::string precision = "fp32";
-  int64_t epochs = 200;
-  int64_t batch = 128;
-  double lr = 0.1, momentum = 0.9, weight_decay = 5e-4, lr_decay = 0.1, gamma = 0.0;
-  std::vector<double> milestones{0.5, 0.75};
-  int64_t train_subset = 0, val_split = 0, test_subset = 0, eval_every = 1;
-  std::vector<int> eps{36};
   std::vector<float> mean{0.4914f, 0.4822f, 0.4465f}, std{0.2507f, 0.2507f, 0.2507f};
-  uint64_t seed = 42;
-  int threads = 0;
   int64_t stop_after = 0;
 };
 
@@ -68,33 +61,16 @@ struct QuickPreset {
 };
 
 TrainConfig config_from_options(const TrainOptions& o) {
-  TrainConfig c;
+  TrainConfig c = o.config;
   c.model = o.model.config();
   require(o.mean.size() == 3 && o.std.size() == 3, "--mean and --std take 3 comma-separated values each");
   for (int i = 0; i < 3; ++i) {
     c.normalization.mean[i] = o.mean[i];
     c.normalization.std[i] = o.std[i];
   }
-  c.data_dir = o.data;
-  c.out_dir = o.out;
-  c.device = o.device;
+  c.device = parse_device(o.device);
   c.precision = parse_conv_precision(o.precision);
-  c.epochs = o.epochs;
-  c.batch_size = o.batch;
-  c.lr = o.lr;
-  c.momentum = o.momentum;
-  c.weight_decay = o.weight_decay;
-  c.lr_decay = o.lr_decay;
-  c.milestones = o.milestones;
-  c.gamma = o.gamma;
-  c.train_subset = o.train_subset;
-  c.val_split = o.val_split;
-  c.test_subset = o.test_subset;
-  c.eval_every = o.eval_every;
-  c.eps = o.eps;
-  c.seed = o.seed;
-  c.model.seed = o.seed;
-  c.threads = o.threads;
+  c.model.seed = c.seed;
   c.validate();
   return c;
 }
@@ -153,11 +129,11 @@ std::string read_text(const std::string& path) {
 }
 
 int run_train(CLI::App& cmd, TrainOptions o) {
-  const std::shared_ptr<Communicator> job = join_job(o.threads);
+  const std::shared_ptr<Communicator> job = join_job(o.config.threads);
   if (o.preset == "quick") {
-    if (cmd.count("--epochs") == 0) o.epochs = QuickPreset::epochs;
-    if (cmd.count("--train-subset") == 0) o.train_subset = QuickPreset::train_subset;
-    if (cmd.count("--test-subset") == 0) o.test_subset = QuickPreset::test_subset;
+    if (cmd.count("--epochs") == 0) o.config.epochs = QuickPreset::epochs;
+    if (cmd.count("--train-subset") == 0) o.config.train_subset = QuickPreset::train_subset;
+    if (cmd.count("--test-subset") == 0) o.config.test_subset = QuickPreset::test_subset;
   }
   TrainConfig config = config_from_options(o);
   std::string resume_file;
@@ -173,11 +149,7 @@ int run_train(CLI::App& cmd, TrainOptions o) {
       throw IoError("--resume: " + saved_path + " is not valid JSON: " + e.what());
     }
     nlohmann::json merged = nlohmann::json::parse(config.to_json());
-    auto flag_of = [](std::string key) {
-      for (char& ch : key)
-        if (ch == '_') ch = '-';
-      return "--" + key;
-    };
+    const auto flag_of = flag_name;
     auto given = [&](const std::string& key) {
       const CLI::Option* option = cmd.get_option_no_throw(flag_of(key));
       return option != nullptr && option->count() > 0;
@@ -195,13 +167,16 @@ int run_train(CLI::App& cmd, TrainOptions o) {
     try {
       config = TrainConfig::from_json(merged.dump());
       config.validate();
+    } catch (const SettingError& e) {
+      throw SettingError(e.settings(), "--resume " + o.resume + ": " + saved_path + " with the flags given: " +
+                         e.pattern());
     } catch (const ConfigError& e) {
       throw ConfigError("--resume " + o.resume + ": " + saved_path + " with the flags given: " + e.what());
     }
   }
   use_local_gpu(*job, config.device);
   // Before the dataset is read: a precision this machine cannot run fails at once.
-  backend_for(config.device == "cuda" ? Device::cuda : Device::cpu)->check_precision(config.precision);
+  backend_for(config.device)->check_precision(config.precision);
   config.data_dir = find_cifar100(config.data_dir);
   CifarSplit train = load_cifar100(config.data_dir, "train");
   CifarSplit test = load_cifar100(config.data_dir, "test");
@@ -246,37 +221,39 @@ Runner setup_train(CLI::App& app) {
   cmd->add_option("--preset", o->preset, "paper (Table 3's recipe, the default) | quick (a short CPU run: "
                   "3 epochs of 10,240 training images, 500 test images)")
       ->capture_default_str()->check(CLI::IsMember({"paper", "quick"}));
-  cmd->add_option("--data", o->data, "CIFAR-100 binary directory (train.bin, test.bin); default: search "
+  cmd->add_option("--data", o->config.data_dir, "CIFAR-100 binary directory (train.bin, test.bin); default: search "
                   "$ORTHOCONV_DATA, ../shared/cifar100/cifar-100-binary, data/cifar-100-binary");
-  cmd->add_option("--out", o->out, "output directory (config.json, metrics.*, *.safetensors)")->capture_default_str();
+  cmd->add_option("--out", o->config.out_dir, "output directory (config.json, metrics.*, *.safetensors)")
+      ->capture_default_str();
   cmd->add_option("--resume", o->resume, "continue the run in this directory (its last.safetensors)");
   cmd->add_option("--device", o->device, "cpu | cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--precision", o->precision, "series convolutions of the training steps: fp32 | bf16 (CPU with "
                   "AVX512-BF16, CUDA) | tf32 (CUDA); bf16 inputs, float32 accumulation, per shape where faster; "
                   "evaluation and certification always float32")
       ->capture_default_str()->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
-  cmd->add_option("--epochs", o->epochs, "epochs")->capture_default_str();
-  cmd->add_option("--batch", o->batch, "batch size")->capture_default_str();
-  cmd->add_option("--lr", o->lr, "initial learning rate")->capture_default_str();
-  cmd->add_option("--momentum", o->momentum, "SGD momentum")->capture_default_str();
-  cmd->add_option("--weight-decay", o->weight_decay, "weight decay (all parameters)")->capture_default_str();
-  cmd->add_option("--lr-decay", o->lr_decay, "lr factor at each milestone")->capture_default_str();
-  cmd->add_option("--milestones", o->milestones, "milestones as fractions of the total iterations")
+  cmd->add_option("--epochs", o->config.epochs, "epochs")->capture_default_str();
+  cmd->add_option("--batch", o->config.batch_size, "batch size")->capture_default_str();
+  cmd->add_option("--lr", o->config.lr, "initial learning rate")->capture_default_str();
+  cmd->add_option("--momentum", o->config.momentum, "SGD momentum")->capture_default_str();
+  cmd->add_option("--weight-decay", o->config.weight_decay, "weight decay (all parameters)")->capture_default_str();
+  cmd->add_option("--lr-decay", o->config.lr_decay, "lr factor at each milestone")->capture_default_str();
+  cmd->add_option("--milestones", o->config.milestones, "milestones as fractions of the total iterations")
       ->delimiter(',')->capture_default_str();
-  cmd->add_option("--gamma", o->gamma, "certificate regularization: loss - gamma * mean(relu(radius))")
+  cmd->add_option("--gamma", o->config.gamma, "certificate regularization: loss - gamma * mean(relu(radius))")
       ->capture_default_str();
-  cmd->add_option("--train-subset", o->train_subset, "train on N training images (0: all)")->capture_default_str();
-  cmd->add_option("--val-split", o->val_split, "hold N training images out to choose best.safetensors")
+  cmd->add_option("--train-subset", o->config.train_subset, "train on N training images (0: all)")
       ->capture_default_str();
-  cmd->add_option("--test-subset", o->test_subset, "evaluate on the first N test images (0: all 10,000)")
+  cmd->add_option("--val-split", o->config.val_split, "hold N training images out to choose best.safetensors")
       ->capture_default_str();
-  cmd->add_option("--eval-every", o->eval_every, "epochs between test evaluations")->capture_default_str();
-  cmd->add_option("--eps", o->eps, "certified radii as numerators over 255 (first: headline)")
+  cmd->add_option("--test-subset", o->config.test_subset, "evaluate on the first N test images (0: all 10,000)")
+      ->capture_default_str();
+  cmd->add_option("--eval-every", o->config.eval_every, "epochs between test evaluations")->capture_default_str();
+  cmd->add_option("--eps", o->config.eps, "certified radii as numerators over 255 (first: headline)")
       ->delimiter(',')->capture_default_str();
   cmd->add_option("--mean", o->mean, "normalization mean (R,G,B)")->delimiter(',')->capture_default_str();
   cmd->add_option("--std", o->std, "normalization std (R,G,B)")->delimiter(',')->capture_default_str();
-  cmd->add_option("--seed", o->seed, "seed (initialization, data order, augmentation)")->capture_default_str();
-  cmd->add_option("--threads", o->threads, "OpenMP threads (0: default)")->capture_default_str();
+  cmd->add_option("--seed", o->config.seed, "seed (initialization, data order, augmentation)")->capture_default_str();
+  cmd->add_option("--threads", o->config.threads, "OpenMP threads (0: default)")->capture_default_str();
   cmd->add_option("--stop-after", o->stop_after, "stop after this epoch as if interrupted (continue with --resume)")
       ->capture_default_str();
   return [o, cmd] { return run_train(*cmd, *o); };

@@ -33,9 +33,9 @@ struct VerifyOptions {
 // network_bound.hpp): rho >= ||A_n||, the layer bound 1 + sum_{i>K} rho^i/i!, the rounding coefficients of a
 // float32 and of the float64 (certifying) pass, and the network's L.
 int run_verify_checkpoint(const VerifyOptions& o, bool terms_given) {
-  const LoadedModel loaded = load_model(o.checkpoint);
+  const LoadedModel loaded =
+      load_model(o.checkpoint, Device::cpu, terms_given ? std::optional<int>(o.terms) : std::nullopt);
   LipConvnet& model = *loaded.model;
-  if (terms_given) model.set_terms(model.config().train_terms, o.terms);
   const ModelConfig& config = model.config();
   const Normalization& norm = loaded.normalization;
   const NetworkBound b32 = verify_network(model, Precision::float32, norm);

@@ -104,6 +104,11 @@ TEST_CASE("orthoconv names what is wrong: unknown commands and options, empty or
   check_bad_flag("model-info --classes 1000000", "1000000 classes");
   check_bad_flag("model-info --depth 999999999999999995", "depth must be at most 1000");
   check_bad_flag("train --threads 100000 --data /nonexistent", "--threads 100000 is more than");
+  // The library names settings (epochs, weight_decay); the command line names its flags.
+  check_bad_flag("train --epochs 0 --data /nonexistent", "--epochs must be positive, got 0");
+  check_bad_flag("train --weight-decay -1 --data /nonexistent", "--weight-decay must be >= 0, got -1");
+  check_bad_flag("train --gamma 1 --head lln --data /nonexistent",
+                 "--gamma (certificate regularization) needs --head soc");
   check_bad_flag("certify --threads 1000 --checkpoint x.safetensors", "--threads 1000 is more than");
   // The plot path is checked before the checkpoint is even read (not after the whole certification).
   check_bad_flag("certify --checkpoint /nonexistent.safetensors --plot /nonexistent-dir/plot.png",

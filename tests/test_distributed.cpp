@@ -163,7 +163,7 @@ TEST_CASE("a job needs an image per rank in every batch: a smaller batch or last
   c.batch_size = 3;
   c.train_subset = 60;
   CHECK_THROWS_WITH(Trainer(c, train, test, nullptr, std::make_shared<FourRanks>()),
-                    Catch::Contains("--batch 3"));
+                    Catch::Contains("batch 3 over 60 training images"));
   c.batch_size = 4;  // 15 batches of 4: fine
   CHECK_NOTHROW(Trainer(c, train, test, nullptr, std::make_shared<FourRanks>()));
 }

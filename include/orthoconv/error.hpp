@@ -5,10 +5,12 @@
 // whose message is one line naming the setting and the value. Only main() catches, prints and exits.
 #pragma once
 
+#include <functional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace orthoconv {
 
@@ -21,6 +23,42 @@ class Error : public std::runtime_error {
 class ConfigError : public Error {
  public:
   using Error::Error;
+};
+
+// A ConfigError about named settings of a configuration struct (TrainConfig, ...). The message names each setting
+// by its own name (its config.json key: "epochs", "weight_decay"); a program that exposes the settings under other
+// names (the command line's --epochs, --weight-decay) writes the message with its names: message(name).
+// The pattern holds {0}, {1}, ... where settings[0], settings[1], ... are named.
+class SettingError : public ConfigError {
+ public:
+  SettingError(std::vector<std::string> settings, const std::string& pattern)
+      : ConfigError(fill(settings, pattern, [](const std::string& key) { return key; })),
+        settings_(std::move(settings)),
+        pattern_(pattern) {}
+  const std::vector<std::string>& settings() const { return settings_; }
+  const std::string& pattern() const { return pattern_; }
+  // The message with each setting written as name(setting).
+  std::string message(const std::function<std::string(const std::string&)>& name) const {
+    return fill(settings_, pattern_, name);
+  }
+
+ private:
+  static std::string fill(const std::vector<std::string>& settings, std::string text,
+                          const std::function<std::string(const std::string&)>& name) {
+    for (size_t i = 0; i < settings.size(); ++i) {
+      std::string marker = "{";  // appended, not "{" + ... + "}": GCC 12 warns falsely (-Wrestrict) on that
+      marker += std::to_string(i);
+      marker += '}';
+      for (size_t at = text.find(marker); at != std::string::npos; at = text.find(marker, at)) {
+        const std::string replacement = name(settings[i]);
+        text.replace(at, marker.size(), replacement);
+        at += replacement.size();
+      }
+    }
+    return text;
+  }
+  std::vector<std::string> settings_;
+  std::string pattern_;
 };
 
 // A tensor whose shape does not match what the layer was built for.
@@ -56,6 +94,13 @@ std::string concat(Parts&&... parts) {
   return out.str();
 }
 }  // namespace detail
+
+// require_setting(condition, {"gamma", "head"}, "{0} (certificate regularization) needs {1} soc") throws
+// SettingError.
+template <typename... Parts>
+inline void require_setting(bool condition, std::vector<std::string> settings, Parts&&... parts) {
+  if (!condition) throw SettingError(std::move(settings), detail::concat(std::forward<Parts>(parts)...));
+}
 
 // require(condition, "groups (", g, ") must divide channels (", c, ")") throws ConfigError.
 template <typename E = ConfigError, typename... Parts>

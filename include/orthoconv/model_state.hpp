@@ -7,6 +7,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "orthoconv/checkpoint.hpp"
@@ -46,10 +47,13 @@ struct LoadedModel {
 // From a checkpoint file to an evaluation-ready model in one call: reads `path` (load_checkpoint), rebuilds the
 // architecture from its metadata with no power iterations at construction (the checkpoint's u, v are loaded),
 // loads every parameter, power-iteration vector and step counter (read_model_state: older format versions are
-// converted) and sets evaluation mode. Series terms are the checkpoint's (LipConvnet::set_terms changes them).
-// The model can also be trained further (set_training(true)): it keeps the default PowerSchedule.
+// converted) and sets evaluation mode. The evaluation's series terms are `eval_terms` when given (ConfigError
+// unless in 1..kMaxSeriesTerms, as LipConvnet::set_terms), else the checkpoint's; the training terms stay the
+// checkpoint's. The model can also be trained further (set_training(true)): it keeps the default PowerSchedule.
+// Every evaluating command (certify, attack, verify --checkpoint) opens its model with this one call.
 // Throws IoError naming the file for a bad checkpoint, Error when `device` is not available in this build.
-LoadedModel load_model(const std::string& path, Device device = Device::cpu);
+LoadedModel load_model(const std::string& path, Device device = Device::cpu,
+                       std::optional<int> eval_terms = std::nullopt);
 
 // Refuses (IoError naming the file, the tensor and the index) a NaN or an infinity, and values whose squared norm
 // exceeds float32's range (3.4e38): the power iteration, the scale sigma and the bounds square them, so such a

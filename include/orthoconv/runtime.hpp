@@ -16,5 +16,8 @@ int thread_count();
 
 // Peak resident set size of this process so far, bytes (getrusage; never decreases).
 int64_t peak_rss_bytes();
+// CPU time of this process so far (user + system, every thread), seconds (getrusage): on a machine shared with
+// other jobs a run's wall time includes the neighbours' time slices, its CPU time mostly does not.
+double process_cpu_seconds();
 
 }  // namespace orthoconv

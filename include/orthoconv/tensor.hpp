@@ -17,7 +17,10 @@ namespace orthoconv {
 
 enum class Device { cpu, cuda };
 
+// "cpu" | "cuda", and back: the one pair that names devices (config.json, --device). parse_device throws
+// SettingError naming the setting "device" for any other text.
 std::string device_name(Device device);
+Device parse_device(const std::string& text);
 
 class Shape {
  public:

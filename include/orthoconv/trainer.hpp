@@ -45,6 +45,7 @@
 // requests are not polled with more than one rank (under mpirun, the launcher delivers the signals).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <functional>
@@ -66,7 +67,7 @@ struct TrainConfig {
   Normalization normalization;
   std::string data_dir;
   std::string out_dir = "runs/lipconvnet";
-  std::string device = "cpu";
+  Device device = Device::cpu;
   ConvPrecision precision = ConvPrecision::fp32;  // series convolutions of the training steps
   int64_t epochs = 200;
   int64_t batch_size = 128;
@@ -85,7 +86,7 @@ struct TrainConfig {
   uint64_t seed = 42;
   int threads = 0;                               // 0: leave OpenMP's default (at most max_thread_count())
 
-  void validate() const;                         // ConfigError naming the setting
+  void validate() const;                         // SettingError naming the setting (its config.json key)
   std::string to_json() const;                   // config.json (pretty, stable key order)
   static TrainConfig from_json(const std::string& text);  // ConfigError on bad JSON / values
 };
@@ -197,12 +198,17 @@ struct TrainingState {
 // on a state that cannot be (a history that is not epochs 1..epochs_done, a best epoch after the last, sums that
 // do not fit their counts). The step counts against steps per epoch are checked by Trainer::prepare.
 TrainingState read_training_state(const Checkpoint& checkpoint, const std::string& file);
+// Writes `state` as the train.* metadata that read_training_state reads (train.epoch_progress only when steps of an
+// epoch are done; train.precision and train.rng beside the configuration).
+void write_training_state(const TrainingState& state, Checkpoint& out);
 
 // Training errors that leave the last checkpoint in place (non-finite loss).
 class TrainingDiverged : public Error {
  public:
   using Error::Error;
 };
+
+class TrainingConsole;  // lib/train/training_console.hpp
 
 class Trainer {
  public:
@@ -234,12 +240,10 @@ class Trainer {
   std::string configuration_table() const;
 
  private:
-  void lock_output_directory();
-  // Rank 0's part of prepare(): the directory created, writable and locked, stale temporaries removed, no other run.
-  void prepare_output_directory(const std::string& resume_from);
+  void select_images();  // train_indices_, val_indices_, test_indices_ (constructor)
   void save(const std::string& path);
-  void write_metrics();
   void load(const std::string& path);
+  TrainingState training_state() const;  // where the run stands, as save() records it
   bool stop_requested() const { return communicator_->size() == 1 && stop_requested_ && stop_requested_(); }
   // Evaluation of split[indices], sharded over the ranks; the metrics of one process.
   CertifyReport evaluate(const CifarSplit& split, const std::vector<int64_t>& indices);
@@ -248,6 +252,17 @@ class Trainer {
   // Writes last.safetensors at the current step after a stop request and logs where the run stopped.
   void save_interrupted(const std::string& last_path);
   [[noreturn]] void diverged(const std::string& what) const;
+
+  // The pieces of run(), in the order it calls them (trainer.cpp).
+  std::string last_path() const;
+  int64_t total_steps() const;
+  bool train_epoch(BatchLoader& loader, int64_t epoch, TrainingConsole& console);
+  StepStats train_step(const Batch& batch, double lr);
+  void count_step(const StepStats& stats);
+  bool finish_epoch(int64_t epoch, TrainingConsole& console);
+  EpochMetrics training_metrics(int64_t epoch) const;
+  bool evaluate_epoch(EpochMetrics& m);
+  void commit_epoch(const EpochMetrics& m, bool new_best);
 
   TrainConfig config_;
   const CifarSplit& train_;
@@ -269,6 +284,8 @@ class Trainer {
   std::string last_good_checkpoint_;  // the newest checkpoint of this run known to be valid (loaded or written)
   int64_t last_good_step_ = 0;        // the step it holds
   int lock_fd_ = -1;                  // <out_dir>/train.lock, flock'ed from prepare() to destruction
+  Batch batch_;                       // the training batch, its buffers kept from step to step
+  std::chrono::steady_clock::time_point epoch_start_;  // of the epoch in progress (less an earlier session's time)
 };
 
 }  // namespace orthoconv

@@ -136,7 +136,7 @@ Certifier::Certifier(std::vector<int> eps_numerators, double input_lipschitz)
   require(std::isfinite(input_lipschitz) && input_lipschitz > 0, "the input Lipschitz constant must be positive, "
           "got ", input_lipschitz);
   for (int eps : eps_) {
-    require(eps >= 0, "--eps values must be non-negative numerators over 255, got ", eps);
+    require_setting(eps >= 0, {"eps"}, "{0} values must be non-negative numerators over 255, got ", eps);
     report_.certified[eps] = 0;
   }
 }

@@ -1,4 +1,4 @@
-// Process-wide run-time controls: OpenMP threads, peak resident memory. See include/orthoconv/runtime.hpp.
+// Process-wide run-time controls and statistics: OpenMP threads, peak resident memory, CPU time. See include/orthoconv/runtime.hpp.
 #include "orthoconv/runtime.hpp"
 
 #include <omp.h>
@@ -14,6 +14,13 @@ void set_thread_count(int n) {
 }
 
 int thread_count() { return omp_get_max_threads(); }
+
+double process_cpu_seconds() {
+  struct rusage usage {};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
+         1e-6 * static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec);
+}
 
 int64_t peak_rss_bytes() {
   struct rusage usage {};

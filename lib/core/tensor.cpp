@@ -12,6 +12,12 @@ namespace orthoconv {
 
 std::string device_name(Device device) { return device == Device::cpu ? "cpu" : "cuda"; }
 
+Device parse_device(const std::string& text) {
+  if (text == "cpu") return Device::cpu;
+  if (text == "cuda") return Device::cuda;
+  throw SettingError({"device"}, "{0} must be 'cpu' or 'cuda', got '" + text + "'");
+}
+
 Shape::Shape(std::initializer_list<int64_t> dims) : dims_(dims) {
   for (int64_t d : dims_) require<ShapeError>(d >= 0, "negative dimension ", d, " in shape ", str());
 }

@@ -246,7 +246,7 @@ void read_model_state(const Checkpoint& checkpoint, const std::string& file, Lip
   for (auto& [soc, step] : steps) soc->set_step(step);
 }
 
-LoadedModel load_model(const std::string& path, Device device) {
+LoadedModel load_model(const std::string& path, Device device, std::optional<int> eval_terms) {
   const Checkpoint checkpoint = load_checkpoint(path);
   ModelConfig config = model_config_from_checkpoint(checkpoint, path);
   LoadedModel out;
@@ -255,6 +255,7 @@ LoadedModel load_model(const std::string& path, Device device) {
   out.model = std::make_unique<LipConvnet>(config, backend_for(device));
   read_model_state(checkpoint, path, *out.model);
   out.model->set_training(false);
+  if (eval_terms) out.model->set_terms(out.model->config().train_terms, *eval_terms);
   return out;
 }
 
