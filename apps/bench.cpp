@@ -349,7 +349,7 @@ void print_header(const nlohmann::json& out) {
   std::printf("ratio = (series conv FLOP/s) / (plain 3x3 conv FLOP/s, same shape, same run); "
               "xSOC = SOC time / layer time\n");
   std::printf("1x1 paths (--paths): series, matrix[-conv|-gemm], auto (=the cost model's choice in training/evaluation); "
-              "xSer = the same layer's series time / its time; 1x1% = the 1x1 stage's share of the (4,1) training "
+              "xSer = the same layer's series time / its time; 1x1%% = the 1x1 stage's share of the (4,1) training "
               "step, 1 - (4,-) / (4,1)\n\n");
   std::printf("%-13s %-30s %9s %7s %6s %9s %7s %6s %9s %7s %6s %6s %6s %6s %6s %6s %6s %5s\n", "shape", "layer",
               "fwd ms", "GF/s", "ratio", "train ms", "GF/s", "ratio", "eval ms", "GF/s", "ratio", "xSOCf", "xSOCt",

@@ -74,9 +74,9 @@ nlohmann::ordered_json verified_json(const CertifyReport& v, const CertifyReport
   nlohmann::ordered_json cert, cert_l, layers = nlohmann::json::array();
   for (int e : eps) cert[std::to_string(e)] = v.certified_accuracy(e);
   for (int e : eps) cert_l[std::to_string(e)] = l.certified_accuracy(e);
-  for (const auto& l : bound.layers)
-    layers.push_back({{"name", l.name}, {"input_side", l.bound.input_side}, {"rho", l.bound.rho},
-                      {"bound", l.bound.bound}, {"abs_norm", l.abs_norm}, {"rounding", l.rounding}});
+  for (const auto& layer : bound.layers)
+    layers.push_back({{"name", layer.name}, {"input_side", layer.bound.input_side}, {"rho", layer.bound.rho},
+                      {"bound", layer.bound.bound}, {"abs_norm", layer.abs_norm}, {"rounding", layer.rounding}});
   return {{"clean_accuracy", v.clean_accuracy()},
           {"certified_accuracy", cert},
           {"mean_radius", v.mean_radius()},

@@ -129,18 +129,18 @@ bool register_command(const std::string& name, Setup setup) {
   return true;
 }
 
-}  // namespace orthoconv::apps
+namespace {
 
-int main(int argc, char** argv) {
+int run_command_line(int argc, char** argv) {
   CLI::App app{"orthoconv: train and certify 1-Lipschitz convolutional networks built from orthogonal convolutions",
                "orthoconv"};
   app.require_subcommand(1);
-  std::map<std::string, orthoconv::apps::Runner> runners;
-  auto table = orthoconv::apps::command_table();
+  std::map<std::string, Runner> runners;
+  auto table = command_table();
   std::sort(table.begin(), table.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   for (auto& [name, setup] : table) runners[name] = setup(app);
-  orthoconv::apps::add_strict_numbers(app);
-  if (const std::string unknown = orthoconv::apps::unknown_subcommand(app, argc, argv); !unknown.empty()) {
+  add_strict_numbers(app);
+  if (const std::string unknown = unknown_subcommand(app, argc, argv); !unknown.empty()) {
     std::fprintf(stderr, "orthoconv: %s\n", unknown.c_str());
     return 2;
   }
@@ -151,7 +151,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForAllHelp& e) {
     return app.exit(e);
   } catch (const CLI::ExtrasError& e) {
-    const std::string named = orthoconv::apps::unexpected_arguments(app);
+    const std::string named = unexpected_arguments(app);
     std::fprintf(stderr, "orthoconv: %s\n", named.empty() ? e.what() : named.c_str());
     return 2;
   } catch (const CLI::ParseError& e) {
@@ -163,11 +163,28 @@ int main(int argc, char** argv) {
   } catch (const orthoconv::SettingError& e) {  // the library names settings; the user gave flags
     return orthoconv::apps::fail("error: ", e.message(orthoconv::apps::flag_name).c_str());
   } catch (const orthoconv::Error& e) {
-    return orthoconv::apps::fail("error: ", e.what());
+    return fail("error: ", e.what());
   } catch (const std::bad_alloc&) {
-    return orthoconv::apps::fail("error: ", "out of memory (a setting too large for this machine?)");
+    return fail("error: ", "out of memory (a setting too large for this machine?)");
   } catch (const std::exception& e) {
-    return orthoconv::apps::fail("unexpected error: ", e.what());
+    return fail("unexpected error: ", e.what());
+  }
+  return 1;
+}
+
+}  // namespace
+
+}  // namespace orthoconv::apps
+
+// Whatever escapes the command line's own handlers (the CLI's set-up itself, or a failing report of an error) still
+// ends in one line and a non-zero exit, never in std::terminate.
+int main(int argc, char** argv) {
+  try {
+    return orthoconv::apps::run_command_line(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "orthoconv: unexpected error: %s\n", e.what());
+  } catch (...) {
+    std::fprintf(stderr, "orthoconv: unexpected error\n");
   }
   return 1;
 }

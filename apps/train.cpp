@@ -195,7 +195,7 @@ int run_train(CLI::App& cmd, TrainOptions o) {
   if (trainer.interrupted()) {
     std::fprintf(stderr, "orthoconv: stopped at step %lld (epoch %lld, %lld of %lld steps done); checkpoint %s; "
                  "continue with: orthoconv train --resume %s\n",
-                 static_cast<long long>(trainer.global_step()), static_cast<long long>(trainer.epochs_done() + 1),
+                 static_cast<long long>(trainer.global_step()), static_cast<long long>(trainer.epochs_done()) + 1,
                  static_cast<long long>(trainer.progress().steps), static_cast<long long>(trainer.steps_per_epoch()),
                  (fs::path(config.out_dir) / "last.safetensors").string().c_str(), config.out_dir.c_str());
     return 128 + g_signal;

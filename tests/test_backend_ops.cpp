@@ -811,9 +811,9 @@ void add_elementwise_cases(std::vector<OpCase>& table) {
              << u.batch << (inverse ? ", inverse" : "");
       table.push_back({"pixel_unshuffle", {}, params.str(), exact("a permutation"), ConvPrecision::fp32, 2050,
                        [u, inverse](RecordingBackend& be, Buffers& b, const OpCase& row) {
-                         const int64_t count = u.batch * u.channels * u.height * u.width;
-                         const auto src = random_floats(count, row.seed);
-                         DeviceBuffer& dst = b.output("dst", count);
+                         const int64_t values = u.batch * u.channels * u.height * u.width;
+                         const auto src = random_floats(values, row.seed);
+                         DeviceBuffer& dst = b.output("dst", values);
                          be.pixel_unshuffle(b.input("src", src), dst.data(), u.batch, u.channels, u.height, u.width,
                                             u.stride, inverse);
                          const Vec x = ref::to_double(src);
@@ -830,11 +830,11 @@ void add_elementwise_cases(std::vector<OpCase>& table) {
                                                                     (paired ? ", paired" : ""),
            exact(backward ? "gradient routing (ties: min from the first of the pair)" : "a selection"),
            ConvPrecision::fp32, 2060, [paired, backward](RecordingBackend& be, Buffers& b, const OpCase& row) {
-             const int64_t batch = 4, channels = 10, plane = 33, count = batch * channels * plane;
-             auto x = random_floats(count, row.seed);
+             const int64_t batch = 4, channels = 10, plane = 33, values = batch * channels * plane;
+             auto x = random_floats(values, row.seed);
              for (float& v : x) v = std::round(v * 2.0f) / 2.0f;  // many ties
-             const auto dy = random_floats(count, row.seed + 1);
-             DeviceBuffer& out = b.output(backward ? "dx" : "y", count);
+             const auto dy = random_floats(values, row.seed + 1);
+             DeviceBuffer& out = b.output(backward ? "dx" : "y", values);
              if (backward) {
                be.maxmin_backward(b.input("x", x), b.input("dy", dy), out.data(), batch, channels, plane, paired);
                expect_equal("maxmin_backward", out.read(),

@@ -30,7 +30,7 @@ struct GsSocConfig {
 
 class GsSocConv : public Layer {
  public:
-  explicit GsSocConv(const GsSocConfig& config, std::shared_ptr<Backend> backend = cpu_backend());
+  explicit GsSocConv(const GsSocConfig& config, const std::shared_ptr<Backend>& backend = cpu_backend());
   std::string kind() const override { return "gs-soc"; }
   std::string describe() const override;
   Shape output_shape(const Shape& input) const override;

@@ -25,11 +25,11 @@ using Color = std::array<unsigned char, 3>;
 struct Canvas {
   int width, height;
   std::vector<unsigned char> pixels;
-  Canvas(int w, int h) : width(w), height(h), pixels(static_cast<size_t>(w * h * 3), 255) {}
+  Canvas(int w, int h) : width(w), height(h), pixels(static_cast<size_t>(w) * static_cast<size_t>(h) * 3, 255) {}
 
   void put(int x, int y, Color c) {
     if (x < 0 || y < 0 || x >= width || y >= height) return;
-    auto* p = &pixels[static_cast<size_t>((y * width + x) * 3)];
+    auto* p = &pixels[(static_cast<size_t>(y) * static_cast<size_t>(width) + static_cast<size_t>(x)) * 3];
     p[0] = c[0];
     p[1] = c[1];
     p[2] = c[2];

@@ -263,23 +263,18 @@ void save_checkpoint(const std::string& path, const Checkpoint& checkpoint) {
   });
 }
 
-Checkpoint load_checkpoint(const std::string& path) {
-  const std::string label = checkpoint_label(path);
-  auto fail = [&](const std::string& problem) { return IoError(label + ": " + problem); };
+namespace {
 
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw fail(std::string(errno == ENOENT ? "not found" : "cannot open") + ": " + errno_text());
-  FdCloser closer{fd};
-  struct stat info {};
-  if (::fstat(fd, &info) != 0) throw fail("cannot stat: " + errno_text());
-  if (!S_ISREG(info.st_mode)) throw fail("not a regular file");
-  const uint64_t file_size = static_cast<uint64_t>(info.st_size);
+using Failure = std::function<IoError(const std::string&)>;
+
+// The JSON header of an open safetensors file of file_size bytes (length prefix checked against the file).
+json read_header(int fd, uint64_t file_size, const std::string& label, const Failure& fail, uint64_t& header_size) {
   if (file_size < 8) {
     throw fail("truncated: " + std::to_string(file_size) + " bytes, shorter than the 8-byte header length");
   }
   unsigned char length_bytes[8];
   read_exactly(fd, length_bytes, 8, 0, label);
-  uint64_t header_size = 0;
+  header_size = 0;
   for (int b = 0; b < 8; ++b) header_size |= static_cast<uint64_t>(length_bytes[b]) << (8 * b);
   if (header_size < 2 || header_size > kMaxHeaderBytes) {
     throw fail("bad header length " + std::to_string(header_size) + " (not a safetensors file?)");
@@ -310,69 +305,60 @@ Checkpoint load_checkpoint(const std::string& path) {
   }
   if (!header.is_object()) throw fail("header is not a JSON object");
   if (!duplicate.empty()) throw fail("header names '" + duplicate + "' twice");
+  return header;
+}
 
-  Checkpoint out;
-  out.path = path;
-  std::vector<Entry> entries;
-  for (const auto& [name, value] : header.items()) {
-    if (name == "__metadata__") {
-      if (!value.is_object()) throw fail("__metadata__ is not an object");
-      for (const auto& [key, text] : value.items()) {
-        if (!text.is_string()) throw fail("metadata '" + key + "' is not a string");
-        out.metadata[key] = text.get<std::string>();
-      }
-      continue;
+// One tensor's header entry: dtype F32, a shape whose byte count cannot overflow, and data_offsets that span it.
+Entry parse_entry(const std::string& name, const json& value, const Failure& fail) {
+  const std::string where = "tensor '" + name + "'";
+  if (!value.is_object()) throw fail(where + ": entry is not an object");
+  for (const auto& [field, ignored] : value.items()) {
+    (void)ignored;
+    if (field != "dtype" && field != "shape" && field != "data_offsets") {
+      throw fail(where + ": unknown field '" + field + "'");
     }
-    const std::string where = "tensor '" + name + "'";
-    if (!value.is_object()) throw fail(where + ": entry is not an object");
-    for (const auto& [field, ignored] : value.items()) {
-      (void)ignored;
-      if (field != "dtype" && field != "shape" && field != "data_offsets") {
-        throw fail(where + ": unknown field '" + field + "'");
-      }
-    }
-    if (!value.contains("dtype") || !value["dtype"].is_string()) throw fail(where + ": missing dtype");
-    const std::string dtype = value["dtype"].get<std::string>();
-    if (dtype != "F32") throw fail(where + ": dtype " + dtype + " is not supported (only F32)");
-    if (!value.contains("shape") || !value["shape"].is_array()) throw fail(where + ": missing or invalid shape");
-    Entry entry;
-    entry.name = name;
-    for (const auto& dim : value["shape"]) {
-      int64_t d = 0;
-      if (!as_count(dim, d)) throw fail(where + ": shape entries must be non-negative integers");
-      entry.shape.push_back(d);
-    }
-    // Element count, refusing products that overflow (a zero dimension makes any product fine).
-    uint64_t count = 1;
-    if (std::find(entry.shape.begin(), entry.shape.end(), 0) != entry.shape.end()) {
-      count = 0;
-    } else {
-      for (int64_t d : entry.shape) {
-        if (count > std::numeric_limits<uint64_t>::max() / 4 / static_cast<uint64_t>(d)) {
-          throw fail(where + ": shape " + shape_text(entry.shape) + " is too large");
-        }
-        count *= static_cast<uint64_t>(d);
-      }
-    }
-    const json& offsets = value.contains("data_offsets") ? value["data_offsets"] : json();
-    int64_t begin = 0;
-    int64_t end = 0;
-    if (!offsets.is_array() || offsets.size() != 2 || !as_count(offsets[0], begin) || !as_count(offsets[1], end)) {
-      throw fail(where + ": data_offsets must be two non-negative integers");
-    }
-    entry.begin = static_cast<uint64_t>(begin);
-    entry.end = static_cast<uint64_t>(end);
-    if (entry.end < entry.begin) throw fail(where + ": data_offsets end before they begin");
-    if (entry.end - entry.begin != count * 4) {
-      throw fail(where + ": data_offsets span " + std::to_string(entry.end - entry.begin) + " bytes but shape " +
-                 shape_text(entry.shape) + " of F32 needs " + std::to_string(count * 4));
-    }
-    entries.push_back(std::move(entry));
   }
+  if (!value.contains("dtype") || !value["dtype"].is_string()) throw fail(where + ": missing dtype");
+  const std::string dtype = value["dtype"].get<std::string>();
+  if (dtype != "F32") throw fail(where + ": dtype " + dtype + " is not supported (only F32)");
+  if (!value.contains("shape") || !value["shape"].is_array()) throw fail(where + ": missing or invalid shape");
+  Entry entry;
+  entry.name = name;
+  for (const auto& dim : value["shape"]) {
+    int64_t d = 0;
+    if (!as_count(dim, d)) throw fail(where + ": shape entries must be non-negative integers");
+    entry.shape.push_back(d);
+  }
+  // Element count, refusing products that overflow (a zero dimension makes any product fine).
+  uint64_t count = 1;
+  if (std::find(entry.shape.begin(), entry.shape.end(), 0) != entry.shape.end()) {
+    count = 0;
+  } else {
+    for (int64_t d : entry.shape) {
+      if (count > std::numeric_limits<uint64_t>::max() / 4 / static_cast<uint64_t>(d)) {
+        throw fail(where + ": shape " + shape_text(entry.shape) + " is too large");
+      }
+      count *= static_cast<uint64_t>(d);
+    }
+  }
+  const json& offsets = value.contains("data_offsets") ? value["data_offsets"] : json();
+  int64_t begin = 0;
+  int64_t end = 0;
+  if (!offsets.is_array() || offsets.size() != 2 || !as_count(offsets[0], begin) || !as_count(offsets[1], end)) {
+    throw fail(where + ": data_offsets must be two non-negative integers");
+  }
+  entry.begin = static_cast<uint64_t>(begin);
+  entry.end = static_cast<uint64_t>(end);
+  if (entry.end < entry.begin) throw fail(where + ": data_offsets end before they begin");
+  if (entry.end - entry.begin != count * 4) {
+    throw fail(where + ": data_offsets span " + std::to_string(entry.end - entry.begin) + " bytes but shape " +
+               shape_text(entry.shape) + " of F32 needs " + std::to_string(count * 4));
+  }
+  return entry;
+}
 
-  // Spans must tile the data section exactly, as the reference reader requires.
-  const uint64_t data_start = 8 + header_size;
-  const uint64_t data_size = file_size - data_start;
+// Spans must tile the data section exactly, as the reference reader requires. Sorts entries by offset.
+void check_tiling(std::vector<Entry>& entries, uint64_t data_size, const Failure& fail) {
   std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
     return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
   });
@@ -391,6 +377,40 @@ Checkpoint load_checkpoint(const std::string& path) {
   if (covered != data_size) {
     throw fail(std::to_string(data_size - covered) + " bytes after the last tensor (corrupt or wrong header)");
   }
+}
+
+}  // namespace
+
+Checkpoint load_checkpoint(const std::string& path) {
+  const std::string label = checkpoint_label(path);
+  const Failure fail = [&](const std::string& problem) { return IoError(label + ": " + problem); };
+
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw fail(std::string(errno == ENOENT ? "not found" : "cannot open") + ": " + errno_text());
+  FdCloser closer{fd};
+  struct stat info {};
+  if (::fstat(fd, &info) != 0) throw fail("cannot stat: " + errno_text());
+  if (!S_ISREG(info.st_mode)) throw fail("not a regular file");
+  const uint64_t file_size = static_cast<uint64_t>(info.st_size);
+  uint64_t header_size = 0;
+  const json header = read_header(fd, file_size, label, fail, header_size);
+
+  Checkpoint out;
+  out.path = path;
+  std::vector<Entry> entries;
+  for (const auto& [name, value] : header.items()) {
+    if (name == "__metadata__") {
+      if (!value.is_object()) throw fail("__metadata__ is not an object");
+      for (const auto& [key, text] : value.items()) {
+        if (!text.is_string()) throw fail("metadata '" + key + "' is not a string");
+        out.metadata[key] = text.get<std::string>();
+      }
+      continue;
+    }
+    entries.push_back(parse_entry(name, value, fail));
+  }
+  const uint64_t data_start = 8 + header_size;
+  check_tiling(entries, file_size - data_start, fail);
 
   for (const Entry& entry : entries) {
     CheckpointTensor& tensor = out.tensors[entry.name];

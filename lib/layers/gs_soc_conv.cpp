@@ -21,7 +21,7 @@ void GsSocConfig::validate() const {
   }
 }
 
-GsSocConv::GsSocConv(const GsSocConfig& config, std::shared_ptr<Backend> backend) : config_(config) {
+GsSocConv::GsSocConv(const GsSocConfig& config, const std::shared_ptr<Backend>& backend) : config_(config) {
   config_.validate();
   const int64_t a = config_.groups_first;
   const int64_t c_in = config_.base.in_channels, c_out = config_.base.out_channels;
@@ -71,7 +71,7 @@ std::vector<Parameter*> GsSocConv::parameters() {
 std::vector<Buffer> GsSocConv::buffers() {
   auto out = first_->buffers();
   if (second_)
-    for (Buffer b : second_->buffers()) out.push_back(b);
+    for (const Buffer& b : second_->buffers()) out.push_back(b);
   return out;
 }
 

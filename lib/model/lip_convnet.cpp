@@ -355,7 +355,7 @@ std::vector<NamedParameter> LipConvnet::parameters() {
 std::vector<NamedBuffer> LipConvnet::buffers() {
   std::vector<NamedBuffer> out;
   for (NamedSoc& s : soc_layers())
-    for (Buffer b : s.soc->buffers()) out.push_back({s.name + "." + b.name, b.tensor});
+    for (const Buffer& b : s.soc->buffers()) out.push_back({s.name + "." + b.name, b.tensor});
   return out;
 }
 

@@ -71,6 +71,7 @@ void CpuBackend::weighted_sum(const float* const* sources, const float* scales, 
 }
 
 void CpuBackend::axpby(float alpha, const float* x, float beta, float* y, int64_t count) {
+  // NOLINTNEXTLINE(bugprone-branch-clone): the three loops differ; clang-tidy 14 sees OpenMP's captured statements
   if (beta == 0.0f) {
 #pragma omp parallel for schedule(static) if (count > kParallelFloats)
     for (int64_t i = 0; i < count; ++i) y[i] = alpha * x[i];
