@@ -117,8 +117,10 @@ CpuBackend::CpuBackend() : engine_(dnnl::engine::kind::cpu, 0), stream_(engine_)
   auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
   auto avx512 = static_cast<unsigned>(dnnl::cpu_isa::avx512_core);
   auto avx512_bf16 = static_cast<unsigned>(dnnl::cpu_isa::avx512_core_bf16);
+  auto amx = static_cast<unsigned>(dnnl::cpu_isa::avx512_core_amx);
   blocked_tag_ = (isa & avx512) == avx512 ? tag::nChw16c : tag::nChw8c;
   has_bf16_ = (isa & avx512_bf16) == avx512_bf16;
+  has_amx_ = (isa & amx) == amx;
 }
 
 CpuBackend::~CpuBackend() = default;
@@ -126,7 +128,8 @@ CpuBackend::~CpuBackend() = default;
 std::string CpuBackend::name() const {
   auto v = dnnl::version();
   return detail::concat("cpu (oneDNN ", v->major, ".", v->minor, ".", v->patch, ", ",
-                        blocked_tag_ == tag::nChw16c ? "nChw16c" : "nChw8c", has_bf16_ ? ", bf16" : "", ")");
+                        blocked_tag_ == tag::nChw16c ? "nChw16c" : "nChw8c", has_bf16_ ? ", bf16" : "",
+                        has_amx_ ? ", AMX" : "", ")");
 }
 
 memory::desc CpuBackend::activation_desc(const ConvShape& shape, int64_t channels, memory::format_tag layout) const {
@@ -188,8 +191,8 @@ std::unique_ptr<CpuBackend::ConvKernels> CpuBackend::make_kernels(const ConvShap
 }
 
 CpuBackend::ConvPrimitives& CpuBackend::primitives(const ConvShape& shape) {
-  ShapeKey key{shape.batch, shape.in_channels, shape.out_channels, shape.height,
-               shape.width, shape.kernel,      shape.groups};
+  ShapeKey key{shape.batch,  shape.in_channels, shape.out_channels, shape.height,
+               shape.width,  shape.kernel,      shape.groups,       shape.precision == ConvPrecision::bf16};
   auto it = cache_.find(key);
   if (it != cache_.end()) return *it->second;
   shape.validate();
@@ -204,10 +207,14 @@ CpuBackend::ConvPrimitives& CpuBackend::primitives(const ConvShape& shape) {
 
     // The layout: blocked_tag_, unless oneDNN has only its reference kernel there (grouped convolutions whose
     // channels per group are not a multiple of the block, e.g. GS-SOC's 32 channels in 4 groups in nChw16c,
-    // run 50x slower): then nChw8c, then nhwc.
+    // run 50x slower): then nChw8c, then nhwc. A bf16 request on a CPU with AMX takes nhwc first where oneDNN
+    // has an AMX bf16 forward there (its AMX convolutions run only in nhwc; they are 2.4-4x faster than
+    // float32 in nChw16c at GS-SOC's 16- to 128-channel groups, where the AVX512-BF16 kernels in nChw16c gain
+    // nothing on such a CPU); its float32 passes (fallback, backward-data) then run in nhwc too.
     std::vector<tag> layouts{blocked_tag_};
     if (blocked_tag_ != tag::nChw8c) layouts.push_back(tag::nChw8c);
     layouts.push_back(tag::nhwc);
+    if (key.bf16 && has_amx_ && amx_forward(shape)) layouts.insert(layouts.begin(), tag::nhwc);
     for (tag layout : layouts) {
       p->out = activation_desc(shape, shape.in_channels, layout);
       dnnl::convolution_forward::desc fwd(dnnl::prop_kind::forward_training, algo, p->out, any_weights, p->out,
@@ -227,12 +234,27 @@ CpuBackend::ConvPrimitives& CpuBackend::primitives(const ConvShape& shape) {
       p->bwd_weights_reorder = dnnl::reorder(
           dnnl::reorder::primitive_desc(engine_, p->plain_weights, engine_, p->bwd_data_pd.weights_desc()));
     p->impl = detail::concat(p->block == 16 ? "nChw16c" : p->block == 8 ? "nChw8c" : "nhwc", ": ", p->f32->impl,
-                             gemm_backward_weights(shape) ? " (float32: im2col + sgemm)" : "", ", bwd-data ",
+                             gemm_backward_weights(shape) ? " (float32: im2col + sgemm per group)" : "", ", bwd-data ",
                              p->bwd_data_pd.impl_info_str());
     auto& slot = cache_[key];
     slot = std::move(p);
     return slot.get();
   });
+}
+
+bool CpuBackend::amx_forward(const ConvShape& shape) const {
+  try {
+    memory::desc act({shape.batch, shape.in_channels, shape.height, shape.width}, memory::data_type::bf16, tag::nhwc);
+    memory::desc out = activation_desc(shape, shape.in_channels, tag::nhwc);
+    memory::desc weights(plain_weights_desc(shape).dims(), memory::data_type::bf16, tag::any);
+    memory::dims strides{1, 1}, pad{shape.kernel / 2, shape.kernel / 2};
+    dnnl::convolution_forward::desc fwd(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, act,
+                                        weights, out, strides, pad, pad);
+    const std::string impl = dnnl::convolution_forward::primitive_desc(fwd, engine_).impl_info_str();
+    return impl.find("amx") != std::string::npos;
+  } catch (const dnnl::error&) {
+    return false;
+  }
 }
 
 std::string CpuBackend::implementation(const ConvShape& shape) {
@@ -343,14 +365,15 @@ void CpuBackend::run_backward_weights(const ConvShape& shape, ConvKernels& k, co
 }
 
 bool CpuBackend::gemm_backward_weights(const ConvShape& shape) {
-  return shape.groups == 1 && shape.kernel > 1 && shape.height * shape.width <= 4;
+  return shape.height * shape.width <= 4;
 }
 
 void CpuBackend::run_gemm_backward_weights(const ConvShape& shape, const ConvPrimitives& p, const float* src,
                                            const float* diff_dst, float* diff_weights) {
   // Row r = (n, y, x) of the N*H*W output pixels: cols[r, (ci, ky, kx)] = X(n, ci, y + ky - k/2, x + kx - k/2)
   // (0 outside), dy[r, co] = dY(n, co, y, x); conv layout: element (n, c, y, x) at
-  // ((n * blocks + c / block) * H * W + y * W + x) * block + c % block.
+  // ((n * blocks + c / block) * H * W + y * W + x) * block + c % block. Group i's channels are the columns
+  // [i * cg, (i + 1) * cg) of dy and [i * cg * k^2, (i + 1) * cg * k^2) of cols: one sgemm per group.
   const int64_t n = shape.batch, c = shape.in_channels, h = shape.height, w = shape.width, k = shape.kernel;
   const int64_t plane = h * w, rows = n * plane, taps = k * k, cols = c * taps, pad = k / 2;
   const int64_t block = p.block, blocks = (c + block - 1) / block;
@@ -374,11 +397,15 @@ void CpuBackend::run_gemm_backward_weights(const ConvShape& shape, const ConvPri
         }
     for (int64_t co = 0; co < c; ++co) dy[r * c + co] = diff_dst[at(image, co, r % plane)];
   }
-  // dW [c_out, c_in * k * k] (the plain [o, i, k, k] layout) = dy^T im2col.
-  const dnnl::status status =
-      dnnl::sgemm('T', 'N', c, cols, rows, 1.0f, dy, c, im2col, cols, 0.0f, diff_weights, cols);
-  require<BackendError>(status == dnnl::status::success, "oneDNN sgemm failed (status ", static_cast<int>(status),
-                        ") for the backward-weights of ", shape.str());
+  // Group i: dW_i [cg_out, cg_in * k * k] (the plain [g, o, i, k, k] layout) = dy_i^T im2col_i.
+  const int64_t cg = c / shape.groups, group_cols = cg * taps;
+  for (int64_t i = 0; i < shape.groups; ++i) {
+    const dnnl::status status = dnnl::sgemm('T', 'N', cg, group_cols, rows, 1.0f, dy + i * cg, c,
+                                            im2col + i * group_cols, cols, 0.0f,
+                                            diff_weights + i * cg * group_cols, group_cols);
+    require<BackendError>(status == dnnl::status::success, "oneDNN sgemm failed (status ", static_cast<int>(status),
+                          ") for the backward-weights of ", shape.str());
+  }
 }
 
 CpuBackend::ScaledPrimitive& CpuBackend::scaled_primitive(const ConvShape& shape, ConvKernels& k, float alpha,
@@ -444,7 +471,8 @@ std::vector<std::string> CpuBackend::precision_choices() const {
   for (const auto& [key, p] : cache_)
     if (!p->bf16_choices.empty())
       out.push_back(detail::concat("batch ", key.n, ", ", key.ci, " ch ", key.h, "x", key.w, " k", key.k, " g", key.g,
-                                   ": ", p->bf16_choices));
+                                   " ", p->block == 16 ? "nChw16c" : p->block == 8 ? "nChw8c" : "nhwc", ": ",
+                                   p->bf16_choices));
   return out;
 }
 
@@ -484,8 +512,7 @@ double seconds_of(F&& run) {
 
 }  // namespace
 
-// bf16 for `pass` at `shape`: only in a blocked layout (an even number of values per image, so that conv inputs
-// stack), only with oneDNN's jit kernels (its reference bf16 backward-weights at GS-SOC's 8-channel groups is
+// bf16 for `pass` at `shape`: only with an even number of values per image (so that conv inputs stack), only with oneDNN's jit kernels (its reference bf16 backward-weights at GS-SOC's 8-channel groups is
 // ~3000x slower than float32), and, when measured, only where the bf16 pass including the rounding of its
 // inputs (to_conv_input) beats float32: best of five interleaved runs each on scratch buffers (on a busy machine
 // single runs vary by 2x).
@@ -497,7 +524,10 @@ bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass
                                      ")");
     return use;
   };
-  if (p.layout == tag::nhwc) return note("nhwc layout", false);
+  if (precision_choice_ == PrecisionChoice::never) return note("never", false);
+  // Stacked conv inputs (K buffers of N images back to back) need an even number of values per image.
+  if (p.out.get_size() / sizeof(float) / static_cast<size_t>(shape.batch) % 2 != 0)
+    return note("odd number of values per image", false);
   if (!p.bf16) {
     try {
       p.bf16 = make_kernels(shape, p, memory::data_type::bf16);
