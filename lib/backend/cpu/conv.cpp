@@ -208,13 +208,15 @@ CpuBackend::ConvPrimitives& CpuBackend::primitives(const ConvShape& shape) {
     // The layout: blocked_tag_, unless oneDNN has only its reference kernel there (grouped convolutions whose
     // channels per group are not a multiple of the block, e.g. GS-SOC's 32 channels in 4 groups in nChw16c,
     // run 50x slower): then nChw8c, then nhwc. A bf16 request on a CPU with AMX takes nhwc first where oneDNN
-    // has an AMX bf16 forward there (its AMX convolutions run only in nhwc; they are 2.4-4x faster than
-    // float32 in nChw16c at GS-SOC's 16- to 128-channel groups, where the AVX512-BF16 kernels in nChw16c gain
-    // nothing on such a CPU); its float32 passes (fallback, backward-data) then run in nhwc too.
+    // has an AMX bf16 forward there and not in blocked_tag_ (oneDNN 2.6's AMX convolutions of grouped shapes run
+    // only in nhwc; there they are 2.4-4x faster than float32 in nChw16c at GS-SOC's 16- to 128-channel groups,
+    // while its AVX512-BF16 kernels in nChw16c gain nothing on such a CPU); its float32 passes (fallback,
+    // backward-data) then run in nhwc too.
     std::vector<tag> layouts{blocked_tag_};
     if (blocked_tag_ != tag::nChw8c) layouts.push_back(tag::nChw8c);
     layouts.push_back(tag::nhwc);
-    if (key.bf16 && has_amx_ && amx_forward(shape)) layouts.insert(layouts.begin(), tag::nhwc);
+    if (key.bf16 && has_amx_ && !amx_forward(shape, blocked_tag_) && amx_forward(shape, tag::nhwc))
+      layouts.insert(layouts.begin(), tag::nhwc);
     for (tag layout : layouts) {
       p->out = activation_desc(shape, shape.in_channels, layout);
       dnnl::convolution_forward::desc fwd(dnnl::prop_kind::forward_training, algo, p->out, any_weights, p->out,
@@ -242,10 +244,10 @@ CpuBackend::ConvPrimitives& CpuBackend::primitives(const ConvShape& shape) {
   });
 }
 
-bool CpuBackend::amx_forward(const ConvShape& shape) const {
+bool CpuBackend::amx_forward(const ConvShape& shape, memory::format_tag layout) const {
   try {
-    memory::desc act({shape.batch, shape.in_channels, shape.height, shape.width}, memory::data_type::bf16, tag::nhwc);
-    memory::desc out = activation_desc(shape, shape.in_channels, tag::nhwc);
+    memory::desc act({shape.batch, shape.in_channels, shape.height, shape.width}, memory::data_type::bf16, layout);
+    memory::desc out = activation_desc(shape, shape.in_channels, layout);
     memory::desc weights(plain_weights_desc(shape).dims(), memory::data_type::bf16, tag::any);
     memory::dims strides{1, 1}, pad{shape.kernel / 2, shape.kernel / 2};
     dnnl::convolution_forward::desc fwd(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, act,

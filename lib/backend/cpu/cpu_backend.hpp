@@ -8,7 +8,7 @@
 // diff_dst / weights, float32 dst / diff_weights and post-op addends, in the layout of the shape; created at
 // the first bf16 request for a shape and chosen per pass (measured against float32 once, or always). A shape
 // that requests bf16 is cached apart from its float32 twin: on a CPU with AMX it runs in nhwc where oneDNN has
-// AMX bf16 kernels (only in nhwc), and there its float32 fallback runs in nhwc too.
+// AMX bf16 kernels only in nhwc (grouped shapes), and there its float32 fallback runs in nhwc too.
 #pragma once
 
 #include <dnnl.hpp>
@@ -117,8 +117,8 @@ class CpuBackend final : public Backend {
   void run_backward_weights(const ConvShape& shape, ConvKernels& k, const float* src, const float* diff_dst,
                             float* diff_weights);
   bool choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass pass);
-  // Whether oneDNN's bf16 forward of `shape` in nhwc is one of its AMX kernels.
-  bool amx_forward(const ConvShape& shape) const;
+  // Whether oneDNN's bf16 forward of `shape` in `layout` is one of its AMX kernels.
+  bool amx_forward(const ConvShape& shape, dnnl::memory::format_tag layout) const;
   // Float32 backward-weights as one sgemm per group, dW_i = dY_i^T im2col(X_i), for convolutions on planes of
   // at most 4 pixels, where oneDNN 2.6's kernel is up to 6x slower (1024 channels at 2x2: 2.6 against 0.44 CPU s
   // for 2560 images; GS-SOC's 1024 channels in 4 groups at 2x2 and its 1x1 layers at 1x1 alike); im2col and dY
