@@ -2,6 +2,10 @@
 // update) on random batches, and the process's peak resident memory (getrusage). No dataset needed. Every pair of
 // a --paths value (the path of the 1x1 SocConvs) and a --precision value (of the series convolutions) is one
 // variant; the variants take turns step by step on the same model, so that all see the same machine.
+//
+// Under mpirun (N ranks; docs/distributed.md) every rank runs its part of each global batch of --batch images and
+// the steps all-reduce their gradients, as `orthoconv train` does: the time in the all-reduces is reported per step
+// and as a share of the step, with the volume all-reduced; rank 0 prints, CPU seconds are summed over the ranks.
 #include <sys/resource.h>
 
 #include <chrono>
@@ -12,6 +16,7 @@
 #include "backend/cpu/cpu_backend.hpp"
 #include "bench_train.hpp"
 #include "commands.hpp"
+#include "job.hpp"
 #include "orthoconv/model.hpp"
 #include "orthoconv/runtime.hpp"
 #include "orthoconv/trainer.hpp"
@@ -44,7 +49,7 @@ struct Variant {
   std::string name;  // "<path> <precision>"
   SocPath path;
   ConvPrecision precision;
-  std::vector<double> seconds, cpu_seconds;
+  std::vector<double> seconds, cpu_seconds, allreduce_seconds;
   int matrix_layers = 0, one_by_one_layers = 0;  // after its last step
   double per_step() const {
     double total = 0.0;
@@ -55,6 +60,11 @@ struct Variant {
     double total = 0.0;
     for (double t : cpu_seconds) total += t;
     return total / static_cast<double>(cpu_seconds.size());
+  }
+  double allreduce_per_step() const {
+    double total = 0.0;
+    for (double t : allreduce_seconds) total += t;
+    return total / static_cast<double>(allreduce_seconds.size());
   }
 };
 
@@ -68,26 +78,35 @@ int run_train_benchmark(const TrainBenchOptions& o) {
   require(!o.paths.empty(), "--paths needs at least one of series, matrix, auto");
   require(!o.precisions.empty(), "--precision needs at least one of fp32, tf32, bf16");
   const ModelConfig config = bench_model_config(o);
+  const std::shared_ptr<Communicator> job = join_job(0);
+  use_local_gpu(*job, o.device);
+  require(o.batch >= job->size(), "--batch ", o.batch, " leaves ranks without images: at least one per rank (",
+          job->size(), ")");
   const Device device = o.device == "cuda" ? Device::cuda : Device::cpu;
   LipConvnet model(config, backend_for(device));
   std::vector<Variant> variants;
   for (const std::string& path : o.paths)
     for (const std::string& precision : o.precisions) {
-      variants.push_back({path + " " + precision, parse_soc_path(path), parse_conv_precision(precision), {}, {}});
+      variants.push_back({path + " " + precision, parse_soc_path(path), parse_conv_precision(precision), {}, {}, {}});
       model.set_precision(variants.back().precision);  // fails early, naming --precision, where it cannot run
     }
   Sgd sgd(model);
   Normalization norm;
-  TrainStep step(model, sgd, 0.0, norm.lipschitz());
+  TrainStep step(model, sgd, 0.0, norm.lipschitz(), job);
 
   std::mt19937_64 rng(42);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::uniform_int_distribution<int32_t> label(0, static_cast<int32_t>(config.classes - 1));
   std::vector<float> host(static_cast<size_t>(o.batch * 3 * 32 * 32));
   for (float& x : host) x = normal(rng);
-  Tensor images = Tensor::from_vector(host, Shape{o.batch, 3, 32, 32});
-  std::vector<int32_t> labels(static_cast<size_t>(o.batch));
-  for (int32_t& y : labels) y = label(rng);
+  std::vector<int32_t> all_labels(static_cast<size_t>(o.batch));
+  for (int32_t& y : all_labels) y = label(rng);
+  // This rank's part of the global batch (all of it in one process).
+  const Range part = batch_part(o.batch, job->rank(), job->size());
+  Tensor images = Tensor::from_vector(
+      std::vector<float>(host.begin() + part.begin * kCifarPixels, host.begin() + part.end * kCifarPixels),
+      Shape{part.size(), 3, 32, 32});
+  const std::vector<int32_t> labels(all_labels.begin() + part.begin, all_labels.begin() + part.end);
 
   using Clock = std::chrono::steady_clock;
   // CPU time of the whole process (all threads): on a shared machine wall time measures the neighbours too.
@@ -100,7 +119,7 @@ int run_train_benchmark(const TrainBenchOptions& o) {
   auto run_step = [&](Variant& p) {
     set_one_by_one_path(model, p.path);
     model.set_precision(p.precision);
-    step.run(images, labels, 0.01f, 0.9f, 5e-4f);
+    step.run(images, labels, 0.01f, 0.9f, 5e-4f, o.batch);
     model.backend().synchronize();
   };
   // Warm-up steps first (they also make the backend's per-shape precision choices), then the timed steps in turn.
@@ -108,11 +127,12 @@ int run_train_benchmark(const TrainBenchOptions& o) {
     for (int i = 0; i < o.warmup; ++i) run_step(p);
   for (int i = 0; i < o.steps; ++i)
     for (Variant& p : variants) {
-      const double cpu_start = cpu_seconds();
+      const double cpu_start = cpu_seconds(), allreduce_start = step.allreduce_seconds();
       const auto start = Clock::now();
       run_step(p);
       p.seconds.push_back(std::chrono::duration<double>(Clock::now() - start).count());
       p.cpu_seconds.push_back(cpu_seconds() - cpu_start);
+      p.allreduce_seconds.push_back(step.allreduce_seconds() - allreduce_start);
       p.matrix_layers = p.one_by_one_layers = 0;
       for (NamedSoc& s : model.soc_layers())
         if (s.soc->config().kernel == 1) {
@@ -125,7 +145,11 @@ int run_train_benchmark(const TrainBenchOptions& o) {
   for (auto p = variants.rbegin(); p != variants.rend(); ++p)
     if (p->path == SocPath::automatic) main = &*p;
   const Variant& first = variants.front();
+  // The job's CPU time: every rank's.
+  for (Variant& p : variants) job->allreduce_sum(p.cpu_seconds.data(), static_cast<int64_t>(p.cpu_seconds.size()));
   const double rss_mb = static_cast<double>(peak_rss_bytes()) / (1024.0 * 1024.0);
+  if (!job->root()) return 0;
+  const double allreduce_mb = 4.0 * static_cast<double>(step.allreduce_floats()) / (1024.0 * 1024.0);
   if (o.json) {
     nlohmann::ordered_json per_variant = nlohmann::json::array();
     for (const Variant& p : variants)
@@ -136,6 +160,8 @@ int run_train_benchmark(const TrainBenchOptions& o) {
                              {"cpu_seconds_per_step", p.cpu_per_step()},
                              {"speedup_over_first", first.per_step() / p.per_step()},
                              {"cpu_speedup_over_first", first.cpu_per_step() / p.cpu_per_step()},
+                             {"allreduce_seconds_per_step", p.allreduce_per_step()},
+                             {"allreduce_share", p.allreduce_per_step() / p.per_step()},
                              {"one_by_one_layers", p.one_by_one_layers},
                              {"matrix_layers", p.matrix_layers}});
     nlohmann::ordered_json out{{"benchmark", "train"},
@@ -143,6 +169,9 @@ int run_train_benchmark(const TrainBenchOptions& o) {
                                {"conv", config.conv_label()},
                                {"device", o.device},
                                {"threads", thread_count()},
+                               {"ranks", job->size()},
+                               {"communicator", job->description()},
+                               {"allreduce_floats", step.allreduce_floats()},
                                {"batch", o.batch},
                                {"steps", o.steps},
                                {"warmup", o.warmup},
@@ -152,6 +181,8 @@ int run_train_benchmark(const TrainBenchOptions& o) {
                                {"seconds_per_step", main->per_step()},
                                {"images_per_second", static_cast<double>(o.batch) / main->per_step()},
                                {"cpu_seconds_per_step", main->cpu_per_step()},
+                               {"allreduce_seconds_per_step", main->allreduce_per_step()},
+                               {"allreduce_share", main->allreduce_per_step() / main->per_step()},
                                {"peak_rss_mb", rss_mb},
                                {"variants", per_variant}};
     std::printf("%s\n", out.dump().c_str());
@@ -166,7 +197,11 @@ int run_train_benchmark(const TrainBenchOptions& o) {
                   p.name.c_str(), p.per_step(), static_cast<double>(o.batch) / p.per_step(), p.cpu_per_step(),
                   first.per_step() / p.per_step(), first.cpu_per_step() / p.cpu_per_step(), first.name.c_str(),
                   p.matrix_layers, p.one_by_one_layers);
-    std::printf("  peak RSS %.0f MiB\n", rss_mb);
+    if (job->size() > 1)
+      std::printf("  %s, %lld images per rank: all-reduce of %.1f MiB per step, %.3f s/step (%.1f%% of the step)\n",
+                  job->description().c_str(), static_cast<long long>(part.size()), allreduce_mb,
+                  main->allreduce_per_step(), 100.0 * main->allreduce_per_step() / main->per_step());
+    std::printf("  peak RSS %.0f MiB%s\n", rss_mb, job->size() > 1 ? " (rank 0)" : "");
     if (const auto* cpu = dynamic_cast<const cpu::CpuBackend*>(&model.backend()))
       for (const std::string& line : cpu->precision_choices()) std::printf("  bf16 choice: %s\n", line.c_str());
   }

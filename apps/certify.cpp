@@ -1,6 +1,7 @@
 // orthoconv certify: load a checkpoint, run it in evaluation mode on the CIFAR-100 test set and print clean
 // accuracy, certified accuracy at each eps (numerators over 255), the mean certified radius of the correctly
-// classified images and the image count, as a table or one JSON object.
+// classified images and the image count, as a table or one JSON object. Under mpirun the test set is sharded over
+// the ranks (whole batches; both passes) and rank 0 prints the report of one process (docs/distributed.md).
 #include <cmath>
 #include <cstdio>
 #include <memory>
@@ -8,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.hpp"
+#include "job.hpp"
 #include "orthoconv/certify.hpp"
 #include "orthoconv/limits.hpp"
 #include "orthoconv/model_state.hpp"
@@ -91,6 +93,8 @@ nlohmann::ordered_json verified_json(const CertifyReport& v, const CertifyReport
 }
 
 int run_certify(const CertifyOptions& o, bool terms_given) {
+  const std::shared_ptr<Communicator> job = join_job(o.threads);
+  use_local_gpu(*job, o.device);
   require(!o.eps.empty(), "--eps needs at least one value");
   for (int e : o.eps) require(e >= 0, "--eps values must be non-negative numerators over 255, got ", e);
   require(!terms_given || (o.terms > 0 && o.terms <= kMaxSeriesTerms), "--terms must be in 1..", kMaxSeriesTerms,
@@ -99,7 +103,7 @@ int run_certify(const CertifyOptions& o, bool terms_given) {
   require(o.batch > 0, "--batch must be positive, got ", o.batch);
   set_thread_count(o.threads);
   // Outputs are checked before the long work, so that a bad path fails at once rather than after it.
-  if (!o.plot.empty()) check_writable_file(o.plot, "plot");
+  if (!o.plot.empty() && job->root()) check_writable_file(o.plot, "plot");
   const LoadedModel loaded = load_model(o.checkpoint, o.device == "cuda" ? Device::cuda : Device::cpu);
   LipConvnet& model = *loaded.model;
   if (terms_given) model.set_terms(model.config().train_terms, o.terms);
@@ -118,7 +122,8 @@ int run_certify(const CertifyOptions& o, bool terms_given) {
   std::vector<int64_t> indices(static_cast<size_t>(count));
   for (int64_t i = 0; i < count; ++i) indices[static_cast<size_t>(i)] = i;
   const NetworkBound bound = verify_network(model, config.eval_terms, Precision::float64, norm);
-  const VerifiedEvaluation evaluation = evaluate_verified(model, bound, test, indices, norm, o.eps, o.batch);
+  // Under mpirun: each rank runs its share of the batches, every rank gets the one-process evaluation.
+  const VerifiedEvaluation evaluation = evaluate_verified(model, bound, test, indices, norm, o.eps, o.batch, *job);
   double max_deviation = 0.0;
   for (double d : evaluation.logit_deviation)
     if (!(d <= max_deviation)) max_deviation = d;  // a NaN wins, and is refused below
@@ -132,6 +137,7 @@ int run_certify(const CertifyOptions& o, bool terms_given) {
   const CertifyReport& v = evaluation.verified;
   const CertifyReport& l = evaluation.lipschitz;
   // The results are printed (and flushed) before the plot is written: a late failure must not lose them.
+  if (!job->root()) return 0;  // rank 0 reports for the job
 
   if (o.json) {
     nlohmann::ordered_json cert;

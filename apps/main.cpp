@@ -10,6 +10,7 @@
 #include <string>
 
 #include "commands.hpp"
+#include "orthoconv/communicator.hpp"
 #include "orthoconv/error.hpp"
 
 namespace orthoconv::apps {
@@ -110,6 +111,19 @@ std::string unexpected_arguments(CLI::App& app) {
 
 }  // namespace
 
+// One line on stderr, and exit code 1. In a job of several ranks the line names the rank, and the whole job ends
+// (MPI_Abort): the other ranks may be waiting for this one in a collective, and must not wait forever.
+int fail(const char* kind, const char* message) {
+  const std::shared_ptr<Communicator> job = current_communicator();
+  if (job && job->size() > 1) {
+    std::fprintf(stderr, "orthoconv: rank %d of %d: %s%s\n", job->rank(), job->size(), kind, message);
+    std::fflush(stderr);
+    job->abort_job(1);
+  }
+  std::fprintf(stderr, "orthoconv: %s%s\n", kind, message);
+  return 1;
+}
+
 bool register_command(const std::string& name, Setup setup) {
   command_table().emplace_back(name, std::move(setup));
   return true;
@@ -147,14 +161,11 @@ int main(int argc, char** argv) {
   try {
     for (auto* sub : app.get_subcommands()) return runners.at(sub->get_name())();
   } catch (const orthoconv::Error& e) {
-    std::fprintf(stderr, "orthoconv: error: %s\n", e.what());
-    return 1;
+    return orthoconv::apps::fail("error: ", e.what());
   } catch (const std::bad_alloc&) {
-    std::fprintf(stderr, "orthoconv: error: out of memory (a setting too large for this machine?)\n");
-    return 1;
+    return orthoconv::apps::fail("error: ", "out of memory (a setting too large for this machine?)");
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "orthoconv: unexpected error: %s\n", e.what());
-    return 1;
+    return orthoconv::apps::fail("unexpected error: ", e.what());
   }
   return 1;
 }

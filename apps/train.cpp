@@ -11,6 +11,10 @@
 // last.safetensors at that step (a resume continues exactly there) and the command exits with 128 + the signal
 // number. A second signal exits at once: the checkpoint on disk is then the previous one, intact (every file is
 // written atomically; the next start in that directory removes the temporary file).
+//
+// Under mpirun / srun (several ranks; docs/distributed.md) the job trains one model data-parallel: rank 0 prints
+// and writes, and no signal handlers are installed (the launcher delivers the signals and ends the job; resume
+// from the last epoch's checkpoint).
 #include <signal.h>
 #include <unistd.h>
 
@@ -23,6 +27,7 @@
 #include <sstream>
 
 #include "commands.hpp"
+#include "job.hpp"
 #include "model_options.hpp"
 #include "orthoconv/data.hpp"
 #include "orthoconv/trainer.hpp"
@@ -148,6 +153,7 @@ std::string read_text(const std::string& path) {
 }
 
 int run_train(CLI::App& cmd, TrainOptions o) {
+  const std::shared_ptr<Communicator> job = join_job(o.threads);
   if (o.preset == "quick") {
     if (cmd.count("--epochs") == 0) o.epochs = QuickPreset::epochs;
     if (cmd.count("--train-subset") == 0) o.train_subset = QuickPreset::train_subset;
@@ -193,14 +199,18 @@ int run_train(CLI::App& cmd, TrainOptions o) {
       throw ConfigError("--resume " + o.resume + ": " + saved_path + " with the flags given: " + e.what());
     }
   }
+  use_local_gpu(*job, config.device);
   // Before the dataset is read: a precision this machine cannot run fails at once.
   backend_for(config.device == "cuda" ? Device::cuda : Device::cpu)->check_precision(config.precision);
   config.data_dir = find_cifar100(config.data_dir);
   CifarSplit train = load_cifar100(config.data_dir, "train");
   CifarSplit test = load_cifar100(config.data_dir, "test");
-  Trainer trainer(config, train, test, stdout);
-  InterruptHandlers handlers;
-  trainer.set_stop_request([] { return g_signal.load(std::memory_order_relaxed) != 0; });
+  Trainer trainer(config, train, test, job->root() ? stdout : nullptr, job);
+  std::unique_ptr<InterruptHandlers> handlers;
+  if (job->size() == 1) {
+    handlers = std::make_unique<InterruptHandlers>();
+    trainer.set_stop_request([] { return g_signal.load(std::memory_order_relaxed) != 0; });
+  }
   trainer.prepare(resume_file);
   if (g_signal != 0) {
     std::fprintf(stderr, "orthoconv: interrupted before the first training step; no checkpoint was written\n");
@@ -216,7 +226,7 @@ int run_train(CLI::App& cmd, TrainOptions o) {
     return 128 + g_signal;
   }
   const auto& history = trainer.history();
-  if (!history.empty()) {
+  if (!history.empty() && job->root()) {
     const EpochMetrics& last = history.back();
     std::printf("done: %lld epochs; ", static_cast<long long>(last.epoch));
     if (last.evaluated) {

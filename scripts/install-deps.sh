@@ -6,16 +6,19 @@
 #   catch2                              Catch2 v2 tests
 #   libcli11-dev nlohmann-json3-dev     the command line and its JSON output
 #   libstb-dev                          PNG plots
+#   libopenmpi-dev openmpi-bin          data-parallel jobs over MPI ranks (ORTHOCONV_MPI; docs/distributed.md) and
+#                                       their tests (mpirun)
 #   python3 python3-venv                the interop tests' virtual environment (.ci/run; scripts/requirements.txt)
 # The CUDA backend needs the CUDA toolkit and cuDNN, which are not Debian packages: install them separately
-# (the build detects them with -DORTHOCONV_CUDA=AUTO and builds the CPU-only library without them).
+# (the build detects them with -DORTHOCONV_CUDA=AUTO and builds the CPU-only library without them). Multi-GPU
+# jobs use the toolkit's NCCL (nccl.h, libnccl), found with it.
 # Extra package names given as arguments are installed too (.ci/run's fuzzing step: clang-14 libclang-rt-14-dev
 # libomp-14-dev).
 # Does nothing (and needs no root) when everything is already installed. Runs apt-get through sudo when not root.
 set -euo pipefail
 
 packages=(build-essential cmake ninja-build libdnnl-dev libeigen3-dev catch2 libcli11-dev nlohmann-json3-dev
-          libstb-dev python3 python3-venv "$@")
+          libstb-dev libopenmpi-dev openmpi-bin python3 python3-venv "$@")
 
 missing=()
 for package in "${packages[@]}"; do

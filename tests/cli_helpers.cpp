@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -97,6 +98,19 @@ std::string synthetic_cifar100_dir() {
   fs::rename(building, dir, ec);
   if (ec) fs::remove_all(building, ec);  // another process was first
   return dir.string();
+}
+
+CifarSplit synthetic_split(int64_t images, int64_t classes, uint64_t seed) {
+  CifarSplit s;
+  s.path = "synthetic";
+  std::mt19937_64 rng(seed);
+  s.pixels.resize(static_cast<size_t>(images * kCifarPixels));
+  for (auto& p : s.pixels) p = static_cast<uint8_t>(rng() & 0xff);
+  for (int64_t i = 0; i < images; ++i) {
+    s.fine_labels.push_back(static_cast<int32_t>(rng() % static_cast<uint64_t>(classes)));
+    s.coarse_labels.push_back(0);
+  }
+  return s;
 }
 
 }  // namespace orthoconv::testing

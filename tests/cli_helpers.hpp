@@ -2,7 +2,10 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
+
+#include "orthoconv/data.hpp"
 
 namespace orthoconv::testing {
 
@@ -27,5 +30,7 @@ std::string real_data_dir();
 // labels 0..9 (for 10-class test models). Written once into the test binary directory and shared (read only) by
 // the tests that run `orthoconv train` or `certify` on data without depending on the real dataset.
 std::string synthetic_cifar100_dir();
+// An in-memory CIFAR-like split: `images` records of pseudo-random pixels and fine labels < classes (from seed).
+CifarSplit synthetic_split(int64_t images, int64_t classes, uint64_t seed);
 
 }  // namespace orthoconv::testing

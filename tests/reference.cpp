@@ -209,6 +209,20 @@ Vec pixel_unshuffle(const Vec& input, int64_t batch, int64_t channels, int64_t h
   return out;
 }
 
+Vec pixel_shuffle(const Vec& input, int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t s) {
+  const int64_t ih = height / s, iw = width / s;
+  Vec out(input.size());
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t y = 0; y < height; ++y)
+        for (int64_t x = 0; x < width; ++x) {
+          const int64_t p = y % s, q = x % s, i = y / s, j = x / s;
+          const int64_t ic = c * s * s + s * p + q;
+          out[((b * channels + c) * height + y) * width + x] = input[((b * channels * s * s + ic) * ih + i) * iw + j];
+        }
+  return out;
+}
+
 namespace {
 
 // The reference code's u_i / v_i index of filter entry (o, i, y, x) of one group: u1 [in, w] v1 [out, h],
@@ -271,6 +285,34 @@ Vec power_sigma(const Vec& a, const std::array<Vec, 4>& u, const std::array<Vec,
     sigma[g] = best;
   }
   return sigma;
+}
+
+Vec power_reshape(const Vec& a, int64_t g, int64_t c, int64_t k, int which) {
+  const int64_t rows = v_lengths(c, k)[which], cols = u_lengths(c, k)[which];
+  Vec matrix(static_cast<size_t>(rows * cols), 0.0);
+  for (int64_t o = 0; o < c; ++o)
+    for (int64_t i = 0; i < c; ++i)
+      for (int64_t y = 0; y < k; ++y)
+        for (int64_t x = 0; x < k; ++x)
+          matrix[v_index(which, o, i, y, x, k) * cols + u_index(which, o, i, y, x, k)] +=
+              a[(((g * c + o) * c + i) * k + y) * k + x];
+  return matrix;
+}
+
+void add_sigma_gradient(const std::array<Vec, 4>& u, const std::array<Vec, 4>& v, const std::vector<int32_t>& which,
+                        const Vec& coefficient, Vec& diff, int64_t groups, int64_t c, int64_t k) {
+  check_vector_sizes("add_sigma_gradient", u, v, groups, c, k);
+  const auto ul = u_lengths(c, k), vl = v_lengths(c, k);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int w = which[static_cast<size_t>(g)];
+    for (int64_t o = 0; o < c; ++o)
+      for (int64_t i = 0; i < c; ++i)
+        for (int64_t y = 0; y < k; ++y)
+          for (int64_t x = 0; x < k; ++x)
+            diff[(((g * c + o) * c + i) * k + y) * k + x] += coefficient[static_cast<size_t>(g)] *
+                                                             u[w][g * ul[w] + u_index(w, o, i, y, x, k)] *
+                                                             v[w][g * vl[w] + v_index(w, o, i, y, x, k)];
+  }
 }
 
 void power_iterate(const Vec& a, std::array<Vec, 4>& u, std::array<Vec, 4>& v, int64_t groups, int64_t c, int64_t k,
@@ -413,6 +455,76 @@ Vec maxmin(const Vec& input, int64_t batch, int64_t channels, int64_t plane, boo
       }
     }
   return out;
+}
+
+Vec maxmin_backward(const Vec& input, const Vec& diff_output, int64_t batch, int64_t channels, int64_t plane,
+                    bool paired) {
+  Vec out(input.size());
+  const int64_t half = channels / 2;
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t c = 0; c < half; ++c) {
+      const int64_t ca = paired ? 2 * c : c, cb = paired ? 2 * c + 1 : c + half;
+      for (int64_t i = 0; i < plane; ++i) {
+        const int64_t ia = (b * channels + ca) * plane + i, ib = (b * channels + cb) * plane + i;
+        const bool a_is_min = input[ia] <= input[ib];
+        out[ia] = a_is_min ? diff_output[ia] : diff_output[ib];
+        out[ib] = a_is_min ? diff_output[ib] : diff_output[ia];
+      }
+    }
+  return out;
+}
+
+void copy_channels(const Vec& src, int64_t src_channels, Vec& dst, int64_t dst_channels, int64_t batch, int64_t plane,
+                   bool accumulate) {
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t c = 0; c < dst_channels; ++c)
+      for (int64_t i = 0; i < plane; ++i) {
+        double& out = dst[(b * dst_channels + c) * plane + i];
+        const double value = c < src_channels ? src[(b * src_channels + c) * plane + i] : 0.0;
+        out = accumulate ? out + value : value;
+      }
+}
+
+void add_bias(Vec& dst, const Vec& bias, int64_t batch, int64_t channels, int64_t plane) {
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t i = 0; i < plane; ++i) dst[(b * channels + c) * plane + i] += bias[c];
+}
+
+void bias_backward(const Vec& diff_dst, Vec& diff_bias, int64_t batch, int64_t channels, int64_t plane) {
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t i = 0; i < plane; ++i) diff_bias[c] += diff_dst[(b * channels + c) * plane + i];
+}
+
+double softmax_cross_entropy(const Vec& logits, const std::vector<int32_t>& labels, int64_t batch, int64_t classes,
+                             Vec& diff, int64_t* correct) {
+  diff.assign(logits.size(), 0.0);
+  double loss = 0.0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const double* z = logits.data() + b * classes;
+    int64_t first_max = 0;
+    for (int64_t j = 1; j < classes; ++j)
+      if (z[j] > z[first_max]) first_max = j;
+    double sum = 0.0;
+    for (int64_t j = 0; j < classes; ++j) sum += std::exp(z[j] - z[first_max]);
+    const double log_sum_exp = z[first_max] + std::log(sum);
+    const int32_t label = labels[static_cast<size_t>(b)];
+    loss += log_sum_exp - z[label];
+    for (int64_t j = 0; j < classes; ++j)
+      diff[b * classes + j] = (std::exp(z[j] - log_sum_exp) - (j == label ? 1.0 : 0.0)) / static_cast<double>(batch);
+    if (first_max == label) ++*correct;
+  }
+  return loss;
+}
+
+void sgd_momentum(Vec& param, const Vec& grad, Vec& momentum, double lr, double momentum_coef, double weight_decay,
+                  bool first_step) {
+  for (size_t i = 0; i < param.size(); ++i) {
+    const double d = grad[i] + weight_decay * param[i];
+    momentum[i] = first_step ? d : momentum_coef * momentum[i] + d;
+    param[i] -= lr * momentum[i];
+  }
 }
 
 GsSocParams gs_soc_params(GsSocConv& layer) {

@@ -93,6 +93,15 @@ Vec skew(const Vec& m, int64_t groups, int64_t channels, int64_t kernel);
 // input[b, c, s*i + p, s*j + q] -> output[b, c*s*s + s*p + q, i, j].
 Vec pixel_unshuffle(const Vec& input, int64_t batch, int64_t channels, int64_t height, int64_t width,
                     int64_t stride);
+// The inverse: input[b, c*s*s + s*p + q, i, j] -> output[b, c, s*i + p, s*j + q] (channels: the output's).
+Vec pixel_shuffle(const Vec& input, int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t stride);
+// Reshape `which` (0..3) of group g of a [groups, C, C, k, k] filter as a dense row-major matrix: rows indexed as
+// v_which, columns as u_which (the layouts named below). v = A u and u = A^T v are the power iteration's products.
+Vec power_reshape(const Vec& filter, int64_t group, int64_t channels, int64_t kernel, int which);
+// The gradient of sigma_g = <A_g, u_w (x) v_w> in A for w = which[g], times coefficient[g], added to diff_filter:
+// diff[g, o, i, y, x] += coefficient[g] * u_w[u index of (o, i, y, x)] * v_w[v index of (o, i, y, x)].
+void add_sigma_gradient(const std::array<Vec, 4>& u, const std::array<Vec, 4>& v, const std::vector<int32_t>& which,
+                        const Vec& coefficient, Vec& diff_filter, int64_t groups, int64_t channels, int64_t kernel);
 // The reference code's power-iteration vectors (GS-SOC skew_ortho_conv.py, fantastic_four / SOC.update_sigma), per
 // group without the unit axes of its 5-D shapes: u1 [in, w] v1 [out, h]; u2 [in, h] v2 [out, w];
 // u3 [in, h, w] v3 [out]; u4 [out, h, w] v4 [in]. u[i] / v[i] hold `groups` vectors back to back
@@ -138,6 +147,27 @@ Vec permute_channels(const Vec& input, const std::vector<int64_t>& destination, 
                      int64_t plane, bool inverse = false);
 // Plain: [min(A, B), max(A, B)] of the halves; paired: min / max of channel pairs (2i, 2i+1).
 Vec maxmin(const Vec& input, int64_t batch, int64_t channels, int64_t plane, bool paired);
+
+// The gradient of MaxMin: out[min slot] takes the gradient of the min output, out[max slot] that of the max, where
+// the min of a pair (a, b) (a the first half's / even channel) is a when a <= b (ties: min from a, max from b).
+Vec maxmin_backward(const Vec& input, const Vec& diff_output, int64_t batch, int64_t channels, int64_t plane,
+                    bool paired);
+// dst[b, c, :] (+)= src[b, c, :] for c < min(src_channels, dst_channels); without accumulate the channels of dst
+// beyond src_channels become 0 (channel padding / truncation and their gradients).
+void copy_channels(const Vec& src, int64_t src_channels, Vec& dst, int64_t dst_channels, int64_t batch, int64_t plane,
+                   bool accumulate);
+// dst[b, c, :] += bias[c];  bias_backward: diff_bias[c] += sum over b and the plane of diff_dst[b, c, :].
+void add_bias(Vec& dst, const Vec& bias, int64_t batch, int64_t channels, int64_t plane);
+void bias_backward(const Vec& diff_dst, Vec& diff_bias, int64_t batch, int64_t channels, int64_t plane);
+
+// ---- loss and optimizer ----
+// Softmax cross-entropy of row-major logits [batch, classes]: diff = (softmax(logits) - onehot(label)) / batch;
+// returns the summed per-image loss (natural log); *correct counts rows whose FIRST arg-max equals the label.
+double softmax_cross_entropy(const Vec& logits, const std::vector<int32_t>& labels, int64_t batch, int64_t classes,
+                             Vec& diff_logits, int64_t* correct);
+// PyTorch's SGD with momentum, one step: d = grad + wd param; buf = first ? d : m buf + d; param -= lr buf.
+void sgd_momentum(Vec& param, const Vec& grad, Vec& momentum, double lr, double momentum_coef, double weight_decay,
+                  bool first_step);
 
 // GS-SOC (a, b) / (a, -): shuffle(a) when it applies -> SOC k x k, a groups -> shuffle(b) -> SOC 1 x 1, b groups.
 struct GsSocParams {

@@ -33,6 +33,7 @@
 #include "reference.hpp"
 
 using namespace orthoconv;
+using orthoconv::testing::synthetic_split;
 namespace fs = std::filesystem;
 
 namespace {
@@ -44,19 +45,6 @@ std::string fresh_dir(const std::string& name) {
   return dir.string();
 }
 
-// A synthetic CIFAR-like split: random pixels, labels < classes.
-CifarSplit synthetic_split(int64_t images, int64_t classes, uint64_t seed) {
-  CifarSplit s;
-  s.path = "synthetic";
-  std::mt19937_64 rng(seed);
-  s.pixels.resize(static_cast<size_t>(images * kCifarPixels));
-  for (auto& p : s.pixels) p = static_cast<uint8_t>(rng() & 0xff);
-  for (int64_t i = 0; i < images; ++i) {
-    s.fine_labels.push_back(static_cast<int32_t>(rng() % static_cast<uint64_t>(classes)));
-    s.coarse_labels.push_back(0);
-  }
-  return s;
-}
 
 TrainConfig tiny_config(const std::string& out) {
   TrainConfig c;

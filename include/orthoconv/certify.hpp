@@ -19,6 +19,7 @@
 #include <map>
 #include <vector>
 
+#include "orthoconv/communicator.hpp"
 #include "orthoconv/data.hpp"
 #include "orthoconv/model.hpp"
 
@@ -89,5 +90,13 @@ void for_each_evaluation_batch(LipConvnet& model, const CifarSplit& split, const
 CertifyReport evaluate_model(LipConvnet& model, const CifarSplit& split, const std::vector<int64_t>& indices,
                              const Normalization& norm, const std::vector<int>& eps_numerators,
                              int64_t batch_size = 256, const std::function<bool()>& stop_requested = {});
+// The same, sharded over the ranks of `communicator` (every rank calls it with the same arguments): each rank
+// evaluates whole batches (batch_range: each image in the batch it has in one process), the per-image results are
+// gathered, and every rank returns the report of one process, bit for bit (the sums taken in index order).
+// stop_requested is polled only when the job has one rank (a rank that stopped alone would leave the others
+// waiting).
+CertifyReport evaluate_model(LipConvnet& model, const CifarSplit& split, const std::vector<int64_t>& indices,
+                             const Normalization& norm, const std::vector<int>& eps_numerators, int64_t batch_size,
+                             const std::function<bool()>& stop_requested, Communicator& communicator);
 
 }  // namespace orthoconv

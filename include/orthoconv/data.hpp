@@ -98,6 +98,12 @@ class BatchLoader {
     bool augment = true;
     bool drop_last = false;
     uint64_t seed = 42;
+    // Data-parallel jobs: each batch of batch_size (the global batch) is cut into `parts` contiguous parts
+    // (batch_part in communicator.hpp) and this loader builds only part `part`, with the order and augmentation
+    // of the whole batch's positions; the parts of all ranks together are the batch of one loader. A part may be
+    // empty (a last batch smaller than `parts`). 0 of 1: the whole batch.
+    int part = 0;
+    int parts = 1;
   };
   // Keeps a reference to `split` (the caller keeps it alive and unchanged); `indices` are the records iterated.
   BatchLoader(const CifarSplit& split, std::vector<int64_t> indices, Normalization norm, Options options);

@@ -110,5 +110,12 @@ struct VerifiedEvaluation {
 VerifiedEvaluation evaluate_verified(LipConvnet& model, const NetworkBound& bound, const CifarSplit& split,
                                      const std::vector<int64_t>& indices, const Normalization& norm,
                                      const std::vector<int>& eps_numerators, int64_t batch_size = 256);
+// The same, sharded over the ranks of `communicator` as evaluate_model's sharded form: every rank runs whole
+// batches of both passes and returns the evaluation of one process (the reports and per-image vectors bit for
+// bit); the two seconds are the slowest rank's.
+VerifiedEvaluation evaluate_verified(LipConvnet& model, const NetworkBound& bound, const CifarSplit& split,
+                                     const std::vector<int64_t>& indices, const Normalization& norm,
+                                     const std::vector<int>& eps_numerators, int64_t batch_size,
+                                     Communicator& communicator);
 
 }  // namespace orthoconv

@@ -8,6 +8,7 @@
 //   certify, network_bound, certifying_pass,  margins and certified radii, verified Lipschitz bounds, the float64
 //   bounds, jacobian, attack                  certifying pass, Jacobian singular values, L2 attacks
 //   trainer, plot                             the training loop, certificate plots
+//   communicator                              data-parallel jobs: MPI ranks, their all-reduce (docs/distributed.md)
 //   runtime, cuda_options                     threads and peak memory; CUDA backend settings
 //   limits                                    the bounds on sizes, series terms and threads, checked before allocating
 // docs/library.md walks through a complete consumer program.
@@ -20,6 +21,7 @@
 #include "orthoconv/certifying_pass.hpp"
 #include "orthoconv/channel_shuffle.hpp"
 #include "orthoconv/checkpoint.hpp"
+#include "orthoconv/communicator.hpp"
 #include "orthoconv/cuda_options.hpp"
 #include "orthoconv/data.hpp"
 #include "orthoconv/error.hpp"

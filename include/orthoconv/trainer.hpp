@@ -28,6 +28,21 @@
 // parameter, power-iteration vector and step counter, the momentum buffers, epoch/step and the steps done in the
 // epoch in progress with their loss and accuracy sums, the loader's RNG state (seed; batches are a pure function
 // of (seed, epoch)) and the metrics history.
+//
+// Data-parallel jobs (a Communicator of N > 1 ranks, communicator.hpp; docs/distributed.md): every rank holds the
+// whole model and the same (seed, epoch)-determined order; each global batch (batch_size, 128 by default) is cut
+// into N contiguous parts (batch_part), rank r trains on part r, and the gradient of the global batch is the sum
+// of the parts' gradients, each part's loss scaled by (part images / batch images): one all-reduce of one flat
+// gradient buffer per step (plus one of the step's three statistics, which also makes a non-finite loss every
+// rank's decision). The run is the single-process run with the gradient sum split in N parts: equal up to the
+// order of the float32 summation (tests/test_distributed.cpp derives the tolerance). The weights stay identical on
+// every rank: a checksum of every parameter and buffer is compared after loading and after every epoch (Error
+// naming the ranks when they differ). Evaluation runs whole evaluation batches on each rank (batch_range) and
+// gathers per-image results, so its metrics are those of one process, bit for bit. Rank 0 alone takes the lock
+// and writes config.json, the checkpoints, the metrics and the log (the other ranks are silent); a checkpoint
+// holds global-batch positions only, so a run may be resumed with another number of ranks. Every part must hold
+// an image: the batch, and the last batch of an epoch, must have at least N images (ConfigError otherwise). Stop
+// requests are not polled with more than one rank (under mpirun, the launcher delivers the signals).
 #pragma once
 
 #include <cstdint>
@@ -39,6 +54,8 @@
 #include <vector>
 
 #include "orthoconv/checkpoint.hpp"
+#include "orthoconv/communicator.hpp"
+#include "orthoconv/certify.hpp"
 #include "orthoconv/data.hpp"
 #include "orthoconv/model.hpp"
 
@@ -104,11 +121,23 @@ struct StepStats {
 
 // One full training step: forward, loss (+ certificate regularization), zero_grad, backward, SGD update.
 // The buffers are kept between calls (no allocation in the steady state).
+// With a communicator of N > 1 ranks (null: one process), `images` is this rank's part of a global batch of
+// `batch_images` (every rank's part non-empty): the loss gradient is scaled by part / batch images, the statistics
+// are summed over the ranks (an all-reduce of 3 doubles) and so is the gradient (one all-reduce of the flat
+// gradient buffer, on the model's device) before every rank takes the same SGD step. The returned statistics are
+// then the global batch's.
 class TrainStep {
  public:
-  TrainStep(LipConvnet& model, Sgd& optimizer, double gamma, double input_lipschitz);
+  TrainStep(LipConvnet& model, Sgd& optimizer, double gamma, double input_lipschitz,
+            std::shared_ptr<Communicator> communicator = nullptr);
+  // batch_images: the global batch (0: images.dim(0), a single process).
   StepStats run(const Tensor& images, const std::vector<int32_t>& labels, float lr, float momentum,
-                float weight_decay);
+                float weight_decay, int64_t batch_images = 0);
+  // Wall time spent in the all-reduces of the steps so far (the gradient's packing into its flat buffer included;
+  // on CUDA the stream is drained before and after): 0 for one process.
+  double allreduce_seconds() const { return allreduce_seconds_; }
+  // Floats of the flat gradient buffer all-reduced every step (the parameter count).
+  int64_t allreduce_floats() const;
 
  private:
   LipConvnet& model_;
@@ -116,6 +145,12 @@ class TrainStep {
   double gamma_, lipschitz_;
   Tensor device_images_, logits_, diff_logits_, regularizer_;
   std::vector<float> host_logits_, host_regularizer_;
+  std::shared_ptr<Communicator> communicator_;
+  std::vector<NamedParameter> params_;
+  Tensor flat_gradient_;  // every parameter's gradient back to back (N > 1 ranks)
+  double allreduce_seconds_ = 0.0;
+
+  void allreduce_gradients();
 };
 
 struct EpochMetrics {
@@ -132,6 +167,8 @@ struct EpochMetrics {
   std::map<int, double> certified;  // eps numerator -> test certified accuracy
   bool validated = false;
   double val_accuracy = 0.0, val_certified = 0.0;
+  int ranks = 1;                    // of the job that trained the epoch (its last session)
+  double allreduce_seconds = 0.0;   // in the steps' all-reduces (N > 1; reported, not compared)
   std::string json() const;   // one JSON line (only seconds and images_per_second depend on wall time)
   static EpochMetrics from_json(const std::string& line);  // ConfigError on bad JSON / values
 };
@@ -143,6 +180,7 @@ struct EpochProgress {
   double loss_sum = 0.0;
   int64_t correct = 0, images = 0;
   double seconds = 0.0;  // wall time spent on those steps (reported, not compared)
+  double allreduce_seconds = 0.0;  // of that, in the all-reduces (N > 1 ranks; not saved: see Trainer::save)
 };
 
 // Where a run stands, as a checkpoint's train.* metadata records it.
@@ -168,8 +206,10 @@ class TrainingDiverged : public Error {
 
 class Trainer {
  public:
-  // The splits must outlive the trainer. `log` receives the human-readable output (null: silent).
-  Trainer(const TrainConfig& config, const CifarSplit& train, const CifarSplit& test, std::FILE* log = stdout);
+  // The splits must outlive the trainer. `log` receives the human-readable output (null: silent; ranks other than 0
+  // are always silent). communicator: the data-parallel job (null: one process; see the top of this file).
+  Trainer(const TrainConfig& config, const CifarSplit& train, const CifarSplit& test, std::FILE* log = stdout,
+          std::shared_ptr<Communicator> communicator = nullptr);
   ~Trainer();
 
   // Prepares out_dir: created, writable, locked (IoError when another trainer holds it), stale temporaries removed;
@@ -195,10 +235,16 @@ class Trainer {
 
  private:
   void lock_output_directory();
+  // Rank 0's part of prepare(): the directory created, writable and locked, stale temporaries removed, no other run.
+  void prepare_output_directory(const std::string& resume_from);
   void save(const std::string& path);
   void write_metrics();
   void load(const std::string& path);
-  bool stop_requested() const { return stop_requested_ && stop_requested_(); }
+  bool stop_requested() const { return communicator_->size() == 1 && stop_requested_ && stop_requested_(); }
+  // Evaluation of split[indices], sharded over the ranks; the metrics of one process.
+  CertifyReport evaluate(const CifarSplit& split, const std::vector<int64_t>& indices);
+  // Error unless every rank holds the same parameters and buffers (a checksum of their bits), `when` in the message.
+  void check_ranks_agree(const std::string& when);
   // Writes last.safetensors at the current step after a stop request and logs where the run stopped.
   void save_interrupted(const std::string& last_path);
   [[noreturn]] void diverged(const std::string& what) const;
@@ -207,6 +253,7 @@ class Trainer {
   const CifarSplit& train_;
   const CifarSplit& test_;
   std::FILE* log_;
+  std::shared_ptr<Communicator> communicator_;
   std::unique_ptr<LipConvnet> model_;
   std::unique_ptr<Sgd> sgd_;
   std::unique_ptr<TrainStep> step_;

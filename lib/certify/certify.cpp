@@ -2,6 +2,7 @@
 // r > eps test, and evaluation of a model over a data split. See include/orthoconv/certify.hpp.
 #include "orthoconv/certify.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -191,31 +192,65 @@ void for_each_evaluation_batch(LipConvnet& model, const CifarSplit& split, const
   }
 }
 
+namespace {
+
+// Per-image results as doubles, for gathering: predicted, correct, radius, cross-entropy.
+constexpr size_t kEvaluationRecord = 4;
+
+}  // namespace
+
 CertifyReport evaluate_model(LipConvnet& model, const CifarSplit& split, const std::vector<int64_t>& indices,
-                             const Normalization& norm, const std::vector<int>& eps_numerators,
-                             int64_t batch_size, const std::function<bool()>& stop_requested) {
+                             const Normalization& norm, const std::vector<int>& eps_numerators, int64_t batch_size,
+                             const std::function<bool()>& stop_requested, Communicator& communicator) {
   require(batch_size > 0, "evaluation batch size must be positive, got ", batch_size);
-  Certifier certifier(eps_numerators, norm.lipschitz());
-  if (LinearNormalized* lln = model.lln_head())
-    certifier.use_lln(lln->normalized_rows(), model.config().classes, model.features());
+  Certifier certifier(eps_numerators, norm.lipschitz());  // checks the settings on every rank alike
+  std::vector<double> pair_norms;
+  const bool lln = model.lln_head() != nullptr;
   const int64_t classes = model.config().classes;
-  double loss_sum = 0.0;
-  for_each_evaluation_batch(model, split, indices, norm, batch_size,
+  if (lln) pair_norms = lln_pair_norms(model.lln_head()->normalized_rows(), classes, model.features());
+  const double lipschitz = norm.lipschitz();
+  const Range mine = batch_range(static_cast<int64_t>(indices.size()), batch_size, communicator.rank(),
+                                 communicator.size());
+  const std::vector<int64_t> shard(indices.begin() + mine.begin, indices.begin() + mine.end);
+  std::vector<double> records;
+  records.reserve(shard.size() * kEvaluationRecord);
+  for_each_evaluation_batch(model, split, shard, norm, batch_size,
                             [&](const Batch& batch, const std::vector<float>& host_logits) {
     const int64_t n = static_cast<int64_t>(batch.labels.size());
-    certifier.add_batch(host_logits.data(), n, classes, batch.labels.data());
     for (int64_t i = 0; i < n; ++i) {
       const float* row = host_logits.data() + i * classes;
+      const int32_t label = batch.labels[static_cast<size_t>(i)];
+      const ImageCertificate c = lln ? certify_lln(row, classes, label, pair_norms, lipschitz)
+                                     : certify_margin(row, classes, label, lipschitz);
       double top = row[0];
       for (int64_t j = 1; j < classes; ++j) top = std::max(top, static_cast<double>(row[j]));
       double sum = 0.0;
       for (int64_t j = 0; j < classes; ++j) sum += std::exp(static_cast<double>(row[j]) - top);
-      loss_sum += top + std::log(sum) - static_cast<double>(row[batch.labels[static_cast<size_t>(i)]]);
+      records.insert(records.end(), {static_cast<double>(c.predicted), c.correct ? 1.0 : 0.0, c.radius,
+                                     top + std::log(sum) - static_cast<double>(row[label])});
     }
-  }, stop_requested);
+  }, communicator.size() == 1 ? stop_requested : std::function<bool()>());
+  if (communicator.size() > 1) records = communicator.allgather(records);
+  require(records.size() == indices.size() * kEvaluationRecord, "evaluate_model: gathered ", records.size(),
+          " values for ", indices.size(), " images");
+  // In index order, as one process adds them.
   CertifyReport report = certifier.report();
-  report.loss_sum = loss_sum;
+  for (size_t i = 0; i < records.size(); i += kEvaluationRecord) {
+    ImageCertificate c;
+    c.predicted = static_cast<int32_t>(records[i]);
+    c.correct = records[i + 1] != 0.0;
+    c.radius = records[i + 2];
+    report.add(c);
+    report.loss_sum += records[i + 3];
+  }
   return report;
+}
+
+CertifyReport evaluate_model(LipConvnet& model, const CifarSplit& split, const std::vector<int64_t>& indices,
+                             const Normalization& norm, const std::vector<int>& eps_numerators,
+                             int64_t batch_size, const std::function<bool()>& stop_requested) {
+  return evaluate_model(model, split, indices, norm, eps_numerators, batch_size, stop_requested,
+                        *single_process_communicator());
 }
 
 }  // namespace orthoconv

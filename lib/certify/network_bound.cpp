@@ -185,9 +185,67 @@ ImageCertificate certify_verified(const NetworkBound& bound, const double* logit
 
 namespace orthoconv {
 
+namespace {
+
+// Every rank's per-image results, gathered in rank order (= index order: batch_range's shards are contiguous), and
+// the three reports rebuilt from them in that order, as one process sums them. Per image: three certificates
+// (predicted, correct, radius each), the input norm and the logit deviation.
+constexpr size_t kVerifiedRecord = 11;
+
+void gather_evaluation(VerifiedEvaluation& out, Communicator& communicator, int64_t images) {
+  std::vector<double> mine;
+  mine.reserve(out.input_norms.size() * kVerifiedRecord);
+  for (size_t i = 0; i < out.input_norms.size(); ++i) {
+    for (const ImageCertificate* c : {&out.nominal_images[i], &out.lipschitz_images[i], &out.verified_images[i]})
+      mine.insert(mine.end(), {static_cast<double>(c->predicted), c->correct ? 1.0 : 0.0, c->radius});
+    mine.push_back(out.input_norms[i]);
+    mine.push_back(out.logit_deviation[i]);
+  }
+  const std::vector<double> all = communicator.allgather(mine);
+  require(all.size() == static_cast<size_t>(images) * kVerifiedRecord, "evaluate_verified: gathered ", all.size(),
+          " values for ", images, " images");
+  for (CertifyReport* r : {&out.nominal, &out.lipschitz, &out.verified}) {
+    CertifyReport empty;
+    for (auto& [eps, count] : r->certified) empty.certified[eps] = 0;
+    *r = empty;
+  }
+  out.nominal_images.clear();
+  out.lipschitz_images.clear();
+  out.verified_images.clear();
+  out.input_norms.clear();
+  out.logit_deviation.clear();
+  for (size_t i = 0; i < all.size(); i += kVerifiedRecord) {
+    const double* record = all.data() + i;
+    ImageCertificate c[3];
+    for (int k = 0; k < 3; ++k) {
+      c[k].predicted = static_cast<int32_t>(record[3 * k]);
+      c[k].correct = record[3 * k + 1] != 0.0;
+      c[k].radius = record[3 * k + 2];
+    }
+    out.nominal.add(c[0]);
+    out.lipschitz.add(c[1]);
+    out.verified.add(c[2]);
+    out.nominal_images.push_back(c[0]);
+    out.lipschitz_images.push_back(c[1]);
+    out.verified_images.push_back(c[2]);
+    out.input_norms.push_back(record[9]);
+    out.logit_deviation.push_back(record[10]);
+  }
+  // Wall time: the slowest rank's.
+  const std::vector<double> seconds = communicator.allgather(std::vector<double>{out.float32_seconds,
+                                                                                 out.float64_seconds});
+  for (size_t r = 0; r < seconds.size(); r += 2) {
+    out.float32_seconds = std::max(out.float32_seconds, seconds[r]);
+    out.float64_seconds = std::max(out.float64_seconds, seconds[r + 1]);
+  }
+}
+
+}  // namespace
+
 VerifiedEvaluation evaluate_verified(LipConvnet& model, const NetworkBound& bound, const CifarSplit& split,
                                      const std::vector<int64_t>& indices, const Normalization& norm,
-                                     const std::vector<int>& eps_numerators, int64_t batch_size) {
+                                     const std::vector<int>& eps_numerators, int64_t batch_size,
+                                     Communicator& communicator) {
   require(bound.precision == Precision::float64, "evaluate_verified: the bound must be for the float64 pass, got ",
           precision_name(bound.precision));
   require(bound.terms == model.config().eval_terms, "evaluate_verified: the bound is for ", bound.terms,
@@ -207,7 +265,11 @@ VerifiedEvaluation evaluate_verified(LipConvnet& model, const NetworkBound& boun
   std::vector<double> logits64, row32(static_cast<size_t>(classes));
   using Clock = std::chrono::steady_clock;
   Clock::time_point batch_start = Clock::now();
-  for_each_evaluation_batch(model, split, indices, norm, batch_size,
+  // This rank's whole batches; its images' results are gathered below.
+  const Range mine = batch_range(static_cast<int64_t>(indices.size()), batch_size, communicator.rank(),
+                                 communicator.size());
+  const std::vector<int64_t> shard(indices.begin() + mine.begin, indices.begin() + mine.end);
+  for_each_evaluation_batch(model, split, shard, norm, batch_size,
                             [&](const Batch& batch, const std::vector<float>& host_logits) {
     const Clock::time_point float64_start = Clock::now();
     out.float32_seconds += std::chrono::duration<double>(float64_start - batch_start).count();
@@ -248,7 +310,15 @@ VerifiedEvaluation evaluate_verified(LipConvnet& model, const NetworkBound& boun
     }
     batch_start = Clock::now();
   });
+  if (communicator.size() > 1) gather_evaluation(out, communicator, static_cast<int64_t>(indices.size()));
   return out;
+}
+
+VerifiedEvaluation evaluate_verified(LipConvnet& model, const NetworkBound& bound, const CifarSplit& split,
+                                     const std::vector<int64_t>& indices, const Normalization& norm,
+                                     const std::vector<int>& eps_numerators, int64_t batch_size) {
+  return evaluate_verified(model, bound, split, indices, norm, eps_numerators, batch_size,
+                           *single_process_communicator());
 }
 
 }  // namespace orthoconv

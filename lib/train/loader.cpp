@@ -18,6 +18,7 @@
 #include <system_error>
 #include <thread>
 
+#include "orthoconv/communicator.hpp"
 #include "orthoconv/data.hpp"
 #include "orthoconv/error.hpp"
 
@@ -70,6 +71,8 @@ struct BatchLoader::Impl {
 
   static int64_t count_batches(int64_t count, const Options& opts) {
     require(opts.batch_size > 0, "batch size must be positive, got ", opts.batch_size);
+    require(opts.parts > 0 && opts.part >= 0 && opts.part < opts.parts, "BatchLoader: part ", opts.part, " of ",
+            opts.parts);
     return opts.drop_last ? count / opts.batch_size : (count + opts.batch_size - 1) / opts.batch_size;
   }
 
@@ -89,8 +92,10 @@ struct BatchLoader::Impl {
     require<Error>(static_cast<int64_t>(split.pixels.size()) == split.size() * kCifarPixels,
                    "BatchLoader: CIFAR split ", split.path, " changed under the loader (", split.pixels.size(),
                    " pixel bytes for ", split.size(), " labels)");
-    const int64_t first = number * options.batch_size;
-    const int64_t count = std::min(options.batch_size, static_cast<int64_t>(visit.size()) - first);
+    const int64_t whole = std::min(options.batch_size, static_cast<int64_t>(visit.size()) - number * options.batch_size);
+    const Range part = batch_part(whole, options.part, options.parts);  // of the batch's positions
+    const int64_t first = number * options.batch_size + part.begin;
+    const int64_t count = part.size();
     const Shape shape{count, 3, kCifarSide, kCifarSide};
     out.images.resize(shape);
     out.labels.resize(static_cast<size_t>(count));
@@ -199,7 +204,8 @@ struct BatchLoader::Impl {
     } else {
       out.images.resize(shape);
     }
-    std::memcpy(out.images.data(), ready->images.data(), static_cast<size_t>(shape.numel()) * sizeof(float));
+    if (shape.numel() > 0)  // an empty part of a batch (data-parallel) has no storage to copy
+      std::memcpy(out.images.data(), ready->images.data(), static_cast<size_t>(shape.numel()) * sizeof(float));
     out.labels = ready->labels;
     out.indices = ready->indices;
     {

@@ -286,8 +286,13 @@ void Sgd::load(const Checkpoint& in, const std::string& file) {
 
 // ---------------------------------------------------------------- one step
 
-TrainStep::TrainStep(LipConvnet& model, Sgd& optimizer, double gamma, double input_lipschitz)
-    : model_(model), optimizer_(optimizer), gamma_(gamma), lipschitz_(input_lipschitz) {
+TrainStep::TrainStep(LipConvnet& model, Sgd& optimizer, double gamma, double input_lipschitz,
+                     std::shared_ptr<Communicator> communicator)
+    : model_(model),
+      optimizer_(optimizer),
+      gamma_(gamma),
+      lipschitz_(input_lipschitz),
+      communicator_(communicator ? std::move(communicator) : single_process_communicator()) {
   const Device device = model.backend().device();
   if (device != Device::cpu) {
     device_images_ = Tensor(Shape{1}, device);
@@ -295,14 +300,50 @@ TrainStep::TrainStep(LipConvnet& model, Sgd& optimizer, double gamma, double inp
     diff_logits_ = Tensor(Shape{1}, device);
     regularizer_ = Tensor(Shape{1}, device);
   }
+  if (communicator_->size() > 1) {
+    params_ = model.parameters();
+    flat_gradient_ = Tensor(Shape{allreduce_floats()}, device);
+  }
+}
+
+int64_t TrainStep::allreduce_floats() const {
+  int64_t total = 0;
+  for (const NamedParameter& p : params_) total += p.parameter->value.numel();
+  return total;
+}
+
+// The gradient of the global batch: every parameter's gradient packed into one flat buffer, one all-reduce (MPI on
+// host memory, NCCL on CUDA memory), unpacked. One collective per step rather than one per tensor (~70 for
+// LipConvnet-15): the per-call latency is paid once.
+void TrainStep::allreduce_gradients() {
+  Backend& be = model_.backend();
+  float* flat = flat_gradient_.data();
+  int64_t offset = 0;
+  for (NamedParameter& p : params_) {
+    require<ShapeError>(p.parameter->grad.numel() == p.parameter->value.numel(), "all-reduce: the gradient of ",
+                        p.name, " has ", p.parameter->grad.numel(), " values for ", p.parameter->value.numel(),
+                        " weights");
+    be.copy(p.parameter->grad.data(), flat + offset, p.parameter->grad.numel());
+    offset += p.parameter->grad.numel();
+  }
+  communicator_->allreduce_sum(flat, offset, be.device());
+  offset = 0;
+  for (NamedParameter& p : params_) {
+    be.copy(flat + offset, p.parameter->grad.data(), p.parameter->grad.numel());
+    offset += p.parameter->grad.numel();
+  }
 }
 
 StepStats TrainStep::run(const Tensor& images, const std::vector<int32_t>& labels, float lr, float momentum,
-                         float weight_decay) {
+                         float weight_decay, int64_t batch_images) {
   Backend& be = model_.backend();
   const int64_t n = images.dim(0), classes = model_.config().classes;
   require<ShapeError>(static_cast<int64_t>(labels.size()) == n, "training step: ", labels.size(),
                       " labels for ", n, " images");
+  const int64_t batch = batch_images > 0 ? batch_images : n;  // the global batch
+  const bool distributed = communicator_->size() > 1;
+  require(distributed ? n > 0 && n <= batch : n == batch, "training step: a part of ", n, " images of a batch of ",
+          batch, " on ", communicator_->size(), " rank(s)");
   const Tensor* input = &images;
   if (be.device() != images.device()) {
     device_images_.resize(images.shape());
@@ -315,6 +356,22 @@ StepStats TrainStep::run(const Tensor& images, const std::vector<int32_t>& label
   stats.images = n;
   be.softmax_cross_entropy(logits_.data(), labels.data(), n, classes, diff_logits_.data(), &stats.loss_sum,
                            &stats.correct);
+  using Clock = std::chrono::steady_clock;
+  if (distributed) {
+    // The global batch's statistics on every rank: a non-finite loss anywhere stops every rank at this step.
+    const auto start = Clock::now();
+    double sums[3] = {stats.loss_sum, static_cast<double>(stats.correct), static_cast<double>(n)};
+    communicator_->allreduce_sum(sums, 3);
+    allreduce_seconds_ += std::chrono::duration<double>(Clock::now() - start).count();
+    stats.loss_sum = sums[0];
+    stats.correct = static_cast<int64_t>(sums[1]);
+    stats.images = static_cast<int64_t>(sums[2]);
+    require(stats.images == batch, "training step: the ranks' parts hold ", stats.images, " images, the batch ",
+            batch);
+    // softmax_cross_entropy's gradient is of this part's mean loss: d(global mean)/d logits is n / batch of it.
+    if (n != batch) be.axpby(static_cast<float>(n) / static_cast<float>(batch), diff_logits_.data(), 0.0f,
+                             diff_logits_.data(), n * classes);
+  }
   if (!std::isfinite(stats.loss_sum)) return stats;  // the caller stops; nothing is updated
 
   if (gamma_ > 0) {
@@ -322,7 +379,7 @@ StepStats TrainStep::run(const Tensor& images, const std::vector<int32_t>& label
     host_logits_.resize(static_cast<size_t>(n * classes));
     host_regularizer_.assign(static_cast<size_t>(n * classes), 0.0f);
     be.to_host(logits_.data(), host_logits_.data(), n * classes);
-    const double c = gamma_ / (static_cast<double>(n) * std::sqrt(2.0) * lipschitz_);
+    const double c = gamma_ / (static_cast<double>(batch) * std::sqrt(2.0) * lipschitz_);
     for (int64_t i = 0; i < n; ++i) {
       const float* f = host_logits_.data() + i * classes;
       const int32_t y = labels[static_cast<size_t>(i)];
@@ -340,6 +397,13 @@ StepStats TrainStep::run(const Tensor& images, const std::vector<int32_t>& label
   }
   model_.zero_grad();
   model_.backward(diff_logits_);
+  if (distributed) {
+    be.synchronize();  // the backward pass is done: what follows is the all-reduce's time
+    const auto start = Clock::now();
+    allreduce_gradients();
+    be.synchronize();
+    allreduce_seconds_ += std::chrono::duration<double>(Clock::now() - start).count();
+  }
   optimizer_.step(lr, momentum, weight_decay);
   return stats;
 }
@@ -369,6 +433,10 @@ std::string EpochMetrics::json() const {
   if (validated) {
     j["val_accuracy"] = val_accuracy;
     j["val_certified_accuracy"] = val_certified;
+  }
+  if (ranks > 1) {  // a single process's lines stay as they were
+    j["ranks"] = ranks;
+    j["allreduce_seconds"] = allreduce_seconds;
   }
   return j.dump();
 }
@@ -406,6 +474,10 @@ EpochMetrics EpochMetrics::from_json(const std::string& line) {
       m.validated = true;
       m.val_accuracy = json_number(j, "val_accuracy");
       m.val_certified = json_number(j, "val_certified_accuracy");
+    }
+    if (j.contains("ranks")) {
+      m.ranks = static_cast<int>(json_int(j, "ranks", 1, kIntMax));
+      m.allreduce_seconds = json_number(j, "allreduce_seconds");
     }
   } catch (const Error& e) {
     throw ConfigError(std::string("invalid epoch metrics: ") + e.what());
@@ -456,8 +528,14 @@ bool parameters_finite(LipConvnet& model) {
 
 // ---------------------------------------------------------------- trainer
 
-Trainer::Trainer(const TrainConfig& config, const CifarSplit& train, const CifarSplit& test, std::FILE* log)
-    : config_(config), train_(train), test_(test), log_(log) {
+Trainer::Trainer(const TrainConfig& config, const CifarSplit& train, const CifarSplit& test, std::FILE* log,
+                 std::shared_ptr<Communicator> communicator)
+    : config_(config),
+      train_(train),
+      test_(test),
+      log_(log),
+      communicator_(communicator ? std::move(communicator) : single_process_communicator()) {
+  if (!communicator_->root()) log_ = nullptr;  // rank 0 speaks for the job
   config_.model.seed = config_.seed;
   config_.validate();
   const int64_t available = train_.size();
@@ -478,6 +556,12 @@ Trainer::Trainer(const TrainConfig& config, const CifarSplit& train, const Cifar
   require(!train_indices_.empty(), "no training images left (", available, " in the split, --val-split ",
           config_.val_split, ")");
   const int64_t per_epoch = steps_per_epoch();
+  const int64_t ranks = communicator_->size(), images = static_cast<int64_t>(train_indices_.size());
+  const int64_t last_batch = images - (per_epoch - 1) * config_.batch_size;
+  require(std::min(config_.batch_size, last_batch) >= ranks, "data-parallel training on ", ranks, " ranks needs at "
+          "least one image per rank in every batch: --batch ", config_.batch_size, " over ", images,
+          " training images leaves a last batch of ", last_batch, " (choose --batch or --train-subset so that it "
+          "holds at least ", ranks, ")");
   require(config_.epochs <= kMaxTrainingSteps / per_epoch, "--epochs ", config_.epochs, " at ", per_epoch,
           " steps per epoch makes more than the ", kMaxTrainingSteps, " (2^53) training steps the schedule counts");
   // What surely gets allocated: weights, their gradients and momentum buffers, and the block outputs of the
@@ -518,7 +602,14 @@ std::string Trainer::configuration_table() const {
   row("series terms", std::to_string(config_.model.train_terms) + " train, " +
                           std::to_string(config_.model.eval_terms) + " eval");
   row("parameters", model_ ? std::to_string(model_->parameter_count()) : "?");
-  row("device / threads", config_.device + " / " + std::to_string(thread_count()));
+  row("device / threads", config_.device + " / " + std::to_string(thread_count()) +
+                              (communicator_->size() > 1 ? " per rank" : ""));
+  if (communicator_->size() > 1) {
+    const Range part = batch_part(config_.batch_size, 0, communicator_->size());
+    row("data parallel", std::to_string(communicator_->size()) + " ranks, " + std::to_string(part.size()) +
+                             (config_.batch_size % communicator_->size() ? "+" : "") + " images each per batch");
+    row("communication", communicator_->description());
+  }
   row("precision", conv_precision_name(config_.precision) + (config_.precision == ConvPrecision::fp32
                                                                  ? std::string()
                                                                  : " series convolutions in training, per shape"));
@@ -578,6 +669,34 @@ void Trainer::lock_output_directory() {
 void Trainer::prepare(const std::string& resume_from) {
   require(model_ == nullptr, "Trainer::prepare called twice");
   set_thread_count(config_.threads);
+  if (communicator_->root()) prepare_output_directory(resume_from);
+
+  const Device device = config_.device == "cuda" ? Device::cuda : Device::cpu;
+  model_ = std::make_unique<LipConvnet>(config_.model, backend_for(device));
+  model_->set_precision(config_.precision);
+  sgd_ = std::make_unique<Sgd>(*model_);
+  step_ = std::make_unique<TrainStep>(*model_, *sgd_, config_.gamma, config_.normalization.lipschitz(),
+                                      communicator_);
+  if (!resume_from.empty()) load(resume_from);
+  check_ranks_agree(resume_from.empty() ? "after initialization" : "after loading " + resume_from);
+  if (!communicator_->root()) return;
+  write_file_atomically((fs::path(config_.out_dir) / "config.json").string(), config_.to_json());
+  if (!resume_from.empty()) write_metrics();  // the logs follow the checkpoint (a crash may have come in between)
+  if (log_) {
+    std::fprintf(log_, "%s", configuration_table().c_str());
+    if (!resume_from.empty()) {
+      std::fprintf(log_, "resumed from %s after epoch %lld", resume_from.c_str(),
+                   static_cast<long long>(epochs_done_));
+      if (progress_.steps > 0)
+        std::fprintf(log_, " and %lld of %lld steps of epoch %lld", static_cast<long long>(progress_.steps),
+                     static_cast<long long>(steps_per_epoch()), static_cast<long long>(epochs_done_ + 1));
+      std::fprintf(log_, " (step %lld)\n", static_cast<long long>(global_step_));
+    }
+    std::fflush(log_);
+  }
+}
+
+void Trainer::prepare_output_directory(const std::string& resume_from) {
   std::error_code ec;
   fs::create_directories(config_.out_dir, ec);
   if (ec || !fs::is_directory(config_.out_dir))
@@ -598,27 +717,45 @@ void Trainer::prepare(const std::string& resume_from) {
                   "resuming " + resume_from + " there would replace it: choose an empty --out, or pass --resume " +
                   config_.out_dir + " to continue that run");
   }
+}
 
-  const Device device = config_.device == "cuda" ? Device::cuda : Device::cpu;
-  model_ = std::make_unique<LipConvnet>(config_.model, backend_for(device));
-  model_->set_precision(config_.precision);
-  sgd_ = std::make_unique<Sgd>(*model_);
-  step_ = std::make_unique<TrainStep>(*model_, *sgd_, config_.gamma, config_.normalization.lipschitz());
-  if (!resume_from.empty()) load(resume_from);
-  write_file_atomically((fs::path(config_.out_dir) / "config.json").string(), config_.to_json());
-  if (!resume_from.empty()) write_metrics();  // the logs follow the checkpoint (a crash may have come in between)
-  if (log_) {
-    std::fprintf(log_, "%s", configuration_table().c_str());
-    if (!resume_from.empty()) {
-      std::fprintf(log_, "resumed from %s after epoch %lld", resume_from.c_str(),
-                   static_cast<long long>(epochs_done_));
-      if (progress_.steps > 0)
-        std::fprintf(log_, " and %lld of %lld steps of epoch %lld", static_cast<long long>(progress_.steps),
-                     static_cast<long long>(steps_per_epoch()), static_cast<long long>(epochs_done_ + 1));
-      std::fprintf(log_, " (step %lld)\n", static_cast<long long>(global_step_));
+namespace {
+
+// FNV-1a (64-bit) over the bits of every parameter and buffer: equal on two ranks iff (but for a 2^-64 chance) their
+// weights are.
+uint64_t weights_checksum(LipConvnet& model) {
+  uint64_t hash = 0xcbf29ce484222325ULL;
+  std::vector<float> host;
+  auto add = [&](Tensor& t) {
+    host.resize(static_cast<size_t>(t.numel()));
+    model.backend().to_host(t.data(), host.data(), t.numel());
+    const auto* bytes = reinterpret_cast<const unsigned char*>(host.data());
+    for (size_t i = 0; i < host.size() * sizeof(float); ++i) hash = (hash ^ bytes[i]) * 0x100000001b3ULL;
+  };
+  for (NamedParameter& p : model.parameters()) add(p.parameter->value);
+  for (auto& b : model.buffers()) add(*b.tensor);
+  return hash;
+}
+
+}  // namespace
+
+void Trainer::check_ranks_agree(const std::string& when) {
+  if (communicator_->size() == 1) return;
+  const std::vector<uint64_t> sums = communicator_->allgather(weights_checksum(*model_));
+  for (size_t r = 1; r < sums.size(); ++r)
+    if (sums[r] != sums[0]) {
+      char text[64];
+      std::snprintf(text, sizeof text, "%016llx and %016llx", static_cast<unsigned long long>(sums[0]),
+                    static_cast<unsigned long long>(sums[r]));
+      throw Error("the weights of rank 0 and rank " + std::to_string(r) + " differ " + when + " (checksums " + text +
+                  "): the ranks no longer train one model; check that every rank runs the same orthoconv build on "
+                  "the same data and checkpoint");
     }
-    std::fflush(log_);
-  }
+}
+
+CertifyReport Trainer::evaluate(const CifarSplit& split, const std::vector<int64_t>& indices) {
+  return evaluate_model(*model_, split, indices, config_.normalization, config_.eps, config_.eval_batch,
+                        [this] { return stop_requested(); }, *communicator_);
 }
 
 TrainingState read_training_state(const Checkpoint& c, const std::string& file) {
@@ -738,6 +875,8 @@ void Trainer::save(const std::string& path) {
   sgd_->save(c);
   c.metadata["train.epoch"] = std::to_string(epochs_done_);
   c.metadata["train.step"] = std::to_string(global_step_);
+  // Only a single-process run stops inside an epoch (stop requests are not polled with more ranks): the epoch's
+  // all-reduce time is 0 there and is not recorded.
   if (progress_.steps > 0)
     c.metadata["train.epoch_progress"] = json{{"steps", progress_.steps}, {"loss_sum", progress_.loss_sum},
                                               {"correct", progress_.correct}, {"images", progress_.images},
@@ -829,9 +968,12 @@ void Trainer::run(int64_t stop_after) {
   options.augment = true;
   options.drop_last = false;
   options.seed = config_.seed;
+  options.part = communicator_->rank();
+  options.parts = communicator_->size();
   BatchLoader loader(train_, train_indices_, config_.normalization, options);
   const int64_t per_epoch = loader.batches_per_epoch();
   const int64_t total = per_epoch * config_.epochs;  // <= kMaxTrainingSteps: checked by the constructor
+  const int64_t train_images = static_cast<int64_t>(train_indices_.size());
   const bool tty = log_ == stdout && ::isatty(::fileno(stdout));
   const std::string last_path = (fs::path(config_.out_dir) / "last.safetensors").string();
   const std::string best_path = (fs::path(config_.out_dir) / "best.safetensors").string();
@@ -839,7 +981,6 @@ void Trainer::run(int64_t stop_after) {
   using Clock = std::chrono::steady_clock;
   const auto run_start = Clock::now();
   int64_t run_steps = 0;
-  const auto stop_polled = [this] { return stop_requested(); };
 
   if (log_) {
     std::fprintf(log_, "%-9s %-9s %-8s %-9s %-9s | %-9s %-9s %-9s %-8s | %-8s %-7s\n", "epoch", "step", "lr",
@@ -858,8 +999,13 @@ void Trainer::run(int64_t stop_after) {
     loader.start_epoch(epoch, progress_.steps);
     while (loader.next(batch)) {
       const double lr = scheduled_lr(config_, global_step_, total);
+      // This rank's part of the global batch of batch_images (the whole batch in one process).
+      const int64_t batch_images = std::min(config_.batch_size, train_images - progress_.steps * config_.batch_size);
+      const double allreduce_before = step_->allreduce_seconds();
       StepStats s = step_->run(batch.images, batch.labels, static_cast<float>(lr),
-                               static_cast<float>(config_.momentum), static_cast<float>(config_.weight_decay));
+                               static_cast<float>(config_.momentum), static_cast<float>(config_.weight_decay),
+                               batch_images);
+      progress_.allreduce_seconds += step_->allreduce_seconds() - allreduce_before;
       if (!std::isfinite(s.loss_sum)) {
         if (tty && log_) std::fprintf(log_, "\n");
         diverged("non-finite training loss at epoch " + std::to_string(epoch + 1) + ", step " +
@@ -912,6 +1058,7 @@ void Trainer::run(int64_t stop_after) {
     if (!parameters_finite(*model_))
       diverged("non-finite parameters after epoch " + std::to_string(epoch + 1) + " (step " +
                std::to_string(global_step_) + ")");
+    check_ranks_agree("after epoch " + std::to_string(epoch + 1));
     // The epoch's steps are done; a stop request from here on abandons its evaluation, which a resume reruns.
     if (stop_requested()) {
       save_interrupted(last_path);
@@ -927,12 +1074,13 @@ void Trainer::run(int64_t stop_after) {
     m.train_accuracy =
         progress_.images ? static_cast<double>(progress_.correct) / static_cast<double>(progress_.images) : 0.0;
     m.images_per_second = static_cast<double>(progress_.images) / std::max(progress_.seconds, 1e-9);
+    m.ranks = communicator_->size();
+    m.allreduce_seconds = progress_.allreduce_seconds;
     const bool last_epoch = epoch + 1 == config_.epochs;
     bool new_best = false;
     try {
       if (((epoch + 1) % config_.eval_every == 0 || last_epoch) && !test_indices_.empty()) {
-        CertifyReport r = evaluate_model(*model_, test_, test_indices_, config_.normalization, config_.eps,
-                                         config_.eval_batch, stop_polled);
+        CertifyReport r = evaluate(test_, test_indices_);
         m.evaluated = true;
         m.test_loss = r.mean_loss();
         m.test_accuracy = r.clean_accuracy();
@@ -941,8 +1089,7 @@ void Trainer::run(int64_t stop_after) {
         for (int e : config_.eps) m.certified[e] = r.certified_accuracy(e);
       }
       if (!val_indices_.empty()) {
-        CertifyReport r = evaluate_model(*model_, train_, val_indices_, config_.normalization, config_.eps,
-                                         config_.eval_batch, stop_polled);
+        CertifyReport r = evaluate(train_, val_indices_);
         m.validated = true;
         m.val_accuracy = r.clean_accuracy();
         m.val_certified = r.certified_accuracy(headline);
@@ -962,10 +1109,14 @@ void Trainer::run(int64_t stop_after) {
       best_metric_ = m.val_certified;
       best_epoch_ = epochs_done_;
     }
-    // best first, then last (the commit), then the logs derived from last's history.
-    if (new_best) save(best_path);
-    save(last_path);
-    write_metrics();
+    // best first, then last (the commit), then the logs derived from last's history; rank 0 writes for the job.
+    if (communicator_->root()) {
+      if (new_best) save(best_path);
+      save(last_path);
+      write_metrics();
+    }
+    last_good_checkpoint_ = last_path;
+    last_good_step_ = global_step_;
     if (log_) {
       char line[320];
       if (m.evaluated)
