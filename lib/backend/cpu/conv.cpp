@@ -110,6 +110,9 @@ struct CpuBackend::ConvPrimitives {
   bool bwd_weights_plain = false;
   // Whether the forward / backward-weights pass of a bf16 request runs in bf16, once chosen; and why.
   std::optional<bool> bf16_forward, bf16_backward_weights;
+  // A bf16 pass whose first run took more than kTooSlow times the float32 run: never run again at this shape
+  // (kept when the precision choice is reset).
+  bool bf16_forward_too_slow = false, bf16_backward_weights_too_slow = false;
   std::string impl, bf16_choices;
 };
 
@@ -215,7 +218,11 @@ CpuBackend::ConvPrimitives& CpuBackend::primitives(const ConvShape& shape) {
     std::vector<tag> layouts{blocked_tag_};
     if (blocked_tag_ != tag::nChw8c) layouts.push_back(tag::nChw8c);
     layouts.push_back(tag::nhwc);
-    if (key.bf16 && has_amx_ && !amx_forward(shape, blocked_tag_) && amx_forward(shape, tag::nhwc))
+    // Not at planes of at most 4 pixels (GS-SOC's 1024 / 2048 channels at 1x1 and 2x2): there oneDNN's AMX
+    // backward-weights runs at reference speed (1024 channels at 1x1, 64 images: 516 CPU ms against 9 in
+    // float32), and its bf16 forward in nChw16c already gains 2x at 1x1.
+    if (key.bf16 && has_amx_ && shape.height * shape.width > 4 && !amx_forward(shape, blocked_tag_) &&
+        amx_forward(shape, tag::nhwc))
       layouts.insert(layouts.begin(), tag::nhwc);
     for (tag layout : layouts) {
       p->out = activation_desc(shape, shape.in_channels, layout);
@@ -504,6 +511,9 @@ CpuBackend::ConvKernels& CpuBackend::kernels(const ConvShape& shape, ConvPass pa
 
 namespace {
 
+// A bf16 candidate whose first run takes more than this many times the float32 run is dropped unmeasured.
+constexpr double kTooSlow = 10.0;
+
 // Seconds of one call of `run` (which waits for its work).
 template <typename F>
 double seconds_of(F&& run) {
@@ -514,10 +524,11 @@ double seconds_of(F&& run) {
 
 }  // namespace
 
-// bf16 for `pass` at `shape`: only with an even number of values per image (so that conv inputs stack), only with oneDNN's jit kernels (its reference bf16 backward-weights at GS-SOC's 8-channel groups is
-// ~3000x slower than float32), and, when measured, only where the bf16 pass including the rounding of its
-// inputs (to_conv_input) beats float32: best of five interleaved runs each on scratch buffers (on a busy machine
-// single runs vary by 2x).
+// bf16 for `pass` at `shape`: only with an even number of values per image (so that conv inputs stack), only
+// with oneDNN's jit kernels (its reference bf16 backward-weights at GS-SOC's 8-channel groups is ~3000x slower
+// than float32), and, when measured, only where the bf16 pass including the rounding of its inputs
+// (to_conv_input) beats float32: best of five interleaved runs each on scratch buffers (on a busy machine
+// single runs vary by 2x), after first runs that drop a candidate more than kTooSlow times slower.
 bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass pass) {
   const bool forward = pass == ConvPass::forward;
   const char* name = forward ? "fwd" : "bwd-weights";
@@ -541,6 +552,8 @@ bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass
   const std::string impl = forward ? low.fwd_pd.impl_info_str() : low.bwd_weights_pd.impl_info_str();
   if (impl.rfind("ref", 0) == 0) return note("oneDNN has only its reference kernel", false);
   if (precision_choice_ == PrecisionChoice::always) return note("always", true);
+  bool& too_slow = forward ? p.bf16_forward_too_slow : p.bf16_backward_weights_too_slow;
+  if (too_slow) return note("dropped earlier: its first run was too slow", false);
 
   // Scratch buffers of the shape (zeros: the kernels' time does not depend on the values).
   ConvKernels& high = *p.f32;
@@ -564,15 +577,22 @@ bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass
       run_backward_weights(shape, low, a_low.data(), b_low.data(), w_high.data());
     };
   }
-  run_high();  // first runs: page faults, oneDNN's lazy set-up
-  run_low();
+  // First runs (page faults, oneDNN's lazy set-up in both), float32 first: a bf16 kernel that is far slower
+  // (oneDNN's AMX backward-weights at 1x1 planes runs at reference speed) costs one run, never five.
+  const double first_high = seconds_of(run_high);
+  const double first_low = seconds_of(run_low);
+  char why[128];
+  if (first_low > kTooSlow * first_high) {
+    too_slow = true;
+    std::snprintf(why, sizeof(why), "dropped: first run %.2f ms vs fp32 %.2f ms", 1e3 * first_low, 1e3 * first_high);
+    return note(why, false);
+  }
   double best_high = 1e300, best_low = 1e300;
   for (int round = 0; round < 5; ++round) {
     best_high = std::min(best_high, seconds_of(run_high));
     best_low = std::min(best_low, seconds_of(run_low));
     if (best_low > 2.0 * best_high) break;  // clearly slower: spare the other rounds
   }
-  char why[96];
   std::snprintf(why, sizeof(why), "%.2f ms vs fp32 %.2f ms", 1e3 * best_low, 1e3 * best_high);
   return note(why, best_low < best_high);
 }
