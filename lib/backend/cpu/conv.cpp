@@ -110,7 +110,7 @@ struct CpuBackend::ConvPrimitives {
   bool bwd_weights_plain = false;
   // Whether the forward / backward-weights pass of a bf16 request runs in bf16, once chosen; and why.
   std::optional<bool> bf16_forward, bf16_backward_weights;
-  // A bf16 pass whose first run took more than kTooSlow times the float32 run: never run again at this shape
+  // A bf16 pass whose first run took more than too_slow_factor_ times float32: never run again at this shape
   // (kept when the precision choice is reset).
   bool bf16_forward_too_slow = false, bf16_backward_weights_too_slow = false;
   std::string impl, bf16_choices;
@@ -157,8 +157,18 @@ std::unique_ptr<CpuBackend::ConvKernels> CpuBackend::make_kernels(const ConvShap
   const auto algo = dnnl::algorithm::convolution_direct;
   const auto prop = dnnl::prop_kind::forward_training;
 
+  // The weights format is the one oneDNN picks for the Horner step (binary-add post-op, x0): every forward variant
+  // then gets the same jit kernel. In nhwc oneDNN 2.6 picks brgconv for a plain forward, whose weights format its
+  // kernels with a binary post-op do not take: with it the Horner step fell back to ref:any (no step finished).
+  dnnl::post_ops add;
+  add.append_binary(dnnl::algorithm::binary_add, p.out);
+  dnnl::primitive_attr add_attr;
+  add_attr.set_post_ops(add);
+  const dnnl::convolution_forward::primitive_desc horner_pd(
+      dnnl::convolution_forward::desc(prop, algo, k->act, any_weights, p.out, strides, pad, pad), add_attr, engine_);
   k->fwd_pd = dnnl::convolution_forward::primitive_desc(
-      dnnl::convolution_forward::desc(prop, algo, k->act, any_weights, p.out, strides, pad, pad), engine_);
+      dnnl::convolution_forward::desc(prop, algo, k->act, horner_pd.weights_desc(), p.out, strides, pad, pad),
+      engine_);
   dnnl::post_ops sum;
   sum.append_sum(1.0f);
   dnnl::primitive_attr acc_attr;
@@ -437,6 +447,11 @@ CpuBackend::ScaledPrimitive& CpuBackend::scaled_primitive(const ConvShape& shape
     dnnl::primitive_attr attr;
     attr.set_post_ops(ops);
     dnnl::convolution_forward::primitive_desc pd(desc, attr, engine_);
+    // oneDNN's reference kernel here would be ~1000x slower than the forward (see make_kernels): refuse it.
+    require<BackendError>(std::string(pd.impl_info_str()).rfind("ref", 0) != 0 ||
+                              std::string(k.fwd_pd.impl_info_str()).rfind("ref", 0) == 0,
+                          "oneDNN has only its reference kernel for the scaled forward of ", shape.str(), " (",
+                          k.fwd_pd.impl_info_str(), " without post-ops)");
     entry.primitive = dnnl::convolution_forward(pd);
     if (k.scaled.empty()) k.impl += detail::concat(", fwd-scaled ", pd.impl_info_str());
     return k.scaled.emplace(key, std::move(entry)).first->second;
@@ -511,9 +526,6 @@ CpuBackend::ConvKernels& CpuBackend::kernels(const ConvShape& shape, ConvPass pa
 
 namespace {
 
-// A bf16 candidate whose first run takes more than this many times the float32 run is dropped unmeasured.
-constexpr double kTooSlow = 10.0;
-
 // Seconds of one call of `run` (which waits for its work).
 template <typename F>
 double seconds_of(F&& run) {
@@ -528,7 +540,7 @@ double seconds_of(F&& run) {
 // with oneDNN's jit kernels (its reference bf16 backward-weights at GS-SOC's 8-channel groups is ~3000x slower
 // than float32), and, when measured, only where the bf16 pass including the rounding of its inputs
 // (to_conv_input) beats float32: best of five interleaved runs each on scratch buffers (on a busy machine
-// single runs vary by 2x), after first runs that drop a candidate more than kTooSlow times slower.
+// single runs vary by 2x), after first runs that drop a candidate more than too_slow_factor_ times slower.
 bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass pass) {
   const bool forward = pass == ConvPass::forward;
   const char* name = forward ? "fwd" : "bwd-weights";
@@ -582,7 +594,7 @@ bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass
   const double first_high = seconds_of(run_high);
   const double first_low = seconds_of(run_low);
   char why[128];
-  if (first_low > kTooSlow * first_high) {
+  if (first_low > too_slow_factor_ * first_high) {
     too_slow = true;
     std::snprintf(why, sizeof(why), "dropped: first run %.2f ms vs fp32 %.2f ms", 1e3 * first_low, 1e3 * first_high);
     return note(why, false);
