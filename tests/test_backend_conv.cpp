@@ -380,3 +380,88 @@ TEST_CASE("oneDNN bf16 convolutions (bf16 inputs, float32 accumulation and outpu
   // nhwc): the checks above covered them.
   if (cpu_has_amx(be)) CHECK(amx_cases >= 6);
 }
+
+// The layout a bf16 request runs in, and the guard of the measured choice. nhwc only where the CPU has AMX (oneDNN
+// 2.6's AMX kernels of grouped convolutions exist only there) and the plane has more than 4 pixels (at 1x1 and
+// 2x2 its AMX backward-weights runs at reference speed: 1024 channels at 1x1 took 516 CPU ms for 64 images,
+// against 9 in float32). A candidate whose first run exceeds too_slow_factor times float32 is dropped, for good.
+TEST_CASE("a bf16 request runs in nhwc only with AMX and on planes of more than 4 pixels; a bf16 candidate far "
+          "slower than float32 is dropped and never measured again", "[backend][conv][bf16]") {
+  if (!ref::cpu_has_bf16()) {
+    WARN("no AVX512-BF16 on this CPU: bf16 layouts not tested");
+    return;
+  }
+  auto backend = orthoconv::cpu_backend();
+  auto& cpu = dynamic_cast<orthoconv::cpu::CpuBackend&>(*backend);
+  const bool amx = cpu_has_amx(*backend);
+  {
+    PrecisionChoiceScope never(*backend, orthoconv::Backend::PrecisionChoice::never);  // layouts only, no timing
+    struct Case {
+      int64_t channels, side, kernel, groups;
+      bool nhwc_with_amx;
+    };
+    for (const Case& c : {Case{64, 4, 3, 4, true}, Case{64, 2, 3, 4, false}, Case{64, 1, 1, 4, false},
+                          Case{64, 1, 1, 1, false}, Case{128, 2, 3, 4, false}}) {
+      ConvShape s;
+      s.batch = 4;
+      s.in_channels = s.out_channels = c.channels;
+      s.height = s.width = c.side;
+      s.kernel = c.kernel;
+      s.groups = c.groups;
+      s.precision = orthoconv::ConvPrecision::bf16;
+      const std::string impl = implementation(*backend, s);
+      INFO("shape " << s.str() << ": " << impl);
+      CHECK((impl.rfind("nhwc", 0) == 0) == (amx && c.nhwc_with_amx));
+    }
+  }
+  // The Horner step (scaled, with the x0 addend) runs a jit kernel in every layout, float32 and bf16: in nhwc
+  // oneDNN 2.6 had only its reference kernel for it with the weights format of a plain forward (brgconv's),
+  // ~1000x slower; the backend refuses that kernel (BackendError).
+  for (const auto choice : {orthoconv::Backend::PrecisionChoice::never, orthoconv::Backend::PrecisionChoice::always}) {
+    PrecisionChoiceScope scope(*backend, choice);
+    ConvShape s;
+    s.batch = 2;
+    s.in_channels = s.out_channels = 128;
+    s.height = s.width = 8;
+    s.kernel = 3;
+    s.groups = 4;
+    s.precision = orthoconv::ConvPrecision::bf16;
+    const bool low = backend->conv_precision(s, ConvPass::forward) == orthoconv::ConvPrecision::bf16;
+    std::vector<float> x(static_cast<size_t>(backend->conv_buffer_size(s)), 0.5f), add(x.size(), 1.0f), y(x.size());
+    std::vector<float> x_in(static_cast<size_t>(backend->conv_input_size(s)));
+    std::vector<float> w(static_cast<size_t>(backend->conv_weights_size(s, ConvPass::forward)));
+    const std::vector<float> plain(static_cast<size_t>(s.weight_count()), 0.25f);
+    backend->weights_to_conv_layout(s, ConvPass::forward, plain.data(), w.data());
+    if (low) backend->to_conv_input(s, x.data(), x_in.data());
+    INFO("shape " << s.str() << (low ? " bf16" : " fp32") << ": " << implementation(*backend, s));
+    CHECK(low == (choice == orthoconv::Backend::PrecisionChoice::always));
+    REQUIRE_NOTHROW(backend->conv_forward_scaled(s, low ? x_in.data() : x.data(), w.data(), 0.5f, add.data(),
+                                                 y.data()));
+    // Element 0 in either layout: image 0, channel 0, the corner pixel: 32 inputs x 4 taps of 0.5 * 0.25 (exact in
+    // bf16 and float32), times alpha, plus the addend.
+    CHECK(y[0] == 1.0f + 0.5f * (32 * 4 * 0.5f * 0.25f));
+  }
+  // Factor 0 and 0 s: every measured candidate is "too slow" after its first run; it stays dropped when the choice
+  // is made again (set_precision_choice resets the choices, not the drops), even with the defaults back.
+  ConvShape s = shape_of({32, 3, 1}, orthoconv::ConvPrecision::bf16);
+  s.batch = 6;  // a shape no other test uses: its choices are made here
+  cpu.set_too_slow(0.0, 0.0);
+  CHECK(cpu.conv_precision(s, ConvPass::forward) == orthoconv::ConvPrecision::fp32);
+  cpu.set_too_slow(10.0, 0.05);
+  CHECK(cpu.conv_precision(s, ConvPass::forward) == orthoconv::ConvPrecision::fp32);
+  backend->set_precision_choice(orthoconv::Backend::PrecisionChoice::always);
+  backend->set_precision_choice(orthoconv::Backend::PrecisionChoice::measured);
+  CHECK(cpu.conv_precision(s, ConvPass::forward) == orthoconv::ConvPrecision::fp32);
+  std::string line;
+  for (const std::string& l : cpu.precision_choices())
+    if (l.rfind("batch 6, 32 ch 5x7 k3 g1", 0) == 0) line = l;
+  INFO(line);
+  CHECK(line.find("fwd fp32 (dropped earlier: its first run was too slow)") != std::string::npos);
+  // The backward-weights of the same shape, never dropped, is measured (bf16 or fp32 by its timings; a first run
+  // of this tiny shape is far below 0.05 s, so not dropped).
+  cpu.conv_precision(s, ConvPass::backward_weights);
+  for (const std::string& l : cpu.precision_choices())
+    if (l.rfind("batch 6, 32 ch 5x7 k3 g1", 0) == 0) line = l;
+  CHECK(line.find("bwd-weights") != std::string::npos);
+  CHECK(line.find("bwd-weights fp32 (dropped") == std::string::npos);
+}

@@ -540,7 +540,8 @@ double seconds_of(F&& run) {
 // with oneDNN's jit kernels (its reference bf16 backward-weights at GS-SOC's 8-channel groups is ~3000x slower
 // than float32), and, when measured, only where the bf16 pass including the rounding of its inputs
 // (to_conv_input) beats float32: best of five interleaved runs each on scratch buffers (on a busy machine
-// single runs vary by 2x), after first runs that drop a candidate more than too_slow_factor_ times slower.
+// single runs vary by 2x), after first runs that drop a candidate more than too_slow_factor_ times slower
+// (and slower than too_slow_seconds_).
 bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass pass) {
   const bool forward = pass == ConvPass::forward;
   const char* name = forward ? "fwd" : "bwd-weights";
@@ -594,7 +595,7 @@ bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass
   const double first_high = seconds_of(run_high);
   const double first_low = seconds_of(run_low);
   char why[128];
-  if (first_low > too_slow_factor_ * first_high) {
+  if (first_low > too_slow_factor_ * first_high && first_low > too_slow_seconds_) {
     too_slow = true;
     std::snprintf(why, sizeof(why), "dropped: first run %.2f ms vs fp32 %.2f ms", 1e3 * first_low, 1e3 * first_high);
     return note(why, false);

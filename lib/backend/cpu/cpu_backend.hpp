@@ -93,9 +93,14 @@ class CpuBackend final : public Backend {
   std::string implementation(const ConvShape& shape);
   // One line per shape a bf16 choice was made for so far: the shape and, per pass, bf16 or fp32 and why.
   std::vector<std::string> precision_choices() const;
-  // A measured bf16 candidate whose first run takes more than `factor` times the float32 run is dropped without
-  // the timed rounds and never measured again at that shape (default 10; tests set 0 to drop every candidate).
-  void set_too_slow_factor(double factor) { too_slow_factor_ = factor; }
+  // A measured bf16 candidate whose first run takes more than `factor` times the float32 run, and more than
+  // `seconds`, is dropped without the timed rounds and never measured again at that shape (defaults 10 and 0.05 s:
+  // below that a first run's one-time costs, such as AMX's set-up, can outweigh a tiny convolution; tests set 0, 0
+  // to drop every candidate).
+  void set_too_slow(double factor, double seconds) {
+    too_slow_factor_ = factor;
+    too_slow_seconds_ = seconds;
+  }
 
  private:
   struct ConvKernels;
@@ -139,7 +144,7 @@ class CpuBackend final : public Backend {
   bool has_bf16_ = false;                 // oneDNN's effective ISA includes AVX512-BF16
   bool has_amx_ = false;                  // ... and AMX (bf16 tiles)
   PrecisionChoice precision_choice_ = PrecisionChoice::measured;
-  double too_slow_factor_ = 10.0;
+  double too_slow_factor_ = 10.0, too_slow_seconds_ = 0.05;
   std::map<ShapeKey, std::unique_ptr<ConvPrimitives>> cache_;
   // Scratch of the filter passes (filter.cpp), grown once: expanded vectors / accumulators, per-thread bins.
   std::vector<float> filter_scratch_, thread_scratch_;
