@@ -221,10 +221,11 @@ CpuBackend::ConvPrimitives& CpuBackend::primitives(const ConvShape& shape) {
     // The layout: blocked_tag_, unless oneDNN has only its reference kernel there (grouped convolutions whose
     // channels per group are not a multiple of the block, e.g. GS-SOC's 32 channels in 4 groups in nChw16c,
     // run 50x slower): then nChw8c, then nhwc. A bf16 request on a CPU with AMX takes nhwc first where oneDNN
-    // has an AMX bf16 forward there and not in blocked_tag_ (oneDNN 2.6's AMX convolutions of grouped shapes run
-    // only in nhwc; there they are 2.4-4x faster than float32 in nChw16c at GS-SOC's 16- to 128-channel groups,
-    // while its AVX512-BF16 kernels in nChw16c gain nothing on such a CPU); its float32 passes (fallback,
-    // backward-data) then run in nhwc too.
+    // has an AMX bf16 forward there and not in blocked_tag_ (oneDNN 2.6's AMX convolutions run only in nhwc; there
+    // the forward is 1.3-4x faster than float32 in nChw16c, grouped (GS-SOC's 16- to 128-channel groups) and dense,
+    // while its AVX512-BF16 kernels in nChw16c gain nothing on such a CPU; its AMX backward-weights is on par for
+    // grouped shapes, 4-6x slower for dense ones: the measured choice keeps float32 there); its float32 passes
+    // (fallback, backward-data) then run in nhwc too (at the speed of nChw16c for dense backward-weights).
     std::vector<tag> layouts{blocked_tag_};
     if (blocked_tag_ != tag::nChw8c) layouts.push_back(tag::nChw8c);
     layouts.push_back(tag::nhwc);

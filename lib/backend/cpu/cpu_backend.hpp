@@ -8,7 +8,8 @@
 // diff_dst / weights, float32 dst / diff_weights and post-op addends, in the layout of the shape; created at
 // the first bf16 request for a shape and chosen per pass (measured against float32 once, or always). A shape
 // that requests bf16 is cached apart from its float32 twin: on a CPU with AMX it runs in nhwc where oneDNN has
-// AMX bf16 kernels only in nhwc (grouped shapes), and there its float32 fallback runs in nhwc too.
+// AMX bf16 kernels only in nhwc (grouped and dense shapes on planes of more than 4 pixels), and there its float32
+// fallback runs in nhwc too.
 #pragma once
 
 #include <dnnl.hpp>
