@@ -385,8 +385,8 @@ TEST_CASE("oneDNN bf16 convolutions (bf16 inputs, float32 accumulation and outpu
 // 2.6's AMX kernels of grouped convolutions exist only there) and the plane has more than 4 pixels (at 1x1 and
 // 2x2 its AMX backward-weights runs at reference speed: 1024 channels at 1x1 took 516 CPU ms for 64 images,
 // against 9 in float32). A candidate whose first run exceeds too_slow_factor times float32 is dropped, for good.
-TEST_CASE("a bf16 request runs in nhwc only with AMX and on planes of more than 4 pixels; a bf16 candidate far "
-          "slower than float32 is dropped and never measured again", "[backend][conv][bf16]") {
+TEST_CASE("a bf16 request runs in nhwc only with AMX and on planes of more than 4 pixels, and a bf16 candidate "
+          "far slower than float32 is dropped and never measured again", "[backend][conv][bf16]") {
   if (!ref::cpu_has_bf16()) {
     WARN("no AVX512-BF16 on this CPU: bf16 layouts not tested");
     return;
