@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 
+#include "backend/cpu/cpu_backend.hpp"
 #include "reference.hpp"
 
 namespace ref = orthoconv::reference;
@@ -36,6 +37,24 @@ ConvShape shape_of(const ConvCase& c, orthoconv::ConvPrecision precision = ortho
   return s;
 }
 
+// The CPU backend's description of a shape's kernels (its layout first: "nChw16c: ...", "nhwc: ...").
+std::string implementation(orthoconv::Backend& be, const ConvShape& s) {
+  auto* cpu = dynamic_cast<orthoconv::cpu::CpuBackend*>(&be);
+  REQUIRE(cpu != nullptr);
+  return cpu->implementation(s);
+}
+
+bool cpu_has_amx(orthoconv::Backend& be) { return be.name().find("AMX") != std::string::npos; }
+
+// Sets the backend's precision choice for a scope.
+struct PrecisionChoiceScope {
+  orthoconv::Backend& be;
+  PrecisionChoiceScope(orthoconv::Backend& backend, orthoconv::Backend::PrecisionChoice choice) : be(backend) {
+    be.set_precision_choice(choice);
+  }
+  ~PrecisionChoiceScope() { be.set_precision_choice(orthoconv::Backend::PrecisionChoice::measured); }
+};
+
 ref::ConvDims dims_of(const ConvShape& s) {
   return {s.batch, s.in_channels, s.out_channels, s.height, s.width, s.kernel, s.groups};
 }
@@ -51,18 +70,28 @@ std::vector<float> run_layout_roundtrip(orthoconv::Backend& be, const ConvShape&
 
 }  // namespace
 
+// Float32 shapes; then, where the CPU runs bf16, the same shapes with bf16 requested and every pass kept float32
+// (PrecisionChoice::never): the float32 fallback in the layout of a bf16 request (nhwc where the CPU has AMX).
 TEST_CASE("oneDNN grouped convolution matches the double reference (forward, accumulate, backward-data, "
           "backward-weights)", "[backend][conv]") {
   auto backend = orthoconv::cpu_backend();
   auto& be = *backend;
   const ConvCase cases[] = {{8, 1, 1},  {8, 3, 1},  {8, 3, 2},  {12, 1, 1}, {12, 3, 1}, {12, 3, 4},
                             {16, 3, 1}, {16, 1, 4}, {16, 3, 16}, {24, 3, 1}, {24, 3, 3}, {24, 5, 2},
-                            {32, 3, 4}, {32, 1, 1}};
+                            {32, 3, 4}, {32, 1, 1}, {64, 3, 4}};
   uint64_t seed = 100;
+  const bool bf16 = ref::cpu_has_bf16();
+  PrecisionChoiceScope never(be, orthoconv::Backend::PrecisionChoice::never);
+  int nhwc_cases = 0;
+  for (const auto precision : {orthoconv::ConvPrecision::fp32, orthoconv::ConvPrecision::bf16})
   for (const ConvCase& c : cases) {
-    const ConvShape s = shape_of(c);
+    if (precision == orthoconv::ConvPrecision::bf16 && !bf16) break;
+    const ConvShape s = shape_of(c, precision);
     const ref::ConvDims d = dims_of(s);
-    INFO("shape " << s.str());
+    INFO("shape " << s.str() << ": " << implementation(be, s));
+    REQUIRE(be.conv_precision(s, ConvPass::forward) == orthoconv::ConvPrecision::fp32);
+    REQUIRE(be.conv_precision(s, ConvPass::backward_weights) == orthoconv::ConvPrecision::fp32);
+    nhwc_cases += precision == orthoconv::ConvPrecision::bf16 && implementation(be, s).rfind("nhwc", 0) == 0;
 
     const auto x = ref::random_normal(d.input_size(), ++seed);
     const auto w = ref::random_normal(d.weight_size(), ++seed, 1.0 / std::sqrt(double(c.channels / c.groups)));
@@ -115,6 +144,9 @@ TEST_CASE("oneDNN grouped convolution matches the double reference (forward, acc
       CHECK(ref::max_relative_error(ref::to_double(dw), ref::conv_backward_weights(d, xq, dyq)) < kConvTolerance);
     }
   }
+  // Where oneDNN has AMX bf16 kernels only in nhwc, a bf16 request runs in nhwc (here 24 channels in 3 groups
+  // and up, but those with 8 channels or fewer per group), and the loop above ran the float32 fallback there.
+  if (bf16 && cpu_has_amx(be)) CHECK(nhwc_cases >= 3);
 }
 
 TEST_CASE("oneDNN convolution of a stacked batch equals the convolutions of its parts", "[backend][conv]") {
@@ -177,23 +209,29 @@ uint16_t bits_of(double rounded) {
 
 }  // namespace
 
-TEST_CASE("float32 backward-weights on planes of at most 4 pixels (im2col + sgemm) matches the double reference",
-          "[backend][conv]") {
+TEST_CASE("float32 backward-weights on planes of at most 4 pixels (im2col + sgemm per group) matches the double "
+          "reference", "[backend][conv]") {
   auto& be = *orthoconv::cpu_backend();
   struct Case {
-    int64_t channels, kernel, height, width;
+    int64_t channels, kernel, height, width, groups;
   };
   uint64_t seed = 700;
-  // 20 channels: padded channels in the blocked layout; 1x1 and 1x2 planes: every tap but the centre is padding.
-  for (const Case& c : {Case{32, 3, 2, 2}, Case{20, 3, 2, 2}, Case{16, 3, 1, 2}, Case{24, 5, 2, 2}, Case{8, 3, 1, 1}}) {
+  // 20 channels: padded channels in the blocked layout; 1x1 and 1x2 planes: every tap but the centre is padding;
+  // groups: GS-SOC's 4 groups at 2x2 (3x3) and 1x1 (1x1 kernel), 16-channel groups in nChw16c, 8-channel groups
+  // (nChw8c), 3 groups of 8 channels (padded blocks).
+  for (const Case& c : {Case{32, 3, 2, 2, 1}, Case{20, 3, 2, 2, 1}, Case{16, 3, 1, 2, 1}, Case{24, 5, 2, 2, 1},
+                        Case{8, 3, 1, 1, 1}, Case{64, 3, 2, 2, 4}, Case{64, 1, 1, 1, 4}, Case{32, 3, 2, 2, 4},
+                        Case{24, 3, 1, 2, 3}, Case{16, 1, 1, 1, 1}}) {
     ConvShape s;
     s.batch = 5;
     s.in_channels = s.out_channels = c.channels;
     s.height = c.height;
     s.width = c.width;
     s.kernel = c.kernel;
+    s.groups = c.groups;
     const ref::ConvDims d = dims_of(s);
-    INFO("shape " << s.str());
+    INFO("shape " << s.str() << ": " << implementation(be, s));
+    CHECK(implementation(be, s).find("im2col + sgemm") != std::string::npos);
     const auto xf = ref::to_float(ref::random_normal(d.input_size(), ++seed));
     const auto dyf = ref::to_float(ref::random_normal(d.output_size(), ++seed));
     std::vector<float> x_conv, dy_conv;
@@ -258,13 +296,16 @@ TEST_CASE("oneDNN bf16 convolutions (bf16 inputs, float32 accumulation and outpu
     WARN("no AVX512-BF16 on this CPU: bf16 convolutions not tested");
     return;
   }
-  const ConvCase cases[] = {{16, 3, 1}, {16, 1, 1}, {32, 3, 2}, {32, 3, 4}, {32, 1, 4}, {64, 3, 4}, {48, 3, 1}};
-  int forward_cases = 0, weight_cases = 0;
+  const ConvCase cases[] = {{16, 3, 1}, {16, 1, 1}, {32, 3, 2}, {32, 3, 4}, {32, 1, 4}, {64, 3, 4}, {48, 3, 1},
+                            {128, 3, 4}};
+  int forward_cases = 0, weight_cases = 0, amx_cases = 0;
   uint64_t seed = 300;
   for (const ConvCase& c : cases) {
     const ConvShape s = shape_of(c, orthoconv::ConvPrecision::bf16);
     const ref::ConvDims d = dims_of(s);
-    INFO("shape " << s.str());
+    const std::string impl = implementation(be, s);
+    INFO("shape " << s.str() << ": " << impl);
+    amx_cases += impl.find("amx") != std::string::npos;
     const auto xf = ref::to_float(ref::random_normal(d.input_size(), ++seed));
     const auto wf = ref::to_float(ref::random_normal(d.weight_size(), ++seed, 1.0 / std::sqrt(double(c.channels))));
     const auto dyf = ref::to_float(ref::random_normal(d.output_size(), ++seed));
@@ -335,4 +376,92 @@ TEST_CASE("oneDNN bf16 convolutions (bf16 inputs, float32 accumulation and outpu
   // per group; the test must not pass by running nothing in bf16.
   CHECK(forward_cases == static_cast<int>(std::size(cases)));
   CHECK(weight_cases >= 4);
+  // On a CPU with AMX the shapes with 16 or more channels per group run oneDNN's AMX kernels (the grouped ones in
+  // nhwc): the checks above covered them.
+  if (cpu_has_amx(be)) CHECK(amx_cases >= 6);
+}
+
+// The layout a bf16 request runs in, and the guard of the measured choice. nhwc only where the CPU has AMX (oneDNN
+// 2.6's AMX kernels of grouped convolutions exist only there) and the plane has more than 4 pixels (at 1x1 and
+// 2x2 its AMX backward-weights runs at reference speed: 1024 channels at 1x1 took 516 CPU ms for 64 images,
+// against 9 in float32). A candidate whose first run exceeds too_slow_factor times float32 is dropped, for good.
+TEST_CASE("a bf16 request runs in nhwc only with AMX and on planes of more than 4 pixels, and a bf16 candidate "
+          "far slower than float32 is dropped and never measured again", "[backend][conv][bf16]") {
+  if (!ref::cpu_has_bf16()) {
+    WARN("no AVX512-BF16 on this CPU: bf16 layouts not tested");
+    return;
+  }
+  auto backend = orthoconv::cpu_backend();
+  auto& cpu = dynamic_cast<orthoconv::cpu::CpuBackend&>(*backend);
+  const bool amx = cpu_has_amx(*backend);
+  {
+    PrecisionChoiceScope never(*backend, orthoconv::Backend::PrecisionChoice::never);  // layouts only, no timing
+    struct Case {
+      int64_t channels, side, kernel, groups;
+      bool nhwc_with_amx;
+    };
+    for (const Case& c : {Case{64, 4, 3, 4, true}, Case{64, 2, 3, 4, false}, Case{64, 1, 1, 4, false},
+                          Case{64, 1, 1, 1, false}, Case{128, 2, 3, 4, false}}) {
+      ConvShape s;
+      s.batch = 4;
+      s.in_channels = s.out_channels = c.channels;
+      s.height = s.width = c.side;
+      s.kernel = c.kernel;
+      s.groups = c.groups;
+      s.precision = orthoconv::ConvPrecision::bf16;
+      const std::string impl = implementation(*backend, s);
+      INFO("shape " << s.str() << ": " << impl);
+      CHECK((impl.rfind("nhwc", 0) == 0) == (amx && c.nhwc_with_amx));
+    }
+  }
+  // The Horner step (scaled, with the x0 addend) runs a jit kernel in every layout, float32 and bf16: in nhwc
+  // oneDNN 2.6 had only its reference kernel for it with the weights format of a plain forward (brgconv's),
+  // ~1000x slower; the backend refuses that kernel (BackendError).
+  for (const auto choice : {orthoconv::Backend::PrecisionChoice::never, orthoconv::Backend::PrecisionChoice::always}) {
+    PrecisionChoiceScope scope(*backend, choice);
+    ConvShape s;
+    s.batch = 2;
+    s.in_channels = s.out_channels = 128;
+    s.height = s.width = 8;
+    s.kernel = 3;
+    s.groups = 4;
+    s.precision = orthoconv::ConvPrecision::bf16;
+    const bool low = backend->conv_precision(s, ConvPass::forward) == orthoconv::ConvPrecision::bf16;
+    std::vector<float> x(static_cast<size_t>(backend->conv_buffer_size(s)), 0.5f), add(x.size(), 1.0f), y(x.size());
+    std::vector<float> x_in(static_cast<size_t>(backend->conv_input_size(s)));
+    std::vector<float> w(static_cast<size_t>(backend->conv_weights_size(s, ConvPass::forward)));
+    const std::vector<float> plain(static_cast<size_t>(s.weight_count()), 0.25f);
+    backend->weights_to_conv_layout(s, ConvPass::forward, plain.data(), w.data());
+    if (low) backend->to_conv_input(s, x.data(), x_in.data());
+    INFO("shape " << s.str() << (low ? " bf16" : " fp32") << ": " << implementation(*backend, s));
+    CHECK(low == (choice == orthoconv::Backend::PrecisionChoice::always));
+    REQUIRE_NOTHROW(backend->conv_forward_scaled(s, low ? x_in.data() : x.data(), w.data(), 0.5f, add.data(),
+                                                 y.data()));
+    // Element 0 in either layout: image 0, channel 0, the corner pixel: 32 inputs x 4 taps of 0.5 * 0.25 (exact in
+    // bf16 and float32), times alpha, plus the addend.
+    CHECK(y[0] == 1.0f + 0.5f * (32 * 4 * 0.5f * 0.25f));
+  }
+  // Factor 0 and 0 s: every measured candidate is "too slow" after its first run; it stays dropped when the choice
+  // is made again (set_precision_choice resets the choices, not the drops), even with the defaults back.
+  ConvShape s = shape_of({32, 3, 1}, orthoconv::ConvPrecision::bf16);
+  s.batch = 6;  // a shape no other test uses: its choices are made here
+  cpu.set_too_slow(0.0, 0.0);
+  CHECK(cpu.conv_precision(s, ConvPass::forward) == orthoconv::ConvPrecision::fp32);
+  cpu.set_too_slow(10.0, 0.05);
+  CHECK(cpu.conv_precision(s, ConvPass::forward) == orthoconv::ConvPrecision::fp32);
+  backend->set_precision_choice(orthoconv::Backend::PrecisionChoice::always);
+  backend->set_precision_choice(orthoconv::Backend::PrecisionChoice::measured);
+  CHECK(cpu.conv_precision(s, ConvPass::forward) == orthoconv::ConvPrecision::fp32);
+  std::string line;
+  for (const std::string& l : cpu.precision_choices())
+    if (l.rfind("batch 6, 32 ch 5x7 k3 g1", 0) == 0) line = l;
+  INFO(line);
+  CHECK(line.find("fwd fp32 (dropped earlier: its first run was too slow)") != std::string::npos);
+  // The backward-weights of the same shape, never dropped, is measured (bf16 or fp32 by its timings; a first run
+  // of this tiny shape is far below 0.05 s, so not dropped).
+  cpu.conv_precision(s, ConvPass::backward_weights);
+  for (const std::string& l : cpu.precision_choices())
+    if (l.rfind("batch 6, 32 ch 5x7 k3 g1", 0) == 0) line = l;
+  CHECK(line.find("bwd-weights") != std::string::npos);
+  CHECK(line.find("bwd-weights fp32 (dropped") == std::string::npos);
 }

@@ -119,9 +119,10 @@ class Backend {
   }
   // measured (the default): a reduced precision runs at a shape only where its kernels are faster than float32
   // there, timed once per shape (on the CPU, oneDNN's bf16 kernels are 2x faster at most LipConvnet shapes
-  // and up to 9x SLOWER at some); always: wherever the backend has non-reference kernels (tests). A change
-  // forgets the earlier choices.
-  enum class PrecisionChoice { measured, always };
+  // and up to 9x SLOWER at some); always: wherever the backend has non-reference kernels (tests); never: float32
+  // kernels for every pass, in the layout the backend runs a reduced-precision request in (tests of that
+  // fallback). A change forgets the earlier choices.
+  enum class PrecisionChoice { measured, always, never };
   virtual void set_precision_choice(PrecisionChoice choice) { (void)choice; }
   // A conv-layout activation buffer of `shape` as the input of a bf16 pass: conv_input_size floats hold it
   // (half of conv_buffer_size); stacking holds as for conv_buffer_size (k * batch images = k buffers of batch

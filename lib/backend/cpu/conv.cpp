@@ -110,6 +110,9 @@ struct CpuBackend::ConvPrimitives {
   bool bwd_weights_plain = false;
   // Whether the forward / backward-weights pass of a bf16 request runs in bf16, once chosen; and why.
   std::optional<bool> bf16_forward, bf16_backward_weights;
+  // A bf16 pass whose first run took more than too_slow_factor_ times float32: never run again at this shape
+  // (kept when the precision choice is reset).
+  bool bf16_forward_too_slow = false, bf16_backward_weights_too_slow = false;
   std::string impl, bf16_choices;
 };
 
@@ -117,8 +120,10 @@ CpuBackend::CpuBackend() : engine_(dnnl::engine::kind::cpu, 0), stream_(engine_)
   auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
   auto avx512 = static_cast<unsigned>(dnnl::cpu_isa::avx512_core);
   auto avx512_bf16 = static_cast<unsigned>(dnnl::cpu_isa::avx512_core_bf16);
+  auto amx = static_cast<unsigned>(dnnl::cpu_isa::avx512_core_amx);
   blocked_tag_ = (isa & avx512) == avx512 ? tag::nChw16c : tag::nChw8c;
   has_bf16_ = (isa & avx512_bf16) == avx512_bf16;
+  has_amx_ = (isa & amx) == amx;
 }
 
 CpuBackend::~CpuBackend() = default;
@@ -126,7 +131,8 @@ CpuBackend::~CpuBackend() = default;
 std::string CpuBackend::name() const {
   auto v = dnnl::version();
   return detail::concat("cpu (oneDNN ", v->major, ".", v->minor, ".", v->patch, ", ",
-                        blocked_tag_ == tag::nChw16c ? "nChw16c" : "nChw8c", has_bf16_ ? ", bf16" : "", ")");
+                        blocked_tag_ == tag::nChw16c ? "nChw16c" : "nChw8c", has_bf16_ ? ", bf16" : "",
+                        has_amx_ ? ", AMX" : "", ")");
 }
 
 memory::desc CpuBackend::activation_desc(const ConvShape& shape, int64_t channels, memory::format_tag layout) const {
@@ -151,8 +157,18 @@ std::unique_ptr<CpuBackend::ConvKernels> CpuBackend::make_kernels(const ConvShap
   const auto algo = dnnl::algorithm::convolution_direct;
   const auto prop = dnnl::prop_kind::forward_training;
 
+  // The weights format is the one oneDNN picks for the Horner step (binary-add post-op, x0): every forward variant
+  // then gets the same jit kernel. In nhwc oneDNN 2.6 picks brgconv for a plain forward, whose weights format its
+  // kernels with a binary post-op do not take: with it the Horner step fell back to ref:any (no step finished).
+  dnnl::post_ops add;
+  add.append_binary(dnnl::algorithm::binary_add, p.out);
+  dnnl::primitive_attr add_attr;
+  add_attr.set_post_ops(add);
+  const dnnl::convolution_forward::primitive_desc horner_pd(
+      dnnl::convolution_forward::desc(prop, algo, k->act, any_weights, p.out, strides, pad, pad), add_attr, engine_);
   k->fwd_pd = dnnl::convolution_forward::primitive_desc(
-      dnnl::convolution_forward::desc(prop, algo, k->act, any_weights, p.out, strides, pad, pad), engine_);
+      dnnl::convolution_forward::desc(prop, algo, k->act, horner_pd.weights_desc(), p.out, strides, pad, pad),
+      engine_);
   dnnl::post_ops sum;
   sum.append_sum(1.0f);
   dnnl::primitive_attr acc_attr;
@@ -188,8 +204,8 @@ std::unique_ptr<CpuBackend::ConvKernels> CpuBackend::make_kernels(const ConvShap
 }
 
 CpuBackend::ConvPrimitives& CpuBackend::primitives(const ConvShape& shape) {
-  ShapeKey key{shape.batch, shape.in_channels, shape.out_channels, shape.height,
-               shape.width, shape.kernel,      shape.groups};
+  ShapeKey key{shape.batch,  shape.in_channels, shape.out_channels, shape.height,
+               shape.width,  shape.kernel,      shape.groups,       shape.precision == ConvPrecision::bf16};
   auto it = cache_.find(key);
   if (it != cache_.end()) return *it->second;
   shape.validate();
@@ -204,10 +220,22 @@ CpuBackend::ConvPrimitives& CpuBackend::primitives(const ConvShape& shape) {
 
     // The layout: blocked_tag_, unless oneDNN has only its reference kernel there (grouped convolutions whose
     // channels per group are not a multiple of the block, e.g. GS-SOC's 32 channels in 4 groups in nChw16c,
-    // run 50x slower): then nChw8c, then nhwc.
+    // run 50x slower): then nChw8c, then nhwc. A bf16 request on a CPU with AMX takes nhwc first where oneDNN
+    // has an AMX bf16 forward there and not in blocked_tag_ (oneDNN 2.6's AMX convolutions run only in nhwc; there
+    // the forward is 1.3-4x faster than float32 in nChw16c, grouped (GS-SOC's 16- to 128-channel groups) and dense,
+    // while its AVX512-BF16 kernels in nChw16c gain nothing on such a CPU; its AMX backward-weights is on par for
+    // grouped shapes, 4-6x slower for dense ones: the measured choice keeps float32 there); its float32 passes
+    // (fallback, backward-data) then run in nhwc too (at the speed of nChw16c for dense backward-weights).
     std::vector<tag> layouts{blocked_tag_};
     if (blocked_tag_ != tag::nChw8c) layouts.push_back(tag::nChw8c);
     layouts.push_back(tag::nhwc);
+    // Not at planes of at most 4 pixels (GS-SOC's 1024 / 2048 channels at 1x1 and 2x2): there oneDNN's AMX
+    // backward-weights runs at reference speed (1024 channels at 1x1, 64 images: 516 CPU ms against 9 in
+    // float32), and its AMX forward is slower than jit_bf16 in nChw16c (1024 channels 2x2 g4, 128 images: 27.5
+    // against 15.9 CPU ms; 1024 channels 1x1: 14.7 against 7.9).
+    if (key.bf16 && has_amx_ && shape.height * shape.width > 4 && !amx_forward(shape, blocked_tag_) &&
+        amx_forward(shape, tag::nhwc))
+      layouts.insert(layouts.begin(), tag::nhwc);
     for (tag layout : layouts) {
       p->out = activation_desc(shape, shape.in_channels, layout);
       dnnl::convolution_forward::desc fwd(dnnl::prop_kind::forward_training, algo, p->out, any_weights, p->out,
@@ -227,12 +255,27 @@ CpuBackend::ConvPrimitives& CpuBackend::primitives(const ConvShape& shape) {
       p->bwd_weights_reorder = dnnl::reorder(
           dnnl::reorder::primitive_desc(engine_, p->plain_weights, engine_, p->bwd_data_pd.weights_desc()));
     p->impl = detail::concat(p->block == 16 ? "nChw16c" : p->block == 8 ? "nChw8c" : "nhwc", ": ", p->f32->impl,
-                             gemm_backward_weights(shape) ? " (float32: im2col + sgemm)" : "", ", bwd-data ",
+                             gemm_backward_weights(shape) ? " (float32: im2col + sgemm per group)" : "", ", bwd-data ",
                              p->bwd_data_pd.impl_info_str());
     auto& slot = cache_[key];
     slot = std::move(p);
     return slot.get();
   });
+}
+
+bool CpuBackend::amx_forward(const ConvShape& shape, memory::format_tag layout) const {
+  try {
+    memory::desc act({shape.batch, shape.in_channels, shape.height, shape.width}, memory::data_type::bf16, layout);
+    memory::desc out = activation_desc(shape, shape.in_channels, layout);
+    memory::desc weights(plain_weights_desc(shape).dims(), memory::data_type::bf16, tag::any);
+    memory::dims strides{1, 1}, pad{shape.kernel / 2, shape.kernel / 2};
+    dnnl::convolution_forward::desc fwd(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, act,
+                                        weights, out, strides, pad, pad);
+    const std::string impl = dnnl::convolution_forward::primitive_desc(fwd, engine_).impl_info_str();
+    return impl.find("amx") != std::string::npos;
+  } catch (const dnnl::error&) {
+    return false;
+  }
 }
 
 std::string CpuBackend::implementation(const ConvShape& shape) {
@@ -343,14 +386,15 @@ void CpuBackend::run_backward_weights(const ConvShape& shape, ConvKernels& k, co
 }
 
 bool CpuBackend::gemm_backward_weights(const ConvShape& shape) {
-  return shape.groups == 1 && shape.kernel > 1 && shape.height * shape.width <= 4;
+  return shape.height * shape.width <= 4;
 }
 
 void CpuBackend::run_gemm_backward_weights(const ConvShape& shape, const ConvPrimitives& p, const float* src,
                                            const float* diff_dst, float* diff_weights) {
   // Row r = (n, y, x) of the N*H*W output pixels: cols[r, (ci, ky, kx)] = X(n, ci, y + ky - k/2, x + kx - k/2)
   // (0 outside), dy[r, co] = dY(n, co, y, x); conv layout: element (n, c, y, x) at
-  // ((n * blocks + c / block) * H * W + y * W + x) * block + c % block.
+  // ((n * blocks + c / block) * H * W + y * W + x) * block + c % block. Group i's channels are the columns
+  // [i * cg, (i + 1) * cg) of dy and [i * cg * k^2, (i + 1) * cg * k^2) of cols: one sgemm per group.
   const int64_t n = shape.batch, c = shape.in_channels, h = shape.height, w = shape.width, k = shape.kernel;
   const int64_t plane = h * w, rows = n * plane, taps = k * k, cols = c * taps, pad = k / 2;
   const int64_t block = p.block, blocks = (c + block - 1) / block;
@@ -374,11 +418,15 @@ void CpuBackend::run_gemm_backward_weights(const ConvShape& shape, const ConvPri
         }
     for (int64_t co = 0; co < c; ++co) dy[r * c + co] = diff_dst[at(image, co, r % plane)];
   }
-  // dW [c_out, c_in * k * k] (the plain [o, i, k, k] layout) = dy^T im2col.
-  const dnnl::status status =
-      dnnl::sgemm('T', 'N', c, cols, rows, 1.0f, dy, c, im2col, cols, 0.0f, diff_weights, cols);
-  require<BackendError>(status == dnnl::status::success, "oneDNN sgemm failed (status ", static_cast<int>(status),
-                        ") for the backward-weights of ", shape.str());
+  // Group i: dW_i [cg_out, cg_in * k * k] (the plain [g, o, i, k, k] layout) = dy_i^T im2col_i.
+  const int64_t cg = c / shape.groups, group_cols = cg * taps;
+  for (int64_t i = 0; i < shape.groups; ++i) {
+    const dnnl::status status = dnnl::sgemm('T', 'N', cg, group_cols, rows, 1.0f, dy + i * cg, c,
+                                            im2col + i * group_cols, cols, 0.0f,
+                                            diff_weights + i * cg * group_cols, group_cols);
+    require<BackendError>(status == dnnl::status::success, "oneDNN sgemm failed (status ", static_cast<int>(status),
+                          ") for the backward-weights of ", shape.str());
+  }
 }
 
 CpuBackend::ScaledPrimitive& CpuBackend::scaled_primitive(const ConvShape& shape, ConvKernels& k, float alpha,
@@ -401,6 +449,11 @@ CpuBackend::ScaledPrimitive& CpuBackend::scaled_primitive(const ConvShape& shape
     dnnl::primitive_attr attr;
     attr.set_post_ops(ops);
     dnnl::convolution_forward::primitive_desc pd(desc, attr, engine_);
+    // oneDNN's reference kernel here would be ~1000x slower than the forward (see make_kernels): refuse it.
+    require<BackendError>(std::string(pd.impl_info_str()).rfind("ref", 0) != 0 ||
+                              std::string(k.fwd_pd.impl_info_str()).rfind("ref", 0) == 0,
+                          "oneDNN has only its reference kernel for the scaled forward of ", shape.str(), " (",
+                          k.fwd_pd.impl_info_str(), " without post-ops)");
     entry.primitive = dnnl::convolution_forward(pd);
     if (k.scaled.empty()) k.impl += detail::concat(", fwd-scaled ", pd.impl_info_str());
     return k.scaled.emplace(key, std::move(entry)).first->second;
@@ -444,7 +497,8 @@ std::vector<std::string> CpuBackend::precision_choices() const {
   for (const auto& [key, p] : cache_)
     if (!p->bf16_choices.empty())
       out.push_back(detail::concat("batch ", key.n, ", ", key.ci, " ch ", key.h, "x", key.w, " k", key.k, " g", key.g,
-                                   ": ", p->bf16_choices));
+                                   " ", p->block == 16 ? "nChw16c" : p->block == 8 ? "nChw8c" : "nhwc", ": ",
+                                   p->bf16_choices));
   return out;
 }
 
@@ -484,11 +538,12 @@ double seconds_of(F&& run) {
 
 }  // namespace
 
-// bf16 for `pass` at `shape`: only in a blocked layout (an even number of values per image, so that conv inputs
-// stack), only with oneDNN's jit kernels (its reference bf16 backward-weights at GS-SOC's 8-channel groups is
-// ~3000x slower than float32), and, when measured, only where the bf16 pass including the rounding of its
-// inputs (to_conv_input) beats float32: best of five interleaved runs each on scratch buffers (on a busy machine
-// single runs vary by 2x).
+// bf16 for `pass` at `shape`: only with an even number of values per image (so that conv inputs stack), only
+// with oneDNN's jit kernels (its reference bf16 backward-weights at GS-SOC's 8-channel groups is ~3000x slower
+// than float32), and, when measured, only where the bf16 pass including the rounding of its inputs
+// (to_conv_input) beats float32: best of five interleaved runs each on scratch buffers (on a busy machine
+// single runs vary by 2x), after first runs that drop a candidate more than too_slow_factor_ times slower
+// (and slower than too_slow_seconds_).
 bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass pass) {
   const bool forward = pass == ConvPass::forward;
   const char* name = forward ? "fwd" : "bwd-weights";
@@ -497,7 +552,10 @@ bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass
                                      ")");
     return use;
   };
-  if (p.layout == tag::nhwc) return note("nhwc layout", false);
+  if (precision_choice_ == PrecisionChoice::never) return note("never", false);
+  // Stacked conv inputs (K buffers of N images back to back) need an even number of values per image.
+  if (p.out.get_size() / sizeof(float) / static_cast<size_t>(shape.batch) % 2 != 0)
+    return note("odd number of values per image", false);
   if (!p.bf16) {
     try {
       p.bf16 = make_kernels(shape, p, memory::data_type::bf16);
@@ -509,6 +567,8 @@ bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass
   const std::string impl = forward ? low.fwd_pd.impl_info_str() : low.bwd_weights_pd.impl_info_str();
   if (impl.rfind("ref", 0) == 0) return note("oneDNN has only its reference kernel", false);
   if (precision_choice_ == PrecisionChoice::always) return note("always", true);
+  bool& too_slow = forward ? p.bf16_forward_too_slow : p.bf16_backward_weights_too_slow;
+  if (too_slow) return note("dropped earlier: its first run was too slow", false);
 
   // Scratch buffers of the shape (zeros: the kernels' time does not depend on the values).
   ConvKernels& high = *p.f32;
@@ -532,15 +592,22 @@ bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass
       run_backward_weights(shape, low, a_low.data(), b_low.data(), w_high.data());
     };
   }
-  run_high();  // first runs: page faults, oneDNN's lazy set-up
-  run_low();
+  // First runs (page faults, oneDNN's lazy set-up in both), float32 first: a bf16 kernel that is far slower
+  // (oneDNN's AMX backward-weights at 1x1 planes runs at reference speed) costs one run, never five.
+  const double first_high = seconds_of(run_high);
+  const double first_low = seconds_of(run_low);
+  char why[128];
+  if (first_low > too_slow_factor_ * first_high && first_low > too_slow_seconds_) {
+    too_slow = true;
+    std::snprintf(why, sizeof(why), "dropped: first run %.2f ms vs fp32 %.2f ms", 1e3 * first_low, 1e3 * first_high);
+    return note(why, false);
+  }
   double best_high = 1e300, best_low = 1e300;
   for (int round = 0; round < 5; ++round) {
     best_high = std::min(best_high, seconds_of(run_high));
     best_low = std::min(best_low, seconds_of(run_low));
     if (best_low > 2.0 * best_high) break;  // clearly slower: spare the other rounds
   }
-  char why[96];
   std::snprintf(why, sizeof(why), "%.2f ms vs fp32 %.2f ms", 1e3 * best_low, 1e3 * best_high);
   return note(why, best_low < best_high);
 }

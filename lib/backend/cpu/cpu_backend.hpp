@@ -5,8 +5,11 @@
 // Every primitive (forward, forward-accumulate, backward-data, backward-weights, reorders) is created once
 // per ConvShape and kept in a cache.
 // bf16 (ConvShape::precision): a second set of forward and backward-weights primitives with bfloat16 src /
-// diff_dst / weights, float32 dst / diff_weights and post-op addends, in the same blocked layout; created at
-// the first bf16 request for a shape and chosen per pass (measured against float32 once, or always).
+// diff_dst / weights, float32 dst / diff_weights and post-op addends, in the layout of the shape; created at
+// the first bf16 request for a shape and chosen per pass (measured against float32 once, or always). A shape
+// that requests bf16 is cached apart from its float32 twin: on a CPU with AMX it runs in nhwc where oneDNN has
+// AMX bf16 kernels only in nhwc (grouped and dense shapes on planes of more than 4 pixels), and there its float32
+// fallback runs in nhwc too.
 #pragma once
 
 #include <dnnl.hpp>
@@ -91,14 +94,23 @@ class CpuBackend final : public Backend {
   std::string implementation(const ConvShape& shape);
   // One line per shape a bf16 choice was made for so far: the shape and, per pass, bf16 or fp32 and why.
   std::vector<std::string> precision_choices() const;
+  // A measured bf16 candidate whose first run takes more than `factor` times the float32 run, and more than
+  // `seconds`, is dropped without the timed rounds and never measured again at that shape (defaults 10 and 0.05 s:
+  // below that a first run's one-time costs, such as AMX's set-up, can outweigh a tiny convolution; tests set 0, 0
+  // to drop every candidate).
+  void set_too_slow(double factor, double seconds) {
+    too_slow_factor_ = factor;
+    too_slow_seconds_ = seconds;
+  }
 
  private:
   struct ConvKernels;
   struct ConvPrimitives;
   struct ShapeKey {
     int64_t n, ci, co, h, w, k, g;
+    bool bf16;  // bf16 requested: its own layout where AMX wants nhwc (see primitives())
     bool operator<(const ShapeKey& o) const {
-      return std::tie(n, ci, co, h, w, k, g) < std::tie(o.n, o.ci, o.co, o.h, o.w, o.k, o.g);
+      return std::tie(n, ci, co, h, w, k, g, bf16) < std::tie(o.n, o.ci, o.co, o.h, o.w, o.k, o.g, o.bf16);
     }
   };
   ConvPrimitives& primitives(const ConvShape& shape);
@@ -114,9 +126,12 @@ class CpuBackend final : public Backend {
   void run_backward_weights(const ConvShape& shape, ConvKernels& k, const float* src, const float* diff_dst,
                             float* diff_weights);
   bool choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass pass);
-  // Float32 backward-weights as ONE sgemm, dW = dY^T im2col(X), for dense k x k convolutions on planes of at
-  // most 4 pixels, where oneDNN 2.6's kernel is up to 6x slower (1024 channels at 2x2: 2.6 against 0.44 CPU s
-  // for 2560 images); im2col and dY gathered from the conv layout into gemm_scratch_.
+  // Whether oneDNN's bf16 forward of `shape` in `layout` is one of its AMX kernels.
+  bool amx_forward(const ConvShape& shape, dnnl::memory::format_tag layout) const;
+  // Float32 backward-weights as one sgemm per group, dW_i = dY_i^T im2col(X_i), for convolutions on planes of
+  // at most 4 pixels, where oneDNN 2.6's kernel is up to 6x slower (1024 channels at 2x2: 2.6 against 0.44 CPU s
+  // for 2560 images; GS-SOC's 1024 channels in 4 groups at 2x2 and its 1x1 layers at 1x1 alike); im2col and dY
+  // gathered from the conv layout into gemm_scratch_.
   static bool gemm_backward_weights(const ConvShape& shape);
   void run_gemm_backward_weights(const ConvShape& shape, const ConvPrimitives& p, const float* src,
                                  const float* diff_dst, float* diff_weights);
@@ -128,7 +143,9 @@ class CpuBackend final : public Backend {
   dnnl::stream stream_;
   dnnl::memory::format_tag blocked_tag_;
   bool has_bf16_ = false;                 // oneDNN's effective ISA includes AVX512-BF16
+  bool has_amx_ = false;                  // ... and AMX (bf16 tiles)
   PrecisionChoice precision_choice_ = PrecisionChoice::measured;
+  double too_slow_factor_ = 10.0, too_slow_seconds_ = 0.05;
   std::map<ShapeKey, std::unique_ptr<ConvPrimitives>> cache_;
   // Scratch of the filter passes (filter.cpp), grown once: expanded vectors / accumulators, per-thread bins.
   std::vector<float> filter_scratch_, thread_scratch_;
