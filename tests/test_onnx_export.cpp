@@ -25,6 +25,7 @@
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
+#include <sstream>
 #include <cstring>
 
 #include "cli_helpers.hpp"
@@ -66,14 +67,14 @@ struct TempDir {
 };
 
 // LipConvnet-5 (every block stride 2: pixel-unshuffle, zero channels in the first layer, truncation everywhere),
-// width 16, 100 classes, freshly initialised (50 power iterations).
+// width 8, 100 classes, freshly initialised (50 power iterations).
 ModelConfig lipconvnet5(const std::string& conv, int64_t a, std::optional<int64_t> b) {
   ModelConfig c;
   c.conv = conv;
   c.groups_first = a;
   c.groups_second = b;
   c.depth = 5;
-  c.init_channels = 16;
+  c.init_channels = 8;
   c.classes = 100;
   c.seed = 23;
   return c;
@@ -93,34 +94,19 @@ std::vector<float> read_floats(const std::string& path, size_t count) {
   return out;
 }
 
-// Exports `config` through the CLI, runs it in ONNX Runtime on the first 256 test images and compares the logits
-// with orthoconv's float32 forward of the same checkpoint, image by image, within 2 E (above).
-void check_runtime_matches(const ModelConfig& config) {
-  if (!onnx_export_available() || kOnnxPython == nullptr) {
-    WARN("ORTHOCONV_ONNX_SKIPPED: needs a build with ONNX export (libonnx-dev) and -DORTHOCONV_PYTHON=<python with "
-         "onnx and onnxruntime>");
-    return;
-  }
-  const std::string data = testing::real_data_dir();
-  if (data.empty()) {
-    WARN("ORTHOCONV_DATA_SKIPPED: real CIFAR-100 not found (set ORTHOCONV_DATA)");
-    return;
-  }
-  TempDir dir;
-  const std::string checkpoint = (dir.path / "model.safetensors").string();
-  const std::string onnx = (dir.path / "model.onnx").string();
-  {
-    LipConvnet fresh(config);
-    save_model(fresh, checkpoint);
-  }
-  const testing::CliResult exported = testing::run_cli("export --checkpoint '" + checkpoint + "' --onnx '" + onnx + "'");
-  INFO(exported.err);
-  REQUIRE(exported.exit_code == 0);
+struct Exported {
+  std::string name;
+  ModelConfig config;
+  std::string checkpoint, onnx, logits;  // files: the checkpoint, the exported model, ONNX Runtime's logits
+};
 
+// Compares ONNX Runtime's logits of one exported model (`report`: its line of onnx_runtime_check.py) with
+// orthoconv's float32 forward of the same checkpoint, image by image (tolerances above).
+void check_runtime_matches(const Exported& e, const json& report, const CifarSplit& test) {
+  INFO(e.name);
   // orthoconv's float32 logits of the checkpoint, as `certify` loads and runs it.
-  LoadedModel loaded = load_model(checkpoint);
+  LoadedModel loaded = load_model(e.checkpoint);
   LipConvnet& model = *loaded.model;
-  const CifarSplit test = load_cifar100(data, "test");
   std::vector<int64_t> indices(kImages);
   for (int64_t i = 0; i < kImages; ++i) indices[static_cast<size_t>(i)] = i;
   Batch batch;
@@ -128,16 +114,9 @@ void check_runtime_matches(const ModelConfig& config) {
   Tensor logits;
   model.forward(batch.images, logits);
   const std::vector<float> ours = logits.to_vector();
-  const int64_t classes = config.classes;
+  const int64_t classes = e.config.classes;
   REQUIRE(static_cast<int64_t>(ours.size()) == kImages * classes);
-
-  const std::string out = (dir.path / "runtime.f32").string();
-  const testing::CliResult run = testing::run_command("'" + std::string(kOnnxPython) + "' '" ORTHOCONV_SOURCE_DIR +
-                                                      "/tests/onnx_runtime_check.py' '" + onnx + "' '" + data + "' " +
-                                                      std::to_string(kImages) + " '" + out + "'");
-  INFO(run.err);
-  REQUIRE(run.exit_code == 0);
-  const json report = json::parse(run.out);
+  REQUIRE(report["model"] == e.onnx);
   // Standard operators of the default domain only, opset 17, the documented input and output.
   CHECK(report["opset"] == json({{"ai.onnx", kOnnxOpset}}));
   CHECK(report["domains"] == json::array({""}));
@@ -155,7 +134,7 @@ void check_runtime_matches(const ModelConfig& config) {
   CHECK(std::stod(meta["orthoconv.lipschitz_input"].get<std::string>()) == loaded.normalization.lipschitz());
   CHECK(meta.contains("orthoconv.certified_radius"));
 
-  const std::vector<float> runtime = read_floats(out, static_cast<size_t>(kImages * classes));
+  const std::vector<float> runtime = read_floats(e.logits, static_cast<size_t>(kImages * classes));
   const Float64Network pass(model, loaded.normalization, model.config().eval_terms);  // for ||x0|| only
   double worst_difference = 0.0, worst_ratio = 0.0, largest_bound = 0.0, smallest_separation = INFINITY;
   for (int64_t i = 0; i < kImages; ++i) {
@@ -182,7 +161,7 @@ void check_runtime_matches(const ModelConfig& config) {
     largest_bound = std::max(largest_bound, bound_tolerance);
     smallest_separation = std::min(smallest_separation, separation);
   }
-  WARN(config.architecture() << ": largest |onnxruntime - orthoconv| logit difference " << worst_difference
+  WARN(e.config.architecture() << ": largest |onnxruntime - orthoconv| logit difference " << worst_difference
                              << ", worst difference / (1e-4 max|logit|) " << worst_ratio << ", largest 2E "
                              << largest_bound << ", smallest difference from the neighbouring image's logits "
                              << smallest_separation);
@@ -190,34 +169,59 @@ void check_runtime_matches(const ModelConfig& config) {
 
 }  // namespace
 
-TEST_CASE("ONNX export: onnxruntime gives orthoconv's float32 logits, SOC LipConvnet-5", "[onnx]") {
-  check_runtime_matches(lipconvnet5("soc", 1, std::nullopt));
-}
-
-TEST_CASE("ONNX export: onnxruntime gives orthoconv's float32 logits, GS-SOC (4,1) LipConvnet-5", "[onnx]") {
-  check_runtime_matches(lipconvnet5("gs-soc", 4, 1));
-}
-
-TEST_CASE("ONNX export: onnxruntime gives orthoconv's float32 logits, GS-SOC (4,-) LipConvnet-5", "[onnx]") {
-  check_runtime_matches(lipconvnet5("gs-soc", 4, std::nullopt));
-}
-
-TEST_CASE("ONNX export: onnxruntime gives orthoconv's float32 logits, paired MaxMin GS-SOC (4,1)", "[onnx]") {
-  ModelConfig c = lipconvnet5("gs-soc", 4, 1);
-  c.activation = "maxmin-paired";
-  check_runtime_matches(c);
-}
-
-TEST_CASE("ONNX export: onnxruntime gives orthoconv's float32 logits, keep per group GS-SOC (4,-)", "[onnx]") {
-  ModelConfig c = lipconvnet5("gs-soc", 4, std::nullopt);
-  c.keep = KeepChannels::per_group;
-  check_runtime_matches(c);
-}
-
-TEST_CASE("ONNX export: onnxruntime gives orthoconv's float32 logits, grouped SOC with the lln head", "[onnx]") {
-  ModelConfig c = lipconvnet5("soc", 2, std::nullopt);
-  c.head = "lln";
-  check_runtime_matches(c);
+// Six LipConvnet-5 models exported through the CLI, then run by ONE Python process (its start and the imports cost
+// more than the models): SOC; GS-SOC (4,1) and (4,-); paired MaxMin; keep per group; grouped SOC with the lln head.
+TEST_CASE("ONNX export: onnxruntime gives orthoconv's float32 logits on 256 CIFAR-100 test images", "[onnx]") {
+  if (!onnx_export_available() || kOnnxPython == nullptr) {
+    WARN("ORTHOCONV_ONNX_SKIPPED: needs a build with ONNX export (libonnx-dev) and -DORTHOCONV_PYTHON=<python with "
+         "onnx and onnxruntime>");
+    return;
+  }
+  const std::string data = testing::real_data_dir();
+  if (data.empty()) {
+    WARN("ORTHOCONV_DATA_SKIPPED: real CIFAR-100 not found (set ORTHOCONV_DATA)");
+    return;
+  }
+  std::vector<Exported> models{{"SOC", lipconvnet5("soc", 1, std::nullopt)},
+                               {"GS-SOC (4,1)", lipconvnet5("gs-soc", 4, 1)},
+                               {"GS-SOC (4,-)", lipconvnet5("gs-soc", 4, std::nullopt)},
+                               {"paired MaxMin, GS-SOC (4,1)", lipconvnet5("gs-soc", 4, 1)},
+                               {"keep per group, GS-SOC (4,-)", lipconvnet5("gs-soc", 4, std::nullopt)},
+                               {"grouped SOC (g2), lln head", lipconvnet5("soc", 2, std::nullopt)}};
+  models[3].config.activation = "maxmin-paired";
+  models[4].config.keep = KeepChannels::per_group;
+  models[5].config.head = "lln";
+  TempDir dir;
+  std::string arguments;
+  for (size_t m = 0; m < models.size(); ++m) {
+    Exported& e = models[m];
+    INFO(e.name);
+    e.checkpoint = (dir.path / ("model" + std::to_string(m) + ".safetensors")).string();
+    e.onnx = (dir.path / ("model" + std::to_string(m) + ".onnx")).string();
+    e.logits = (dir.path / ("runtime" + std::to_string(m) + ".f32")).string();
+    {
+      LipConvnet fresh(e.config);
+      save_model(fresh, e.checkpoint);
+    }
+    const testing::CliResult exported =
+        testing::run_cli("export --checkpoint '" + e.checkpoint + "' --onnx '" + e.onnx + "'");
+    INFO(exported.err);
+    REQUIRE(exported.exit_code == 0);
+    arguments += " '" + e.onnx + "' '" + e.logits + "'";
+  }
+  const testing::CliResult run = testing::run_command("'" + std::string(kOnnxPython) + "' '" ORTHOCONV_SOURCE_DIR +
+                                                      "/tests/onnx_runtime_check.py' '" + data + "' " +
+                                                      std::to_string(kImages) + arguments);
+  INFO(run.err);
+  REQUIRE(run.exit_code == 0);
+  REQUIRE(testing::line_count(run.out) == models.size());
+  const CifarSplit test = load_cifar100(data, "test");
+  std::istringstream lines(run.out);
+  for (const Exported& e : models) {
+    std::string line;
+    std::getline(lines, line);
+    check_runtime_matches(e, json::parse(line), test);
+  }
 }
 
 TEST_CASE("ONNX export: a corrupted or unsupported checkpoint is one error line and leaves no file", "[onnx]") {
