@@ -48,7 +48,7 @@ int run_attack(const AttackCommandOptions& o, bool terms_given) {
   std::vector<int64_t> indices(static_cast<size_t>(count));
   for (int64_t i = 0; i < count; ++i) indices[static_cast<size_t>(i)] = i;
 
-  const NetworkBound bound = verify_network(model, config.eval_terms, Precision::float64, norm);
+  const NetworkBound bound = verify_network(model, Precision::float64, norm);
   const VerifiedEvaluation certs = evaluate_verified(model, bound, test, indices, norm, {o.eps});
   AttackOptions options;
   options.steps = o.steps;

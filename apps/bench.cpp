@@ -106,12 +106,13 @@ struct Timed {
   double median_ms() const { return median(ms); }
 };
 
-// The series convolutions of a layer: its ConvShapes (one per SOC stage).
+// The series convolutions of a layer: its ConvShapes (one per SOC stage, from the layer's steps).
 struct LayerCase {
   std::string name;
   std::string path = "-";          // the 1x1 stage's path setting, "-" without a 1x1 stage
   SocConv* one_by_one = nullptr;   // the 1x1 stage
   std::unique_ptr<Layer> layer;
+  std::vector<NetworkStep> steps;  // conv_steps of the layer (model.hpp)
   std::vector<ConvShape> series;   // one per SOC stage
   Tensor input, output, diff_output, diff_input;
   double series_macs() const {
@@ -133,31 +134,34 @@ std::unique_ptr<LayerCase> make_case(const std::string& name, int64_t channels, 
   base.train_terms = o.train_terms;
   base.eval_terms = o.eval_terms;
   base.seed = o.seed;
-  ConvShape s;
-  s.batch = batch;
-  s.in_channels = s.out_channels = channels;
-  s.height = s.width = size;
-  s.kernel = 3;
+  const Shape image{1, channels, size, size};
   if (groups_first == 0) {
-    c->layer = std::make_unique<SocConv>(base);
-    s.groups = 1;
-    c->series.push_back(s);
+    auto layer = std::make_unique<SocConv>(base);
+    c->steps = conv_steps(*layer, name, name, image);
+    c->layer = std::move(layer);
   } else {
     GsSocConfig config;
     config.base = base;
     config.groups_first = groups_first;
     if (groups_second > 0) config.groups_second = groups_second;
     auto layer = std::make_unique<GsSocConv>(config);
-    s.groups = groups_first;
+    c->steps = conv_steps(*layer, name, name, image);
+    c->layer = std::move(layer);
+  }
+  for (const NetworkStep& step : c->steps) {
+    if (!step.soc) continue;
+    const SocConfig& soc = step.soc->config();
+    ConvShape s;  // the series convolution: C*g channels at the output side
+    s.batch = batch;
+    s.in_channels = s.out_channels = soc.group_channels() * soc.groups;
+    s.height = s.width = step.output[2];
+    s.kernel = soc.kernel;
+    s.groups = soc.groups;
     c->series.push_back(s);
-    if (groups_second > 0) {
-      s.kernel = 1;
-      s.groups = groups_second;
-      c->series.push_back(s);
-      c->one_by_one = layer->second();
+    if (soc.kernel == 1) {
+      c->one_by_one = step.soc;
       c->one_by_one->set_path(parse_soc_path(path));
     }
-    c->layer = std::move(layer);
   }
   std::mt19937_64 rng(o.seed + 17);
   c->input = Tensor(Shape{batch, channels, size, size});
@@ -169,13 +173,9 @@ std::unique_ptr<LayerCase> make_case(const std::string& name, int64_t channels, 
 
 // Keeps every training-mode forward on the steady-state schedule (one power iteration, not the 50 of every
 // 200th step), so that repeats measure the same work.
-void steady_step(Layer& layer) {
-  if (auto* soc = dynamic_cast<SocConv*>(&layer)) {
-    soc->set_step(1);
-  } else if (auto* gs = dynamic_cast<GsSocConv*>(&layer)) {
-    gs->first().set_step(1);
-    if (gs->second()) gs->second()->set_step(1);
-  }
+void steady_step(const LayerCase& c) {
+  for (const NetworkStep& step : c.steps)
+    if (step.soc) step.soc->set_step(1);
 }
 
 nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::CpuBackend* cpu) {
@@ -225,12 +225,12 @@ nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::Cp
     if (lc->path != "-") lc->name += " " + lc->path;
     timed.push_back({lc->name + " forward", [lc] {
                        lc->layer->set_training(true);
-                       steady_step(*lc->layer);
+                       steady_step(*lc);
                        lc->layer->forward(lc->input, lc->output);
                      }, {}});
     timed.push_back({lc->name + " train", [lc] {
                        lc->layer->set_training(true);
-                       steady_step(*lc->layer);
+                       steady_step(*lc);
                        lc->layer->forward(lc->input, lc->output);
                        lc->layer->backward(lc->diff_output, lc->diff_input);
                      }, {}});

@@ -23,7 +23,7 @@ int run_certify_benchmark(const TrainBenchOptions& o) {
   LipConvnet model(config, backend_for(o.device == "cuda" ? Device::cuda : Device::cpu));
   model.set_training(false);
   const Normalization norm;
-  const Float64Network pass(model, norm, config.eval_terms);
+  const Float64Network pass(model, norm);
 
   std::mt19937_64 rng(42);
   std::vector<uint8_t> pixels(static_cast<size_t>(o.batch * pass.image_bytes()));

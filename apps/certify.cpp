@@ -121,7 +121,7 @@ int run_certify(const CertifyOptions& o, bool terms_given) {
   const int64_t count = o.images > 0 ? std::min(o.images, test.size()) : test.size();
   std::vector<int64_t> indices(static_cast<size_t>(count));
   for (int64_t i = 0; i < count; ++i) indices[static_cast<size_t>(i)] = i;
-  const NetworkBound bound = verify_network(model, config.eval_terms, Precision::float64, norm);
+  const NetworkBound bound = verify_network(model, Precision::float64, norm);
   // Under mpirun: each rank runs its share of the batches, every rank gets the one-process evaluation.
   const VerifiedEvaluation evaluation = evaluate_verified(model, bound, test, indices, norm, o.eps, o.batch, *job);
   double max_deviation = 0.0;

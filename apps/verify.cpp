@@ -38,8 +38,8 @@ int run_verify_checkpoint(const VerifyOptions& o, bool terms_given) {
   if (terms_given) model.set_terms(model.config().train_terms, o.terms);
   const ModelConfig& config = model.config();
   const Normalization& norm = loaded.normalization;
-  const NetworkBound b32 = verify_network(model, config.eval_terms, Precision::float32, norm);
-  const NetworkBound b64 = verify_network(model, config.eval_terms, Precision::float64, norm);
+  const NetworkBound b32 = verify_network(model, Precision::float32, norm);
+  const NetworkBound b64 = verify_network(model, Precision::float64, norm);
   if (o.json) {
     nlohmann::ordered_json layers = nlohmann::json::array();
     for (size_t i = 0; i < b32.layers.size(); ++i) {

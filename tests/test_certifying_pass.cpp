@@ -63,7 +63,9 @@ ref::SocParams given_filter(SocConv& soc) {
   return p;
 }
 
-// The whole LipConvnet in double, from the reference's pieces: x0 = (p/255 - mean)/std, then the blocks and head.
+// The whole LipConvnet in double, from the reference's pieces, step by step along model.steps() (which the
+// "[steps]" tests check against the model's own forward): x0 = (p/255 - mean)/std, then each shuffle, SocConv,
+// MaxMin, the flatten and the head.
 ref::Vec reference_logits(LipConvnet& model, const Normalization& norm, const uint8_t* pixels) {
   const int64_t side = model.config().input_side, plane = side * side;
   ref::Vec x(static_cast<size_t>(3 * plane));
@@ -71,36 +73,40 @@ ref::Vec reference_logits(LipConvnet& model, const Normalization& norm, const ui
     for (int64_t i = 0; i < plane; ++i)
       x[static_cast<size_t>(c * plane + i)] =
           (pixels[c * plane + i] / 255.0 - static_cast<double>(norm.mean[c])) / static_cast<double>(norm.std[c]);
-  int64_t h = side, channels = 3;
-  for (const LipConvnet::BlockView& block : model.blocks()) {
-    if (auto* soc = dynamic_cast<SocConv*>(block.conv)) {
-      x = ref::soc_forward(given_filter(*soc), x, 1, h, h);
-      channels = soc->config().out_channels;
-      h /= soc->config().stride;
-    } else {
-      auto& gs = dynamic_cast<GsSocConv&>(*block.conv);
-      ref::GsSocParams p = ref::gs_soc_params(gs);
-      p.first = given_filter(gs.first());
-      if (gs.second()) p.second = given_filter(*gs.second());
-      x = ref::gs_soc_forward(p, x, 1, h, h);
-      channels = gs.config().base.out_channels;
-      h /= gs.config().base.stride;
+  for (const NetworkStep& step : model.steps()) {
+    const int64_t channels = step.input[1], h = step.input[2];
+    switch (step.kind) {
+      case StepKind::shuffle: {
+        const std::vector<int32_t>& destination = step.shuffle->destination();
+        x = ref::permute_channels(x, std::vector<int64_t>(destination.begin(), destination.end()), 1, channels,
+                                  h * h);
+        break;
+      }
+      case StepKind::soc:
+        x = ref::soc_forward(given_filter(*step.soc), x, 1, h, h);
+        break;
+      case StepKind::maxmin:
+        x = ref::maxmin(x, 1, channels, h * h, step.maxmin->paired());
+        break;
+      case StepKind::flatten:  // C, H, W order: the same values
+        break;
+      case StepKind::lln: {
+        const int64_t features = channels;
+        const std::vector<double> q = step.lln->normalized_rows();
+        const ref::Vec b = ref::to_double(step.lln->bias().value);
+        ref::Vec y(static_cast<size_t>(model.config().classes));
+        for (size_t i = 0; i < y.size(); ++i) {
+          double sum = b[i];
+          for (int64_t f = 0; f < features; ++f)
+            sum += q[i * static_cast<size_t>(features) + static_cast<size_t>(f)] * x[static_cast<size_t>(f)];
+          y[i] = sum;
+        }
+        x = y;
+        break;
+      }
     }
-    x = ref::maxmin(x, 1, channels, h * h, block.activation->paired());
   }
-  const int64_t features = channels * h * h;
-  if (LinearNormalized* lln = model.lln_head()) {
-    const std::vector<double> q = lln->normalized_rows();
-    const ref::Vec b = ref::to_double(lln->bias().value);
-    ref::Vec y(static_cast<size_t>(model.config().classes));
-    for (size_t i = 0; i < y.size(); ++i) {
-      double s = b[i];
-      for (int64_t f = 0; f < features; ++f) s += q[i * static_cast<size_t>(features) + static_cast<size_t>(f)] * x[static_cast<size_t>(f)];
-      y[i] = s;
-    }
-    return y;
-  }
-  return ref::soc_forward(given_filter(*model.soc_layers().back().soc), x, 1, 1, 1);
+  return x;
 }
 
 double max_abs(const double* v, int64_t n) {

@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <set>
 
@@ -304,4 +305,210 @@ TEST_CASE("LipConvnet rejects impossible configurations with one clear message",
   CHECK_THROWS_WITH(LipConvnet(c), Catch::Contains("head"));
   c = shapes_only("soc", 1, 2);
   CHECK_THROWS_AS(LipConvnet(c), ConfigError);
+}
+
+namespace {
+
+// The configurations the step list must describe: plain SOC, GS-SOC (4,1) (identity middle shuffle), (4,-),
+// paired MaxMin, keep=per-group with (4,2) (a middle shuffle that moves channels), the lln head, and a
+// LipConvnet-10 (stride-1 blocks, input shuffles). Width 4 and few power iterations: cheap.
+struct StepVariant {
+  const char* name;
+  ModelConfig config;
+};
+
+std::vector<StepVariant> step_variants() {
+  ModelConfig base = tiny("gs-soc", 4, 1, "soc");
+  base.init_iterations = 3;
+  std::vector<StepVariant> out;
+  ModelConfig soc = base;
+  soc.conv = "soc";
+  soc.groups_first = 1;
+  soc.groups_second.reset();
+  out.push_back({"soc", soc});
+  out.push_back({"gs-soc(4,1)", base});
+  ModelConfig single = base;
+  single.groups_second.reset();
+  out.push_back({"gs-soc(4,-)", single});
+  ModelConfig paired = base;
+  paired.activation = "maxmin-paired";
+  out.push_back({"gs-soc(4,1), paired MaxMin", paired});
+  ModelConfig per_group = base;
+  per_group.keep = KeepChannels::per_group;
+  per_group.groups_second = 2;
+  out.push_back({"gs-soc(4,2), keep per-group", per_group});
+  ModelConfig lln = soc;
+  lln.groups_first = 2;
+  lln.head = "lln";
+  out.push_back({"soc(g2), lln head", lln});
+  ModelConfig deeper = base;
+  deeper.depth = 10;
+  deeper.groups_first = 2;
+  deeper.groups_second = 2;
+  deeper.activation = "maxmin-paired";
+  out.push_back({"LipConvnet-10 gs-soc(2,2), paired MaxMin", deeper});
+  return out;
+}
+
+// Runs model.steps() one by one through their own layers (flatten as a reshape), skipping step `skip` (-1: none).
+std::vector<float> run_steps(LipConvnet& model, const Tensor& images, int64_t skip = -1) {
+  const int64_t n = images.dim(0);
+  Tensor x = images;
+  const std::vector<NetworkStep>& steps = model.steps();
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const NetworkStep& step = steps[i];
+    if (static_cast<int64_t>(i) == skip) continue;
+    if (step.kind == StepKind::flatten) {
+      x = x.reshaped(Shape{n, step.output[1], 1, 1});
+      continue;
+    }
+    Tensor y;
+    step.layer->forward(x, y);
+    x = y;
+  }
+  return x.to_vector();
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+}  // namespace
+
+TEST_CASE("LipConvnet's steps, run one by one through their layers, give the model's logits bit for bit",
+          "[model][steps]") {
+  for (const StepVariant& v : step_variants()) {
+    SECTION(v.name) {
+      LipConvnet model(v.config);
+      model.set_training(false);
+      std::mt19937_64 rng(11);
+      const int64_t n = 3, side = v.config.input_side;
+      const Tensor images = random_tensor(Shape{n, 3, side, side}, rng);
+      Tensor logits;
+      model.forward(images, logits);
+      const std::vector<float> expected = logits.to_vector();
+
+      // Each step's shapes chain, and match what its layer produces on a batch.
+      const std::vector<NetworkStep>& steps = model.steps();
+      REQUIRE(steps.front().input == (Shape{1, 3, side, side}));
+      REQUIRE(steps.back().output == (Shape{1, v.config.classes, 1, 1}));
+      for (size_t i = 0; i < steps.size(); ++i) {
+        INFO(steps[i].name);
+        if (i > 0) CHECK(steps[i].input == steps[i - 1].output);
+        CHECK((steps[i].layer == nullptr) == (steps[i].kind == StepKind::flatten));
+        if (steps[i].layer)
+          CHECK(steps[i].layer->output_shape(steps[i].input) == steps[i].output);
+      }
+
+      const std::vector<float> stepped = run_steps(model, images);
+      REQUIRE(stepped.size() == expected.size());
+      CHECK(same_bits(stepped, expected));
+
+      // The comparison can fail: leaving out a step that moves values changes the logits. The first MaxMin, the
+      // first shuffle that is not the identity and the first SocConv that keeps the shape (the others cannot be
+      // left out without a shape error), where the variant has them.
+      std::vector<int64_t> mutations;
+      bool maxmin = false, shuffle = false, soc = false;
+      for (size_t i = 0; i < steps.size(); ++i) {
+        const NetworkStep& s = steps[i];
+        bool* first = nullptr;
+        if (s.kind == StepKind::maxmin) first = &maxmin;
+        if (s.kind == StepKind::shuffle && !s.shuffle->is_identity()) first = &shuffle;
+        if (s.kind == StepKind::soc && s.input == s.output) first = &soc;
+        if (first && !*first) {
+          mutations.push_back(static_cast<int64_t>(i));
+          *first = true;
+        }
+      }
+      REQUIRE(!mutations.empty());
+      for (int64_t skip : mutations) {
+        INFO("without step " << steps[static_cast<size_t>(skip)].name);
+        const std::vector<float> wrong = run_steps(model, images, skip);
+        CHECK_FALSE(same_bits(wrong, expected));
+      }
+    }
+  }
+}
+
+TEST_CASE("LipConvnet's step list is the configured structure: kinds, names, groups and shuffles in order",
+          "[model][steps]") {
+  for (const StepVariant& v : step_variants()) {
+    SECTION(v.name) {
+      ModelConfig config = v.config;
+      config.init_iterations = 0;  // structure only
+      LipConvnet model(config);
+      const std::vector<NetworkStep>& steps = model.steps();
+      // The expected list, from the configuration (model.hpp's builder description and gs_soc_conv.hpp).
+      size_t at = 0;
+      auto next = [&](StepKind kind, const std::string& name) -> const NetworkStep& {
+        INFO("expected " << step_kind_name(kind) << " " << name << " at " << at);
+        REQUIRE(at < steps.size());
+        const NetworkStep& s = steps[at++];
+        CHECK(s.kind == kind);
+        CHECK(s.name == name);
+        return s;
+      };
+      auto check_shuffle = [&](const NetworkStep& s, int64_t channels, int64_t groups) {
+        REQUIRE(s.shuffle != nullptr);
+        const std::vector<int32_t>& destination = s.shuffle->destination();
+        REQUIRE(static_cast<int64_t>(destination.size()) == channels);
+        // channel_shuffle.hpp's formula, written out again.
+        for (int64_t i = 0; i < channels; ++i) {
+          const int64_t expected = config.paired()
+                                       ? ((i / 2) % groups) * (channels / groups) + 2 * (i / (2 * groups)) + i % 2
+                                       : (i % groups) * (channels / groups) + i / groups;
+          CHECK(destination[static_cast<size_t>(i)] == expected);
+        }
+      };
+      int64_t in_planes = 3, side = config.input_side;
+      for (int stage = 0; stage < 5; ++stage) {
+        const int64_t planes = stage == 0 ? config.init_channels : in_planes;
+        for (int64_t b = 0; b < config.block_size(); ++b) {
+          const std::string block = "stage" + std::to_string(stage + 1) + ".block" + std::to_string(b);
+          const bool last = b == config.block_size() - 1;
+          const int64_t stride = last ? 2 : 1, kernel = last && stage == 4 ? 1 : 3, out = planes * stride;
+          if (config.conv == "soc") {
+            const NetworkStep& s = next(StepKind::soc, block + ".conv");
+            CHECK(s.soc->config().groups == config.groups_first);
+            CHECK((s.soc->config().kernel == kernel && s.soc->config().stride == stride));
+            CHECK(s.input == (Shape{1, in_planes, side, side}));
+          } else {
+            const int64_t a = config.groups_first;
+            if (in_planes % (config.paired() ? 2 * a : a) == 0)
+              check_shuffle(next(StepKind::shuffle, block + ".conv.input_shuffle"), in_planes, a);
+            const NetworkStep& first = next(StepKind::soc, block + ".conv.first");
+            CHECK(first.soc->config().groups == a);
+            CHECK((first.soc->config().kernel == kernel && first.soc->config().stride == stride));
+            CHECK(first.input == (Shape{1, in_planes, side, side}));
+            CHECK(first.soc->config().keep == config.keep);
+            if (config.groups_second) {
+              check_shuffle(next(StepKind::shuffle, block + ".conv.middle_shuffle"), out, *config.groups_second);
+              const NetworkStep& second = next(StepKind::soc, block + ".conv.second");
+              CHECK(second.soc->config().groups == *config.groups_second);
+              CHECK(second.soc->config().kernel == 1);
+              CHECK(second.input == (Shape{1, out, side / stride, side / stride}));
+            }
+          }
+          const NetworkStep& act = next(StepKind::maxmin, block + ".activation");
+          CHECK(act.maxmin->paired() == config.paired());
+          CHECK(act.input == (Shape{1, out, side / stride, side / stride}));
+          CHECK(act.block == block);
+          in_planes = out;
+          side /= stride;
+        }
+      }
+      const NetworkStep& flatten = next(StepKind::flatten, "flatten");
+      CHECK(flatten.output == (Shape{1, model.features(), 1, 1}));
+      const NetworkStep& head = next(config.head == "soc" ? StepKind::soc : StepKind::lln, "head");
+      CHECK(head.input == (Shape{1, model.features(), 1, 1}));
+      CHECK(at == steps.size());
+      // The SocConvs of the list are soc_layers(), which name the parameters and buffers of checkpoints.
+      std::vector<std::string> soc_names;
+      for (const NetworkStep& s : steps)
+        if (s.kind == StepKind::soc) soc_names.push_back(s.name);
+      std::vector<std::string> layer_names;
+      for (const NamedSoc& s : model.soc_layers()) layer_names.push_back(s.name);
+      CHECK(soc_names == layer_names);
+    }
+  }
 }

@@ -403,20 +403,28 @@ TEST_CASE("a bf16 LipConvnet-5 training step matches the float32 step within tol
   const StepResult a = forward_backward(fp32, images, labels), b = forward_backward(bf16, images, labels);
 
   // The blocks' inputs and output gradients in a float32 step.
-  auto stages_of = [](LipConvnet& m, const std::string& prefix) {
-    std::vector<SocConv*> out;
-    for (NamedSoc& s : m.soc_layers())
-      if (s.name == prefix || s.name.rfind(prefix + ".", 0) == 0) out.push_back(s.soc);
+  // The blocks from the model's steps: each block's convolution layer and its SocConvs in order.
+  struct BlockLayers {
+    std::string name;
+    Layer* conv;
+    std::vector<SocConv*> stages;
+  };
+  auto blocks_of = [](LipConvnet& m) {
+    std::vector<BlockLayers> out;
+    for (const NetworkStep& s : m.steps()) {
+      if (s.block == "head" || s.kind == StepKind::maxmin || s.kind == StepKind::flatten) continue;
+      if (out.empty() || out.back().name != s.block) out.push_back({s.block, s.block_layer, {}});
+      if (s.soc) out.back().stages.push_back(s.soc);
+    }
     return out;
   };
   std::vector<BlockRun> blocks;
-  auto cb = chain.blocks(), fb = fp32.blocks(), bb = bf16.blocks();
+  auto cb = blocks_of(chain), fb = blocks_of(fp32), bb = blocks_of(bf16);
   std::vector<MaxMin> activations(cb.size());
   std::vector<Tensor> outputs(cb.size());
   Tensor x = images;
   for (size_t i = 0; i < cb.size(); ++i) {
-    blocks.push_back({fb[i].name, fb[i].conv, bb[i].conv, stages_of(fp32, fb[i].name + ".conv"),
-                      stages_of(bf16, bb[i].name + ".conv"), x, {}});
+    blocks.push_back({fb[i].name, fb[i].conv, bb[i].conv, fb[i].stages, bb[i].stages, x, {}});
     Tensor y;
     cb[i].conv->forward(x, y);
     activations[i].forward(y, outputs[i]);

@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "orthoconv/data.hpp"
@@ -31,8 +32,9 @@ namespace orthoconv {
 template <class Real>
 class HostNetwork {
  public:
-  // terms: series terms of every SocConv (the model's evaluation terms, normally).
-  HostNetwork(LipConvnet& model, const Normalization& norm, int terms);
+  // The steps of model.steps(), in order. terms: series terms of every SocConv; by default each SocConv's
+  // evaluation terms (the model's eval_terms), the number the float32 forward runs.
+  HostNetwork(LipConvnet& model, const Normalization& norm, std::optional<int> terms = std::nullopt);
   ~HostNetwork();
   HostNetwork(const HostNetwork&) = delete;
   HostNetwork& operator=(const HostNetwork&) = delete;

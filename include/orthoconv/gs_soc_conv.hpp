@@ -48,6 +48,8 @@ class GsSocConv : public Layer {
   // The shuffles applied before the first and before the second SocConv (null where there is none).
   const ChannelShuffle* input_shuffle() const { return input_shuffle_.get(); }
   const ChannelShuffle* middle_shuffle() const { return middle_shuffle_.get(); }
+  ChannelShuffle* input_shuffle() { return input_shuffle_.get(); }
+  ChannelShuffle* middle_shuffle() { return middle_shuffle_.get(); }
 
  private:
   GsSocConfig config_;

@@ -131,6 +131,54 @@ struct NamedSoc {
   SocConv* soc;
 };
 
+// One step of a LipConvnet's evaluation, in the order the model's forward runs them: the one description of the
+// network's structure. LipConvnet::steps() lists them; the float64 certifying pass, the verified bound
+// (network_bound.hpp), the layer table, `bench layers`, the ONNX export and the tests are built from that list,
+// and a test runs the steps one by one through their layers and gets the model's logits bit for bit.
+//
+// LipConvnet-N is, block by block (stage s = 1..5, block b = 0..block_size-1, prefix "stage<s>.block<b>"):
+//   conv "soc":     soc      "<prefix>.conv"
+//   conv "gs-soc":  shuffle  "<prefix>.conv.input_shuffle"   (only where the GS-SOC layer shuffles its input)
+//                   soc      "<prefix>.conv.first"           (k x k, groups a, the block's stride)
+//                   shuffle  "<prefix>.conv.middle_shuffle"  (b only; with b = 1 it is the identity permutation,
+//                   soc      "<prefix>.conv.second"           which the model's forward skips: see is_identity())
+//   activation:     maxmin   "<prefix>.activation"
+// then flatten "flatten" ([1, C, H, W] -> [1, C*H*W, 1, 1], C, H, W order: the same values in the same order) and
+// the head "head": soc (SocConv 1x1, F -> classes, the first `classes` outputs kept) or lln (LinearNormalized).
+// What each kind carries (exactly one typed pointer is set, none for flatten; `layer` is the same object):
+//   shuffle: `shuffle`  output channel destination()[c] = input channel c (channel_shuffle.hpp); shape unchanged.
+//   soc:     `soc`      config() (channels, kernel, stride, groups, keep, bias), scaled_filter() (A_n), bias();
+//                       series terms in evaluation: soc->config().eval_terms (= the model's eval_terms).
+//   maxmin:  `maxmin`   paired() (maxmin.hpp); shape unchanged.
+//   lln:     `lln`      weight(), bias(), normalized_rows().
+// Shapes are one image's, NCHW: input [1, C, H, W] -> output [1, C', H', W'] (the head's output [1, classes, 1, 1]).
+enum class StepKind { shuffle, soc, maxmin, flatten, lln };
+const char* step_kind_name(StepKind kind);  // "shuffle", "soc", "maxmin", "flatten", "lln"
+
+struct NetworkStep {
+  StepKind kind = StepKind::flatten;
+  std::string name;      // hierarchical, as above; a soc step's name prefixes its parameters and buffers
+  std::string block;     // the layer-table row it belongs to: "stage1.block0", ..., "head"; "flatten" for flatten
+  Shape input, output;   // one image
+  // Runs the step: layer->forward(batch of `input`, batch of `output`) (any batch size); null for flatten.
+  Layer* layer = nullptr;
+  ChannelShuffle* shuffle = nullptr;
+  SocConv* soc = nullptr;
+  MaxMin* maxmin = nullptr;
+  LinearNormalized* lln = nullptr;
+  // The layer of the model's forward that contains this step (the block's SocConv or GsSocConv for shuffle and soc
+  // steps, the MaxMin, the head); null for flatten.
+  Layer* block_layer = nullptr;
+};
+
+// The steps of one convolution layer on `input` (one image, [1, C, H, W]), named under `name` as above (a plain
+// SocConv is one soc step named `name`). LipConvnet::steps() is built from these; tools that run a single layer
+// (bench layers) use them too. block_layer is the layer itself; block is `block`.
+std::vector<NetworkStep> conv_steps(SocConv& conv, const std::string& name, const std::string& block,
+                                    const Shape& input);
+std::vector<NetworkStep> conv_steps(GsSocConv& conv, const std::string& name, const std::string& block,
+                                    const Shape& input);
+
 // One row of the layer table.
 struct LayerRow {
   std::string name;         // "stage1.block0"
@@ -174,16 +222,10 @@ class LipConvnet {
   std::vector<NamedBuffer> buffers();   // power-iteration vectors
   std::vector<NamedSoc> soc_layers();   // every SocConv (step counters)
   int64_t parameter_count();            // trainable values (power-iteration vectors excluded)
-  std::vector<LayerRow> layer_table();
+  std::vector<LayerRow> layer_table();  // one row per block and the head, from steps()
 
-  // The blocks in order (for tools that walk the network, such as the float64 certifying pass): the
-  // convolution (SocConv or GsSocConv) and its activation. The head is soc_layers().back() or lln_head().
-  struct BlockView {
-    std::string name;  // "stage1.block0"
-    Layer* conv;
-    const MaxMin* activation;
-  };
-  std::vector<BlockView> blocks();
+  // Every step of the evaluation in order (NetworkStep above): fixed at construction, valid while the model lives.
+  const std::vector<NetworkStep>& steps() { return steps_; }
 
   LinearNormalized* lln_head() { return lln_head_; }  // null for the soc head
   int64_t features() const { return features_; }      // head input size F
@@ -192,6 +234,8 @@ class LipConvnet {
   struct Block {
     std::string name;
     std::unique_ptr<Layer> conv;
+    SocConv* soc = nullptr;    // conv, when it is a SocConv
+    GsSocConv* gs = nullptr;   // conv, when it is a GsSocConv
     std::unique_ptr<MaxMin> activation;
     Tensor conv_out, act_out;
   };
@@ -206,6 +250,7 @@ class LipConvnet {
   Tensor head_out_;
   Tensor diff_a_, diff_b_;
   Shape input_shape_;
+  std::vector<NetworkStep> steps_;
 };
 
 }  // namespace orthoconv

@@ -62,7 +62,9 @@ struct NetworkBound {
   double lln_row_error = 0.0;          // lln: |own rounding of logit i| <= lln_row_error * ||head input|| + u |y_i|
 };
 
-// norm: the input normalization (its smallest std enters the float32 input rounding).
+// norm: the input normalization (its smallest std enters the float32 input rounding). The SocConvs are those of
+// model.steps(), each on its step's input shape; terms: the model's evaluation terms unless given.
+NetworkBound verify_network(LipConvnet& model, Precision precision, const Normalization& norm);
 NetworkBound verify_network(LipConvnet& model, int terms, Precision precision, const Normalization& norm);
 
 // >= the norm of the zero-padded convolution by the elementwise |filter| ([g, C, C, k, k]).

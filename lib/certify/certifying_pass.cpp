@@ -137,9 +137,9 @@ struct HostNetwork<Real>::Impl {
 };
 
 template <class Real>
-HostNetwork<Real>::HostNetwork(LipConvnet& model, const Normalization& norm, int terms)
+HostNetwork<Real>::HostNetwork(LipConvnet& model, const Normalization& norm, std::optional<int> terms)
     : impl_(std::make_unique<Impl>()) {
-  require(terms > 0, "certifying pass: terms must be positive, got ", terms);
+  require(!terms || *terms > 0, "certifying pass: terms must be positive, got ", terms.value_or(0));
   norm.lipschitz();  // validates the stds
   impl_->side = model.config().input_side;
   impl_->classes = model.config().classes;
@@ -147,55 +147,51 @@ HostNetwork<Real>::HostNetwork(LipConvnet& model, const Normalization& norm, int
     impl_->offset[c] = 255.0 * static_cast<double>(norm.mean[c]);
     impl_->divisor[c] = 255.0 * static_cast<double>(norm.std[c]);
   }
-  auto add_soc = [&](SocConv& soc) {
-    Step<Real> step(Step<Real>::Kind::soc);
-    step.soc = snapshot<Real>(soc, terms);
-    impl_->steps.push_back(std::move(step));
-  };
-  auto add_shuffle = [&](const ChannelShuffle* shuffle) {
-    if (!shuffle) return;
-    Step<Real> step(Step<Real>::Kind::shuffle);
-    step.destination = shuffle->destination();
-    impl_->steps.push_back(std::move(step));
-  };
-  for (const LipConvnet::BlockView& block : model.blocks()) {
-    if (auto* soc = dynamic_cast<SocConv*>(block.conv)) {
-      add_soc(*soc);
-    } else if (auto* gs = dynamic_cast<GsSocConv*>(block.conv)) {
-      add_shuffle(gs->input_shuffle());
-      add_soc(gs->first());
-      if (gs->second()) {
-        add_shuffle(gs->middle_shuffle());
-        add_soc(*gs->second());
+  // The model's own steps, snapshotted in order.
+  for (const NetworkStep& network_step : model.steps()) {
+    switch (network_step.kind) {
+      case StepKind::shuffle: {
+        Step<Real> step(Step<Real>::Kind::shuffle);
+        step.destination = network_step.shuffle->destination();
+        impl_->steps.push_back(std::move(step));
+        break;
       }
-    } else {
-      throw Error("certifying pass: block " + block.name + " has an unknown layer kind '" + block.conv->kind() + "'");
-    }
-    Step<Real> act(Step<Real>::Kind::maxmin);
-    act.paired = block.activation->paired();
-    impl_->steps.push_back(std::move(act));
-  }
-  impl_->steps.emplace_back(Step<Real>::Kind::flatten);
-  if (LinearNormalized* lln = model.lln_head()) {
-    Step<Real> head(Step<Real>::Kind::lln);
-    const std::vector<float> weight = lln->weight().value.to_vector();
-    const int64_t features = model.features();
-    head.rows.resize(weight.size());
-    for (int64_t i = 0; i < impl_->classes; ++i) {
-      Real sum = 0;
-      for (int64_t f = 0; f < features; ++f) {
-        const Real v = static_cast<Real>(weight[static_cast<size_t>(i * features + f)]);
-        sum += v * v;
+      case StepKind::soc: {
+        Step<Real> step(Step<Real>::Kind::soc);
+        step.soc = snapshot<Real>(*network_step.soc, terms.value_or(network_step.soc->config().eval_terms));
+        impl_->steps.push_back(std::move(step));
+        break;
       }
-      const Real norm_i = std::sqrt(sum);
-      for (int64_t f = 0; f < features; ++f)
-        head.rows[static_cast<size_t>(i * features + f)] =
-            static_cast<Real>(weight[static_cast<size_t>(i * features + f)]) / norm_i;
+      case StepKind::maxmin: {
+        Step<Real> step(Step<Real>::Kind::maxmin);
+        step.paired = network_step.maxmin->paired();
+        impl_->steps.push_back(std::move(step));
+        break;
+      }
+      case StepKind::flatten:
+        impl_->steps.emplace_back(Step<Real>::Kind::flatten);
+        break;
+      case StepKind::lln: {
+        Step<Real> head(Step<Real>::Kind::lln);
+        const std::vector<float> weight = network_step.lln->weight().value.to_vector();
+        const int64_t features = network_step.input[1];
+        head.rows.resize(weight.size());
+        for (int64_t i = 0; i < impl_->classes; ++i) {
+          Real sum = 0;
+          for (int64_t f = 0; f < features; ++f) {
+            const Real v = static_cast<Real>(weight[static_cast<size_t>(i * features + f)]);
+            sum += v * v;
+          }
+          const Real norm_i = std::sqrt(sum);
+          for (int64_t f = 0; f < features; ++f)
+            head.rows[static_cast<size_t>(i * features + f)] =
+                static_cast<Real>(weight[static_cast<size_t>(i * features + f)]) / norm_i;
+        }
+        for (float b : network_step.lln->bias().value.to_vector()) head.bias.push_back(static_cast<Real>(b));
+        impl_->steps.push_back(std::move(head));
+        break;
+      }
     }
-    for (float b : lln->bias().value.to_vector()) head.bias.push_back(static_cast<Real>(b));
-    impl_->steps.push_back(std::move(head));
-  } else {
-    add_soc(*model.soc_layers().back().soc);
   }
   int64_t side = impl_->side;
   for (const Step<Real>& step : impl_->steps) {

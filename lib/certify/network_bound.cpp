@@ -8,7 +8,6 @@
 #include <chrono>
 #include <cmath>
 #include <limits>
-#include <map>
 
 namespace orthoconv {
 
@@ -76,6 +75,10 @@ double bias_map_norm(SocConv& soc, int64_t output_side) {
 
 }  // namespace
 
+NetworkBound verify_network(LipConvnet& model, Precision precision, const Normalization& norm) {
+  return verify_network(model, model.config().eval_terms, precision, norm);
+}
+
 NetworkBound verify_network(LipConvnet& model, int terms, Precision precision, const Normalization& norm) {
   require(terms > 0, "verify_network: terms must be positive, got ", terms);
   NetworkBound out;
@@ -85,11 +88,6 @@ NetworkBound verify_network(LipConvnet& model, int terms, Precision precision, c
   out.terms = terms;
   out.lln = model.lln_head() != nullptr;
 
-  // Input side of each SocConv, from the layer table: "X.conv" / "X.conv.first" read block X's input,
-  // "X.conv.second" its output (after the stride), "head" runs on 1 x 1.
-  std::map<std::string, std::pair<int64_t, int64_t>> sides;  // block -> (input side, output side)
-  for (const LayerRow& row : model.layer_table()) sides[row.name] = {row.input[2], row.output[2]};
-
   // Affine forms a * ||x0|| + b for the computed activation norm (X) and the accumulated error (D), starting
   // with the input's own rounding (header): float64 u |x0|; float32 2.01 u |x0| + 1.01 u ||p/255|| / min std,
   // with ||p/255|| <= sqrt(3 side^2).
@@ -98,20 +96,13 @@ NetworkBound verify_network(LipConvnet& model, int terms, Precision precision, c
   double db = precision == Precision::float64 ? 0.0 : 1.01 * u * std::sqrt(3.0) * image_side * norm.lipschitz();
   xa += da;
   xb += db;
-  for (NamedSoc& named : model.soc_layers()) {
-    SocConv& soc = *named.soc;
+  for (const NetworkStep& step : model.steps()) {
+    if (step.kind != StepKind::soc) continue;  // shuffles, MaxMin and the flatten are exact and 1-Lipschitz
+    SocConv& soc = *step.soc;
     const SocConfig& config = soc.config();
-    int64_t side = 1;
-    if (named.name != "head") {
-      std::string block = named.name.substr(0, named.name.find(".conv"));
-      auto it = sides.find(block);
-      require<Error>(it != sides.end(), "verify_network: no layer-table row for ", named.name);
-      side = named.name.size() > 7 && named.name.compare(named.name.size() - 7, 7, ".second") == 0
-                 ? it->second.second
-                 : it->second.first;
-    }
+    const int64_t side = step.input[2];
     NamedLayerBound layer;
-    layer.name = named.name;
+    layer.name = step.name;
     layer.bound = soc_layer_bound(soc, side, terms);
     Tensor scaled = soc.scaled_filter();
     layer.abs_norm = abs_filter_norm_bound(scaled.to_vector(), config.groups, config.group_channels(), config.kernel);
@@ -260,7 +251,7 @@ VerifiedEvaluation evaluate_verified(LipConvnet& model, const NetworkBound& boun
   for (int e : eps_numerators) out.nominal.certified[e] = out.verified.certified[e] = out.lipschitz.certified[e] = 0;
   NetworkBound exact = bound;  // the same L, no rounding allowance
   exact.error_per_input_norm = exact.error_constant = exact.lln_row_error = exact.unit = 0.0;
-  const Float64Network certifying(model, norm, bound.terms);
+  const Float64Network certifying(model, norm);  // the model's terms, which the bound is for (above)
   std::vector<uint8_t> pixels;
   std::vector<double> logits64, row32(static_cast<size_t>(classes));
   using Clock = std::chrono::steady_clock;

@@ -164,14 +164,18 @@ LipConvnet::LipConvnet(const ModelConfig& config, std::shared_ptr<Backend> backe
       try {
         if (config_.conv == "soc") {
           base.groups = config_.groups_first;
-          block.conv = std::make_unique<SocConv>(base, backend_);
+          auto soc = std::make_unique<SocConv>(base, backend_);
+          block.soc = soc.get();
+          block.conv = std::move(soc);
         } else {
           GsSocConfig gs;
           gs.base = base;
           gs.groups_first = config_.groups_first;
           gs.groups_second = config_.groups_second;
           gs.paired = config_.paired();
-          block.conv = std::make_unique<GsSocConv>(gs, backend_);
+          auto layer = std::make_unique<GsSocConv>(gs, backend_);
+          block.gs = layer.get();
+          block.conv = std::move(layer);
         }
       } catch (const ConfigError& e) {
         throw ConfigError(block.name + " (" + std::to_string(base.in_channels) + "->" +
@@ -190,6 +194,7 @@ LipConvnet::LipConvnet(const ModelConfig& config, std::shared_ptr<Backend> backe
   }
   features_ = in_planes * side * side;
   const uint64_t head_seed = mix_seed(config_.seed, 1000003);
+  SocConv* soc_head = nullptr;
   if (config_.head == "soc") {
     SocConfig head;
     head.in_channels = features_;
@@ -202,7 +207,9 @@ LipConvnet::LipConvnet(const ModelConfig& config, std::shared_ptr<Backend> backe
     head.seed = head_seed;
     head.init_iterations = config_.init_iterations;
     head.schedule = config_.power_schedule;
-    head_ = std::make_unique<SocConv>(head, backend_);
+    auto layer = std::make_unique<SocConv>(head, backend_);
+    soc_head = layer.get();
+    head_ = std::move(layer);
   } else {
     auto lln = std::make_unique<LinearNormalized>(features_, config_.classes, head_seed, backend_);
     lln_head_ = lln.get();
@@ -212,6 +219,41 @@ LipConvnet::LipConvnet(const ModelConfig& config, std::shared_ptr<Backend> backe
     head_out_ = Tensor(Shape{1}, backend_->device());
     diff_a_ = Tensor(Shape{1}, backend_->device());
     diff_b_ = Tensor(Shape{1}, backend_->device());
+  }
+  // The steps, in the order forward() runs them (model.hpp, NetworkStep).
+  Shape shape{1, 3, config_.input_side, config_.input_side};
+  for (Block& block : blocks_) {
+    const std::vector<NetworkStep> conv = block.soc ? conv_steps(*block.soc, block.name + ".conv", block.name, shape)
+                                                    : conv_steps(*block.gs, block.name + ".conv", block.name, shape);
+    steps_.insert(steps_.end(), conv.begin(), conv.end());
+    NetworkStep activation;
+    activation.kind = StepKind::maxmin;
+    activation.name = block.name + ".activation";
+    activation.block = block.name;
+    activation.input = steps_.back().output;
+    activation.output = block.activation->output_shape(activation.input);
+    activation.maxmin = block.activation.get();
+    activation.layer = activation.block_layer = block.activation.get();
+    shape = activation.output;
+    steps_.push_back(activation);
+  }
+  NetworkStep flatten;
+  flatten.kind = StepKind::flatten;
+  flatten.name = flatten.block = "flatten";
+  flatten.input = shape;
+  flatten.output = Shape{1, features_, 1, 1};
+  steps_.push_back(flatten);
+  if (soc_head) {
+    steps_.push_back(conv_steps(*soc_head, "head", "head", flatten.output).front());
+  } else {
+    NetworkStep head;
+    head.kind = StepKind::lln;
+    head.name = head.block = "head";
+    head.input = flatten.output;
+    head.output = lln_head_->output_shape(head.input);
+    head.lln = lln_head_;
+    head.layer = head.block_layer = lln_head_;
+    steps_.push_back(head);
   }
   set_training(true);
 }
@@ -294,23 +336,8 @@ void LipConvnet::zero_grad() {
 
 std::vector<NamedSoc> LipConvnet::soc_layers() {
   std::vector<NamedSoc> out;
-  for (Block& block : blocks_) {
-    const std::string prefix = block.name + ".conv";
-    if (auto* soc = dynamic_cast<SocConv*>(block.conv.get())) {
-      out.push_back({prefix, soc});
-    } else {
-      auto* gs = static_cast<GsSocConv*>(block.conv.get());
-      out.push_back({prefix + ".first", &gs->first()});
-      if (gs->second()) out.push_back({prefix + ".second", gs->second()});
-    }
-  }
-  if (auto* soc = dynamic_cast<SocConv*>(head_.get())) out.push_back({"head", soc});
-  return out;
-}
-
-std::vector<LipConvnet::BlockView> LipConvnet::blocks() {
-  std::vector<BlockView> out;
-  for (Block& block : blocks_) out.push_back({block.name, block.conv.get(), block.activation.get()});
+  for (const NetworkStep& step : steps_)
+    if (step.soc) out.push_back({step.name, step.soc});
   return out;
 }
 
@@ -338,26 +365,26 @@ int64_t LipConvnet::parameter_count() {
   return count;
 }
 
+// A row per block and the head: the block's input, its convolution's output (the activation keeps the shape), the
+// description of the block's layers and the parameters of its steps.
 std::vector<LayerRow> LipConvnet::layer_table() {
   std::vector<LayerRow> rows;
-  Shape shape{1, 3, config_.input_side, config_.input_side};
-  for (Block& block : blocks_) {
-    LayerRow row;
-    row.name = block.name;
-    row.description = block.conv->describe() + ", " + block.activation->describe();
-    row.input = shape;
-    row.output = block.conv->output_shape(shape);
-    row.parameters = block.conv->parameter_count();
-    shape = row.output;
-    rows.push_back(row);
+  for (const NetworkStep& step : steps_) {
+    if (!step.block_layer) continue;  // flatten
+    if (rows.empty() || rows.back().name != step.block) {
+      LayerRow row;
+      row.name = step.block;
+      row.description = step.block_layer->describe();
+      row.input = step.input;
+      row.output = step.output;
+      rows.push_back(row);
+    } else if (step.kind == StepKind::maxmin) {
+      rows.back().description += ", " + step.maxmin->describe();
+    } else {
+      rows.back().output = step.output;
+    }
+    if (step.kind == StepKind::soc || step.kind == StepKind::lln) rows.back().parameters += step.layer->parameter_count();
   }
-  LayerRow head;
-  head.name = "head";
-  head.input = Shape{1, features_, 1, 1};
-  head.output = head_->output_shape(head.input);
-  head.description = head_->describe();
-  head.parameters = head_->parameter_count();
-  rows.push_back(head);
   return rows;
 }
 
