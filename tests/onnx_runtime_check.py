@@ -7,10 +7,11 @@ For each model (one Python start for all of them: importing onnxruntime costs mo
 checks the file with the `onnx` package's checker (full_check: shape inference too), reads the first IMAGES
 records of CIFAR_DIR/test.bin as a person would feed the model (pixels = byte / 255 in float32, [N, 3, 32, 32]),
 runs them through onnxruntime's CPU provider, writes the logits as raw float32 [IMAGES, classes] to OUT.f32 and
-prints one line of JSON: the opset, the operator types used (and their domains), the graph's input and output
+prints one line of JSON: the opset, the operator types used (how often, and their domains), the graph's input and output
 shapes, and the model's metadata. The comparison with orthoconv's own logits (and its tolerance) is the C++ test's.
 Exits 1 with a message on stderr when the checker refuses a model.
 """
+import collections
 import json
 import sys
 
@@ -38,6 +39,7 @@ def check(model_path: str, x: np.ndarray, out_path: str) -> dict:
         "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
         "ir_version": model.ir_version,
         "operators": sorted({n.op_type for n in model.graph.node}),
+        "operator_counts": dict(collections.Counter(n.op_type for n in model.graph.node)),
         "domains": sorted({n.domain for n in model.graph.node}),
         "input": {i.name: dims(i) for i in model.graph.input},
         "output": {o.name: dims(o) for o in model.graph.output},

@@ -123,6 +123,15 @@ void check_runtime_matches(const Exported& e, const json& report, const CifarSpl
   const std::set<std::string> standard{"Add", "Concat", "Conv", "Div", "Flatten", "Gather", "MatMul", "Max", "Min",
                                        "Pad", "Reshape", "Slice", "SpaceToDepth", "Split", "Sub"};
   for (const auto& op : report["operators"]) CHECK(standard.count(op.get<std::string>()) == 1);
+  // The series as its terms: K Conv nodes per k x k SocConv (K = the checkpoint's 12 evaluation terms), one per
+  // 1x1 SocConv of the body, the head one MatMul.
+  int64_t convolutions = 0;
+  for (const NetworkStep& step : model.steps())
+    if (step.kind == StepKind::soc && step.name != "head")
+      convolutions += step.soc->config().kernel > 1 ? model.config().eval_terms : 1;
+  REQUIRE(model.config().eval_terms == 12);
+  CHECK(report["operator_counts"]["Conv"] == convolutions);
+  CHECK(report["operator_counts"]["MatMul"] == 1);
   CHECK(report["input"] == json({{kOnnxInputName, {"N", 3, 32, 32}}}));
   CHECK(report["output"] == json({{kOnnxOutputName, {"N", classes}}}));
   // The metadata, as the onnx package reads it, is the verified bound of the network for the exported terms.

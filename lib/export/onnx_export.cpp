@@ -386,10 +386,12 @@ Activation add_flatten(GraphWriter& w, const Activation& x) {
   return {node.output(0), x.channels * x.side * x.side, 1, 2};
 }
 
-Activation add_lln(GraphWriter& w, LinearNormalized& head, int64_t features, const Activation& x) {
-  require<Error>(x.rank == 2 && x.channels == features, "ONNX export: the lln head expects ", features,
-                 " features, the graph has ", x.channels);
+Activation add_lln(GraphWriter& w, LinearNormalized& head, const Activation& x) {
+  require<Error>(x.rank == 2, "ONNX export: the lln head before Flatten");
+  const int64_t features = x.channels;
   const std::vector<double> rows = head.normalized_rows();  // [classes, F], w_i / ||w_i|| in double
+  require<Error>(features > 0 && rows.size() % static_cast<size_t>(features) == 0, "ONNX export: the lln head has ",
+                 rows.size(), " weights for ", features, " features");
   const int64_t classes = static_cast<int64_t>(rows.size()) / features;
   std::vector<float> transposed(rows.size());
   for (int64_t i = 0; i < classes; ++i)
@@ -407,28 +409,35 @@ Activation add_normalization(GraphWriter& w, const Normalization& norm, int64_t 
   return {w.op("Div", {centred, w.floats("normalization.std", {1, 3, 1, 1}, std)}, "normalization"), 3, side, 4};
 }
 
-// The network's steps in order (TODO(issue 14 §1): the model's public list of steps).
+// The network's steps in order, as the model lists them (LipConvnet::steps(): the one description every pass walks);
+// each step's output shape is checked against the graph's.
 Activation add_network(GraphWriter& w, LipConvnet& model, const Activation& input, int terms) {
   Activation x = input;
-  for (const LipConvnet::BlockView& block : model.blocks()) {
-    if (auto* soc = dynamic_cast<SocConv*>(block.conv)) {
-      x = add_soc(w, *soc, block.name + ".conv", x, terms);
-    } else if (auto* gs = dynamic_cast<GsSocConv*>(block.conv)) {
-      if (gs->input_shuffle()) x = add_shuffle(w, gs->input_shuffle()->destination(), block.name + ".shuffle", x);
-      x = add_soc(w, gs->first(), block.name + ".conv.first", x, terms);
-      if (gs->second()) {
-        if (gs->middle_shuffle())
-          x = add_shuffle(w, gs->middle_shuffle()->destination(), block.name + ".middle_shuffle", x);
-        x = add_soc(w, *gs->second(), block.name + ".conv.second", x, terms);
-      }
-    } else {
-      throw Error("ONNX export: block " + block.name + " has an unknown layer kind '" + block.conv->kind() + "'");
+  for (const NetworkStep& step : model.steps()) {
+    switch (step.kind) {
+      case StepKind::shuffle:  // GS-SOC (a, 1)'s middle shuffle is the identity: skipped, as the forward does
+        if (!step.shuffle->is_identity()) x = add_shuffle(w, step.shuffle->destination(), step.name, x);
+        break;
+      case StepKind::soc:
+        x = add_soc(w, *step.soc, step.name, x, terms);
+        break;
+      case StepKind::maxmin:
+        x = add_maxmin(w, step.maxmin->paired(), step.name, x);
+        break;
+      case StepKind::flatten:
+        x = add_flatten(w, x);
+        break;
+      case StepKind::lln:
+        x = add_lln(w, *step.lln, x);
+        break;
     }
-    x = add_maxmin(w, block.activation->paired(), block.name + ".maxmin", x);
+    const Shape& out = step.output;  // one image, [1, C, H, W]
+    const bool same = x.rank == 4 ? out[1] == x.channels && out[2] == x.side && out[3] == x.side
+                                  : out[1] * out[2] * out[3] == x.channels;
+    require<Error>(same, "ONNX export: step ", step.name, " gives ", out.str(), ", the graph has ", x.channels,
+                   " channels at side ", x.side);
   }
-  x = add_flatten(w, x);
-  if (LinearNormalized* lln = model.lln_head()) return add_lln(w, *lln, model.features(), x);
-  return add_soc(w, *model.soc_layers().back().soc, "head", x, terms);
+  return x;
 }
 
 void add_tensor_value(onnx::ValueInfoProto& value, const std::string& name, const std::vector<int64_t>& dims) {
