@@ -120,10 +120,10 @@ int run_export(const ExportOptions& o, bool terms_given) {
       std::printf("onnx        %s: opset %d, %lld nodes, %lld weights, %.1f MiB\n", o.onnx.c_str(), s.opset,
                   static_cast<long long>(s.nodes), static_cast<long long>(s.weights),
                   static_cast<double>(s.bytes) / (1 << 20));
-      std::printf("verified    L = %.9f, L_in = %.9f; float32 rounding of the logits <= %.3e ||x0|| + %.3e "
+      std::printf("verified    L = %.9f, L_in = %.9f; float32 rounding of the %s <= %.3e ||x0|| + %.3e "
                   "(metadata orthoconv.*)\n",
-                  s.bound.lipschitz, loaded.normalization.lipschitz(), s.bound.error_per_input_norm,
-                  s.bound.error_constant);
+                  s.bound.lipschitz, loaded.normalization.lipschitz(), s.bound.lln ? "head input" : "logits",
+                  s.bound.error_per_input_norm, s.bound.error_constant);
       std::fflush(stdout);
     }
   }
