@@ -8,6 +8,7 @@
 #   libstb-dev                          PNG plots
 #   libopenmpi-dev openmpi-bin          data-parallel jobs over MPI ranks (ORTHOCONV_MPI; docs/distributed.md) and
 #                                       their tests (mpirun)
+#   libonnx-dev libprotobuf-dev         `orthoconv export --onnx` (ORTHOCONV_ONNX: the build leaves it out without them)
 #   python3 python3-venv                the interop tests' virtual environment (.ci/run; scripts/requirements.txt)
 # The CUDA backend needs the CUDA toolkit and cuDNN, which are not Debian packages: install them separately
 # (the build detects them with -DORTHOCONV_CUDA=AUTO and builds the CPU-only library without them). Multi-GPU
@@ -18,7 +19,7 @@
 set -euo pipefail
 
 packages=(build-essential cmake ninja-build libdnnl-dev libeigen3-dev catch2 libcli11-dev nlohmann-json3-dev
-          libstb-dev libopenmpi-dev openmpi-bin python3 python3-venv "$@")
+          libstb-dev libopenmpi-dev openmpi-bin libonnx-dev libprotobuf-dev python3 python3-venv "$@")
 
 missing=()
 for package in "${packages[@]}"; do
