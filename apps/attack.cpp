@@ -40,7 +40,6 @@ int run_attack(const AttackCommandOptions& o, bool terms_given) {
   const LoadedModel loaded =
       load_model(o.checkpoint, Device::cpu, terms_given ? std::optional<int>(o.terms) : std::nullopt);
   LipConvnet& model = *loaded.model;
-  const ModelConfig& config = model.config();
   const Normalization& norm = loaded.normalization;
 
   CifarSplit test = load_cifar100(find_cifar100(o.data), "test");

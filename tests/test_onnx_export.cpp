@@ -191,12 +191,12 @@ TEST_CASE("ONNX export: onnxruntime gives orthoconv's float32 logits on 256 CIFA
     WARN("ORTHOCONV_DATA_SKIPPED: real CIFAR-100 not found (set ORTHOCONV_DATA)");
     return;
   }
-  std::vector<Exported> models{{"SOC", lipconvnet5("soc", 1, std::nullopt)},
-                               {"GS-SOC (4,1)", lipconvnet5("gs-soc", 4, 1)},
-                               {"GS-SOC (4,-)", lipconvnet5("gs-soc", 4, std::nullopt)},
-                               {"paired MaxMin, GS-SOC (4,1)", lipconvnet5("gs-soc", 4, 1)},
-                               {"keep per group, GS-SOC (4,-)", lipconvnet5("gs-soc", 4, std::nullopt)},
-                               {"grouped SOC (g2), lln head", lipconvnet5("soc", 2, std::nullopt)}};
+  std::vector<Exported> models{{"SOC", lipconvnet5("soc", 1, std::nullopt), "", "", ""},
+                               {"GS-SOC (4,1)", lipconvnet5("gs-soc", 4, 1), "", "", ""},
+                               {"GS-SOC (4,-)", lipconvnet5("gs-soc", 4, std::nullopt), "", "", ""},
+                               {"paired MaxMin, GS-SOC (4,1)", lipconvnet5("gs-soc", 4, 1), "", "", ""},
+                               {"keep per group, GS-SOC (4,-)", lipconvnet5("gs-soc", 4, std::nullopt), "", "", ""},
+                               {"grouped SOC (g2), lln head", lipconvnet5("soc", 2, std::nullopt), "", "", ""}};
   models[3].config.activation = "maxmin-paired";
   models[4].config.keep = KeepChannels::per_group;
   models[5].config.head = "lln";

@@ -235,6 +235,26 @@ std::vector<Real> HostNetwork<Real>::normalize(const uint8_t* pixels) const {
   return x;
 }
 
+namespace {
+
+// MaxMin on [channels, plane]: pairs (c, c + channels/2), or (2c, 2c+1) when paired; min first, then max.
+template <class Real>
+void apply_maxmin(bool paired, int64_t channels, int64_t plane, const std::vector<Real>& x, std::vector<Real>& y) {
+  y.resize(x.size());
+  const int64_t half = channels / 2;
+  for (int64_t c = 0; c < half; ++c) {
+    const int64_t ca = paired ? 2 * c : c, cb = paired ? 2 * c + 1 : c + half;
+    const int64_t lo = paired ? 2 * c : c, hi = paired ? 2 * c + 1 : c + half;
+    for (int64_t i = 0; i < plane; ++i) {
+      const Real u = x[static_cast<size_t>(ca * plane + i)], v = x[static_cast<size_t>(cb * plane + i)];
+      y[static_cast<size_t>(lo * plane + i)] = std::min(u, v);
+      y[static_cast<size_t>(hi * plane + i)] = std::max(u, v);
+    }
+  }
+}
+
+}  // namespace
+
 template <class Real>
 void HostNetwork<Real>::forward(const uint8_t* pixels, int64_t n, Real* logits) const {
   require(n >= 0, "certifying pass: negative image count ", n);
@@ -262,20 +282,9 @@ void HostNetwork<Real>::forward(const uint8_t* pixels, int64_t n, Real* logits) 
             apply_soc(step.soc, w.a, w.b, side, w);
             channels = step.soc.out_channels;
             break;
-          case Step<Real>::Kind::maxmin: {
-            w.b.resize(w.a.size());
-            const int64_t half = channels / 2;
-            for (int64_t c = 0; c < half; ++c) {
-              const int64_t ca = step.paired ? 2 * c : c, cb = step.paired ? 2 * c + 1 : c + half;
-              const int64_t lo = step.paired ? 2 * c : c, hi = step.paired ? 2 * c + 1 : c + half;
-              for (int64_t i = 0; i < plane; ++i) {
-                const Real u = w.a[static_cast<size_t>(ca * plane + i)], v = w.a[static_cast<size_t>(cb * plane + i)];
-                w.b[static_cast<size_t>(lo * plane + i)] = std::min(u, v);
-                w.b[static_cast<size_t>(hi * plane + i)] = std::max(u, v);
-              }
-            }
+          case Step<Real>::Kind::maxmin:
+            apply_maxmin(step.paired, channels, plane, w.a, w.b);
             break;
-          }
           case Step<Real>::Kind::lln: {
             const int64_t features = channels * plane;
             w.b.resize(static_cast<size_t>(m.classes));

@@ -53,8 +53,8 @@ std::string checkpoint_label(const std::string& path) {
   return path.empty() ? std::string("checkpoint") : "checkpoint " + path;
 }
 
-// Little-endian float32 bytes <-> floats, whatever the host's byte order.
-void floats_to_le(const float* values, size_t count, char* out) {
+// Little-endian float32 bytes <-> floats, whatever the host's byte order (unused on a little-endian host).
+[[maybe_unused]] void floats_to_le(const float* values, size_t count, char* out) {
   if constexpr (std::endian::native == std::endian::little) {
     std::memcpy(out, values, count * sizeof(float));
   } else {

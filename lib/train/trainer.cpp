@@ -162,7 +162,7 @@ void Trainer::prepare(const std::string& resume_from) {
                    static_cast<long long>(epochs_done_));
       if (progress_.steps > 0)
         std::fprintf(log_, " and %lld of %lld steps of epoch %lld", static_cast<long long>(progress_.steps),
-                     static_cast<long long>(steps_per_epoch()), static_cast<long long>(epochs_done_ + 1));
+                     static_cast<long long>(steps_per_epoch()), static_cast<long long>(epochs_done_) + 1);
       std::fprintf(log_, " (step %lld)\n", static_cast<long long>(global_step_));
     }
     std::fflush(log_);
@@ -205,7 +205,7 @@ void Trainer::save_interrupted(const std::string& last_path) {
   interrupted_ = true;
   if (log_) {
     std::fprintf(log_, "stopped on request at step %lld: epoch %lld, %lld of %lld steps done%s; checkpoint %s\n",
-                 static_cast<long long>(global_step_), static_cast<long long>(epochs_done_ + 1),
+                 static_cast<long long>(global_step_), static_cast<long long>(epochs_done_) + 1,
                  static_cast<long long>(progress_.steps), static_cast<long long>(steps_per_epoch()),
                  progress_.steps == steps_per_epoch() ? " (its evaluation runs on resume)" : "", last_path.c_str());
     std::fflush(log_);

@@ -13,7 +13,7 @@ namespace orthoconv {
 
 std::string format_duration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "?";
-  const int64_t s = static_cast<int64_t>(seconds + 0.5);
+  const int64_t s = std::llround(seconds);
   char buf[64];
   if (s >= 3600)
     std::snprintf(buf, sizeof(buf), "%lldh%02lldm", static_cast<long long>(s / 3600),
@@ -56,7 +56,7 @@ void TrainingConsole::show_step(int64_t epoch, const EpochProgress& progress, in
   last_print_ = now;
   char line[256];
   std::snprintf(line, sizeof(line), "  epoch %lld/%lld step %lld/%lld loss %.4f lr %.5f %.1f img/s ETA %s",
-                static_cast<long long>(epoch + 1), static_cast<long long>(epochs_),
+                static_cast<long long>(epoch) + 1, static_cast<long long>(epochs_),
                 static_cast<long long>(progress.steps), static_cast<long long>(steps_per_epoch_),
                 progress.loss_sum / static_cast<double>(progress.images), lr,
                 static_cast<double>(progress.images) / std::max(progress.seconds, 1e-9),
