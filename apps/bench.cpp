@@ -12,8 +12,8 @@
 // Everything else a layer does (layout reorders, Horner's additions, the power iteration, the filter's
 // skew-symmetrization and scaling, shuffles, bias) is time without FLOPs: it lowers the ratio.
 // Layers with a 1x1 SocConv (GS-SOC (4,1)'s second stage) run once per --paths entry (series, matrix, matrix-conv,
-// matrix-gemm, auto: the cost model's choice; soc_conv.hpp), interleaved with everything else; the FLOPs stay those of the series, so
-// a faster path shows as a ratio above the series'. Per shape, the 1x1 stage's share of a (4,1) layer is
+// matrix-gemm, auto: the cost model's choice; soc_conv.hpp), interleaved with everything else; the FLOPs stay those of
+// the series, so a faster path shows as a ratio above the series'. Per shape, the 1x1 stage's share of a (4,1) layer is
 // 1 - time(4,-) / time(4,1) for each path.
 //
 // On a machine shared with other jobs run it with OMP_WAIT_POLICY=passive: with OpenMP's default spinning waits
@@ -50,8 +50,8 @@ struct LayerBenchOptions {
   int64_t batch = 128;
   int repeats = 7;
   int warmup = 2;
-  int threads = 0;               // 0: the OpenMP default
-  std::string clock = "wall";    // wall | cpu (process CPU time)
+  int threads = 0;             // 0: the OpenMP default
+  std::string clock = "wall";  // wall | cpu (process CPU time)
   std::vector<int64_t> channels{32, 64, 128, 256, 512};
   std::vector<std::string> layers{"soc", "gs-soc(4,1)", "gs-soc(4,-)"};
   int train_terms = 5;
@@ -109,8 +109,8 @@ struct Timed {
 // The series convolutions of a layer: its ConvShapes (one per SOC stage, from the layer's steps).
 struct LayerCase {
   std::string name;
-  std::string path = "-";          // the 1x1 stage's path setting, "-" without a 1x1 stage
-  SocConv* one_by_one = nullptr;   // the 1x1 stage
+  std::string path = "-";         // the 1x1 stage's path setting, "-" without a 1x1 stage
+  SocConv* one_by_one = nullptr;  // the 1x1 stage
   std::unique_ptr<Layer> layer;
   std::vector<NetworkStep> steps;  // conv_steps of the layer (model.hpp)
   std::vector<ConvShape> series;   // one per SOC stage
@@ -215,29 +215,37 @@ nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::Cp
 
   std::vector<Timed> timed;
   timed.push_back({"plain forward", [&] { be.conv_forward(plain, src.data(), w_fwd.data(), dst.data(), false); }, {}});
-  timed.push_back({"plain train", [&] {
+  timed.push_back({"plain train",
+                   [&] {
                      be.conv_forward(plain, src.data(), w_fwd.data(), dst.data(), false);
                      be.conv_backward_data(plain, diff_dst.data(), w_bwd.data(), diff_src.data());
                      be.conv_backward_weights(plain, src.data(), diff_dst.data(), diff_w.data());
-                   }, {}});
+                   },
+                   {}});
   for (auto& c : cases) {
     LayerCase* lc = c.get();
     if (lc->path != "-") lc->name += " " + lc->path;
-    timed.push_back({lc->name + " forward", [lc] {
+    timed.push_back({lc->name + " forward",
+                     [lc] {
                        lc->layer->set_training(true);
                        steady_step(*lc);
                        lc->layer->forward(lc->input, lc->output);
-                     }, {}});
-    timed.push_back({lc->name + " train", [lc] {
+                     },
+                     {}});
+    timed.push_back({lc->name + " train",
+                     [lc] {
                        lc->layer->set_training(true);
                        steady_step(*lc);
                        lc->layer->forward(lc->input, lc->output);
                        lc->layer->backward(lc->diff_output, lc->diff_input);
-                     }, {}});
-    timed.push_back({lc->name + " eval", [lc] {
+                     },
+                     {}});
+    timed.push_back({lc->name + " eval",
+                     [lc] {
                        lc->layer->set_training(false);
                        lc->layer->forward(lc->input, lc->output);
-                     }, {}});
+                     },
+                     {}});
   }
   for (int w = 0; w < o.warmup; ++w)
     for (auto& t : timed) t.run();
@@ -258,18 +266,19 @@ nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::Cp
 
   const double plain_flops = 2.0 * static_cast<double>(plain.macs());
   const double plain_fwd_ms = ms_of("plain forward"), plain_train_ms = ms_of("plain train");
-  const double plain_fwd_rate = plain_flops / plain_fwd_ms * 1e-6;          // GFLOP/s
+  const double plain_fwd_rate = plain_flops / plain_fwd_ms * 1e-6;  // GFLOP/s
   const double plain_train_rate = 3.0 * plain_flops / plain_train_ms * 1e-6;
   nlohmann::json record{{"channels", channels},
                         {"size", size},
                         {"batch", batch},
-                        {"plain", {{"forward_ms", plain_fwd_ms},
-                                   {"train_ms", plain_train_ms},
-                                   {"forward_flops", plain_flops},
-                                   {"train_flops", 3.0 * plain_flops},
-                                   {"forward_gflops", plain_fwd_rate},
-                                   {"train_gflops", plain_train_rate},
-                                   {"implementation", cpu ? cpu->implementation(plain) : be.name()}}},
+                        {"plain",
+                         {{"forward_ms", plain_fwd_ms},
+                          {"train_ms", plain_train_ms},
+                          {"forward_flops", plain_flops},
+                          {"train_flops", 3.0 * plain_flops},
+                          {"forward_gflops", plain_fwd_rate},
+                          {"train_gflops", plain_train_rate},
+                          {"implementation", cpu ? cpu->implementation(plain) : be.name()}}},
                         {"layers", nlohmann::json::array()}};
   double soc_ms[3] = {0, 0, 0}, series_ms[3] = {0, 0, 0};
   for (auto& c : cases)
@@ -306,7 +315,8 @@ nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::Cp
     }
     nlohmann::json over_series = nullptr;
     if (c->path != "-" && series_ms[1] > 0.0)
-      over_series = {{"forward", series_ms[0] / fwd_ms}, {"train", series_ms[1] / train_ms},
+      over_series = {{"forward", series_ms[0] / fwd_ms},
+                     {"train", series_ms[1] / train_ms},
                      {"eval_forward", series_ms[2] / eval_ms}};
     nlohmann::json share = nullptr;
     if (c->path != "-" && single_stage_train_ms > 0.0) share = 1.0 - single_stage_train_ms / train_ms;
@@ -330,8 +340,8 @@ nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::Cp
          {"train_ratio", train_flops / train_ms * 1e-6 / plain_train_rate},
          {"eval_forward_ratio", eval_flops / eval_ms * 1e-6 / plain_fwd_rate},
          {"speedup_over_soc", soc_ms[1] > 0.0 ? nlohmann::json{{"forward", soc_ms[0] / fwd_ms},
-                                                                {"train", soc_ms[1] / train_ms},
-                                                                {"eval_forward", soc_ms[2] / eval_ms}}
+                                                               {"train", soc_ms[1] / train_ms},
+                                                               {"eval_forward", soc_ms[2] / eval_ms}}
                                               : nlohmann::json(nullptr)},
          {"series_convolutions", impls}});
   }
@@ -339,18 +349,21 @@ nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::Cp
 }
 
 void print_header(const nlohmann::json& out) {
-  std::printf("orthoconv bench layers: %s, %d OpenMP threads (OMP_WAIT_POLICY %s), batch %lld, median %s time of %d "
-              "repeats after %d warm-up\n",
-              out["backend"].get<std::string>().c_str(), out["threads"].get<int>(),
-              out["omp_wait_policy"].get<std::string>().c_str(), (long long)out["batch"].get<int64_t>(),
-              out["clock"].get<std::string>().c_str(), out["repeats"].get<int>(), out["warmup"].get<int>());
+  std::printf(
+      "orthoconv bench layers: %s, %d OpenMP threads (OMP_WAIT_POLICY %s), batch %lld, median %s time of %d "
+      "repeats after %d warm-up\n",
+      out["backend"].get<std::string>().c_str(), out["threads"].get<int>(),
+      out["omp_wait_policy"].get<std::string>().c_str(), (long long)out["batch"].get<int64_t>(),
+      out["clock"].get<std::string>().c_str(), out["repeats"].get<int>(), out["warmup"].get<int>());
   std::printf("train = forward + backward, %d terms, 1 power iteration; eval = forward, %d terms.\n",
               out["train_terms"].get<int>(), out["eval_terms"].get<int>());
-  std::printf("ratio = (series conv FLOP/s) / (plain 3x3 conv FLOP/s, same shape, same run); "
-              "xSOC = SOC time / layer time\n");
-  std::printf("1x1 paths (--paths): series, matrix[-conv|-gemm], auto (=the cost model's choice in training/evaluation); "
-              "xSer = the same layer's series time / its time; 1x1%% = the 1x1 stage's share of the (4,1) training "
-              "step, 1 - (4,-) / (4,1)\n\n");
+  std::printf(
+      "ratio = (series conv FLOP/s) / (plain 3x3 conv FLOP/s, same shape, same run); "
+      "xSOC = SOC time / layer time\n");
+  std::printf(
+      "1x1 paths (--paths): series, matrix[-conv|-gemm], auto (=the cost model's choice in training/evaluation); "
+      "xSer = the same layer's series time / its time; 1x1%% = the 1x1 stage's share of the (4,1) training "
+      "step, 1 - (4,-) / (4,1)\n\n");
   std::printf("%-13s %-30s %9s %7s %6s %9s %7s %6s %9s %7s %6s %6s %6s %6s %6s %6s %6s %5s\n", "shape", "layer",
               "fwd ms", "GF/s", "ratio", "train ms", "GF/s", "ratio", "eval ms", "GF/s", "ratio", "xSOCf", "xSOCt",
               "xSOCe", "xSerf", "xSert", "xSere", "1x1%");
@@ -450,8 +463,10 @@ Runner setup_bench(CLI::App& app) {
   layers->add_option("--repeats", lo->repeats, "timed repeats (median reported)")->capture_default_str();
   layers->add_option("--warmup", lo->warmup, "untimed runs first")->capture_default_str();
   layers->add_option("--threads", lo->threads, "OpenMP threads (0: default)")->capture_default_str();
-  layers->add_option("--clock", lo->clock, "time measured: wall, or cpu (the process's CPU time: on a shared "
-                     "machine, with OMP_WAIT_POLICY=passive)")
+  layers
+      ->add_option("--clock", lo->clock,
+                   "time measured: wall, or cpu (the process's CPU time: on a shared "
+                   "machine, with OMP_WAIT_POLICY=passive)")
       ->capture_default_str()
       ->check(CLI::IsMember({"wall", "cpu"}));
   layers->add_option("--channels", lo->channels, "shapes to run, by channel count (C x 1024/C x 1024/C)")
@@ -462,8 +477,10 @@ Runner setup_bench(CLI::App& app) {
   layers->add_option("--train-terms", lo->train_terms, "series terms in training mode")->capture_default_str();
   layers->add_option("--eval-terms", lo->eval_terms, "series terms in evaluation mode")->capture_default_str();
   layers->add_option("--seed", lo->seed, "random seed")->capture_default_str();
-  layers->add_option("--paths", lo->paths, "paths of the 1x1 stage to run side by side: series, matrix, "
-                     "matrix-conv, matrix-gemm (the matrix path's two applications of P), auto")
+  layers
+      ->add_option("--paths", lo->paths,
+                   "paths of the 1x1 stage to run side by side: series, matrix, "
+                   "matrix-conv, matrix-gemm (the matrix path's two applications of P), auto")
       ->capture_default_str()
       ->check(CLI::IsMember({"series", "matrix", "matrix-conv", "matrix-gemm", "auto"}));
 
@@ -476,14 +493,20 @@ Runner setup_bench(CLI::App& app) {
   train->add_option("--steps", to->steps, "timed steps")->capture_default_str();
   train->add_option("--warmup", to->warmup, "untimed steps first")->capture_default_str();
   train->add_option("--device", to->device, "cpu or cuda")->capture_default_str();
-  train->add_option("--paths", to->paths, "paths of the 1x1 SocConvs to time side by side, step by step: series, "
-                    "matrix (every 1x1 layer; also matrix-conv, matrix-gemm), auto (the cost model's choice, as in "
-                    "training)")
+  train
+      ->add_option("--paths", to->paths,
+                   "paths of the 1x1 SocConvs to time side by side, step by step: series, "
+                   "matrix (every 1x1 layer; also matrix-conv, matrix-gemm), auto (the cost model's choice, as in "
+                   "training)")
       ->capture_default_str()
       ->check(CLI::IsMember({"series", "matrix", "matrix-conv", "matrix-gemm", "auto"}));
-  train->add_option("--precision", to->precisions, "series-convolution precisions to compare, e.g. fp32,bf16 "
-                    "(steps alternate; ratios against the first)")
-      ->delimiter(',')->capture_default_str()->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
+  train
+      ->add_option("--precision", to->precisions,
+                   "series-convolution precisions to compare, e.g. fp32,bf16 "
+                   "(steps alternate; ratios against the first)")
+      ->delimiter(',')
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
   train->add_flag("--json", to->json, "print one JSON object");
 
   auto co = std::make_shared<TrainBenchOptions>();

@@ -16,8 +16,7 @@ namespace orthoconv::apps {
 
 int run_certify_benchmark(const TrainBenchOptions& o) {
   require(o.batch > 0, "--batch must be positive, got ", o.batch);
-  require(o.steps > 0 && o.warmup >= 0, "--steps must be positive and --warmup >= 0, got ", o.steps, " and ",
-          o.warmup);
+  require(o.steps > 0 && o.warmup >= 0, "--steps must be positive and --warmup >= 0, got ", o.steps, " and ", o.warmup);
   require(o.device == "cpu" || o.device == "cuda", "--device must be cpu or cuda, got '", o.device, "'");
   const ModelConfig config = bench_model_config(o);
   LipConvnet model(config, backend_for(parse_device(o.device)));
@@ -31,8 +30,7 @@ int run_certify_benchmark(const TrainBenchOptions& o) {
   const NormalizationTable table = normalization_table(norm);
   std::vector<float> host(pixels.size());
   const int64_t plane = pass.image_bytes() / 3;
-  for (size_t i = 0; i < pixels.size(); ++i)
-    host[i] = table[(static_cast<int64_t>(i) / plane) % 3][pixels[i]];
+  for (size_t i = 0; i < pixels.size(); ++i) host[i] = table[(static_cast<int64_t>(i) / plane) % 3][pixels[i]];
   const int64_t side = config.input_side;
   Tensor images = Tensor::from_vector(host, Shape{o.batch, 3, side, side});
   Tensor device_images(images.shape(), model.backend().device()), logits(Shape{1}, model.backend().device());

@@ -71,8 +71,7 @@ struct Variant {
 
 int run_train_benchmark(const TrainBenchOptions& o) {
   require(o.batch > 0, "--batch must be positive, got ", o.batch);
-  require(o.steps > 0 && o.warmup >= 0, "--steps must be positive and --warmup >= 0, got ", o.steps, " and ",
-          o.warmup);
+  require(o.steps > 0 && o.warmup >= 0, "--steps must be positive and --warmup >= 0, got ", o.steps, " and ", o.warmup);
   require(o.device == "cpu" || o.device == "cuda", "--device must be cpu or cuda, got '", o.device, "'");
   require(!o.paths.empty(), "--paths needs at least one of series, matrix, auto");
   require(!o.precisions.empty(), "--precision needs at least one of fp32, tf32, bf16");
@@ -181,16 +180,18 @@ int run_train_benchmark(const TrainBenchOptions& o) {
                                {"variants", per_variant}};
     std::printf("%s\n", out.dump().c_str());
   } else {
-    std::printf("LipConvnet-%lld %s, batch %lld, %s, %d threads; %d steps per variant (1x1 path, precision) after "
-                "%d warm-up, interleaved\n",
-                static_cast<long long>(config.depth), config.conv_label().c_str(), static_cast<long long>(o.batch),
-                o.device.c_str(), thread_count(), o.steps, o.warmup);
+    std::printf(
+        "LipConvnet-%lld %s, batch %lld, %s, %d threads; %d steps per variant (1x1 path, precision) after "
+        "%d warm-up, interleaved\n",
+        static_cast<long long>(config.depth), config.conv_label().c_str(), static_cast<long long>(o.batch),
+        o.device.c_str(), thread_count(), o.steps, o.warmup);
     for (const Variant& p : variants)
-      std::printf("  %-12s %.3f s/step  %.1f images/s  %.3f CPU s/step  x%.2f (CPU x%.2f) vs "
-                  "%s  (%d of %d 1x1 layers on the matrix path)\n",
-                  p.name.c_str(), p.per_step(), static_cast<double>(o.batch) / p.per_step(), p.cpu_per_step(),
-                  first.per_step() / p.per_step(), first.cpu_per_step() / p.cpu_per_step(), first.name.c_str(),
-                  p.matrix_layers, p.one_by_one_layers);
+      std::printf(
+          "  %-12s %.3f s/step  %.1f images/s  %.3f CPU s/step  x%.2f (CPU x%.2f) vs "
+          "%s  (%d of %d 1x1 layers on the matrix path)\n",
+          p.name.c_str(), p.per_step(), static_cast<double>(o.batch) / p.per_step(), p.cpu_per_step(),
+          first.per_step() / p.per_step(), first.cpu_per_step() / p.cpu_per_step(), first.name.c_str(), p.matrix_layers,
+          p.one_by_one_layers);
     if (job->size() > 1)
       std::printf("  %s, %lld images per rank: all-reduce of %.1f MiB per step, %.3f s/step (%.1f%% of the step)\n",
                   job->description().c_str(), static_cast<long long>(part.size()), allreduce_mb,

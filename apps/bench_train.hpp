@@ -13,15 +13,15 @@
 namespace orthoconv::apps {
 
 struct TrainBenchOptions {
-  std::string conv = "gs-soc";     // soc | gs-soc
-  std::string groups = "4,1";      // for gs-soc
+  std::string conv = "gs-soc";  // soc | gs-soc
+  std::string groups = "4,1";   // for gs-soc
   int64_t depth = 15;
   int64_t batch = 128;
-  int steps = 5;                   // timed steps
-  int warmup = 1;                  // untimed steps first
+  int steps = 5;   // timed steps
+  int warmup = 1;  // untimed steps first
   std::string device = "cpu";
   std::vector<std::string> paths{"series", "auto"};  // 1x1 SocConv paths, timed side by side
-  std::vector<std::string> precisions{"fp32"};  // series convolutions, timed side by side
+  std::vector<std::string> precisions{"fp32"};       // series convolutions, timed side by side
   bool json = false;
 };
 

@@ -59,12 +59,15 @@ void write_certificate_plot(const std::string& path, const VerifiedEvaluation& v
   char label[128];
   std::snprintf(label, sizeof label, "clean accuracy %.2f%%", clean);
   spec.curves.push_back({label, {0.0, 1.0}, {clean, clean}, {44, 160, 44}, true});
-  spec.curves.push_back({"certified, nominal (L = L_in)", grid, accuracy_curve(v.nominal_images, grid),
-                         {31, 119, 180}, false});
+  spec.curves.push_back(
+      {"certified, nominal (L = L_in)", grid, accuracy_curve(v.nominal_images, grid), {31, 119, 180}, false});
   std::snprintf(label, sizeof label, "certified, verified L = %.7f L_in", lipschitz);
   spec.curves.push_back({label, grid, accuracy_curve(v.lipschitz_images, grid), {214, 39, 40}, false});
-  spec.curves.push_back({"certified, verified L + float64 pass (holds)", grid,
-                         accuracy_curve(v.verified_images, grid), {148, 103, 189}, false});
+  spec.curves.push_back({"certified, verified L + float64 pass (holds)",
+                         grid,
+                         accuracy_curve(v.verified_images, grid),
+                         {148, 103, 189},
+                         false});
   write_line_plot(path, spec);
 }
 
@@ -75,8 +78,12 @@ nlohmann::ordered_json verified_json(const CertifyReport& v, const CertifyReport
   for (int e : eps) cert[std::to_string(e)] = v.certified_accuracy(e);
   for (int e : eps) cert_l[std::to_string(e)] = l.certified_accuracy(e);
   for (const auto& layer : bound.layers)
-    layers.push_back({{"name", layer.name}, {"input_side", layer.bound.input_side}, {"rho", layer.bound.rho},
-                      {"bound", layer.bound.bound}, {"abs_norm", layer.abs_norm}, {"rounding", layer.rounding}});
+    layers.push_back({{"name", layer.name},
+                      {"input_side", layer.bound.input_side},
+                      {"rho", layer.bound.rho},
+                      {"bound", layer.bound.bound},
+                      {"abs_norm", layer.abs_norm},
+                      {"rounding", layer.rounding}});
   return {{"clean_accuracy", v.clean_accuracy()},
           {"certified_accuracy", cert},
           {"mean_radius", v.mean_radius()},
@@ -104,8 +111,8 @@ int run_certify(const CertifyOptions& o, bool terms_given) {
   set_thread_count(o.threads);
   // Outputs are checked before the long work, so that a bad path fails at once rather than after it.
   if (!o.plot.empty() && job->root()) check_writable_file(o.plot, "plot");
-  const LoadedModel loaded = load_model(o.checkpoint, parse_device(o.device),
-                                        terms_given ? std::optional<int>(o.terms) : std::nullopt);
+  const LoadedModel loaded =
+      load_model(o.checkpoint, parse_device(o.device), terms_given ? std::optional<int>(o.terms) : std::nullopt);
   LipConvnet& model = *loaded.model;
   const ModelConfig& config = model.config();
   const Normalization& norm = loaded.normalization;
@@ -131,8 +138,9 @@ int run_certify(const CertifyOptions& o, bool terms_given) {
   // would be a certificate of nothing.
   require<Error>(std::isfinite(bound.lipschitz) && std::isfinite(bound.error_per_input_norm) &&
                      std::isfinite(bound.error_constant) && std::isfinite(max_deviation),
-                 "checkpoint ", o.checkpoint, ": the verified bound or the float64 pass is not finite (L = ",
-                 bound.lipschitz, ", largest logit difference ", max_deviation, "): no certificate can be given");
+                 "checkpoint ", o.checkpoint,
+                 ": the verified bound or the float64 pass is not finite (L = ", bound.lipschitz,
+                 ", largest logit difference ", max_deviation, "): no certificate can be given");
   const CertifyReport& r = evaluation.nominal;
   const CertifyReport& v = evaluation.verified;
   const CertifyReport& l = evaluation.lipschitz;
@@ -157,13 +165,13 @@ int run_certify(const CertifyOptions& o, bool terms_given) {
     return 0;
   }
   std::printf("checkpoint   %s\n", o.checkpoint.c_str());
-  std::printf("model        %s (evaluation mode, %d series terms)\n", config.architecture().c_str(),
-              config.eval_terms);
+  std::printf("model        %s (evaluation mode, %d series terms)\n", config.architecture().c_str(), config.eval_terms);
   std::printf("images       %lld (CIFAR-100 test)\n", static_cast<long long>(r.images));
-  std::printf("verified     L = %.9f (product of %zu SocConv bounds); float64 pass rounding of the %s "
-              "<= %.3e ||x|| + %.3e\n",
-              bound.lipschitz, bound.layers.size(), bound.lln ? "head input" : "logits", bound.error_per_input_norm,
-              bound.error_constant);
+  std::printf(
+      "verified     L = %.9f (product of %zu SocConv bounds); float64 pass rounding of the %s "
+      "<= %.3e ||x|| + %.3e\n",
+      bound.lipschitz, bound.layers.size(), bound.lln ? "head input" : "logits", bound.error_per_input_norm,
+      bound.error_constant);
   std::printf("passes       float32 %.1f s, float64 %.1f s; largest |float32 - float64| logit difference %.3e\n",
               evaluation.float32_seconds, evaluation.float64_seconds, max_deviation);
   std::printf("+-----------------------+-----------+-------------+---------------+\n");
@@ -180,9 +188,10 @@ int run_certify(const CertifyOptions& o, bool terms_given) {
   std::printf("| %-21s | %9.4f | %11.4f | %13.4f |\n", "mean radius (correct)", r.mean_radius(), l.mean_radius(),
               v.mean_radius());
   std::printf("+-----------------------+-----------+-------------+---------------+\n");
-  std::printf("nominal: the reference's certificate (float32 logits, every layer taken as exactly 1-Lipschitz);\n"
-              "verified L: float32 logits, radii divided by the verified Lipschitz bound (truncation, sigma);\n"
-              "L + float64: the certificate that holds, from a float64 pass with its rounding bound (docs/certificates.md)\n");
+  std::printf(
+      "nominal: the reference's certificate (float32 logits, every layer taken as exactly 1-Lipschitz);\n"
+      "verified L: float32 logits, radii divided by the verified Lipschitz bound (truncation, sigma);\n"
+      "L + float64: the certificate that holds, from a float64 pass with its rounding bound (docs/certificates.md)\n");
   std::fflush(stdout);
   if (!o.plot.empty()) {
     write_certificate_plot(o.plot, evaluation, config, bound.lipschitz);

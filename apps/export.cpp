@@ -23,8 +23,8 @@ namespace {
 
 struct ExportOptions {
   std::string checkpoint;
-  std::string onnx;     // the ONNX model to write
-  std::string vnnlib;   // the directory of VNN-LIB properties
+  std::string onnx;    // the ONNX model to write
+  std::string vnnlib;  // the directory of VNN-LIB properties
   std::string data;
   int terms = 0;        // the checkpoint's evaluation terms unless --terms is given
   int64_t images = 10;  // --vnnlib: the first N test images
@@ -60,9 +60,11 @@ int64_t write_properties(const ExportOptions& o, LipConvnet& model, const Normal
         "orthoconv export --vnnlib: CIFAR-100 test image " + std::to_string(i) + ", label " + std::to_string(label) +
             ", model " + config.architecture() + " (" + std::to_string(config.eval_terms) + " series terms)",
         "inputs X_k: the ONNX model's pixels in [0, 1] (C, H, W order); outputs Y_j: its logits",
-        "the l2 ball of radius " + std::to_string(o.eps) + "/255 is not expressible in VNN-LIB: this is the "
-            "l-infinity box of half-width (" + std::to_string(o.eps) + "/255)/sqrt(3*" + std::to_string(config.input_side) +
-            "*" + std::to_string(config.input_side) + ") = " + box + " (less 1e-12), which lies inside that ball",
+        "the l2 ball of radius " + std::to_string(o.eps) +
+            "/255 is not expressible in VNN-LIB: this is the "
+            "l-infinity box of half-width (" +
+            std::to_string(o.eps) + "/255)/sqrt(3*" + std::to_string(config.input_side) + "*" +
+            std::to_string(config.input_side) + ") = " + box + " (less 1e-12), which lies inside that ball",
         "the box is not clipped to [0, 1]; a certificate at this radius implies the property, not conversely",
         std::string("orthoconv's verified certificate (float64 pass): predicted ") + std::to_string(c.predicted) +
             ", radius " + radius + (holds ? ": certified" : ": NOT certified") + " at " + std::to_string(o.eps) +
@@ -103,8 +105,8 @@ int run_export(const ExportOptions& o, bool terms_given) {
   LipConvnet& model = *loaded.model;
   if (terms_given) model.set_terms(model.config().train_terms, o.terms);
   const ModelConfig& config = model.config();
-  nlohmann::ordered_json out{{"checkpoint", o.checkpoint}, {"architecture", config.architecture()},
-                             {"terms", config.eval_terms}};
+  nlohmann::ordered_json out{
+      {"checkpoint", o.checkpoint}, {"architecture", config.architecture()}, {"terms", config.eval_terms}};
   if (!o.json) {
     std::printf("checkpoint  %s\nmodel       %s (evaluation mode, %d series terms)\n", o.checkpoint.c_str(),
                 config.architecture().c_str(), config.eval_terms);
@@ -114,30 +116,34 @@ int run_export(const ExportOptions& o, bool terms_given) {
     const OnnxExportSummary s = export_onnx(model, loaded.normalization, o.onnx, config.eval_terms);
     nlohmann::ordered_json metadata;
     for (const auto& [key, value] : s.metadata) metadata[key] = value;
-    out["onnx"] = {{"file", o.onnx}, {"opset", s.opset}, {"nodes", s.nodes}, {"weights", s.weights},
-                   {"bytes", s.bytes}, {"metadata", metadata}};
+    out["onnx"] = {{"file", o.onnx},       {"opset", s.opset}, {"nodes", s.nodes},
+                   {"weights", s.weights}, {"bytes", s.bytes}, {"metadata", metadata}};
     if (!o.json) {
       std::printf("onnx        %s: opset %d, %lld nodes, %lld weights, %.1f MiB\n", o.onnx.c_str(), s.opset,
                   static_cast<long long>(s.nodes), static_cast<long long>(s.weights),
                   static_cast<double>(s.bytes) / (1 << 20));
-      std::printf("verified    L = %.9f, L_in = %.9f; float32 rounding of the %s <= %.3e ||x0|| + %.3e "
-                  "(metadata orthoconv.*)\n",
-                  s.bound.lipschitz, loaded.normalization.lipschitz(), s.bound.lln ? "head input" : "logits",
-                  s.bound.error_per_input_norm, s.bound.error_constant);
+      std::printf(
+          "verified    L = %.9f, L_in = %.9f; float32 rounding of the %s <= %.3e ||x0|| + %.3e "
+          "(metadata orthoconv.*)\n",
+          s.bound.lipschitz, loaded.normalization.lipschitz(), s.bound.lln ? "head input" : "logits",
+          s.bound.error_per_input_norm, s.bound.error_constant);
       std::fflush(stdout);
     }
   }
   if (!o.vnnlib.empty()) {
     int64_t written = 0;
     const int64_t certified = write_properties(o, model, loaded.normalization, written);
-    out["vnnlib"] = {{"directory", o.vnnlib}, {"properties", written}, {"eps", o.eps},
+    out["vnnlib"] = {{"directory", o.vnnlib},
+                     {"properties", written},
+                     {"eps", o.eps},
                      {"box_half_width", vnnlib_box_half_width(o.eps, config.input_side)},
                      {"orthoconv_certified", certified}};
     if (!o.json)
-      std::printf("vnnlib      %s: %lld properties (l-infinity box of half-width %.6g inside the l2 ball of radius "
-                  "%d/255), %lld certified by orthoconv; list in properties.csv\n",
-                  o.vnnlib.c_str(), static_cast<long long>(written), vnnlib_box_half_width(o.eps, config.input_side),
-                  o.eps, static_cast<long long>(certified));
+      std::printf(
+          "vnnlib      %s: %lld properties (l-infinity box of half-width %.6g inside the l2 ball of radius "
+          "%d/255), %lld certified by orthoconv; list in properties.csv\n",
+          o.vnnlib.c_str(), static_cast<long long>(written), vnnlib_box_half_width(o.eps, config.input_side), o.eps,
+          static_cast<long long>(certified));
   }
   if (o.json) std::printf("%s\n", out.dump().c_str());
   return 0;

@@ -99,7 +99,8 @@ std::string unknown_subcommand(CLI::App& app, int argc, char** argv) {
 // CLI11 lists unexpected words in reverse ("not expected: -1 --lr"): name the unknown option, and where.
 std::string unexpected_arguments(CLI::App& app) {
   CLI::App* deepest = &app;
-  for (auto parsed = app.get_subcommands(); !parsed.empty(); parsed = deepest->get_subcommands()) deepest = parsed.front();
+  for (auto parsed = app.get_subcommands(); !parsed.empty(); parsed = deepest->get_subcommands())
+    deepest = parsed.front();
   const std::vector<std::string> rest = deepest->remaining(false);
   if (rest.empty()) return "";
   const std::string path = command_path(deepest);

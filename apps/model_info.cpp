@@ -45,8 +45,8 @@ int run_model_info(const ModelInfoOptions& o) {
   for (const LayerRow& r : rows)
     std::printf("%-14s %-20s %-20s %12lld  %s\n", r.name.c_str(), r.input.str().c_str(), r.output.str().c_str(),
                 static_cast<long long>(r.parameters), r.description.c_str());
-  std::printf("trainable parameters: %lld (%.2fM; power-iteration vectors excluded)\n",
-              static_cast<long long>(total), static_cast<double>(total) / 1e6);
+  std::printf("trainable parameters: %lld (%.2fM; power-iteration vectors excluded)\n", static_cast<long long>(total),
+              static_cast<double>(total) / 1e6);
   return 0;
 }
 

@@ -26,8 +26,10 @@ struct ModelFlags {
     require(conv == "soc" || conv == "gs-soc", "--conv must be 'soc' or 'gs-soc', got '", conv, "'");
     c.conv = conv;
     const GroupCounts g = parse_groups(groups.empty() ? default_groups(conv) : groups);
-    require(conv == "gs-soc" || !g.second, "--conv soc takes one group count ('--groups 1' is plain SOC), "
-            "got '", groups, "'; use --conv gs-soc for a pair");
+    require(conv == "gs-soc" || !g.second,
+            "--conv soc takes one group count ('--groups 1' is plain SOC), "
+            "got '",
+            groups, "'; use --conv gs-soc for a pair");
     c.groups_first = g.first;
     c.groups_second = g.second;
     c.depth = depth;
@@ -45,18 +47,23 @@ struct ModelFlags {
 
 inline void add_model_flags(CLI::App& cmd, ModelFlags& f) {
   cmd.add_option("--conv", f.conv, "orthogonal convolution: soc | gs-soc")
-      ->capture_default_str()->check(CLI::IsMember({"soc", "gs-soc"}));
+      ->capture_default_str()
+      ->check(CLI::IsMember({"soc", "gs-soc"}));
   cmd.add_option("--groups", f.groups, "gs-soc groups 'a,b' or 'a,-' (default 4,1); soc: one count (default 1)");
   cmd.add_option("--depth", f.depth, "LipConvnet depth N (5, 10, 15, ...)")->capture_default_str();
   cmd.add_option("--width", f.width, "channels of stage 1 (init channels)")->capture_default_str();
   cmd.add_option("--classes", f.classes, "number of classes")->capture_default_str();
   cmd.add_option("--activation", f.activation, "maxmin | maxmin-paired (paired shuffles)")
-      ->capture_default_str()->check(CLI::IsMember({"maxmin", "maxmin-paired"}));
+      ->capture_default_str()
+      ->check(CLI::IsMember({"maxmin", "maxmin-paired"}));
   cmd.add_option("--head", f.head, "soc (1x1 SOC, the reference) | lln (unit-norm rows)")
-      ->capture_default_str()->check(CLI::IsMember({"soc", "lln"}));
-  cmd.add_option("--downsample-keep", f.keep, "stride-2 grouped layers keep the first c_out channels or the first "
+      ->capture_default_str()
+      ->check(CLI::IsMember({"soc", "lln"}));
+  cmd.add_option("--downsample-keep", f.keep,
+                 "stride-2 grouped layers keep the first c_out channels or the first "
                  "half of each group: first | per-group")
-      ->capture_default_str()->check(CLI::IsMember({"first", "per-group"}));
+      ->capture_default_str()
+      ->check(CLI::IsMember({"first", "per-group"}));
   cmd.add_option("--train-terms", f.train_terms, "series terms in training")->capture_default_str();
   cmd.add_option("--eval-terms", f.eval_terms, "series terms in evaluation")->capture_default_str();
 }

@@ -82,8 +82,9 @@ static_assert(std::atomic<int>::is_always_lock_free);
 void on_signal(int signal) {
   int expected = 0;
   if (g_signal.compare_exchange_strong(expected, signal)) {
-    const char message[] = "\northoconv: interrupted: finishing the current step, then writing a checkpoint "
-                           "(interrupt again to exit at once)\n";
+    const char message[] =
+        "\northoconv: interrupted: finishing the current step, then writing a checkpoint "
+        "(interrupt again to exit at once)\n";
     (void)!::write(STDERR_FILENO, message, sizeof message - 1);
     return;
   }
@@ -113,12 +114,13 @@ class InterruptHandlers {
   InterruptHandlers& operator=(const InterruptHandlers&) = delete;
 
  private:
-  struct sigaction previous_int_ {}, previous_term_ {};
+  struct sigaction previous_int_ {
+  }, previous_term_{};
 };
 
 // The flags that fix the architecture: on --resume, one given explicitly must be the run's.
-constexpr const char* kArchitectureKeys[] = {"conv", "groups", "depth", "width", "classes", "activation", "head",
-                                             "downsample_keep"};
+constexpr const char* kArchitectureKeys[] = {"conv",    "groups",     "depth", "width",
+                                             "classes", "activation", "head",  "downsample_keep"};
 
 std::string read_text(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -156,8 +158,10 @@ int run_train(CLI::App& cmd, TrainOptions o) {
     };
     for (const char* key : kArchitectureKeys) {
       if (!given(key) || !saved.contains(key) || saved[key] == merged[key]) continue;
-      throw ConfigError("--resume " + o.resume + ": " + flag_of(key) + " " + merged[key].dump() + " differs from "
-                        "the run's " + saved[key].dump() + "; a resumed run keeps its architecture (" +
+      throw ConfigError("--resume " + o.resume + ": " + flag_of(key) + " " + merged[key].dump() +
+                        " differs from "
+                        "the run's " +
+                        saved[key].dump() + "; a resumed run keeps its architecture (" +
                         saved.value("architecture", std::string("?")) + "): drop " + flag_of(key) +
                         ", or start a new run with another --out");
     }
@@ -168,8 +172,8 @@ int run_train(CLI::App& cmd, TrainOptions o) {
       config = TrainConfig::from_json(merged.dump());
       config.validate();
     } catch (const SettingError& e) {
-      throw SettingError(e.settings(), "--resume " + o.resume + ": " + saved_path + " with the flags given: " +
-                         e.pattern());
+      throw SettingError(e.settings(),
+                         "--resume " + o.resume + ": " + saved_path + " with the flags given: " + e.pattern());
     } catch (const ConfigError& e) {
       throw ConfigError("--resume " + o.resume + ": " + saved_path + " with the flags given: " + e.what());
     }
@@ -193,7 +197,8 @@ int run_train(CLI::App& cmd, TrainOptions o) {
   }
   trainer.run(o.stop_after);
   if (trainer.interrupted()) {
-    std::fprintf(stderr, "orthoconv: stopped at step %lld (epoch %lld, %lld of %lld steps done); checkpoint %s; "
+    std::fprintf(stderr,
+                 "orthoconv: stopped at step %lld (epoch %lld, %lld of %lld steps done); checkpoint %s; "
                  "continue with: orthoconv train --resume %s\n",
                  static_cast<long long>(trainer.global_step()), static_cast<long long>(trainer.epochs_done()) + 1,
                  static_cast<long long>(trainer.progress().steps), static_cast<long long>(trainer.steps_per_epoch()),
@@ -218,19 +223,24 @@ Runner setup_train(CLI::App& app) {
   auto o = std::make_shared<TrainOptions>();
   auto* cmd = app.add_subcommand("train", "Train LipConvnet on CIFAR-100 (defaults: the GS paper's recipe)");
   add_model_flags(*cmd, o->model);
-  cmd->add_option("--preset", o->preset, "paper (Table 3's recipe, the default) | quick (a short CPU run: "
+  cmd->add_option("--preset", o->preset,
+                  "paper (Table 3's recipe, the default) | quick (a short CPU run: "
                   "3 epochs of 10,240 training images, 500 test images)")
-      ->capture_default_str()->check(CLI::IsMember({"paper", "quick"}));
-  cmd->add_option("--data", o->config.data_dir, "CIFAR-100 binary directory (train.bin, test.bin); default: search "
+      ->capture_default_str()
+      ->check(CLI::IsMember({"paper", "quick"}));
+  cmd->add_option("--data", o->config.data_dir,
+                  "CIFAR-100 binary directory (train.bin, test.bin); default: search "
                   "$ORTHOCONV_DATA, ../shared/cifar100/cifar-100-binary, data/cifar-100-binary");
   cmd->add_option("--out", o->config.out_dir, "output directory (config.json, metrics.*, *.safetensors)")
       ->capture_default_str();
   cmd->add_option("--resume", o->resume, "continue the run in this directory (its last.safetensors)");
   cmd->add_option("--device", o->device, "cpu | cuda")->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
-  cmd->add_option("--precision", o->precision, "series convolutions of the training steps: fp32 | bf16 (CPU with "
+  cmd->add_option("--precision", o->precision,
+                  "series convolutions of the training steps: fp32 | bf16 (CPU with "
                   "AVX512-BF16, CUDA) | tf32 (CUDA); bf16 inputs, float32 accumulation, per shape where faster; "
                   "evaluation and certification always float32")
-      ->capture_default_str()->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
   cmd->add_option("--epochs", o->config.epochs, "epochs")->capture_default_str();
   cmd->add_option("--batch", o->config.batch_size, "batch size")->capture_default_str();
   cmd->add_option("--lr", o->config.lr, "initial learning rate")->capture_default_str();
@@ -238,7 +248,8 @@ Runner setup_train(CLI::App& app) {
   cmd->add_option("--weight-decay", o->config.weight_decay, "weight decay (all parameters)")->capture_default_str();
   cmd->add_option("--lr-decay", o->config.lr_decay, "lr factor at each milestone")->capture_default_str();
   cmd->add_option("--milestones", o->config.milestones, "milestones as fractions of the total iterations")
-      ->delimiter(',')->capture_default_str();
+      ->delimiter(',')
+      ->capture_default_str();
   cmd->add_option("--gamma", o->config.gamma, "certificate regularization: loss - gamma * mean(relu(radius))")
       ->capture_default_str();
   cmd->add_option("--train-subset", o->config.train_subset, "train on N training images (0: all)")
@@ -249,7 +260,8 @@ Runner setup_train(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--eval-every", o->config.eval_every, "epochs between test evaluations")->capture_default_str();
   cmd->add_option("--eps", o->config.eps, "certified radii as numerators over 255 (first: headline)")
-      ->delimiter(',')->capture_default_str();
+      ->delimiter(',')
+      ->capture_default_str();
   cmd->add_option("--mean", o->mean, "normalization mean (R,G,B)")->delimiter(',')->capture_default_str();
   cmd->add_option("--std", o->std, "normalization std (R,G,B)")->delimiter(',')->capture_default_str();
   cmd->add_option("--seed", o->config.seed, "seed (initialization, data order, augmentation)")->capture_default_str();

@@ -57,15 +57,10 @@ int run_verify_checkpoint(const VerifyOptions& o, bool terms_given) {
     auto rounding = [](const NetworkBound& b) {
       return nlohmann::ordered_json{{"per_input_norm", b.error_per_input_norm}, {"constant", b.error_constant}};
     };
-    nlohmann::ordered_json out{{"checkpoint", o.checkpoint},
-                               {"architecture", config.architecture()},
-                               {"terms", config.eval_terms},
-                               {"lipschitz", b32.lipschitz},
-                               {"lipschitz_input", norm.lipschitz()},
-                               {"lln_head", b32.lln},
-                               {"rounding_float32", rounding(b32)},
-                               {"rounding_float64", rounding(b64)},
-                               {"layers", layers}};
+    nlohmann::ordered_json out{
+        {"checkpoint", o.checkpoint},        {"architecture", config.architecture()}, {"terms", config.eval_terms},
+        {"lipschitz", b32.lipschitz},        {"lipschitz_input", norm.lipschitz()},   {"lln_head", b32.lln},
+        {"rounding_float32", rounding(b32)}, {"rounding_float64", rounding(b64)},     {"layers", layers}};
     std::printf("%s\n", out.dump().c_str());
     return 0;
   }
@@ -97,8 +92,8 @@ int run_verify(const VerifyOptions& o) {
   require(o.channels > 0 && o.channels <= kMaxJacobianSide, "--channels must be in 1..", kMaxJacobianSide, ", got ",
           o.channels);
   require(o.size > 0 && o.size <= kMaxJacobianSide, "--size must be in 1..", kMaxJacobianSide, ", got ", o.size);
-  require(o.out_channels >= 0 && o.out_channels <= kMaxJacobianSide, "--out-channels must be in 0..",
-          kMaxJacobianSide, " (0: C * stride), got ", o.out_channels);
+  require(o.out_channels >= 0 && o.out_channels <= kMaxJacobianSide, "--out-channels must be in 0..", kMaxJacobianSide,
+          " (0: C * stride), got ", o.out_channels);
   require(o.kernel > 0 && o.kernel <= 2 * o.size + 1, "--kernel must be in 1..", 2 * o.size + 1,
           " (2 * --size + 1), got ", o.kernel);
   require(o.terms > 0 && o.terms <= kMaxSeriesTerms, "--terms must be in 1..", kMaxSeriesTerms, ", got ", o.terms);
@@ -109,8 +104,8 @@ int run_verify(const VerifyOptions& o) {
   base.stride = o.stride;
   base.eval_terms = o.terms;
   base.seed = o.seed;
-  require(o.channels * o.size * o.size <= kMaxJacobianSide, "--channels * --size^2 must be at most ",
-          kMaxJacobianSide, " for a dense Jacobian, got ", o.channels * o.size * o.size);
+  require(o.channels * o.size * o.size <= kMaxJacobianSide, "--channels * --size^2 must be at most ", kMaxJacobianSide,
+          " for a dense Jacobian, got ", o.channels * o.size * o.size);
 
   std::unique_ptr<Layer> layer;
   std::vector<SocConv*> socs;
@@ -170,7 +165,8 @@ int run_verify(const VerifyOptions& o) {
 namespace {
 Runner setup_verify(CLI::App& app) {
   auto o = std::make_shared<VerifyOptions>();
-  auto* cmd = app.add_subcommand("verify", "Check that a random SOC / GS-SOC layer is orthogonal (Jacobian singular values)");
+  auto* cmd =
+      app.add_subcommand("verify", "Check that a random SOC / GS-SOC layer is orthogonal (Jacobian singular values)");
   cmd->add_option("--layer", o->layer, "soc or gs-soc")->capture_default_str();
   cmd->add_option("--channels", o->channels, "input channels C")->capture_default_str();
   cmd->add_option("--out-channels", o->out_channels, "output channels (default C * stride)");

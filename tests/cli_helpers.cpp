@@ -26,8 +26,8 @@ std::string slurp(const std::string& path) {
 
 CliResult run_command(const std::string& command_line) {
   static int counter = 0;
-  const std::string base = std::string(ORTHOCONV_TEST_BINARY_DIR) + "/cli-" + std::to_string(getpid()) + "-" +
-                           std::to_string(counter++);
+  const std::string base =
+      std::string(ORTHOCONV_TEST_BINARY_DIR) + "/cli-" + std::to_string(getpid()) + "-" + std::to_string(counter++);
   const std::string command = command_line + " >'" + base + ".out' 2>'" + base + ".err'";
   const int status = std::system(command.c_str());
   CliResult r;

@@ -169,8 +169,10 @@ void matmul(const MatmulDims& d, double alpha, const Vec& a, const Vec& b, doubl
             sum += d.transpose_a ? a.at(n * d.stride_a + q * d.rows + r) : a.at(n * d.stride_a + r * d.inner + q);
           } else {
             for (int64_t i = 0; i < d.inner; ++i) {
-              const double x = d.transpose_a ? a.at(n * d.stride_a + i * d.rows + r) : a.at(n * d.stride_a + r * d.inner + i);
-              const double y = d.transpose_b ? b.at(n * d.stride_b + q * d.inner + i) : b.at(n * d.stride_b + i * d.cols + q);
+              const double x =
+                  d.transpose_a ? a.at(n * d.stride_a + i * d.rows + r) : a.at(n * d.stride_a + r * d.inner + i);
+              const double y =
+                  d.transpose_b ? b.at(n * d.stride_b + q * d.inner + i) : b.at(n * d.stride_b + i * d.cols + q);
               sum += x * y;
             }
           }
@@ -194,8 +196,7 @@ Vec skew(const Vec& m, int64_t groups, int64_t c, int64_t k) {
   return a;
 }
 
-Vec pixel_unshuffle(const Vec& input, int64_t batch, int64_t channels, int64_t height, int64_t width,
-                    int64_t s) {
+Vec pixel_unshuffle(const Vec& input, int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t s) {
   const int64_t oh = height / s, ow = width / s;
   Vec out(input.size());
   for (int64_t b = 0; b < batch; ++b)
@@ -229,18 +230,26 @@ namespace {
 // u2 [in, h] v2 [out, w], u3 [in, h, w] v3 [out], u4 [out, h, w] v4 [in] (its 5-D shapes without the unit axes).
 int64_t u_index(int which, int64_t o, int64_t i, int64_t y, int64_t x, int64_t k) {
   switch (which) {
-    case 0: return i * k + x;
-    case 1: return i * k + y;
-    case 2: return (i * k + y) * k + x;
-    default: return (o * k + y) * k + x;
+    case 0:
+      return i * k + x;
+    case 1:
+      return i * k + y;
+    case 2:
+      return (i * k + y) * k + x;
+    default:
+      return (o * k + y) * k + x;
   }
 }
 int64_t v_index(int which, int64_t o, int64_t i, int64_t y, int64_t x, int64_t k) {
   switch (which) {
-    case 0: return o * k + y;
-    case 1: return o * k + x;
-    case 2: return o;
-    default: return i;
+    case 0:
+      return o * k + y;
+    case 1:
+      return o * k + x;
+    case 2:
+      return o;
+    default:
+      return i;
   }
 }
 std::array<int64_t, 4> u_lengths(int64_t c, int64_t k) { return {c * k, c * k, c * k * k, c * k * k}; }
@@ -430,8 +439,8 @@ std::vector<int64_t> shuffle_destination(int64_t n, int64_t g, bool paired) {
   return dest;
 }
 
-Vec permute_channels(const Vec& input, const std::vector<int64_t>& dest, int64_t batch, int64_t channels,
-                     int64_t plane, bool inverse) {
+Vec permute_channels(const Vec& input, const std::vector<int64_t>& dest, int64_t batch, int64_t channels, int64_t plane,
+                     bool inverse) {
   Vec out(input.size());
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t c = 0; c < channels; ++c)
@@ -542,8 +551,8 @@ GsSocParams gs_soc_params(GsSocConv& layer) {
 
 Vec gs_soc_forward(const GsSocParams& p, const Vec& input, int64_t batch, int64_t height, int64_t width) {
   const int64_t c_in = p.first.in_channels;
-  Vec x = p.shuffle_input ? permute_channels(input, shuffle_destination(c_in, p.groups_first, p.paired), batch,
-                                             c_in, height * width)
+  Vec x = p.shuffle_input ? permute_channels(input, shuffle_destination(c_in, p.groups_first, p.paired), batch, c_in,
+                                             height * width)
                           : input;
   Vec y = soc_forward(p.first, x, batch, height, width);
   if (p.groups_second == 0) return y;

@@ -91,8 +91,7 @@ void matmul(const MatmulDims& dims, double alpha, const Vec& a, const Vec& b, do
 // A = (M - M^T) / 2 on [groups, C, C, k, k]: M^T swaps the channel axes and flips both spatial axes.
 Vec skew(const Vec& m, int64_t groups, int64_t channels, int64_t kernel);
 // input[b, c, s*i + p, s*j + q] -> output[b, c*s*s + s*p + q, i, j].
-Vec pixel_unshuffle(const Vec& input, int64_t batch, int64_t channels, int64_t height, int64_t width,
-                    int64_t stride);
+Vec pixel_unshuffle(const Vec& input, int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t stride);
 // The inverse: input[b, c*s*s + s*p + q, i, j] -> output[b, c, s*i + p, s*j + q] (channels: the output's).
 Vec pixel_shuffle(const Vec& input, int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t stride);
 // Reshape `which` (0..3) of group g of a [groups, C, C, k, k] filter as a dense row-major matrix: rows indexed as
@@ -121,11 +120,11 @@ struct SocParams {
   bool keep_per_group = false;
   int terms = 5;
   double correction = 0.7;
-  Vec weight;                  // M [groups, C, C, k, k]
-  Vec bias;                    // [out_channels], empty for none
-  std::array<Vec, 4> u, v;     // power-iteration vectors (held fixed)
-  Vec sigma;                   // if not empty, used as given; else power_sigma(skew(weight), u, v)
-  Vec scaled;                  // if not empty, A_n as given (weight, sigma and correction are then unused)
+  Vec weight;               // M [groups, C, C, k, k]
+  Vec bias;                 // [out_channels], empty for none
+  std::array<Vec, 4> u, v;  // power-iteration vectors (held fixed)
+  Vec sigma;                // if not empty, used as given; else power_sigma(skew(weight), u, v)
+  Vec scaled;               // if not empty, A_n as given (weight, sigma and correction are then unused)
   int64_t series_channels() const { return std::max(out_channels, in_channels * stride * stride); }
   int64_t group_channels() const { return series_channels() / groups; }
 };

@@ -72,78 +72,80 @@ std::vector<float> run_layout_roundtrip(orthoconv::Backend& be, const ConvShape&
 
 // Float32 shapes; then, where the CPU runs bf16, the same shapes with bf16 requested and every pass kept float32
 // (PrecisionChoice::never): the float32 fallback in the layout of a bf16 request (nhwc where the CPU has AMX).
-TEST_CASE("oneDNN grouped convolution matches the double reference (forward, accumulate, backward-data, "
-          "backward-weights)", "[backend][conv]") {
+TEST_CASE(
+    "oneDNN grouped convolution matches the double reference (forward, accumulate, backward-data, "
+    "backward-weights)",
+    "[backend][conv]") {
   auto backend = orthoconv::cpu_backend();
   auto& be = *backend;
-  const ConvCase cases[] = {{8, 1, 1},  {8, 3, 1},  {8, 3, 2},  {12, 1, 1}, {12, 3, 1}, {12, 3, 4},
-                            {16, 3, 1}, {16, 1, 4}, {16, 3, 16}, {24, 3, 1}, {24, 3, 3}, {24, 5, 2},
-                            {32, 3, 4}, {32, 1, 1}, {64, 3, 4}};
+  const ConvCase cases[] = {{8, 1, 1},  {8, 3, 1},  {8, 3, 2},  {12, 1, 1},  {12, 3, 1},
+                            {12, 3, 4}, {16, 3, 1}, {16, 1, 4}, {16, 3, 16}, {24, 3, 1},
+                            {24, 3, 3}, {24, 5, 2}, {32, 3, 4}, {32, 1, 1},  {64, 3, 4}};
   uint64_t seed = 100;
   const bool bf16 = ref::cpu_has_bf16();
   PrecisionChoiceScope never(be, orthoconv::Backend::PrecisionChoice::never);
   int nhwc_cases = 0;
   for (const auto precision : {orthoconv::ConvPrecision::fp32, orthoconv::ConvPrecision::bf16})
-  for (const ConvCase& c : cases) {
-    if (precision == orthoconv::ConvPrecision::bf16 && !bf16) break;
-    const ConvShape s = shape_of(c, precision);
-    const ref::ConvDims d = dims_of(s);
-    INFO("shape " << s.str() << ": " << implementation(be, s));
-    REQUIRE(be.conv_precision(s, ConvPass::forward) == orthoconv::ConvPrecision::fp32);
-    REQUIRE(be.conv_precision(s, ConvPass::backward_weights) == orthoconv::ConvPrecision::fp32);
-    nhwc_cases += precision == orthoconv::ConvPrecision::bf16 && implementation(be, s).rfind("nhwc", 0) == 0;
+    for (const ConvCase& c : cases) {
+      if (precision == orthoconv::ConvPrecision::bf16 && !bf16) break;
+      const ConvShape s = shape_of(c, precision);
+      const ref::ConvDims d = dims_of(s);
+      INFO("shape " << s.str() << ": " << implementation(be, s));
+      REQUIRE(be.conv_precision(s, ConvPass::forward) == orthoconv::ConvPrecision::fp32);
+      REQUIRE(be.conv_precision(s, ConvPass::backward_weights) == orthoconv::ConvPrecision::fp32);
+      nhwc_cases += precision == orthoconv::ConvPrecision::bf16 && implementation(be, s).rfind("nhwc", 0) == 0;
 
-    const auto x = ref::random_normal(d.input_size(), ++seed);
-    const auto w = ref::random_normal(d.weight_size(), ++seed, 1.0 / std::sqrt(double(c.channels / c.groups)));
-    const auto dy = ref::random_normal(d.output_size(), ++seed);
-    const auto y0 = ref::random_normal(d.output_size(), ++seed);
-    // Quantise the inputs to float32 first: the reference then computes exactly what float32 data defines.
-    const auto xf = ref::to_float(x), wf = ref::to_float(w), dyf = ref::to_float(dy), y0f = ref::to_float(y0);
-    const auto xq = ref::to_double(xf), wq = ref::to_double(wf), dyq = ref::to_double(dyf), y0q = ref::to_double(y0f);
+      const auto x = ref::random_normal(d.input_size(), ++seed);
+      const auto w = ref::random_normal(d.weight_size(), ++seed, 1.0 / std::sqrt(double(c.channels / c.groups)));
+      const auto dy = ref::random_normal(d.output_size(), ++seed);
+      const auto y0 = ref::random_normal(d.output_size(), ++seed);
+      // Quantise the inputs to float32 first: the reference then computes exactly what float32 data defines.
+      const auto xf = ref::to_float(x), wf = ref::to_float(w), dyf = ref::to_float(dy), y0f = ref::to_float(y0);
+      const auto xq = ref::to_double(xf), wq = ref::to_double(wf), dyq = ref::to_double(dyf), y0q = ref::to_double(y0f);
 
-    std::vector<float> x_conv, dy_conv, y_conv;
-    CHECK(run_layout_roundtrip(be, s, xf, x_conv) == xf);  // the layout conversion is exact
-    run_layout_roundtrip(be, s, dyf, dy_conv);
+      std::vector<float> x_conv, dy_conv, y_conv;
+      CHECK(run_layout_roundtrip(be, s, xf, x_conv) == xf);  // the layout conversion is exact
+      run_layout_roundtrip(be, s, dyf, dy_conv);
 
-    std::vector<float> w_fwd(static_cast<size_t>(be.conv_weights_size(s, ConvPass::forward)));
-    std::vector<float> w_bwd(static_cast<size_t>(be.conv_weights_size(s, ConvPass::backward_data)));
-    be.weights_to_conv_layout(s, ConvPass::forward, wf.data(), w_fwd.data());
-    be.weights_to_conv_layout(s, ConvPass::backward_data, wf.data(), w_bwd.data());
+      std::vector<float> w_fwd(static_cast<size_t>(be.conv_weights_size(s, ConvPass::forward)));
+      std::vector<float> w_bwd(static_cast<size_t>(be.conv_weights_size(s, ConvPass::backward_data)));
+      be.weights_to_conv_layout(s, ConvPass::forward, wf.data(), w_fwd.data());
+      be.weights_to_conv_layout(s, ConvPass::backward_data, wf.data(), w_bwd.data());
 
-    const auto expected = ref::conv_forward(d, xq, wq);
-    std::vector<float> out(static_cast<size_t>(d.output_size()));
+      const auto expected = ref::conv_forward(d, xq, wq);
+      std::vector<float> out(static_cast<size_t>(d.output_size()));
 
-    {
-      INFO("forward overwrites");
-      run_layout_roundtrip(be, s, y0f, y_conv);  // a non-zero destination that must be overwritten
-      be.conv_forward(s, x_conv.data(), w_fwd.data(), y_conv.data(), false);
-      be.from_conv_layout(s, y_conv.data(), out.data());
-      CHECK(ref::max_relative_error(ref::to_double(out), expected) < kConvTolerance);
+      {
+        INFO("forward overwrites");
+        run_layout_roundtrip(be, s, y0f, y_conv);  // a non-zero destination that must be overwritten
+        be.conv_forward(s, x_conv.data(), w_fwd.data(), y_conv.data(), false);
+        be.from_conv_layout(s, y_conv.data(), out.data());
+        CHECK(ref::max_relative_error(ref::to_double(out), expected) < kConvTolerance);
+      }
+      {
+        INFO("forward accumulates");
+        run_layout_roundtrip(be, s, y0f, y_conv);
+        be.conv_forward(s, x_conv.data(), w_fwd.data(), y_conv.data(), true);
+        be.from_conv_layout(s, y_conv.data(), out.data());
+        auto sum = expected;
+        for (size_t i = 0; i < sum.size(); ++i) sum[i] += y0q[i];
+        CHECK(ref::max_relative_error(ref::to_double(out), sum) < kConvTolerance);
+      }
+      {
+        INFO("backward-data is the transposed convolution");
+        std::vector<float> dx_conv(static_cast<size_t>(be.conv_buffer_size(s)), 7.0f);
+        be.conv_backward_data(s, dy_conv.data(), w_bwd.data(), dx_conv.data());
+        std::vector<float> dx(static_cast<size_t>(d.input_size()));
+        be.from_conv_layout(s, dx_conv.data(), dx.data());
+        CHECK(ref::max_relative_error(ref::to_double(dx), ref::conv_backward_data(d, dyq, wq)) < kConvTolerance);
+      }
+      {
+        INFO("backward-weights is the weight gradient, plain layout");
+        std::vector<float> dw(static_cast<size_t>(d.weight_size()), 7.0f);
+        be.conv_backward_weights(s, x_conv.data(), dy_conv.data(), dw.data());
+        CHECK(ref::max_relative_error(ref::to_double(dw), ref::conv_backward_weights(d, xq, dyq)) < kConvTolerance);
+      }
     }
-    {
-      INFO("forward accumulates");
-      run_layout_roundtrip(be, s, y0f, y_conv);
-      be.conv_forward(s, x_conv.data(), w_fwd.data(), y_conv.data(), true);
-      be.from_conv_layout(s, y_conv.data(), out.data());
-      auto sum = expected;
-      for (size_t i = 0; i < sum.size(); ++i) sum[i] += y0q[i];
-      CHECK(ref::max_relative_error(ref::to_double(out), sum) < kConvTolerance);
-    }
-    {
-      INFO("backward-data is the transposed convolution");
-      std::vector<float> dx_conv(static_cast<size_t>(be.conv_buffer_size(s)), 7.0f);
-      be.conv_backward_data(s, dy_conv.data(), w_bwd.data(), dx_conv.data());
-      std::vector<float> dx(static_cast<size_t>(d.input_size()));
-      be.from_conv_layout(s, dx_conv.data(), dx.data());
-      CHECK(ref::max_relative_error(ref::to_double(dx), ref::conv_backward_data(d, dyq, wq)) < kConvTolerance);
-    }
-    {
-      INFO("backward-weights is the weight gradient, plain layout");
-      std::vector<float> dw(static_cast<size_t>(d.weight_size()), 7.0f);
-      be.conv_backward_weights(s, x_conv.data(), dy_conv.data(), dw.data());
-      CHECK(ref::max_relative_error(ref::to_double(dw), ref::conv_backward_weights(d, xq, dyq)) < kConvTolerance);
-    }
-  }
   // Where oneDNN has AMX bf16 kernels only in nhwc, a bf16 request runs in nhwc (here 24 channels in 3 groups
   // and up, but those with 8 channels or fewer per group), and the loop above ran the float32 fallback there.
   if (bf16 && cpu_has_amx(be)) CHECK(nhwc_cases >= 3);
@@ -179,9 +181,8 @@ TEST_CASE("oneDNN convolution of a stacked batch equals the convolutions of its 
     for (size_t i = 0; i < sum.size(); ++i) sum[i] += part_dw[i];
   }
   CHECK(ref::max_relative_error(ref::to_double(dw), sum) < kConvTolerance);
-  CHECK(ref::max_relative_error(ref::to_double(dw),
-                                ref::conv_backward_weights(d, ref::to_double(xf), ref::to_double(dyf))) <
-        kConvTolerance);
+  CHECK(ref::max_relative_error(ref::to_double(dw), ref::conv_backward_weights(d, ref::to_double(xf),
+                                                                               ref::to_double(dyf))) < kConvTolerance);
 }
 
 // ---- bf16 inputs (ConvShape::precision = bf16, Backend::PrecisionChoice::always) ----
@@ -209,8 +210,10 @@ uint16_t bits_of(double rounded) {
 
 }  // namespace
 
-TEST_CASE("float32 backward-weights on planes of at most 4 pixels (im2col + sgemm per group) matches the double "
-          "reference", "[backend][conv]") {
+TEST_CASE(
+    "float32 backward-weights on planes of at most 4 pixels (im2col + sgemm per group) matches the double "
+    "reference",
+    "[backend][conv]") {
   auto& be = *orthoconv::cpu_backend();
   struct Case {
     int64_t channels, kernel, height, width, groups;
@@ -219,9 +222,9 @@ TEST_CASE("float32 backward-weights on planes of at most 4 pixels (im2col + sgem
   // 20 channels: padded channels in the blocked layout; 1x1 and 1x2 planes: every tap but the centre is padding;
   // groups: GS-SOC's 4 groups at 2x2 (3x3) and 1x1 (1x1 kernel), 16-channel groups in nChw16c, 8-channel groups
   // (nChw8c), 3 groups of 8 channels (padded blocks).
-  for (const Case& c : {Case{32, 3, 2, 2, 1}, Case{20, 3, 2, 2, 1}, Case{16, 3, 1, 2, 1}, Case{24, 5, 2, 2, 1},
-                        Case{8, 3, 1, 1, 1}, Case{64, 3, 2, 2, 4}, Case{64, 1, 1, 1, 4}, Case{32, 3, 2, 2, 4},
-                        Case{24, 3, 1, 2, 3}, Case{16, 1, 1, 1, 1}}) {
+  for (const Case& c :
+       {Case{32, 3, 2, 2, 1}, Case{20, 3, 2, 2, 1}, Case{16, 3, 1, 2, 1}, Case{24, 5, 2, 2, 1}, Case{8, 3, 1, 1, 1},
+        Case{64, 3, 2, 2, 4}, Case{64, 1, 1, 1, 4}, Case{32, 3, 2, 2, 4}, Case{24, 3, 1, 2, 3}, Case{16, 1, 1, 1, 1}}) {
     ConvShape s;
     s.batch = 5;
     s.in_channels = s.out_channels = c.channels;
@@ -264,11 +267,23 @@ TEST_CASE("to_conv_input rounds to bfloat16 to nearest, ties to even, as the ref
   // Halfway cases both ways, just off halfway, subnormals, the overflow threshold, signs, infinities; then
   // random values (the conversion is elementwise, so the conv layout does not matter here).
   const float tie_even = 1.0f + std::ldexp(1.0f, -8), tie_odd = 1.0f + 3 * std::ldexp(1.0f, -8);
-  std::vector<float> special{0.0f, -0.0f, 1.0f, -1.5f, tie_even, tie_odd, -tie_even, std::nextafter(tie_even, 2.0f),
-                             std::nextafter(tie_even, 0.0f), std::ldexp(1.0f, -130), -std::ldexp(3.0f, -140),
-                             std::numeric_limits<float>::max(), -std::numeric_limits<float>::max(),
-                             std::ldexp(255.0f, 120), std::ldexp(511.0f, 119),
-                             std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+  std::vector<float> special{0.0f,
+                             -0.0f,
+                             1.0f,
+                             -1.5f,
+                             tie_even,
+                             tie_odd,
+                             -tie_even,
+                             std::nextafter(tie_even, 2.0f),
+                             std::nextafter(tie_even, 0.0f),
+                             std::ldexp(1.0f, -130),
+                             -std::ldexp(3.0f, -140),
+                             std::numeric_limits<float>::max(),
+                             -std::numeric_limits<float>::max(),
+                             std::ldexp(255.0f, 120),
+                             std::ldexp(511.0f, 119),
+                             std::numeric_limits<float>::infinity(),
+                             -std::numeric_limits<float>::infinity(),
                              std::numeric_limits<float>::denorm_min()};
   std::vector<float> src = ref::to_float(ref::random_normal(count, 77, 100.0));
   std::copy(special.begin(), special.end(), src.begin());
@@ -278,8 +293,9 @@ TEST_CASE("to_conv_input rounds to bfloat16 to nearest, ties to even, as the ref
   size_t mismatches = 0;
   for (size_t i = 0; i < count; ++i)
     if (bits[i] != bits_of(ref::round_to_bf16(src[i]))) {
-      if (mismatches++ < 5) UNSCOPED_INFO("element " << i << ": " << src[i] << " -> 0x" << std::hex << bits[i]
-                                                     << ", reference 0x" << bits_of(ref::round_to_bf16(src[i])));
+      if (mismatches++ < 5)
+        UNSCOPED_INFO("element " << i << ": " << src[i] << " -> 0x" << std::hex << bits[i] << ", reference 0x"
+                                 << bits_of(ref::round_to_bf16(src[i])));
     }
   CHECK(mismatches == 0);
   // NaN stays NaN.
@@ -288,16 +304,18 @@ TEST_CASE("to_conv_input rounds to bfloat16 to nearest, ties to even, as the ref
   CHECK((bf16_bits(dst, 1)[0] & 0x7fffu) > 0x7f80u);
 }
 
-TEST_CASE("oneDNN bf16 convolutions (bf16 inputs, float32 accumulation and outputs) match the double reference "
-          "on the rounded inputs", "[backend][conv][bf16]") {
+TEST_CASE(
+    "oneDNN bf16 convolutions (bf16 inputs, float32 accumulation and outputs) match the double reference "
+    "on the rounded inputs",
+    "[backend][conv][bf16]") {
   ref::AlwaysBf16 always;
   auto& be = *orthoconv::cpu_backend();
   if (!ref::cpu_has_bf16()) {
     WARN("no AVX512-BF16 on this CPU: bf16 convolutions not tested");
     return;
   }
-  const ConvCase cases[] = {{16, 3, 1}, {16, 1, 1}, {32, 3, 2}, {32, 3, 4}, {32, 1, 4}, {64, 3, 4}, {48, 3, 1},
-                            {128, 3, 4}};
+  const ConvCase cases[] = {{16, 3, 1}, {16, 1, 1}, {32, 3, 2}, {32, 3, 4},
+                            {32, 1, 4}, {64, 3, 4}, {48, 3, 1}, {128, 3, 4}};
   int forward_cases = 0, weight_cases = 0, amx_cases = 0;
   uint64_t seed = 300;
   for (const ConvCase& c : cases) {
@@ -385,8 +403,10 @@ TEST_CASE("oneDNN bf16 convolutions (bf16 inputs, float32 accumulation and outpu
 // 2.6's AMX kernels of grouped convolutions exist only there) and the plane has more than 4 pixels (at 1x1 and
 // 2x2 its AMX backward-weights runs at reference speed: 1024 channels at 1x1 took 516 CPU ms for 64 images,
 // against 9 in float32). A candidate whose first run exceeds too_slow_factor times float32 is dropped, for good.
-TEST_CASE("a bf16 request runs in nhwc only with AMX and on planes of more than 4 pixels, and a bf16 candidate "
-          "far slower than float32 is dropped and never measured again", "[backend][conv][bf16]") {
+TEST_CASE(
+    "a bf16 request runs in nhwc only with AMX and on planes of more than 4 pixels, and a bf16 candidate "
+    "far slower than float32 is dropped and never measured again",
+    "[backend][conv][bf16]") {
   if (!ref::cpu_has_bf16()) {
     WARN("no AVX512-BF16 on this CPU: bf16 layouts not tested");
     return;
@@ -435,8 +455,8 @@ TEST_CASE("a bf16 request runs in nhwc only with AMX and on planes of more than 
     if (low) backend->to_conv_input(s, x.data(), x_in.data());
     INFO("shape " << s.str() << (low ? " bf16" : " fp32") << ": " << implementation(*backend, s));
     CHECK(low == (choice == orthoconv::Backend::PrecisionChoice::always));
-    REQUIRE_NOTHROW(backend->conv_forward_scaled(s, low ? x_in.data() : x.data(), w.data(), 0.5f, add.data(),
-                                                 y.data()));
+    REQUIRE_NOTHROW(
+        backend->conv_forward_scaled(s, low ? x_in.data() : x.data(), w.data(), 0.5f, add.data(), y.data()));
     // Element 0 in either layout: image 0, channel 0, the corner pixel: 32 inputs x 4 taps of 0.5 * 0.25 (exact in
     // bf16 and float32), times alpha, plus the addend.
     CHECK(y[0] == 1.0f + 0.5f * (32 * 4 * 0.5f * 0.25f));

@@ -157,8 +157,7 @@ class RecordingBackend final : public Backend {
     note("axpby");
     inner_->axpby(alpha, x, beta, y, count);
   }
-  void weighted_sum(const float* const* sources, const float* scales, int inputs, float* dst,
-                    int64_t count) override {
+  void weighted_sum(const float* const* sources, const float* scales, int inputs, float* dst, int64_t count) override {
     note("weighted_sum");
     inner_->weighted_sum(sources, scales, inputs, dst, count);
   }
@@ -191,8 +190,7 @@ class RecordingBackend final : public Backend {
     note("add_bias");
     inner_->add_bias(dst, bias, batch, channels, plane);
   }
-  void bias_backward(const float* diff_dst, float* diff_bias, int64_t batch, int64_t channels,
-                     int64_t plane) override {
+  void bias_backward(const float* diff_dst, float* diff_bias, int64_t batch, int64_t channels, int64_t plane) override {
     note("bias_backward");
     inner_->bias_backward(diff_dst, diff_bias, batch, channels, plane);
   }
@@ -259,7 +257,7 @@ class RecordingBackend final : public Backend {
 // of their own (a different one per buffer): a write past the end stores something else there (a NaN, a copy of
 // another buffer's value, a sum with the guard), which the bitwise check finds. A NaN there would hide a write of
 // a NaN computed from an input's guard (NaN + NaN keeps the payload on x86).
-constexpr int64_t kGuard = 64;               // elements before and after: 256 bytes, four AVX-512 vectors
+constexpr int64_t kGuard = 64;                    // elements before and after: 256 bytes, four AVX-512 vectors
 constexpr uint32_t kInputGuardBits = 0x7fc0dead;  // a quiet NaN with a payload
 const float kPoison = std::numeric_limits<float>::quiet_NaN();  // initial value of outputs
 
@@ -493,11 +491,15 @@ enum class ConvOp { forward, accumulate, scaled_addend, scaled, backward_data, b
 const char* conv_op_name(ConvOp op) {
   switch (op) {
     case ConvOp::forward:
-    case ConvOp::accumulate: return "conv_forward";
+    case ConvOp::accumulate:
+      return "conv_forward";
     case ConvOp::scaled_addend:
-    case ConvOp::scaled: return "conv_forward_scaled";
-    case ConvOp::backward_data: return "conv_backward_data";
-    default: return "conv_backward_weights";
+    case ConvOp::scaled:
+      return "conv_forward_scaled";
+    case ConvOp::backward_data:
+      return "conv_backward_data";
+    default:
+      return "conv_backward_weights";
   }
 }
 
@@ -522,7 +524,8 @@ ConvShape conv_shape(const ConvCase& c, ConvPrecision precision) {
 // Sets PrecisionChoice::always for a reduced-precision row (every shape with a reduced-precision kernel runs
 // it) and the measured choice again afterwards.
 struct PrecisionScope {
-  PrecisionScope(Backend& backend, ConvPrecision precision) : backend_(backend), active_(precision != ConvPrecision::fp32) {
+  PrecisionScope(Backend& backend, ConvPrecision precision)
+      : backend_(backend), active_(precision != ConvPrecision::fp32) {
     if (active_) backend_.set_precision_choice(Backend::PrecisionChoice::always);
   }
   ~PrecisionScope() {
@@ -644,26 +647,31 @@ void add_conv_cases(std::vector<OpCase>& table) {
   // Planes of 5x7 (not a multiple of any vector width), 12 channels (padded to 16 in oneDNN's nChw16c), depthwise,
   // k = 5, planes of 4 pixels (the small-plane GEMM backward-weights), a stacked batch of K = 5 terms x 4 images
   // (SocConv's one backward-weights call per layer), 64 channels.
-  const ConvCase cases[] = {{3, 8, 5, 7, 1, 1},  {3, 12, 5, 7, 3, 4}, {2, 16, 6, 6, 3, 16}, {2, 24, 9, 5, 5, 2},
+  const ConvCase cases[] = {{3, 8, 5, 7, 1, 1},  {3, 12, 5, 7, 3, 4},  {2, 16, 6, 6, 3, 16}, {2, 24, 9, 5, 5, 2},
                             {4, 32, 2, 2, 3, 1}, {20, 16, 6, 6, 3, 2}, {1, 64, 8, 8, 3, 1}};
-  const ConvOp ops[] = {ConvOp::forward,       ConvOp::accumulate,    ConvOp::scaled_addend,
-                        ConvOp::scaled,        ConvOp::backward_data, ConvOp::backward_weights};
-  const std::vector<std::string> conv_uses = {"to_conv_layout", "from_conv_layout", "conv_buffer_size",
+  const ConvOp ops[] = {ConvOp::forward, ConvOp::accumulate,    ConvOp::scaled_addend,
+                        ConvOp::scaled,  ConvOp::backward_data, ConvOp::backward_weights};
+  const std::vector<std::string> conv_uses = {"to_conv_layout",    "from_conv_layout",       "conv_buffer_size",
                                               "conv_weights_size", "weights_to_conv_layout", "conv_precision"};
   uint64_t seed = 1000;
   for (const ConvCase& c : cases) {
-    table.push_back({"to_conv_layout", {"from_conv_layout", "conv_buffer_size"},
-                     conv_shape(c, ConvPrecision::fp32).str(),
-                     exact("a layout conversion moves values; the padded slots hold zeros"), ConvPrecision::fp32,
-                     seed += 10,
-                     [c](RecordingBackend& be, Buffers& b, const OpCase& row) { run_layout_roundtrip(c, be, b, row); }});
+    table.push_back(
+        {"to_conv_layout",
+         {"from_conv_layout", "conv_buffer_size"},
+         conv_shape(c, ConvPrecision::fp32).str(),
+         exact("a layout conversion moves values; the padded slots hold zeros"),
+         ConvPrecision::fp32,
+         seed += 10,
+         [c](RecordingBackend& be, Buffers& b, const OpCase& row) { run_layout_roundtrip(c, be, b, row); }});
     for (ConvPrecision precision : {ConvPrecision::fp32, ConvPrecision::bf16, ConvPrecision::tf32})
       for (ConvOp op : ops) {
         if (precision == ConvPrecision::tf32 && op != ConvOp::forward && op != ConvOp::backward_weights) continue;
         const ConvPass pass = conv_pass(op);
         const int64_t taps = (c.channels / c.groups) * c.kernel * c.kernel;
         const int64_t reduction = pass == ConvPass::backward_weights ? c.batch * c.height * c.width : taps;
-        const int64_t extra = op == ConvOp::accumulate || op == ConvOp::scaled_addend ? 2 : op == ConvOp::scaled ? 1 : 0;
+        const int64_t extra = op == ConvOp::accumulate || op == ConvOp::scaled_addend ? 2
+                              : op == ConvOp::scaled                                  ? 1
+                                                                                      : 0;
         std::ostringstream reason;
         reason << "each output sums " << reduction << " products"
                << (pass == ConvPass::backward_weights ? " (batch x plane)" : " (C/g k^2)");
@@ -681,8 +689,9 @@ void add_conv_cases(std::vector<OpCase>& table) {
         if (op == ConvOp::accumulate) params += ", accumulate";
         if (op == ConvOp::scaled_addend) params += ", alpha -0.25, addend";
         if (op == ConvOp::scaled) params += ", alpha 0.5, no addend";
-        table.push_back({conv_op_name(op), uses, params, sum(reduction + extra, reason.str()), precision, seed += 10,
-                         [c, op](RecordingBackend& be, Buffers& b, const OpCase& row) { run_conv(c, op, be, b, row); }});
+        table.push_back(
+            {conv_op_name(op), uses, params, sum(reduction + extra, reason.str()), precision, seed += 10,
+             [c, op](RecordingBackend& be, Buffers& b, const OpCase& row) { run_conv(c, op, be, b, row); }});
       }
   }
 }
@@ -690,24 +699,40 @@ void add_conv_cases(std::vector<OpCase>& table) {
 // ---- elementwise and data movement ----
 void add_elementwise_cases(std::vector<OpCase>& table) {
   const int64_t count = 1037;  // not a multiple of any vector width or block
-  table.push_back({"fill", {}, "1037 floats, 0.25", exact("a store"), ConvPrecision::fp32, 2001,
+  table.push_back({"fill",
+                   {},
+                   "1037 floats, 0.25",
+                   exact("a store"),
+                   ConvPrecision::fp32,
+                   2001,
                    [count](RecordingBackend& be, Buffers& b, const OpCase&) {
                      DeviceBuffer& dst = b.output("dst", count);
                      be.fill(dst.data(), count, 0.25f);
                      expect_equal("fill", dst.read(), Vec(size_t(count), 0.25));
                    }});
-  table.push_back({"copy", {}, "1037 floats", exact("a copy"), ConvPrecision::fp32, 2002,
+  table.push_back({"copy",
+                   {},
+                   "1037 floats",
+                   exact("a copy"),
+                   ConvPrecision::fp32,
+                   2002,
                    [count](RecordingBackend& be, Buffers& b, const OpCase& row) {
                      const auto x = random_floats(count, row.seed);
                      DeviceBuffer& dst = b.output("dst", count);
                      be.copy(b.input("src", x), dst.data(), count);
                      expect_equal("copy", dst.read(), ref::to_double(x));
                    }});
-  table.push_back({"to_host", {"from_host"}, "1037 floats", exact("a copy between memories"), ConvPrecision::fp32,
-                   2003, [count](RecordingBackend& be, Buffers& b, const OpCase& row) {
+  table.push_back({"to_host",
+                   {"from_host"},
+                   "1037 floats",
+                   exact("a copy between memories"),
+                   ConvPrecision::fp32,
+                   2003,
+                   [count](RecordingBackend& be, Buffers& b, const OpCase& row) {
                      const auto x = random_floats(count, row.seed);
                      b.input("x", x);  // from_host of the guarded block; verify() reads it back with to_host
-                     HostBuffer<float>& host = b.host_output<float>("host copy", std::vector<float>(size_t(count), kPoison));
+                     HostBuffer<float>& host =
+                         b.host_output<float>("host copy", std::vector<float>(size_t(count), kPoison));
                      DeviceBuffer& device = b.inout("device", x);
                      be.to_host(device.data(), host.data(), count);
                      expect_equal("to_host", host.read(), ref::to_double(x));
@@ -722,8 +747,13 @@ void add_elementwise_cases(std::vector<OpCase>& table) {
     std::ostringstream params;
     params << count << " floats, alpha " << a.alpha << ", beta " << a.beta << (a.in_place ? ", x == y" : "")
            << (a.beta == 0.0f && !a.in_place ? ", y NaN (never read)" : "");
-    table.push_back({"axpby", {}, params.str(), sum(2, "alpha x + beta y: two roundings"), ConvPrecision::fp32,
-                     2010, [a, count](RecordingBackend& be, Buffers& b, const OpCase& row) {
+    table.push_back({"axpby",
+                     {},
+                     params.str(),
+                     sum(2, "alpha x + beta y: two roundings"),
+                     ConvPrecision::fp32,
+                     2010,
+                     [a, count](RecordingBackend& be, Buffers& b, const OpCase& row) {
                        const auto x = random_floats(count, row.seed), y = random_floats(count, row.seed + 1);
                        const bool y_unread = a.beta == 0.0f && !a.in_place;
                        DeviceBuffer& out = y_unread ? b.output("y", count) : b.inout("y", a.in_place ? x : y);
@@ -739,36 +769,43 @@ void add_elementwise_cases(std::vector<OpCase>& table) {
                      }});
   }
   for (int inputs : {1, 3, 20}) {  // 20: more than one CUDA launch's worth of kernel parameters
-    table.push_back(
-        {"weighted_sum", {}, std::to_string(count) + " floats, " + std::to_string(inputs) + " sources",
-         sum(inputs, "a dot product of " + std::to_string(inputs) + " terms"), ConvPrecision::fp32, 2020,
-         [inputs, count](RecordingBackend& be, Buffers& b, const OpCase& row) {
-           std::vector<std::vector<float>> sources;
-           std::vector<const float*> pointers;
-           std::vector<float> scales;
-           for (int i = 0; i < inputs; ++i) {
-             sources.push_back(random_floats(count, row.seed + uint64_t(i)));
-             pointers.push_back(b.input("source " + std::to_string(i), sources.back()));
-             scales.push_back(0.5f + 0.25f * float(i) * (i % 2 ? -1.0f : 1.0f));
-           }
-           DeviceBuffer& dst = b.output("dst", count);
-           be.weighted_sum(pointers.data(), b.host_input("scales", scales), inputs, dst.data(), count);
-           Vec exact(size_t(count), 0.0), magnitude(size_t(count), 0.0);
-           for (int i = 0; i < inputs; ++i)
-             for (size_t j = 0; j < exact.size(); ++j) {
-               exact[j] += double(scales[size_t(i)]) * sources[size_t(i)][j];
-               magnitude[j] += std::abs(double(scales[size_t(i)]) * sources[size_t(i)][j]);
-             }
-           expect_within("weighted_sum", dst.read(), exact, magnitude, gamma(row.tolerance.terms));
-         }});
+    table.push_back({"weighted_sum",
+                     {},
+                     std::to_string(count) + " floats, " + std::to_string(inputs) + " sources",
+                     sum(inputs, "a dot product of " + std::to_string(inputs) + " terms"),
+                     ConvPrecision::fp32,
+                     2020,
+                     [inputs, count](RecordingBackend& be, Buffers& b, const OpCase& row) {
+                       std::vector<std::vector<float>> sources;
+                       std::vector<const float*> pointers;
+                       std::vector<float> scales;
+                       for (int i = 0; i < inputs; ++i) {
+                         sources.push_back(random_floats(count, row.seed + uint64_t(i)));
+                         pointers.push_back(b.input("source " + std::to_string(i), sources.back()));
+                         scales.push_back(0.5f + 0.25f * float(i) * (i % 2 ? -1.0f : 1.0f));
+                       }
+                       DeviceBuffer& dst = b.output("dst", count);
+                       be.weighted_sum(pointers.data(), b.host_input("scales", scales), inputs, dst.data(), count);
+                       Vec exact(size_t(count), 0.0), magnitude(size_t(count), 0.0);
+                       for (int i = 0; i < inputs; ++i)
+                         for (size_t j = 0; j < exact.size(); ++j) {
+                           exact[j] += double(scales[size_t(i)]) * sources[size_t(i)][j];
+                           magnitude[j] += std::abs(double(scales[size_t(i)]) * sources[size_t(i)][j]);
+                         }
+                       expect_within("weighted_sum", dst.read(), exact, magnitude, gamma(row.tolerance.terms));
+                     }});
   }
   for (auto [from, to] : {std::pair<int64_t, int64_t>{5, 8}, {8, 5}, {6, 6}})
     for (bool accumulate : {false, true}) {
       const int64_t batch = 3, plane = 35;
       table.push_back(
-          {"copy_channels", {}, std::to_string(from) + " -> " + std::to_string(to) + " channels, batch 3, plane 35" +
-                                    (accumulate ? ", accumulate" : ""),
-           accumulate ? sum(1, "one addition") : exact("a copy and zeros"), ConvPrecision::fp32, 2030,
+          {"copy_channels",
+           {},
+           std::to_string(from) + " -> " + std::to_string(to) + " channels, batch 3, plane 35" +
+               (accumulate ? ", accumulate" : ""),
+           accumulate ? sum(1, "one addition") : exact("a copy and zeros"),
+           ConvPrecision::fp32,
+           2030,
            [from = from, to = to, accumulate, batch, plane](RecordingBackend& be, Buffers& b, const OpCase& row) {
              const auto src = random_floats(batch * from * plane, row.seed);
              const auto dst0 = random_floats(batch * to * plane, row.seed + 1);
@@ -783,12 +820,16 @@ void add_elementwise_cases(std::vector<OpCase>& table) {
     }
   // Shuffles as ChannelShuffle builds them (from the reference's formula), including more channels than one CUDA
   // launch's chunk of the host permutation.
-  for (auto [channels, groups, paired] : {std::tuple<int64_t, int64_t, bool>{16, 4, false}, {16, 4, true},
-                                          {1200, 8, false}, {1200, 6, true}}) {
+  for (auto [channels, groups, paired] :
+       {std::tuple<int64_t, int64_t, bool>{16, 4, false}, {16, 4, true}, {1200, 8, false}, {1200, 6, true}}) {
     table.push_back(
-        {"permute_channels", {}, std::to_string(channels) + " channels, shuffle into " + std::to_string(groups) +
-                                     (paired ? " groups, paired" : " groups") + ", batch 2, plane 6",
-         exact("a permutation"), ConvPrecision::fp32, 2040,
+        {"permute_channels",
+         {},
+         std::to_string(channels) + " channels, shuffle into " + std::to_string(groups) +
+             (paired ? " groups, paired" : " groups") + ", batch 2, plane 6",
+         exact("a permutation"),
+         ConvPrecision::fp32,
+         2040,
          [channels = channels, groups = groups, paired = paired](RecordingBackend& be, Buffers& b, const OpCase& row) {
            const int64_t batch = 2, plane = 6;
            const auto destination = ref::shuffle_destination(channels, groups, paired);
@@ -807,9 +848,14 @@ void add_elementwise_cases(std::vector<OpCase>& table) {
   for (const Unshuffle& u : {Unshuffle{2, 3, 8, 6, 2}, Unshuffle{1, 2, 12, 8, 4}})
     for (bool inverse : {false, true}) {
       std::ostringstream params;
-      params << u.channels << " x " << u.height << " x " << u.width << ", stride " << u.stride << ", batch "
-             << u.batch << (inverse ? ", inverse" : "");
-      table.push_back({"pixel_unshuffle", {}, params.str(), exact("a permutation"), ConvPrecision::fp32, 2050,
+      params << u.channels << " x " << u.height << " x " << u.width << ", stride " << u.stride << ", batch " << u.batch
+             << (inverse ? ", inverse" : "");
+      table.push_back({"pixel_unshuffle",
+                       {},
+                       params.str(),
+                       exact("a permutation"),
+                       ConvPrecision::fp32,
+                       2050,
                        [u, inverse](RecordingBackend& be, Buffers& b, const OpCase& row) {
                          const int64_t values = u.batch * u.channels * u.height * u.width;
                          const auto src = random_floats(values, row.seed);
@@ -818,18 +864,21 @@ void add_elementwise_cases(std::vector<OpCase>& table) {
                                             u.stride, inverse);
                          const Vec x = ref::to_double(src);
                          expect_equal("pixel_unshuffle", dst.read(),
-                                      inverse ? ref::pixel_shuffle(x, u.batch, u.channels, u.height, u.width, u.stride)
-                                              : ref::pixel_unshuffle(x, u.batch, u.channels, u.height, u.width,
-                                                                     u.stride));
+                                      inverse
+                                          ? ref::pixel_shuffle(x, u.batch, u.channels, u.height, u.width, u.stride)
+                                          : ref::pixel_unshuffle(x, u.batch, u.channels, u.height, u.width, u.stride));
                        }});
     }
   for (bool paired : {false, true})
     for (bool backward : {false, true}) {
       table.push_back(
-          {backward ? "maxmin_backward" : "maxmin_forward", {}, std::string("batch 4, 10 channels, plane 33, many ties") +
-                                                                    (paired ? ", paired" : ""),
+          {backward ? "maxmin_backward" : "maxmin_forward",
+           {},
+           std::string("batch 4, 10 channels, plane 33, many ties") + (paired ? ", paired" : ""),
            exact(backward ? "gradient routing (ties: min from the first of the pair)" : "a selection"),
-           ConvPrecision::fp32, 2060, [paired, backward](RecordingBackend& be, Buffers& b, const OpCase& row) {
+           ConvPrecision::fp32,
+           2060,
+           [paired, backward](RecordingBackend& be, Buffers& b, const OpCase& row) {
              const int64_t batch = 4, channels = 10, plane = 33, values = batch * channels * plane;
              auto x = random_floats(values, row.seed);
              for (float& v : x) v = std::round(v * 2.0f) / 2.0f;  // many ties
@@ -837,18 +886,25 @@ void add_elementwise_cases(std::vector<OpCase>& table) {
              DeviceBuffer& out = b.output(backward ? "dx" : "y", values);
              if (backward) {
                be.maxmin_backward(b.input("x", x), b.input("dy", dy), out.data(), batch, channels, plane, paired);
-               expect_equal("maxmin_backward", out.read(),
-                            ref::maxmin_backward(ref::to_double(x), ref::to_double(dy), batch, channels, plane, paired));
+               expect_equal(
+                   "maxmin_backward", out.read(),
+                   ref::maxmin_backward(ref::to_double(x), ref::to_double(dy), batch, channels, plane, paired));
              } else {
                be.maxmin_forward(b.input("x", x), out.data(), batch, channels, plane, paired);
-               expect_equal("maxmin_forward", out.read(), ref::maxmin(ref::to_double(x), batch, channels, plane, paired));
+               expect_equal("maxmin_forward", out.read(),
+                            ref::maxmin(ref::to_double(x), batch, channels, plane, paired));
              }
            }});
     }
   {
     const int64_t batch = 5, channels = 7, plane = 1025;
-    table.push_back({"add_bias", {}, "batch 5, 7 channels, plane 1025", sum(1, "one addition"), ConvPrecision::fp32,
-                     2070, [=](RecordingBackend& be, Buffers& b, const OpCase& row) {
+    table.push_back({"add_bias",
+                     {},
+                     "batch 5, 7 channels, plane 1025",
+                     sum(1, "one addition"),
+                     ConvPrecision::fp32,
+                     2070,
+                     [=](RecordingBackend& be, Buffers& b, const OpCase& row) {
                        const auto x = random_floats(batch * channels * plane, row.seed);
                        const auto bias = random_floats(channels, row.seed + 1);
                        DeviceBuffer& dst = b.inout("dst", x);
@@ -858,9 +914,13 @@ void add_elementwise_cases(std::vector<OpCase>& table) {
                        ref::add_bias(magnitude, absolute(ref::to_double(bias)), batch, channels, plane);
                        expect_within("add_bias", dst.read(), exact, magnitude, gamma(row.tolerance.terms));
                      }});
-    table.push_back({"bias_backward", {}, "batch 5, 7 channels, plane 1025, added to diff_bias",
+    table.push_back({"bias_backward",
+                     {},
+                     "batch 5, 7 channels, plane 1025, added to diff_bias",
                      sum(batch * plane + 1, "a sum of batch x plane = 5125 terms and the old value"),
-                     ConvPrecision::fp32, 2071, [=](RecordingBackend& be, Buffers& b, const OpCase& row) {
+                     ConvPrecision::fp32,
+                     2071,
+                     [=](RecordingBackend& be, Buffers& b, const OpCase& row) {
                        const auto dy = random_floats(batch * channels * plane, row.seed);
                        const auto acc = random_floats(channels, row.seed + 1);
                        DeviceBuffer& diff_bias = b.inout("diff_bias", acc);
@@ -923,7 +983,7 @@ double norm2(const Vec& x) { return std::sqrt(ref::dot(x, x)); }
 // spectral one), but an error in the algorithm (a wrong reshape, order or normalisation) moves the vectors by O(1).
 // The exact path of one group's reshape w from its initial vectors, with the error bounds of a float32 run.
 struct PowerPath {
-  Vec u, v;                    // the vectors after `iterations` rounds
+  Vec u, v;                             // the vectors after `iterations` rounds
   double u_error = 0.0, v_error = 0.0;  // bounds on ||computed - exact||_2
   double sigma = 0.0, sigma_error = 0.0;
 };
@@ -1003,8 +1063,9 @@ void run_power_iteration(const FilterCase& c, int iterations, RecordingBackend& 
     for (int w = 0; w < 4; ++w) {
       INFO("group " << group << ", u" << w + 1 << " / v" << w + 1 << " after " << iterations << " iterations");
       const int64_t ul = int64_t(u[w].size()) / g, vl = int64_t(v[w].size()) / g;
-      const PowerPath path = power_path(a, group, ch, k, w, Vec(s.u[w].begin() + group * ul, s.u[w].begin() + (group + 1) * ul),
-                                        Vec(s.v[w].begin() + group * vl, s.v[w].begin() + (group + 1) * vl), iterations);
+      const PowerPath path =
+          power_path(a, group, ch, k, w, Vec(s.u[w].begin() + group * ul, s.u[w].begin() + (group + 1) * ul),
+                     Vec(s.v[w].begin() + group * vl, s.v[w].begin() + (group + 1) * vl), iterations);
       // The path agrees with the reference's power_iterate (both double): the bounds follow the right path.
       REQUIRE(distance(ref::to_float(u[w]), path.u, group * ul) <= 1e-6);
       REQUIRE(distance(ref::to_float(v[w]), path.v, group * vl) <= 1e-6);
@@ -1034,27 +1095,43 @@ void run_power_iteration(const FilterCase& c, int iterations, RecordingBackend& 
 void add_filter_cases(std::vector<OpCase>& table) {
   for (const FilterCase& c : kFilterCases) {
     const int64_t group_size = c.channels * c.channels * c.kernel * c.kernel;
-    table.push_back(
-        {"skew_symmetrize", {}, filter_params(c), sum(1, "(m - m^T) / 2: one subtraction, an exact halving"),
-         ConvPrecision::fp32, 3000, [c](RecordingBackend& be, Buffers& b, const OpCase& row) {
-           const auto m = random_floats(c.groups * c.channels * c.channels * c.kernel * c.kernel, row.seed, 0.3);
-           DeviceBuffer& a = b.output("a", int64_t(m.size()));
-           be.skew_symmetrize(b.input("m", m), a.data(), c.groups, c.channels, c.kernel);
-           const Vec md = ref::to_double(m), abs_m = absolute(md), skew_abs = ref::skew(abs_m, c.groups, c.channels, c.kernel);
-           Vec magnitude(md.size());  // (|m| + |m^T|) / 2 = |m| - skew(|m|)
-           for (size_t i = 0; i < md.size(); ++i) magnitude[i] = abs_m[i] - skew_abs[i];
-           expect_within("skew_symmetrize", a.read(), ref::skew(md, c.groups, c.channels, c.kernel), magnitude,
-                         gamma(row.tolerance.terms));
-         }});
+    table.push_back({"skew_symmetrize",
+                     {},
+                     filter_params(c),
+                     sum(1, "(m - m^T) / 2: one subtraction, an exact halving"),
+                     ConvPrecision::fp32,
+                     3000,
+                     [c](RecordingBackend& be, Buffers& b, const OpCase& row) {
+                       const auto m =
+                           random_floats(c.groups * c.channels * c.channels * c.kernel * c.kernel, row.seed, 0.3);
+                       DeviceBuffer& a = b.output("a", int64_t(m.size()));
+                       be.skew_symmetrize(b.input("m", m), a.data(), c.groups, c.channels, c.kernel);
+                       const Vec md = ref::to_double(m), abs_m = absolute(md),
+                                 skew_abs = ref::skew(abs_m, c.groups, c.channels, c.kernel);
+                       Vec magnitude(md.size());  // (|m| + |m^T|) / 2 = |m| - skew(|m|)
+                       for (size_t i = 0; i < md.size(); ++i) magnitude[i] = abs_m[i] - skew_abs[i];
+                       expect_within("skew_symmetrize", a.read(), ref::skew(md, c.groups, c.channels, c.kernel),
+                                     magnitude, gamma(row.tolerance.terms));
+                     }});
     for (int iterations : {0, 1, 2})
       table.push_back(
-          {"power_iteration", {}, filter_params(c) + ", " + std::to_string(iterations) + " iterations",
-           derived(Check::power_iteration, group_size,
-            "matrix-vector products of rows of up to C k^2 terms, normalised; bounds carried along the exact path"),
-           ConvPrecision::fp32, 3010 + uint64_t(iterations), [c, iterations](RecordingBackend& be, Buffers& b, const OpCase& row) {
+          {"power_iteration",
+           {},
+           filter_params(c) + ", " + std::to_string(iterations) + " iterations",
+           derived(
+               Check::power_iteration, group_size,
+               "matrix-vector products of rows of up to C k^2 terms, normalised; bounds carried along the exact path"),
+           ConvPrecision::fp32,
+           3010 + uint64_t(iterations),
+           [c, iterations](RecordingBackend& be, Buffers& b, const OpCase& row) {
              run_power_iteration(c, iterations, be, b, row);
            }});
-    table.push_back({"scale_groups", {}, filter_params(c), sum(1, "one product"), ConvPrecision::fp32, 3020,
+    table.push_back({"scale_groups",
+                     {},
+                     filter_params(c),
+                     sum(1, "one product"),
+                     ConvPrecision::fp32,
+                     3020,
                      [c, group_size](RecordingBackend& be, Buffers& b, const OpCase& row) {
                        const auto f = random_floats(c.groups * group_size, row.seed);
                        std::vector<float> scale(size_t(c.groups));
@@ -1067,8 +1144,12 @@ void add_filter_cases(std::vector<OpCase>& table) {
                        expect_within("scale_groups", scaled.read(), exact, absolute(exact), gamma(row.tolerance.terms));
                      }});
     table.push_back(
-        {"add_sigma_gradient", {}, filter_params(c) + ", which = 0..3 in turn",
-         sum(3, "coefficient * u * v (two products) added to diff"), ConvPrecision::fp32, 3030,
+        {"add_sigma_gradient",
+         {},
+         filter_params(c) + ", which = 0..3 in turn",
+         sum(3, "coefficient * u * v (two products) added to diff"),
+         ConvPrecision::fp32,
+         3030,
          [c](RecordingBackend& be, Buffers& b, const OpCase& row) {
            GuardedState s = guarded_state(be, b, c, row.seed);
            std::vector<int32_t> which(size_t(c.groups));
@@ -1082,19 +1163,24 @@ void add_filter_cases(std::vector<OpCase>& table) {
            be.add_sigma_gradient(s.state, b.host_input("which", which), b.host_input("coefficient", coefficient),
                                  diff.data(), c.groups, c.channels, c.kernel);
            Vec exact = ref::to_double(diff0), magnitude = absolute(exact);
-           ref::add_sigma_gradient(s.u, s.v, which, ref::to_double(coefficient), exact, c.groups, c.channels,
-                                   c.kernel);
+           ref::add_sigma_gradient(s.u, s.v, which, ref::to_double(coefficient), exact, c.groups, c.channels, c.kernel);
            std::array<Vec, 4> abs_u, abs_v;
            for (int w = 0; w < 4; ++w) abs_u[w] = absolute(s.u[w]), abs_v[w] = absolute(s.v[w]);
            ref::add_sigma_gradient(abs_u, abs_v, which, absolute(ref::to_double(coefficient)), magnitude, c.groups,
                                    c.channels, c.kernel);
            expect_within("add_sigma_gradient", diff.read(), exact, magnitude, gamma(row.tolerance.terms));
          }});
-    table.push_back({"group_dot", {}, filter_params(c), sum(group_size, "a dot product of C^2 k^2 terms"),
-                     ConvPrecision::fp32, 3040, [c, group_size](RecordingBackend& be, Buffers& b, const OpCase& row) {
+    table.push_back({"group_dot",
+                     {},
+                     filter_params(c),
+                     sum(group_size, "a dot product of C^2 k^2 terms"),
+                     ConvPrecision::fp32,
+                     3040,
+                     [c, group_size](RecordingBackend& be, Buffers& b, const OpCase& row) {
                        const auto x = random_floats(c.groups * group_size, row.seed);
                        const auto y = random_floats(c.groups * group_size, row.seed + 1);
-                       HostBuffer<float>& out = b.host_output<float>("out", std::vector<float>(size_t(c.groups), kPoison));
+                       HostBuffer<float>& out =
+                           b.host_output<float>("out", std::vector<float>(size_t(c.groups), kPoison));
                        be.group_dot(b.input("a", x), b.input("b", y), out.data(), c.groups, group_size);
                        Vec exact(size_t(c.groups), 0.0), magnitude(size_t(c.groups), 0.0);
                        for (size_t i = 0; i < x.size(); ++i) {
@@ -1116,18 +1202,18 @@ void add_matmul_cases(std::vector<OpCase>& table) {
   };
   const Case cases[] = {
       {1, 5, 5, 5, false, false, false, 0, 0, 0, 1.0f, 0.0f, 0.0f},
-      {3, 7, 7, 7, true, false, false, 0, 0, 0, 0.5f, 0.0f, 1.0f},      // a Horner step of the matrix path
+      {3, 7, 7, 7, true, false, false, 0, 0, 0, 0.5f, 0.0f, 1.0f},  // a Horner step of the matrix path
       {2, 6, 6, 6, true, true, false, 0, 0, 0, 0.25f, 0.0f, 0.0f},
       {2, 6, 6, 18, true, false, false, 0, 0, 0, 1.0f, 1.0f, 0.0f},     // the stacked product (inner 3C)
       {2, 3, 5, 4, false, true, false, 0, 0, 0, -2.0f, 0.5f, 0.0f},     // rectangular
       {3, 5, 5, 5, false, false, false, -1, 0, 40, 1.0f, 0.0f, -1.5f},  // A broadcast, C strided with gaps
       {2, 6, 6, 6, true, false, true, 0, 0, 0, 0.2f, 0.0f, 1.0f},       // B = I
       {1, 96, 96, 96, false, false, false, 0, 0, 0, 1.0f, 1.0f, 1.0f},
-      {6, 4, 9, 4, false, false, false, -1, 40, 45, 1.0f, 0.0f, 0.0f},  // the 1x1 conv on NCHW: Y_n = P X_n
-      {5, 4, 4, 9, false, true, false, 40, 45, -1, 1.0f, 0.0f, 0.0f},   // summed: dP^T = sum_n X_n dY_n^T
-      {3, 5, 5, 7, true, false, false, 0, 0, -1, 0.5f, 1.5f, 1.0f},     // summed, with beta and shift
-      {37, 6, 6, 5, false, true, false, 0, 0, -1, -1.0f, 0.0f, 0.0f},   // summed over more matrices than threads
-      {4, 3, 3, 3, false, false, true, 0, 0, -1, 2.0f, 0.0f, 0.0f},     // summed, B = I
+      {6, 4, 9, 4, false, false, false, -1, 40, 45, 1.0f, 0.0f, 0.0f},     // the 1x1 conv on NCHW: Y_n = P X_n
+      {5, 4, 4, 9, false, true, false, 40, 45, -1, 1.0f, 0.0f, 0.0f},      // summed: dP^T = sum_n X_n dY_n^T
+      {3, 5, 5, 7, true, false, false, 0, 0, -1, 0.5f, 1.5f, 1.0f},        // summed, with beta and shift
+      {37, 6, 6, 5, false, true, false, 0, 0, -1, -1.0f, 0.0f, 0.0f},      // summed over more matrices than threads
+      {4, 3, 3, 3, false, false, true, 0, 0, -1, 2.0f, 0.0f, 0.0f},        // summed, B = I
       {1, 192, 192, 576, true, false, false, 0, 0, 0, 1.0f, 1.0f, 0.0f}};  // a long inner dimension
   for (const Case& c : cases) {
     const ref::MatmulDims d{c.batch,
@@ -1136,18 +1222,27 @@ void add_matmul_cases(std::vector<OpCase>& table) {
                             c.inner,
                             c.ta,
                             c.tb,
-                            c.stride_a < 0 ? 0 : c.stride_a > 0 ? c.stride_a : c.rows * c.inner,
+                            c.stride_a < 0   ? 0
+                            : c.stride_a > 0 ? c.stride_a
+                                             : c.rows * c.inner,
                             c.stride_b > 0 ? c.stride_b : c.inner * c.cols,
-                            c.stride_c < 0 ? 0 : c.stride_c > 0 ? c.stride_c : c.rows * c.cols};
+                            c.stride_c < 0   ? 0
+                            : c.stride_c > 0 ? c.stride_c
+                                             : c.rows * c.cols};
     // Each entry: alpha times a dot product of `inner` terms (B = I: one term), summed over the batch when C's
     // stride is 0, plus beta C and the shift.
     const int64_t products = (c.no_b ? 1 : c.inner) * (d.stride_c == 0 ? c.batch : 1);
     std::ostringstream params, reason;
-    params << d.shape().str() << (c.no_b ? ", B = I" : "") << ", alpha " << c.alpha << ", beta " << c.beta
-           << ", shift " << c.shift << (c.beta == 0.0f ? ", C NaN (never read)" : "");
+    params << d.shape().str() << (c.no_b ? ", B = I" : "") << ", alpha " << c.alpha << ", beta " << c.beta << ", shift "
+           << c.shift << (c.beta == 0.0f ? ", C NaN (never read)" : "");
     reason << products << " products, then alpha, beta C and the shift: gamma_" << products + 3;
     table.push_back(
-        {"matmul", {}, params.str(), sum(products + 3, reason.str()), ConvPrecision::fp32, 4000,
+        {"matmul",
+         {},
+         params.str(),
+         sum(products + 3, reason.str()),
+         ConvPrecision::fp32,
+         4000,
          [c, d](RecordingBackend& be, Buffers& buffers, const OpCase& row) {
            const MatmulShape s = d.shape();
            const auto a = random_floats(s.stride_a * (c.batch - 1) + c.rows * c.inner, row.seed);
@@ -1226,17 +1321,25 @@ void run_softmax_cross_entropy(int64_t batch, RecordingBackend& be, Buffers& b, 
 
 void add_train_cases(std::vector<OpCase>& table) {
   for (int64_t batch : {int64_t{7}, int64_t{1000}})  // 1000 rows: two CUDA launches' chunks of labels
-    table.push_back({"softmax_cross_entropy", {}, "batch " + std::to_string(batch) + ", 100 classes, logits N(0, 9)",
-                     derived(Check::softmax, 100, "exp of float differences and a sum of 100 terms; the loss in double"),
-                     ConvPrecision::fp32, 5000, [batch](RecordingBackend& be, Buffers& b, const OpCase& row) {
-                       run_softmax_cross_entropy(batch, be, b, row);
-                     }});
+    table.push_back(
+        {"softmax_cross_entropy",
+         {},
+         "batch " + std::to_string(batch) + ", 100 classes, logits N(0, 9)",
+         derived(Check::softmax, 100, "exp of float differences and a sum of 100 terms; the loss in double"),
+         ConvPrecision::fp32,
+         5000,
+         [batch](RecordingBackend& be, Buffers& b, const OpCase& row) {
+           run_softmax_cross_entropy(batch, be, b, row);
+         }});
   for (bool first : {true, false})
     table.push_back(
-        {"sgd_momentum", {}, std::string("4099 floats, lr 0.1, momentum 0.9, weight decay 5e-4") +
-                                 (first ? ", first step" : ""),
+        {"sgd_momentum",
+         {},
+         std::string("4099 floats, lr 0.1, momentum 0.9, weight decay 5e-4") + (first ? ", first step" : ""),
          sum(6, "param and momentum are sums of at most 4 products reached through at most 6 roundings"),
-         ConvPrecision::fp32, 5010, [first](RecordingBackend& be, Buffers& b, const OpCase& row) {
+         ConvPrecision::fp32,
+         5010,
+         [first](RecordingBackend& be, Buffers& b, const OpCase& row) {
            const int64_t count = 4099;
            const float lr = 0.1f, mom = 0.9f, wd = 5e-4f;
            const auto p0 = random_floats(count, row.seed), g = random_floats(count, row.seed + 1),
@@ -1248,7 +1351,8 @@ void add_train_cases(std::vector<OpCase>& table) {
            ref::sgd_momentum(p, ref::to_double(g), m, lr, mom, wd, first);
            Vec m_magnitude(static_cast<size_t>(count)), p_magnitude(static_cast<size_t>(count));
            for (size_t i = 0; i < m_magnitude.size(); ++i) {
-             m_magnitude[i] = std::abs(double(g[i])) + std::abs(double(wd) * p0[i]) + (first ? 0.0 : std::abs(double(mom) * m0[i]));
+             m_magnitude[i] =
+                 std::abs(double(g[i])) + std::abs(double(wd) * p0[i]) + (first ? 0.0 : std::abs(double(mom) * m0[i]));
              p_magnitude[i] = std::abs(double(p0[i])) + double(lr) * m_magnitude[i];
            }
            expect_within("sgd_momentum momentum", momentum.read(), m, m_magnitude, gamma(row.tolerance.terms));
@@ -1258,14 +1362,23 @@ void add_train_cases(std::vector<OpCase>& table) {
 
 // ---- queries and settings ----
 void add_contract_cases(std::vector<OpCase>& table) {
-  table.push_back({"name", {"device"}, "-", derived(Check::contract, 0, "names its device"), ConvPrecision::fp32, 6000,
+  table.push_back({"name",
+                   {"device"},
+                   "-",
+                   derived(Check::contract, 0, "names its device"),
+                   ConvPrecision::fp32,
+                   6000,
                    [](RecordingBackend& be, Buffers&, const OpCase&) {
                      const std::string name = be.name();
                      CHECK_FALSE(name.empty());
                      CHECK(name.rfind(be.device() == Device::cuda ? "cuda" : "cpu", 0) == 0);
                    }});
-  table.push_back({"check_precision", {"conv_precision"}, "fp32 on a 16-channel 3x3 shape",
-                   derived(Check::contract, 0, "fp32 always runs, and runs in fp32"), ConvPrecision::fp32, 6001,
+  table.push_back({"check_precision",
+                   {"conv_precision"},
+                   "fp32 on a 16-channel 3x3 shape",
+                   derived(Check::contract, 0, "fp32 always runs, and runs in fp32"),
+                   ConvPrecision::fp32,
+                   6001,
                    [](RecordingBackend& be, Buffers&, const OpCase&) {
                      CHECK_NOTHROW(be.check_precision(ConvPrecision::fp32));
                      const ConvShape s = conv_shape({2, 16, 4, 4, 3, 1}, ConvPrecision::fp32);
@@ -1355,7 +1468,8 @@ TEST_CASE("every Backend member (include/orthoconv/backend.hpp) has a case in th
           "[backend][ops][coverage]") {
   const auto members = backend_members_in_header();
   // The parser found the interface (these have been there from the start), not an empty or partial list.
-  for (const char* known : {"conv_forward", "conv_backward_weights", "fill", "matmul", "power_iteration", "synchronize"})
+  for (const char* known :
+       {"conv_forward", "conv_backward_weights", "fill", "matmul", "power_iteration", "synchronize"})
     REQUIRE(members.count(known) == 1);
   REQUIRE(members.size() >= 30);
   std::set<std::string> covered(kEveryRowUses.begin(), kEveryRowUses.end());

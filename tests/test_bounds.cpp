@@ -26,8 +26,10 @@ TEST_CASE("spectral bound is an upper bound on the zero-padded conv norm and tig
       INFO("kernel " << kernel << " groups " << groups << " exact " << exact << " rho " << rho);
       CHECK(rho >= exact);
       // The circular embedding can only add norm; for k = 1 it is exact.
-      if (kernel == 1) CHECK(rho == Approx(exact).epsilon(1e-8));
-      else CHECK(rho <= 1.5 * exact);
+      if (kernel == 1)
+        CHECK(rho == Approx(exact).epsilon(1e-8));
+      else
+        CHECK(rho <= 1.5 * exact);
     }
   }
 }

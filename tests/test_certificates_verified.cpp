@@ -98,7 +98,9 @@ std::pair<double, double> float32_series_error(SocConv& layer, int64_t side) {
     std::vector<double> next(static_cast<size_t>(n), 0.0);
     for (int64_t r = 0; r < n; ++r)
       for (int64_t col = 0; col < n; ++col) next[static_cast<size_t>(r)] += op(r, col) * term[static_cast<size_t>(col)];
-    for (int64_t r = 0; r < n; ++r) term[static_cast<size_t>(r)] = next[static_cast<size_t>(r)] / i, sum[static_cast<size_t>(r)] += term[static_cast<size_t>(r)];
+    for (int64_t r = 0; r < n; ++r)
+      term[static_cast<size_t>(r)] = next[static_cast<size_t>(r)] / i,
+      sum[static_cast<size_t>(r)] += term[static_cast<size_t>(r)];
   }
   double err = 0.0, xnorm = 0.0;
   for (int64_t r = 0; r < n; ++r) {
@@ -213,8 +215,8 @@ TEST_CASE("verified certificates: L-only radii within nominal, float64 radii by 
       if (j != c) runner_up = std::max(runner_up, f[j]);
     const double error = logit_error_bound(bound, eval.input_norms[i]);
     CHECK(error < 1e-9);  // float64: far below any margin that matters
-    const double expected = std::max(0.0, (f[c] - runner_up - std::sqrt(2.0) * error) /
-                                               (std::sqrt(2.0) * bound.lipschitz * norm.lipschitz()));
+    const double expected = std::max(
+        0.0, (f[c] - runner_up - std::sqrt(2.0) * error) / (std::sqrt(2.0) * bound.lipschitz * norm.lipschitz()));
     CHECK(eval.verified_images[i].correct == (c == split.fine_labels[i]));
     CHECK(eval.verified_images[i].radius <= expected);
     CHECK(eval.verified_images[i].radius == Approx(expected).epsilon(1e-12).margin(1e-15));
@@ -291,7 +293,8 @@ TEST_CASE("attacks find a known adversarial example next to a correctly classifi
   one.path = "crafted";
   one.pixels.resize(kCifarPixels);
   for (int64_t i = 0; i < kCifarPixels; ++i)
-    one.pixels[static_cast<size_t>(i)] = static_cast<uint8_t>(std::lround(std::clamp(clean.data()[i], 0.0f, 1.0f) * 255));
+    one.pixels[static_cast<size_t>(i)] =
+        static_cast<uint8_t>(std::lround(std::clamp(clean.data()[i], 0.0f, 1.0f) * 255));
   one.fine_labels = {0};
   one.coarse_labels = {0};
   auto f1 = logits_of(model, norm, one, {0});
@@ -402,7 +405,7 @@ TEST_CASE("a bf16-trained model is certified exactly as a float32 one, and attac
   double largest = 0.0;
   for (size_t i = 0; i < indices.size(); ++i) {
     INFO("image " << i);
-    CHECK(eval.nominal_images[i].radius == fresh_eval.nominal_images[i].radius);  // float32 pass
+    CHECK(eval.nominal_images[i].radius == fresh_eval.nominal_images[i].radius);    // float32 pass
     CHECK(eval.verified_images[i].radius == fresh_eval.verified_images[i].radius);  // float64 pass
     largest = std::max(largest, eval.verified_images[i].radius);
   }

@@ -89,8 +89,8 @@ TEST_CASE("lln certificate takes the minimum over all classes, not the runner-up
 TEST_CASE("Certifier aggregates clean and certified accuracy and the mean radius of correct images", "[certify]") {
   Certifier certifier({0, 36}, 1.0 / std::sqrt(2.0));  // sqrt(2) * L = 1 (up to rounding): r = margin
   // image 0: correct, margin 1.0; image 1: correct, margin 0.1; image 2: wrong; image 3: NaN.
-  const float logits[4 * 3] = {2.0f, 1.0f, 0.0f,   0.1f, 0.0f, 0.0f,
-                               0.0f, 5.0f, 0.0f,   std::numeric_limits<float>::quiet_NaN(), 0.0f, 0.0f};
+  const float logits[4 * 3] = {
+      2.0f, 1.0f, 0.0f, 0.1f, 0.0f, 0.0f, 0.0f, 5.0f, 0.0f, std::numeric_limits<float>::quiet_NaN(), 0.0f, 0.0f};
   const int32_t labels[4] = {0, 0, 0, 0};
   certifier.add_batch(logits, 4, 3, labels);
   const CertifyReport& r = certifier.report();
@@ -113,7 +113,7 @@ TEST_CASE("unequal channel stds: the certificate takes 1/min(std), as 1/max(std)
   norm.mean = {0.5f, 0.5f, 0.5f};
   norm.std = {0.2f, 0.5f, 0.4f};  // red has the smallest std
   const NormalizationTable table = normalization_table(norm);
-  const uint8_t byte = 179;       // x_p = 179/255 = 0.70196
+  const uint8_t byte = 179;  // x_p = 179/255 = 0.70196
   const double w = 1.0 / std::sqrt(2.0);
   auto logits_at = [&](double z) { return std::array<double, 2>{w * z, -w * z}; };
   const auto f = logits_at(table[0][byte]);

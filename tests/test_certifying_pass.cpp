@@ -78,8 +78,7 @@ ref::Vec reference_logits(LipConvnet& model, const Normalization& norm, const ui
     switch (step.kind) {
       case StepKind::shuffle: {
         const std::vector<int32_t>& destination = step.shuffle->destination();
-        x = ref::permute_channels(x, std::vector<int64_t>(destination.begin(), destination.end()), 1, channels,
-                                  h * h);
+        x = ref::permute_channels(x, std::vector<int64_t>(destination.begin(), destination.end()), 1, channels, h * h);
         break;
       }
       case StepKind::soc:
@@ -245,8 +244,8 @@ TEST_CASE("certifying pass: x0 has one rounding, and bad settings are refused", 
     for (int64_t i = 0; i < 1024; i += 37) {
       // (p/255 - mean)/std to within one rounding of the exact value. Referee: long double, where
       // p - 255 mean is exact and the quotient rounds by 2^-64.
-      const long double exact = (static_cast<long double>(pixels[c * 1024 + i]) - 255.0L * norm.mean[c]) /
-                                (255.0L * norm.std[c]);
+      const long double exact =
+          (static_cast<long double>(pixels[c * 1024 + i]) - 255.0L * norm.mean[c]) / (255.0L * norm.std[c]);
       CHECK(std::abs(static_cast<long double>(x[c * 1024 + i]) - exact) <=
             (static_cast<long double>(kFloat64Unit) + 0x1p-63L) * std::abs(exact));
     }

@@ -205,7 +205,9 @@ TEST_CASE("load_checkpoint refuses damaged files with an IoError naming the file
   };
   const std::string two = float_bytes({1.0f, 2.0f});
 
-  SECTION("missing file") { require_io_error([&] { load_checkpoint(bad_path); }, bad_path, "not found"); }
+  SECTION("missing file") {
+    require_io_error([&] { load_checkpoint(bad_path); }, bad_path, "not found");
+  }
   SECTION("truncated anywhere") {
     expect("", "truncated");
     expect(bytes.substr(0, 5), "truncated");
@@ -237,10 +239,8 @@ TEST_CASE("load_checkpoint refuses damaged files with an IoError naming the file
     expect(raw_file(R"({"w": {"dtype": "F32", "shape": [2]}})", two), "data_offsets");
     expect(raw_file(R"({"w": {"shape": [2], "data_offsets": [0, 8]}})", two), "missing dtype");
     expect(raw_file(R"({"w": [1, 2]})", two), "not an object");
-    expect(raw_file(R"({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": 1}})", two),
-           "unknown field");
-    expect(raw_file(R"({"__metadata__": {"a": 1}, "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})",
-                    two),
+    expect(raw_file(R"({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": 1}})", two), "unknown field");
+    expect(raw_file(R"({"__metadata__": {"a": 1}, "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})", two),
            "metadata 'a' is not a string");
     expect(raw_file(R"({"w": {"dtype": "F32", "shape": [4294967296, 4294967296], "data_offsets": [0, 8]}})", two),
            "too large");

@@ -37,7 +37,8 @@ void check_bad_flag(const std::string& args, const std::string& mentioned) {
 
 TEST_CASE("orthoconv verify --json exits 0 and prints the four keys of an orthogonal layer", "[cli]") {
   for (const std::string layer : {"gs-soc --groups 4,1", "soc --groups 2", "gs-soc --groups 2,- --stride 2"}) {
-    const Result r = run_cli("verify --layer " + layer + " --channels 8 --size 4 --kernel 3 --terms 12 --seed 3 --json");
+    const Result r =
+        run_cli("verify --layer " + layer + " --channels 8 --size 4 --kernel 3 --terms 12 --seed 3 --json");
     INFO("verify --layer " << layer << "\nexit " << r.exit_code << "\nstdout: " << r.out << "\nstderr: " << r.err);
     REQUIRE(r.exit_code == 0);
     CHECK(r.err.empty());

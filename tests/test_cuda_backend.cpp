@@ -64,11 +64,11 @@ std::shared_ptr<Backend> cpu_or_null() {
   }
 }
 
-#define REQUIRE_CPU_BACKEND(name)                                                       \
-  auto name = cpu_or_null();                                                            \
-  if (!name) {                                                                          \
-    WARN("this build has no CPU backend (oneDNN): comparison with the CPU not run");   \
-    return;                                                                             \
+#define REQUIRE_CPU_BACKEND(name)                                                    \
+  auto name = cpu_or_null();                                                         \
+  if (!name) {                                                                       \
+    WARN("this build has no CPU backend (oneDNN): comparison with the CPU not run"); \
+    return;                                                                          \
   }
 
 std::vector<float> random_floats(size_t count, uint64_t seed, double stddev = 1.0) {
@@ -253,8 +253,10 @@ TEST_CASE("GPU MaxMin and ChannelShuffle layers match the CPU (forward and backw
   }
 }
 
-TEST_CASE("GPU SocConv matches the CPU in training and evaluation mode: stride 1/2, grouped, truncating, "
-          "keep per group", "[.gpu][cuda][layers][soc]") {
+TEST_CASE(
+    "GPU SocConv matches the CPU in training and evaluation mode: stride 1/2, grouped, truncating, "
+    "keep per group",
+    "[.gpu][cuda][layers][soc]") {
   if (!gpu_ready()) return;
   REQUIRE_CPU_BACKEND(cpu);
   auto gpu = cuda_backend();
@@ -263,10 +265,10 @@ TEST_CASE("GPU SocConv matches the CPU in training and evaluation mode: stride 1
     Shape input;
   };
   std::vector<Case> cases = {
-      {soc_config(16, 16, 3, 1, 1, 1), Shape{4, 16, 8, 8}},   {soc_config(8, 16, 3, 1, 1, 2), Shape{2, 8, 6, 6}},
-      {soc_config(16, 8, 3, 1, 1, 3), Shape{2, 16, 6, 6}},    {soc_config(8, 32, 3, 2, 1, 4), Shape{2, 8, 8, 8}},
-      {soc_config(16, 16, 3, 1, 4, 5), Shape{3, 16, 8, 8}},   {soc_config(32, 32, 1, 1, 1, 6), Shape{2, 32, 4, 4}},
-      {soc_config(8, 16, 3, 2, 4, 7), Shape{2, 8, 8, 8}},     {soc_config(12, 12, 5, 1, 2, 8), Shape{2, 12, 7, 7}}};
+      {soc_config(16, 16, 3, 1, 1, 1), Shape{4, 16, 8, 8}}, {soc_config(8, 16, 3, 1, 1, 2), Shape{2, 8, 6, 6}},
+      {soc_config(16, 8, 3, 1, 1, 3), Shape{2, 16, 6, 6}},  {soc_config(8, 32, 3, 2, 1, 4), Shape{2, 8, 8, 8}},
+      {soc_config(16, 16, 3, 1, 4, 5), Shape{3, 16, 8, 8}}, {soc_config(32, 32, 1, 1, 1, 6), Shape{2, 32, 4, 4}},
+      {soc_config(8, 16, 3, 2, 4, 7), Shape{2, 8, 8, 8}},   {soc_config(12, 12, 5, 1, 2, 8), Shape{2, 12, 7, 7}}};
   cases.back().config.keep = KeepChannels::first;
   SocConfig per_group = soc_config(16, 8, 3, 1, 4, 9);
   per_group.keep = KeepChannels::per_group;
@@ -443,8 +445,7 @@ TEST_CASE("SocConv and GsSocConv on the GPU are orthogonal: all Jacobian singula
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-TEST_CASE("one training step of LipConvnet-15 on the GPU gives the CPU's loss and gradients",
-          "[.gpu][cuda][model]") {
+TEST_CASE("one training step of LipConvnet-15 on the GPU gives the CPU's loss and gradients", "[.gpu][cuda][model]") {
   if (!gpu_ready()) return;
   REQUIRE_CPU_BACKEND(cpu);
   auto gpu = cuda_backend();

@@ -138,8 +138,7 @@ bool same_batches(const std::vector<Batch>& a, const std::vector<Batch>& b) {
 // ---------------------------------------------------------------------------------------------------------------
 // Reader
 
-TEST_CASE("load_cifar100 reads the real train and test files: record counts, label ranges, class balance",
-          "[data]") {
+TEST_CASE("load_cifar100 reads the real train and test files: record counts, label ranges, class balance", "[data]") {
   const std::string dir = orthoconv::testing::real_data_dir();
   if (dir.empty()) {
     WARN("real CIFAR-100 not found (set ORTHOCONV_DATA): skipped");
@@ -186,9 +185,10 @@ TEST_CASE("load_cifar100 reads the real train and test files: record counts, lab
   CHECK(real_split("test")->fine_labels[0] == 49);
 }
 
-TEST_CASE("load_cifar100 rejects a missing file, a truncated file, a wrong record count and bad labels, naming the "
-          "file",
-          "[data]") {
+TEST_CASE(
+    "load_cifar100 rejects a missing file, a truncated file, a wrong record count and bad labels, naming the "
+    "file",
+    "[data]") {
   TempDir dir;
   const std::string test_file = (dir.path / "test.bin").string();
   const std::string train_file = (dir.path / "train.bin").string();
@@ -213,8 +213,7 @@ TEST_CASE("load_cifar100 rejects a missing file, a truncated file, a wrong recor
   }
   SECTION("whole records but not the expected count") {
     write_records(test_file, 100, ok_coarse, ok_fine);
-    require_io_error([&] { load_cifar100(dir.path.string(), "test"); }, test_file,
-                     "holds 100 records, expected 10000");
+    require_io_error([&] { load_cifar100(dir.path.string(), "test"); }, test_file, "holds 100 records, expected 10000");
     write_records(train_file, 10000, ok_coarse, ok_fine);  // a test-sized file named train.bin
     require_io_error([&] { load_cifar100(dir.path.string(), "train"); }, train_file, "expected 50000");
   }
@@ -228,7 +227,8 @@ TEST_CASE("load_cifar100 rejects a missing file, a truncated file, a wrong recor
                      "record 9876: fine label 100 out of range 0..99");
   }
   SECTION("coarse label out of range") {
-    write_records(test_file, 10000, [](int64_t r) { return r == 0 ? 255 : r % 20; }, ok_fine);
+    write_records(
+        test_file, 10000, [](int64_t r) { return r == 0 ? 255 : r % 20; }, ok_fine);
     require_io_error([&] { load_cifar100(dir.path.string(), "test"); }, test_file,
                      "record 0: coarse label 255 out of range 0..19");
   }
@@ -706,8 +706,10 @@ TEST_CASE("get-cifar100.sh verifies a local copy by sha256 and refuses a corrupt
   const fs::path copy = scratch.path / "copy";
   fs::create_directories(copy);
   // Both files present, wrong bytes: the checksum is what catches it.
-  write_records(copy / "train.bin", 5, [](int64_t r) { return r % 20; }, [](int64_t r) { return r % 100; });
-  write_records(copy / "test.bin", 1, [](int64_t r) { return r % 20; }, [](int64_t r) { return r % 100; });
+  write_records(
+      copy / "train.bin", 5, [](int64_t r) { return r % 20; }, [](int64_t r) { return r % 100; });
+  write_records(
+      copy / "test.bin", 1, [](int64_t r) { return r % 20; }, [](int64_t r) { return r % 100; });
   auto [status, out] = run_get_script("--from '" + copy.string() + "'", scratch.path);
   CHECK(status == 2);
   CHECK(out.empty());

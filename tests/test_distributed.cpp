@@ -59,8 +59,7 @@ using namespace orthoconv;
 namespace fs = std::filesystem;
 using orthoconv::testing::synthetic_split;
 
-TEST_CASE("batch parts and evaluation shards cover every item once, in order, as evenly as possible",
-          "[distributed]") {
+TEST_CASE("batch parts and evaluation shards cover every item once, in order, as evenly as possible", "[distributed]") {
   for (int ranks : {1, 2, 3, 7})
     for (int64_t count : {0, 1, 5, 64, 100, 129}) {
       int64_t next = 0;
@@ -143,8 +142,14 @@ TEST_CASE("a job needs an image per rank in every batch: a smaller batch or last
     void allreduce_sum(double*, int64_t) override { FAIL("no collective expected"); }
     void allreduce_sum(int64_t*, int64_t) override { FAIL("no collective expected"); }
     void broadcast(void*, int64_t, int) override { FAIL("no collective expected"); }
-    std::vector<double> allgather(const std::vector<double>&) override { FAIL("no collective expected"); return {}; }
-    std::vector<uint64_t> allgather(uint64_t) override { FAIL("no collective expected"); return {}; }
+    std::vector<double> allgather(const std::vector<double>&) override {
+      FAIL("no collective expected");
+      return {};
+    }
+    std::vector<uint64_t> allgather(uint64_t) override {
+      FAIL("no collective expected");
+      return {};
+    }
     void barrier() override {}
     void abort_job(int) noexcept override {}
   };
@@ -173,8 +178,8 @@ TEST_CASE("a job needs an image per rank in every batch: a smaller batch or last
 namespace {
 
 using orthoconv::testing::CliResult;
-using orthoconv::testing::run_command;
 using orthoconv::testing::run_cli;
+using orthoconv::testing::run_command;
 using orthoconv::testing::slurp;
 
 std::string fresh_dir(const std::string& name) {
@@ -188,8 +193,12 @@ std::string fresh_dir(const std::string& name) {
 // timeout: a hang fails the test instead of holding ctest.
 std::string mpirun(int ranks, int timeout_seconds = 120) {
   return "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 "
-         "timeout " + std::to_string(timeout_seconds) + " " ORTHOCONV_MPIEXEC " --oversubscribe --bind-to none "
-         "-x OMP_NUM_THREADS=1 -np " + std::to_string(ranks) + " ";
+         "timeout " +
+         std::to_string(timeout_seconds) +
+         " " ORTHOCONV_MPIEXEC
+         " --oversubscribe --bind-to none "
+         "-x OMP_NUM_THREADS=1 -np " +
+         std::to_string(ranks) + " ";
 }
 
 std::string quoted(const std::string& word) { return "'" + word + "'"; }
@@ -278,7 +287,7 @@ void check_within_displacement(const std::vector<float>& a, const std::vector<fl
     displacement = std::max(displacement, std::fabs(static_cast<double>(a[i]) - initial[i]));
   }
   INFO("largest weight difference " << difference << ", largest displacement " << displacement << " (tolerance "
-       << tolerance << " of it)");
+                                    << tolerance << " of it)");
   CHECK(displacement > 1e-3);  // the runs trained: the comparison means something
   CHECK(difference <= tolerance * displacement);
 }
@@ -286,9 +295,33 @@ void check_within_displacement(const std::vector<float>& a, const std::vector<fl
 constexpr double kWeightTolerance = 3e-4;  // of the largest displacement: see the top of this file
 
 std::vector<std::string> tiny_train_args(const std::string& out) {
-  return {"train", "--conv", "soc", "--groups", "1", "--depth", "5", "--width", "8", "--classes", "10",
-          "--epochs", "2", "--batch", "64", "--train-subset", "256", "--test-subset", "96", "--lr", "0.05",
-          "--threads", "1", "--data", orthoconv::testing::synthetic_cifar100_dir(), "--out", out};
+  return {"train",
+          "--conv",
+          "soc",
+          "--groups",
+          "1",
+          "--depth",
+          "5",
+          "--width",
+          "8",
+          "--classes",
+          "10",
+          "--epochs",
+          "2",
+          "--batch",
+          "64",
+          "--train-subset",
+          "256",
+          "--test-subset",
+          "96",
+          "--lr",
+          "0.05",
+          "--threads",
+          "1",
+          "--data",
+          orthoconv::testing::synthetic_cifar100_dir(),
+          "--out",
+          out};
 }
 
 std::string joined(const std::vector<std::string>& words) {
@@ -327,13 +360,15 @@ TEST_CASE("mpi worker: the tiny run on this job's ranks, traced into $ORTHOCONV_
   }
 }
 
-TEST_CASE("2 ranks train the run of 1 rank: every step's loss and the final weights within the reordering "
-          "tolerance", "[distributed][mpi]") {
+TEST_CASE(
+    "2 ranks train the run of 1 rank: every step's loss and the final weights within the reordering "
+    "tolerance",
+    "[distributed][mpi]") {
   const Trace one = train_tiny(single_process_communicator());
   const std::string trace_file = fresh_dir("trace.bin");
-  const CliResult two = run_command(mpirun(2) + "-x ORTHOCONV_MPI_TRACE=" + quoted(trace_file) + " " +
-                                    quoted(std::string(ORTHOCONV_TEST_BINARY_DIR) + "/orthoconv_tests") +
-                                    " '[.mpi-worker]'");
+  const CliResult two =
+      run_command(mpirun(2) + "-x ORTHOCONV_MPI_TRACE=" + quoted(trace_file) + " " +
+                  quoted(std::string(ORTHOCONV_TEST_BINARY_DIR) + "/orthoconv_tests") + " '[.mpi-worker]'");
   INFO("mpirun: " << two.out << two.err);
   REQUIRE(two.exit_code == 0);
   std::ifstream in(trace_file, std::ios::binary);
@@ -352,8 +387,10 @@ TEST_CASE("2 ranks train the run of 1 rank: every step's loss and the final weig
   check_within_displacement(weights, one.weights, one.initial, kWeightTolerance);
 }
 
-TEST_CASE("a 2-rank run stopped after epoch 1 and resumed on 1 rank is the 1-rank run, and rank 0 alone logs and "
-          "writes", "[distributed][mpi][resume]") {
+TEST_CASE(
+    "a 2-rank run stopped after epoch 1 and resumed on 1 rank is the 1-rank run, and rank 0 alone logs and "
+    "writes",
+    "[distributed][mpi][resume]") {
   const std::string straight = fresh_dir("straight"), split = fresh_dir("split");
   const CliResult one = run_cli(joined(tiny_train_args(straight)));
   INFO("1 rank: " << one.err);
@@ -444,11 +481,10 @@ TEST_CASE("a rank that fails ends the job with its message and a non-zero exit w
   SECTION("bad input on one rank: rank 1 has no dataset while rank 0 waits for it in a collective") {
     std::vector<std::string> args = tiny_train_args(fresh_dir("one-bad-rank"));
     args.erase(args.end() - 4, args.end() - 2);  // no --data: each rank looks at its own $ORTHOCONV_DATA
-    const std::string command = mpirun(1, 60) + "-x ORTHOCONV_DATA=" +
-                                quoted(orthoconv::testing::synthetic_cifar100_dir()) + " " +
+    const std::string command = mpirun(1, 60) +
+                                "-x ORTHOCONV_DATA=" + quoted(orthoconv::testing::synthetic_cifar100_dir()) + " " +
                                 quoted(ORTHOCONV_CLI_PATH) + " " + joined(args) + " : -np 1 -x " +
-                                "ORTHOCONV_DATA=/nonexistent/cifar " + quoted(ORTHOCONV_CLI_PATH) + " " +
-                                joined(args);
+                                "ORTHOCONV_DATA=/nonexistent/cifar " + quoted(ORTHOCONV_CLI_PATH) + " " + joined(args);
     const auto start = Clock::now();
     const CliResult r = run_command(command);
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();

@@ -85,8 +85,7 @@ TEST_CASE("SocConv rejects impossible settings with an orthoconv::Error naming t
   }
 }
 
-TEST_CASE("SocConv rejects inputs of the wrong shape with an orthoconv::Error naming the shape",
-          "[errors][soc]") {
+TEST_CASE("SocConv rejects inputs of the wrong shape with an orthoconv::Error naming the shape", "[errors][soc]") {
   SocConv layer(valid());
   Tensor y;
   SECTION("wrong channel count") {

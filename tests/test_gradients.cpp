@@ -44,8 +44,8 @@ void check_gradient(const std::string& what, const Vec& analytic, const std::fun
   const double error = ref::max_relative_error(analytic, numeric);
   double largest = 0.0;
   for (double v : numeric) largest = std::max(largest, std::abs(v));
-  INFO(what << ": max |analytic - finite difference| / max |finite difference| = " << error
-            << " (max |gradient| " << largest << ")");
+  INFO(what << ": max |analytic - finite difference| / max |finite difference| = " << error << " (max |gradient| "
+            << largest << ")");
   CHECK(largest > 1e-3);  // a vanishing gradient would make the comparison vacuous
   if (std::getenv("ORTHOCONV_TEST_VERBOSE")) WARN(what << " error " << error);
   CHECK(error < tolerance);
@@ -83,23 +83,25 @@ void check_soc(const SocConfig& config, const Shape& in, bool training) {
   CHECK(ref::max_relative_error(ref::to_double(layer.sigma()), sigma) < kSigmaTolerance);
   CHECK(ref::max_relative_error(y, ref::soc_forward(p, x, n, h, wd)) < kForwardTolerance);
 
-  check_gradient("input", dx, [&](const Vec& v) { return ref::dot(w, ref::soc_forward(p, v, n, h, wd)); }, x,
-                 kInputGradTolerance);
+  check_gradient(
+      "input", dx, [&](const Vec& v) { return ref::dot(w, ref::soc_forward(p, v, n, h, wd)); }, x, kInputGradTolerance);
   ref::SocParams q = p;
-  check_gradient("M (through the series, sigma and the skew)", grad_of(layer.weight()),
-                 [&](const Vec& m) {
-                   q.weight = m;
-                   return ref::dot(w, ref::soc_forward(q, x, n, h, wd));
-                 },
-                 p.weight, kWeightGradTolerance);
+  check_gradient(
+      "M (through the series, sigma and the skew)", grad_of(layer.weight()),
+      [&](const Vec& m) {
+        q.weight = m;
+        return ref::dot(w, ref::soc_forward(q, x, n, h, wd));
+      },
+      p.weight, kWeightGradTolerance);
   if (config.bias) {
     q = p;
-    check_gradient("bias", grad_of(layer.bias()),
-                   [&](const Vec& b) {
-                     q.bias = b;
-                     return ref::dot(w, ref::soc_forward(q, x, n, h, wd));
-                   },
-                   p.bias, kInputGradTolerance);
+    check_gradient(
+        "bias", grad_of(layer.bias()),
+        [&](const Vec& b) {
+          q.bias = b;
+          return ref::dot(w, ref::soc_forward(q, x, n, h, wd));
+        },
+        p.bias, kInputGradTolerance);
   }
 }
 
@@ -130,8 +132,7 @@ TEST_CASE("SocConv gradients (input, M through sigma, bias) match finite differe
   }
 }
 
-TEST_CASE("the sigma path changes the M gradient: holding sigma fixed gives a different gradient",
-          "[soc][gradient]") {
+TEST_CASE("the sigma path changes the M gradient: holding sigma fixed gives a different gradient", "[soc][gradient]") {
   // Guards the test above: if backward left out the gradient through sigma, the finite differences (which
   // recompute sigma from the perturbed M) would disagree by far more than the tolerance.
   SocConv layer(soc(8, 8, 3, 1, 1, 71));
@@ -185,9 +186,9 @@ TEST_CASE("1x1 SocConv gradients match finite differences on the series and the 
     check_soc(with_path(soc(8, 8, 1, 1, 1, 31)), Shape{2, 8, 3, 3}, true);
     check_soc(with_path(soc(8, 8, 1, 1, 1, 32)), Shape{1, 8, 3, 3}, false);  // 12 terms
     check_soc(with_path(soc(16, 16, 1, 4, 1, 33)), Shape{2, 16, 2, 3}, true);
-    check_soc(with_path(soc(2, 8, 1, 1, 2, 34)), Shape{2, 2, 4, 4}, true);   // stride 2, c_out = 4 c_in
-    check_soc(with_path(soc(4, 8, 1, 2, 2, 35)), Shape{1, 4, 4, 4}, true);   // stride 2, half kept
-    check_soc(with_path(soc(12, 4, 1, 1, 1, 36)), Shape{3, 12, 1, 1}, true); // a head: truncating, 1 x 1
+    check_soc(with_path(soc(2, 8, 1, 1, 2, 34)), Shape{2, 2, 4, 4}, true);    // stride 2, c_out = 4 c_in
+    check_soc(with_path(soc(4, 8, 1, 2, 2, 35)), Shape{1, 4, 4, 4}, true);    // stride 2, half kept
+    check_soc(with_path(soc(12, 4, 1, 1, 1, 36)), Shape{3, 12, 1, 1}, true);  // a head: truncating, 1 x 1
     SocConfig one_term = with_path(soc(8, 8, 1, 2, 1, 37));
     one_term.train_terms = 1;
     check_soc(one_term, Shape{2, 8, 2, 2}, true);
@@ -216,36 +217,41 @@ void check_gs(int64_t c_in, int64_t c_out, int64_t a, std::optional<int64_t> b, 
   auto loss_of = [&](const ref::GsSocParams& params, const Vec& input) {
     return ref::dot(w, ref::gs_soc_forward(params, input, n, h, wd));
   };
-  check_gradient("input", dx, [&](const Vec& v) { return loss_of(p, v); }, x, kInputGradTolerance);
+  check_gradient(
+      "input", dx, [&](const Vec& v) { return loss_of(p, v); }, x, kInputGradTolerance);
   ref::GsSocParams q = p;
-  check_gradient("first M", grad_of(layer.first().weight()),
-                 [&](const Vec& m) {
-                   q.first.weight = m;
-                   return loss_of(q, x);
-                 },
-                 p.first.weight, kWeightGradTolerance);
+  check_gradient(
+      "first M", grad_of(layer.first().weight()),
+      [&](const Vec& m) {
+        q.first.weight = m;
+        return loss_of(q, x);
+      },
+      p.first.weight, kWeightGradTolerance);
   q = p;
-  check_gradient("first bias", grad_of(layer.first().bias()),
-                 [&](const Vec& v) {
-                   q.first.bias = v;
-                   return loss_of(q, x);
-                 },
-                 p.first.bias, kInputGradTolerance);
+  check_gradient(
+      "first bias", grad_of(layer.first().bias()),
+      [&](const Vec& v) {
+        q.first.bias = v;
+        return loss_of(q, x);
+      },
+      p.first.bias, kInputGradTolerance);
   if (layer.second()) {
     q = p;
-    check_gradient("second M", grad_of(layer.second()->weight()),
-                   [&](const Vec& m) {
-                     q.second.weight = m;
-                     return loss_of(q, x);
-                   },
-                   p.second.weight, kWeightGradTolerance);
+    check_gradient(
+        "second M", grad_of(layer.second()->weight()),
+        [&](const Vec& m) {
+          q.second.weight = m;
+          return loss_of(q, x);
+        },
+        p.second.weight, kWeightGradTolerance);
     q = p;
-    check_gradient("second bias", grad_of(layer.second()->bias()),
-                   [&](const Vec& v) {
-                     q.second.bias = v;
-                     return loss_of(q, x);
-                   },
-                   p.second.bias, kInputGradTolerance);
+    check_gradient(
+        "second bias", grad_of(layer.second()->bias()),
+        [&](const Vec& v) {
+          q.second.bias = v;
+          return loss_of(q, x);
+        },
+        p.second.bias, kInputGradTolerance);
   }
 }
 
@@ -271,8 +277,8 @@ TEST_CASE("MaxMin forward is exact and its gradient matches finite differences (
     const Vec dx = run_layer(layer, in, x, w, &y);
     CHECK(y == ref::maxmin(x, 2, 6, 12, paired));  // min and max are exact in float32
     // The step (1e-5) is far below the smallest gap between paired inputs, so no min/max switches sides.
-    check_gradient("input", dx, [&](const Vec& v) { return ref::dot(w, ref::maxmin(v, 2, 6, 12, paired)); }, x,
-                   1e-8);
+    check_gradient(
+        "input", dx, [&](const Vec& v) { return ref::dot(w, ref::maxmin(v, 2, 6, 12, paired)); }, x, 1e-8);
   }
 }
 
@@ -298,8 +304,8 @@ TEST_CASE("ChannelShuffle gradient is the inverse permutation (finite difference
       const Vec x = random_input(in.numel(), 61), w = random_input(in.numel(), 62);
       const Vec dx = run_layer(layer, in, x, w);
       const auto dest = ref::shuffle_destination(8, 2, paired);
-      check_gradient("input", dx,
-                     [&](const Vec& v) { return ref::dot(w, ref::permute_channels(v, dest, 2, 8, 6, inverse)); }, x,
-                     1e-8);
+      check_gradient(
+          "input", dx, [&](const Vec& v) { return ref::dot(w, ref::permute_channels(v, dest, 2, 8, 6, inverse)); }, x,
+          1e-8);
     }
 }

@@ -79,8 +79,8 @@ TEST_CASE("an evaluation-mode SocConv forward keeps no series terms, whatever th
       // The series path's memory (a 1x1 layer may otherwise take the matrix path, which keeps no terms either
       // way; tests/test_soc_matrix.cpp covers it).
       config.path = SocPath::series;
-      INFO("SocConv " << c.in << "->" << c.out << " k" << c.kernel << " s" << c.stride << " g" << c.groups
-                      << ", " << terms << " terms");
+      INFO("SocConv " << c.in << "->" << c.out << " k" << c.kernel << " s" << c.stride << " g" << c.groups << ", "
+                      << terms << " terms");
       const Shape input{4, c.in, 16, 16};
       ConvShape shape;
       shape.batch = 4;
@@ -130,7 +130,7 @@ TEST_CASE("evaluation-mode forward and backward equal the kept-terms path bit fo
     INFO("SocConv " << c.in << "->" << c.out << " k" << c.kernel << " s" << c.stride << " g" << c.groups);
     SocConfig config = soc_config(c.in, c.out, c.kernel, c.stride, c.groups, c.keep, 7);
     config.schedule = PowerSchedule::hold();  // training mode then computes the evaluation-mode function
-    SocConv layer(config), twin(config);  // the same layer twice: nothing left over from one pass to the other
+    SocConv layer(config), twin(config);      // the same layer twice: nothing left over from one pass to the other
     const Shape input{3, c.in, 8, 8};
     const Tensor x = random_tensor(input, 2), dy = random_tensor(layer.output_shape(input), 3);
     check_same(run(twin, true, x, dy), run(layer, false, x, dy));

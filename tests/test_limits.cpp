@@ -17,8 +17,8 @@ using namespace orthoconv;
 
 namespace {
 
-ModelConfig small(const std::string& conv, const std::string& groups, int64_t depth, int64_t width,
-                  int64_t classes, const std::string& head) {
+ModelConfig small(const std::string& conv, const std::string& groups, int64_t depth, int64_t width, int64_t classes,
+                  const std::string& head) {
   ModelConfig c;
   c.conv = conv;
   const GroupCounts g = parse_groups(groups);
@@ -36,9 +36,9 @@ ModelConfig small(const std::string& conv, const std::string& groups, int64_t de
 
 TEST_CASE("ModelConfig::sizes counts exactly the weights and block outputs the builder allocates", "[limits]") {
   const ModelConfig configs[] = {
-      small("gs-soc", "4,1", 15, 8, 10, "soc"),  small("gs-soc", "4,-", 10, 8, 10, "lln"),
-      small("soc", "1", 5, 4, 300, "soc"),       small("soc", "2", 10, 8, 10, "lln"),
-      small("gs-soc", "2,4", 5, 16, 10, "soc"),  small("soc", "1", 5, 2, 10, "soc"),
+      small("gs-soc", "4,1", 15, 8, 10, "soc"), small("gs-soc", "4,-", 10, 8, 10, "lln"),
+      small("soc", "1", 5, 4, 300, "soc"),      small("soc", "2", 10, 8, 10, "lln"),
+      small("gs-soc", "2,4", 5, 16, 10, "soc"), small("soc", "1", 5, 2, 10, "soc"),
   };
   for (const ModelConfig& config : configs) {
     INFO(config.architecture());
@@ -79,8 +79,8 @@ TEST_CASE("thread counts are bounded by the processors this process may use", "[
   REQUIRE(max_thread_count() >= 1);
   CHECK_NOTHROW(require_thread_count(0));
   CHECK_NOTHROW(require_thread_count(max_thread_count()));
-  CHECK_THROWS_WITH(require_thread_count(max_thread_count() + 1), Catch::Contains("--threads") &&
-                                                                       Catch::Contains("processors"));
+  CHECK_THROWS_WITH(require_thread_count(max_thread_count() + 1),
+                    Catch::Contains("--threads") && Catch::Contains("processors"));
   CHECK_THROWS_WITH(require_thread_count(100000, "--jobs"), Catch::Contains("--jobs 100000"));
   CHECK_THROWS_AS(require_thread_count(-1), ConfigError);
 }
@@ -110,9 +110,9 @@ TEST_CASE("check_tensor_values refuses NaN, infinities and norms beyond float32,
   CheckpointTensor t{{4}, {0.5f, -1.0f, 2.0f, 0.0f}};
   CHECK_NOTHROW(check_tensor_values(t, "head.bias", "f.safetensors"));
   t.values[2] = std::numeric_limits<float>::quiet_NaN();
-  CHECK_THROWS_WITH(check_tensor_values(t, "head.bias", "f.safetensors"),
-                    Catch::Contains("f.safetensors") && Catch::Contains("'head.bias'") &&
-                        Catch::Contains("NaN at index 2 of 4"));
+  CHECK_THROWS_WITH(check_tensor_values(t, "head.bias", "f.safetensors"), Catch::Contains("f.safetensors") &&
+                                                                              Catch::Contains("'head.bias'") &&
+                                                                              Catch::Contains("NaN at index 2 of 4"));
   t.values[2] = -std::numeric_limits<float>::infinity();
   CHECK_THROWS_WITH(check_tensor_values(t, "head.bias", "f.safetensors"), Catch::Contains("an infinity at index 2"));
   // One value of 3e38 is finite, but its square is not representable in float32.

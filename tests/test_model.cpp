@@ -59,9 +59,9 @@ TEST_CASE("LipConvnet-15 follows the issue's stages, strides, kernels and widths
   auto rows = model.layer_table();
   REQUIRE(rows.size() == 16);
   // (in channels, out channels, input side) per block, and which blocks are stride 2 / 1x1.
-  const int64_t expected[15][3] = {{3, 32, 32},    {32, 32, 32},   {32, 64, 32},  {64, 64, 16},   {64, 64, 16},
-                                   {64, 128, 16},  {128, 128, 8},  {128, 128, 8}, {128, 256, 8},  {256, 256, 4},
-                                   {256, 256, 4},  {256, 512, 4},  {512, 512, 2}, {512, 512, 2},  {512, 1024, 2}};
+  const int64_t expected[15][3] = {{3, 32, 32},   {32, 32, 32},  {32, 64, 32},  {64, 64, 16},  {64, 64, 16},
+                                   {64, 128, 16}, {128, 128, 8}, {128, 128, 8}, {128, 256, 8}, {256, 256, 4},
+                                   {256, 256, 4}, {256, 512, 4}, {512, 512, 2}, {512, 512, 2}, {512, 1024, 2}};
   for (int i = 0; i < 15; ++i) {
     INFO("block " << i << ": " << rows[i].name << " " << rows[i].description);
     CHECK(rows[i].input == Shape({1, expected[i][0], expected[i][2], expected[i][2]}));
@@ -181,8 +181,8 @@ TEST_CASE("LipConvnet gradients match finite differences (parameters and input)"
       };
       const double numeric = (shifted(h) - shifted(-h)) / (2 * h);
       shifted(0.0);
-      INFO(config.architecture() << ": parameters along " << what << ", analytic " << analytic << " numeric "
-                                 << numeric << " (||g|| " << grad_norm << ")");
+      INFO(config.architecture() << ": parameters along " << what << ", analytic " << analytic << " numeric " << numeric
+                                 << " (||g|| " << grad_norm << ")");
       CHECK(std::abs(analytic - numeric) <= 2e-2 * grad_norm + 5e-4);
     };
     check_direction(grads, "the gradient");
@@ -196,8 +196,7 @@ TEST_CASE("LipConvnet gradients match finite differences (parameters and input)"
     dnorm = std::sqrt(dnorm);
     auto input_shifted = [&](double t) {
       Tensor x(images.shape());
-      for (int64_t i = 0; i < x.numel(); ++i)
-        x.at(i) = static_cast<float>(images.at(i) + t * diff_input.at(i) / dnorm);
+      for (int64_t i = 0; i < x.numel(); ++i) x.at(i) = static_cast<float>(images.at(i) + t * diff_input.at(i) / dnorm);
       return functional(model, x, r);
     };
     const double input_numeric = (input_shifted(h) - input_shifted(-h)) / (2 * h);
@@ -396,8 +395,7 @@ TEST_CASE("LipConvnet's steps, run one by one through their layers, give the mod
         INFO(steps[i].name);
         if (i > 0) CHECK(steps[i].input == steps[i - 1].output);
         CHECK((steps[i].layer == nullptr) == (steps[i].kind == StepKind::flatten));
-        if (steps[i].layer)
-          CHECK(steps[i].layer->output_shape(steps[i].input) == steps[i].output);
+        if (steps[i].layer) CHECK(steps[i].layer->output_shape(steps[i].input) == steps[i].output);
       }
 
       const std::vector<float> stepped = run_steps(model, images);

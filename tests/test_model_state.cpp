@@ -190,8 +190,8 @@ TEST_CASE("PowerSchedule: the reference's 50/1/200 by default, any counts, and h
   for (const Buffer& b : layer.buffers()) after.push_back(b.tensor->to_vector());
   CHECK(after == before);
   const auto p = reference::soc_params(layer);
-  const auto sigma = reference::power_sigma(reference::skew(p.weight, p.groups, p.group_channels(), p.kernel), p.u,
-                                            p.v, p.groups, p.group_channels(), p.kernel);
+  const auto sigma = reference::power_sigma(reference::skew(p.weight, p.groups, p.group_channels(), p.kernel), p.u, p.v,
+                                            p.groups, p.group_channels(), p.kernel);
   CHECK(reference::max_relative_error(reference::to_double(layer.sigma()), sigma) < 1e-6);
 
   // The model setting reaches every SocConv, at construction and through set_power_schedule.

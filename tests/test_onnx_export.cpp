@@ -120,8 +120,8 @@ void check_runtime_matches(const Exported& e, const json& report, const CifarSpl
   // Standard operators of the default domain only, opset 17, the documented input and output.
   CHECK(report["opset"] == json({{"ai.onnx", kOnnxOpset}}));
   CHECK(report["domains"] == json::array({""}));
-  const std::set<std::string> standard{"Add", "Concat", "Conv", "Div", "Flatten", "Gather", "MatMul", "Max", "Min",
-                                       "Pad", "Reshape", "Slice", "SpaceToDepth", "Split", "Sub"};
+  const std::set<std::string> standard{"Add", "Concat", "Conv",    "Div",   "Flatten",      "Gather", "MatMul", "Max",
+                                       "Min", "Pad",    "Reshape", "Slice", "SpaceToDepth", "Split",  "Sub"};
   for (const auto& op : report["operators"]) CHECK(standard.count(op.get<std::string>()) == 1);
   // The series as its terms: K Conv nodes per k x k SocConv (K = the checkpoint's 12 evaluation terms), one per
   // 1x1 SocConv of the body, the head one MatMul.
@@ -150,7 +150,8 @@ void check_runtime_matches(const Exported& e, const json& report, const CifarSpl
     double sum = 0.0, scale = 0.0;
     for (double v : pass.normalize(test.pixels.data() + i * kCifarPixels)) sum += v * v;
     const double bound_tolerance = 2.0 * logit_error_bound(bound, std::sqrt(sum) * (1.0 + 1e-9));
-    for (int64_t k = 0; k < classes; ++k) scale = std::max(scale, std::abs(double{ours[static_cast<size_t>(i * classes + k)]}));
+    for (int64_t k = 0; k < classes; ++k)
+      scale = std::max(scale, std::abs(double{ours[static_cast<size_t>(i * classes + k)]}));
     const double tolerance = 1e-4 * scale;
     double difference = 0.0, separation = 0.0;
     const int64_t next = (i + 1) % kImages;
@@ -171,9 +172,9 @@ void check_runtime_matches(const Exported& e, const json& report, const CifarSpl
     smallest_separation = std::min(smallest_separation, separation);
   }
   WARN(e.config.architecture() << ": largest |onnxruntime - orthoconv| logit difference " << worst_difference
-                             << ", worst difference / (1e-4 max|logit|) " << worst_ratio << ", largest 2E "
-                             << largest_bound << ", smallest difference from the neighbouring image's logits "
-                             << smallest_separation);
+                               << ", worst difference / (1e-4 max|logit|) " << worst_ratio << ", largest 2E "
+                               << largest_bound << ", smallest difference from the neighbouring image's logits "
+                               << smallest_separation);
 }
 
 }  // namespace
@@ -182,8 +183,9 @@ void check_runtime_matches(const Exported& e, const json& report, const CifarSpl
 // more than the models): SOC; GS-SOC (4,1) and (4,-); paired MaxMin; keep per group; grouped SOC with the lln head.
 TEST_CASE("ONNX export: onnxruntime gives orthoconv's float32 logits on 256 CIFAR-100 test images", "[onnx]") {
   if (!onnx_export_available() || kOnnxPython == nullptr) {
-    WARN("ORTHOCONV_ONNX_SKIPPED: needs a build with ONNX export (libonnx-dev) and -DORTHOCONV_PYTHON=<python with "
-         "onnx and onnxruntime>");
+    WARN(
+        "ORTHOCONV_ONNX_SKIPPED: needs a build with ONNX export (libonnx-dev) and -DORTHOCONV_PYTHON=<python with "
+        "onnx and onnxruntime>");
     return;
   }
   const std::string data = testing::real_data_dir();
@@ -218,9 +220,9 @@ TEST_CASE("ONNX export: onnxruntime gives orthoconv's float32 logits on 256 CIFA
     REQUIRE(exported.exit_code == 0);
     arguments += " '" + e.onnx + "' '" + e.logits + "'";
   }
-  const testing::CliResult run = testing::run_command("'" + std::string(kOnnxPython) + "' '" ORTHOCONV_SOURCE_DIR +
-                                                      "/tests/onnx_runtime_check.py' '" + data + "' " +
-                                                      std::to_string(kImages) + arguments);
+  const testing::CliResult run =
+      testing::run_command("'" + std::string(kOnnxPython) + "' '" ORTHOCONV_SOURCE_DIR +
+                           "/tests/onnx_runtime_check.py' '" + data + "' " + std::to_string(kImages) + arguments);
   INFO(run.err);
   REQUIRE(run.exit_code == 0);
   REQUIRE(testing::line_count(run.out) == models.size());
@@ -261,8 +263,10 @@ TEST_CASE("ONNX export: a corrupted or unsupported checkpoint is one error line 
   std::ofstream(onnx) << "previous contents";
   const std::vector<std::string> before = dir.entries();
   const std::vector<std::pair<std::string, std::string>> cases{
-      {truncated, "truncated.safetensors"}, {unsupported, "format version 99 is not supported"},
-      {foreign, "format 'someone.else'"}, {(dir.path / "missing.safetensors").string(), "missing.safetensors"}};
+      {truncated, "truncated.safetensors"},
+      {unsupported, "format version 99 is not supported"},
+      {foreign, "format 'someone.else'"},
+      {(dir.path / "missing.safetensors").string(), "missing.safetensors"}};
   for (const auto& [checkpoint, message] : cases) {
     INFO(checkpoint);
     const testing::CliResult r = testing::run_cli("export --checkpoint '" + checkpoint + "' --onnx '" + onnx + "'");

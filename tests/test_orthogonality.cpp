@@ -42,8 +42,7 @@ void check_contraction(Layer& layer, const Shape& input) {
   check_singular_values_one(layer, input);
 }
 
-SocConfig soc(int64_t c_in, int64_t c_out, int64_t kernel, int64_t groups = 1, int64_t stride = 1,
-              uint64_t seed = 1) {
+SocConfig soc(int64_t c_in, int64_t c_out, int64_t kernel, int64_t groups = 1, int64_t stride = 1, uint64_t seed = 1) {
   SocConfig c;
   c.in_channels = c_in;
   c.out_channels = c_out;
@@ -131,8 +130,8 @@ TEST_CASE("GsSocConv in evaluation mode is orthogonal for (4,1), (4,2), (2,4), (
     std::optional<int64_t> b;
     bool paired;
   };
-  const Case cases[] = {{8, 4, 1, false},  {8, 4, 2, false},  {8, 2, 4, false},  {8, 4, std::nullopt, false},
-                        {8, 4, 1, true},   {8, 2, 2, true},   {16, 4, 2, true},  {16, 4, std::nullopt, true},
+  const Case cases[] = {{8, 4, 1, false}, {8, 4, 2, false}, {8, 2, 4, false}, {8, 4, std::nullopt, false},
+                        {8, 4, 1, true},  {8, 2, 2, true},  {16, 4, 2, true}, {16, 4, std::nullopt, true},
                         {16, 2, 4, false}};
   uint64_t seed = 20;
   for (const Case& c : cases) {

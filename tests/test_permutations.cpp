@@ -56,8 +56,7 @@ TEST_CASE("paired ChannelShuffle moves pair members together: i -> (floor(i/2) m
         for (int64_t i = 0; i < n; ++i) {
           const int64_t to = ((i / 2) % g) * (n / g) + 2 * (i / (2 * g)) + (i % 2);
           CHECK(layer.destination()[static_cast<size_t>(i)] == to);
-          for (int64_t p = 0; p < plane; ++p)
-            CHECK(y.at((b * n + to) * plane + p) == x.at((b * n + i) * plane + p));
+          for (int64_t p = 0; p < plane; ++p) CHECK(y.at((b * n + to) * plane + p) == x.at((b * n + i) * plane + p));
         }
     }
   CHECK(channel_shuffle_permutation(8, 2, true) == std::vector<int32_t>{0, 1, 4, 5, 2, 3, 6, 7});

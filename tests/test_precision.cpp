@@ -71,10 +71,10 @@ const double kUnit = std::ldexp(1.0, -8);  // bf16 unit roundoff
 constexpr double kFloat32Slack = 1e-5;     // float32 rounding of the two computations, relative
 constexpr double kFluctuation = 2.0;       // tolerance / RMS bound
 
-#define REQUIRE_BF16()                                                         \
-  if (!ref::cpu_has_bf16()) {                                                       \
-    WARN("no AVX512-BF16 on this CPU (oneDNN's ISA query): bf16 not tested");  \
-    return;                                                                    \
+#define REQUIRE_BF16()                                                        \
+  if (!ref::cpu_has_bf16()) {                                                 \
+    WARN("no AVX512-BF16 on this CPU (oneDNN's ISA query): bf16 not tested"); \
+    return;                                                                   \
   }
 
 ModelConfig lipconvnet5(const std::string& conv) {
@@ -140,8 +140,10 @@ StepResult forward_backward(LipConvnet& model, const Tensor& images, const std::
 
 }  // namespace
 
-TEST_CASE("bf16 LipConvnet-5 with zero filters: logits, loss and input gradient equal the float32 step bit for "
-          "bit (x0 and h_1 stay float32)", "[precision][bf16]") {
+TEST_CASE(
+    "bf16 LipConvnet-5 with zero filters: logits, loss and input gradient equal the float32 step bit for "
+    "bit (x0 and h_1 stay float32)",
+    "[precision][bf16]") {
   REQUIRE_BF16();
   ref::AlwaysBf16 always;
   const std::string conv = GENERATE(std::string("soc"), std::string("gs-soc"));
@@ -165,8 +167,10 @@ TEST_CASE("bf16 LipConvnet-5 with zero filters: logits, loss and input gradient 
   CHECK(norm_of(a.diff_input) > 0.0);
 }
 
-TEST_CASE("bf16 SocConv with a zero filter: the weight gradient is the float32 backward-weights of the rounded x0 "
-          "and dy (double reference)", "[precision][bf16]") {
+TEST_CASE(
+    "bf16 SocConv with a zero filter: the weight gradient is the float32 backward-weights of the rounded x0 "
+    "and dy (double reference)",
+    "[precision][bf16]") {
   REQUIRE_BF16();
   ref::AlwaysBf16 always;
   struct Case {
@@ -227,8 +231,10 @@ Vec rounded_filter(const Vec& filter, double scale) {
 
 }  // namespace
 
-TEST_CASE("bf16 SocConv computes exactly the specified arithmetic: float32 terms, each convolution's input and "
-          "filter rounded once (double emulation)", "[precision][bf16]") {
+TEST_CASE(
+    "bf16 SocConv computes exactly the specified arithmetic: float32 terms, each convolution's input and "
+    "filter rounded once (double emulation)",
+    "[precision][bf16]") {
   // The emulation: Horner's p_{K+1} = x0, p_j = x0 + conv(bf16(p_{j+1}), bf16(A_n / j)) (the filter copies A_n / j
   // are scaled in float32 first where the layer keeps them, else the 1/j scales the float32 result), backward
   // h_1 = dy, h_{j+1} = -conv(bf16(h_j), bf16(A_n)) / (j + 1), dx = sum_j j h_j - conv(bf16(h_K), bf16(A_n)),
@@ -384,8 +390,10 @@ struct BlockRun {
 
 }  // namespace
 
-TEST_CASE("a bf16 LipConvnet-5 training step matches the float32 step within tolerances derived from bf16 "
-          "rounding and the series depth", "[precision][bf16]") {
+TEST_CASE(
+    "a bf16 LipConvnet-5 training step matches the float32 step within tolerances derived from bf16 "
+    "rounding and the series depth",
+    "[precision][bf16]") {
   REQUIRE_BF16();
   ref::AlwaysBf16 always;
   const std::string conv = GENERATE(std::string("soc"), std::string("gs-soc"));
@@ -431,9 +439,13 @@ TEST_CASE("a bf16 LipConvnet-5 training step matches the float32 step within tol
     x = outputs[i];
   }
   SocConv* head_chain = chain.soc_layers().back().soc;
-  blocks.push_back({"head", fp32.soc_layers().back().soc, bf16.soc_layers().back().soc,
-                    {fp32.soc_layers().back().soc}, {bf16.soc_layers().back().soc},
-                    x.reshaped(Shape{n, fp32.features(), 1, 1}), {}});
+  blocks.push_back({"head",
+                    fp32.soc_layers().back().soc,
+                    bf16.soc_layers().back().soc,
+                    {fp32.soc_layers().back().soc},
+                    {bf16.soc_layers().back().soc},
+                    x.reshaped(Shape{n, fp32.features(), 1, 1}),
+                    {}});
   {
     Tensor logits, diff_input;
     head_chain->forward(blocks.back().input, logits);
@@ -478,8 +490,8 @@ TEST_CASE("a bf16 LipConvnet-5 training step matches the float32 step within tol
     } else {
       SocConv& first = *block.fp32_stages[0];
       const int64_t side = block.input.dim(2) / first.config().stride;
-      const double middle = filters[0].lipschitz * in_norm + norm_of(first.bias().value) * double(side) *
-                                                                  std::sqrt(double(n));
+      const double middle =
+          filters[0].lipschitz * in_norm + norm_of(first.bias().value) * double(side) * std::sqrt(double(n));
       stage.push_back(series_bound(filters[0], in_norm, filters[1].lipschitz * grad_norm));
       stage.push_back(series_bound(filters[1], middle, grad_norm));
       forward = filters[1].lipschitz * stage[0].forward + stage[1].forward;
@@ -560,8 +572,10 @@ TEST_CASE("a bf16 LipConvnet-5 training step matches the float32 step within tol
   }
 }
 
-TEST_CASE("the matrix path of a 1x1 SocConv stays float32 in bf16 training: output, input and weight gradients "
-          "equal the float32 layer's bit for bit", "[precision][bf16]") {
+TEST_CASE(
+    "the matrix path of a 1x1 SocConv stays float32 in bf16 training: output, input and weight gradients "
+    "equal the float32 layer's bit for bit",
+    "[precision][bf16]") {
   REQUIRE_BF16();
   ref::AlwaysBf16 always;
   for (SocPath path : {SocPath::matrix_conv, SocPath::matrix_gemm, SocPath::automatic}) {

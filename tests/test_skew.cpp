@@ -37,9 +37,9 @@ TEST_CASE("SocConv's skew filter (and its scaled filter) are skew-symmetric oper
       orthoconv::SocConv layer(config);
       INFO(layer.describe());
       const int64_t c = config.group_channels();
-      CHECK(orthoconv::skew_residual(orthoconv::conv_operator_matrix(layer.skew_filter().to_vector(), groups, c,
-                                                                     kernel, 4, 4)) <= 1e-12);
-      CHECK(orthoconv::skew_residual(orthoconv::conv_operator_matrix(layer.scaled_filter().to_vector(), groups, c,
-                                                                     kernel, 4, 4)) <= 1e-12);
+      CHECK(orthoconv::skew_residual(
+                orthoconv::conv_operator_matrix(layer.skew_filter().to_vector(), groups, c, kernel, 4, 4)) <= 1e-12);
+      CHECK(orthoconv::skew_residual(
+                orthoconv::conv_operator_matrix(layer.scaled_filter().to_vector(), groups, c, kernel, 4, 4)) <= 1e-12);
     }
 }

@@ -55,21 +55,21 @@ TEST_CASE("Backend::matmul matches the double reference: transposes, batch strid
   };
   const Case cases[] = {
       {1, 5, 5, 5, false, false, false, 0, 0, 0, 1.0f, 0.0f, 0.0f},
-      {3, 7, 7, 7, true, false, false, 0, 0, 0, 0.5f, 0.0f, 1.0f},     // a Horner step of the matrix path
-      {2, 6, 6, 6, true, true, false, 0, 0, 0, 0.25f, 0.0f, 0.0f},     // H_K = A^T H'^T / K
-      {2, 6, 6, 18, true, false, false, 0, 0, 0, 1.0f, 1.0f, 0.0f},    // the stacked product (inner 3C)
+      {3, 7, 7, 7, true, false, false, 0, 0, 0, 0.5f, 0.0f, 1.0f},   // a Horner step of the matrix path
+      {2, 6, 6, 6, true, true, false, 0, 0, 0, 0.25f, 0.0f, 0.0f},   // H_K = A^T H'^T / K
+      {2, 6, 6, 18, true, false, false, 0, 0, 0, 1.0f, 1.0f, 0.0f},  // the stacked product (inner 3C)
       {4, 8, 8, 8, false, false, false, 0, 0, 0, 1.0f / 3, 0.0f, 0.0f},
-      {2, 3, 5, 4, false, true, false, 0, 0, 0, -2.0f, 0.5f, 0.0f},   // rectangular
+      {2, 3, 5, 4, false, true, false, 0, 0, 0, -2.0f, 0.5f, 0.0f},  // rectangular
       {2, 4, 3, 5, true, true, false, 0, 0, 0, 1.0f, 0.0f, 0.0f},
       {3, 5, 5, 5, false, false, false, -1, 0, 40, 1.0f, 0.0f, -1.5f},  // A broadcast, C strided with gaps
-      {2, 6, 6, 6, true, false, true, 0, 0, 0, 0.2f, 0.0f, 1.0f},      // B = I: T_K = I + A^T / K
+      {2, 6, 6, 6, true, false, true, 0, 0, 0, 0.2f, 0.0f, 1.0f},       // B = I: T_K = I + A^T / K
       {2, 4, 4, 4, false, false, true, 0, 0, 0, -1.0f, 2.0f, 0.0f},
       {1, 96, 96, 96, false, false, false, 0, 0, 0, 1.0f, 1.0f, 1.0f},
-      {6, 4, 9, 4, false, false, false, -1, 40, 45, 1.0f, 0.0f, 0.0f},   // the 1x1 conv on NCHW: Y_n = P X_n
-      {5, 4, 4, 9, false, true, false, 40, 45, -1, 1.0f, 0.0f, 0.0f},    // summed: dP^T = sum_n X_n dY_n^T
-      {3, 5, 5, 7, true, false, false, 0, 0, -1, 0.5f, 1.5f, 1.0f},      // summed, with beta and shift
-      {37, 6, 6, 5, false, true, false, 0, 0, -1, -1.0f, 0.0f, 0.0f},    // summed over more matrices than threads
-      {4, 3, 3, 3, false, false, true, 0, 0, -1, 2.0f, 0.0f, 0.0f}};     // summed, B = I
+      {6, 4, 9, 4, false, false, false, -1, 40, 45, 1.0f, 0.0f, 0.0f},  // the 1x1 conv on NCHW: Y_n = P X_n
+      {5, 4, 4, 9, false, true, false, 40, 45, -1, 1.0f, 0.0f, 0.0f},   // summed: dP^T = sum_n X_n dY_n^T
+      {3, 5, 5, 7, true, false, false, 0, 0, -1, 0.5f, 1.5f, 1.0f},     // summed, with beta and shift
+      {37, 6, 6, 5, false, true, false, 0, 0, -1, -1.0f, 0.0f, 0.0f},   // summed over more matrices than threads
+      {4, 3, 3, 3, false, false, true, 0, 0, -1, 2.0f, 0.0f, 0.0f}};    // summed, B = I
   uint64_t seed = 300;
   for (const Case& c : cases) {
     const ref::MatmulDims d{c.batch,
@@ -78,14 +78,19 @@ TEST_CASE("Backend::matmul matches the double reference: transposes, batch strid
                             c.inner,
                             c.ta,
                             c.tb,
-                            c.stride_a < 0 ? 0 : c.stride_a > 0 ? c.stride_a : c.rows * c.inner,
+                            c.stride_a < 0   ? 0
+                            : c.stride_a > 0 ? c.stride_a
+                                             : c.rows * c.inner,
                             c.stride_b > 0 ? c.stride_b : c.inner * c.cols,
-                            c.stride_c < 0 ? 0 : c.stride_c > 0 ? c.stride_c : c.rows * c.cols};
+                            c.stride_c < 0   ? 0
+                            : c.stride_c > 0 ? c.stride_c
+                                             : c.rows * c.cols};
     const MatmulShape s = d.shape();
-    INFO("matmul " << s.str() << (c.no_b ? ", B = I" : "") << ", alpha " << c.alpha << ", beta " << c.beta
-                   << ", shift " << c.shift);
+    INFO("matmul " << s.str() << (c.no_b ? ", B = I" : "") << ", alpha " << c.alpha << ", beta " << c.beta << ", shift "
+                   << c.shift);
     const Vec a = quantized(static_cast<size_t>(s.stride_a * (c.batch - 1) + c.rows * c.inner), ++seed);
-    const Vec b = c.no_b ? Vec{} : quantized(static_cast<size_t>(s.stride_b * (c.batch - 1) + c.inner * c.cols), ++seed);
+    const Vec b =
+        c.no_b ? Vec{} : quantized(static_cast<size_t>(s.stride_b * (c.batch - 1) + c.inner * c.cols), ++seed);
     Vec expected = quantized(static_cast<size_t>(s.stride_c * (c.batch - 1) + c.rows * c.cols), ++seed);
     std::vector<float> out = ref::to_float(expected);
     // beta == 0 must not read C: NaN there stays out of the result (the gaps between strided C matrices keep it).
@@ -119,7 +124,7 @@ TEST_CASE("Backend::matmul refuses shapes it cannot run, naming the shape", "[ba
   s.cols = 2;
   s.inner = 4;
   CHECK_THROWS_AS(backend->matmul(s, 1.0f, a.data(), b.data(), 0.0f, 1.0f, c.data()), ConfigError);  // shift: square
-  CHECK_THROWS_AS(backend->matmul(s, 1.0f, a.data(), nullptr, 0.0f, 0.0f, c.data()), ConfigError);  // B = I: inner
+  CHECK_THROWS_AS(backend->matmul(s, 1.0f, a.data(), nullptr, 0.0f, 0.0f, c.data()), ConfigError);   // B = I: inner
   s.batch = 2;
   s.stride_c = 4;  // overlapping C
   CHECK_THROWS_WITH(backend->matmul(s, 1.0f, a.data(), b.data(), 0.0f, 0.0f, c.data()),
@@ -154,25 +159,33 @@ PassResult run(SocConv& layer, const Shape& in, const Vec& x, const Vec& w) {
 
 }  // namespace
 
-TEST_CASE("the matrix path equals the series path and the double reference: groups 1/2/4, 4 to 512 channels, "
-          "stride 1 and 2, training and evaluation terms",
-          "[soc][matrix]") {
+TEST_CASE(
+    "the matrix path equals the series path and the double reference: groups 1/2/4, 4 to 512 channels, "
+    "stride 1 and 2, training and evaluation terms",
+    "[soc][matrix]") {
   struct Case {
     int64_t c_in, c_out, groups, stride, batch, side;
     KeepChannels keep;
   };
   const Case cases[] = {
-      {4, 4, 1, 1, 2, 5, KeepChannels::first},     {8, 8, 2, 1, 2, 4, KeepChannels::first},
-      {16, 16, 4, 1, 2, 3, KeepChannels::first},   {32, 32, 1, 1, 2, 4, KeepChannels::first},
-      {64, 64, 2, 1, 2, 3, KeepChannels::first},   {128, 128, 4, 1, 1, 3, KeepChannels::first},
-      {256, 256, 1, 1, 1, 2, KeepChannels::first}, {512, 512, 1, 1, 2, 2, KeepChannels::first},
+      {4, 4, 1, 1, 2, 5, KeepChannels::first},
+      {8, 8, 2, 1, 2, 4, KeepChannels::first},
+      {16, 16, 4, 1, 2, 3, KeepChannels::first},
+      {32, 32, 1, 1, 2, 4, KeepChannels::first},
+      {64, 64, 2, 1, 2, 3, KeepChannels::first},
+      {128, 128, 4, 1, 1, 3, KeepChannels::first},
+      {256, 256, 1, 1, 1, 2, KeepChannels::first},
+      {512, 512, 1, 1, 2, 2, KeepChannels::first},
       {512, 512, 4, 1, 1, 2, KeepChannels::first},
       // stride 2 (the 1x1 stride-2 layer: c_out = 2 c_in keeps half of the 4 c_in unshuffled channels)
-      {2, 8, 1, 2, 2, 4, KeepChannels::first},     {8, 32, 2, 2, 1, 4, KeepChannels::first},
-      {32, 64, 4, 2, 1, 4, KeepChannels::first},   {32, 64, 4, 2, 1, 4, KeepChannels::per_group},
+      {2, 8, 1, 2, 2, 4, KeepChannels::first},
+      {8, 32, 2, 2, 1, 4, KeepChannels::first},
+      {32, 64, 4, 2, 1, 4, KeepChannels::first},
+      {32, 64, 4, 2, 1, 4, KeepChannels::per_group},
       {128, 256, 1, 2, 1, 2, KeepChannels::first},
       // channels appended (c_out > c_in) and dropped (the head: c_out < c_in)
-      {6, 8, 2, 1, 2, 3, KeepChannels::first},     {96, 10, 1, 1, 3, 1, KeepChannels::first}};
+      {6, 8, 2, 1, 2, 3, KeepChannels::first},
+      {96, 10, 1, 1, 3, 1, KeepChannels::first}};
   uint64_t seed = 500;
   for (const Case& c : cases)
     for (bool training : {true, false})
@@ -227,8 +240,10 @@ TEST_CASE("the matrix path runs any number of terms: K = 1, 2, 3 (the edge cases
     }
 }
 
-TEST_CASE("SocConv path setting: matrix needs kernel 1, names parse and print, a backward follows its forward's "
-          "path", "[soc][matrix]") {
+TEST_CASE(
+    "SocConv path setting: matrix needs kernel 1, names parse and print, a backward follows its forward's "
+    "path",
+    "[soc][matrix]") {
   SocConfig config = soc_1x1(8, 8, 1, 1, 7);
   config.kernel = 3;
   config.path = SocPath::matrix;
@@ -241,8 +256,8 @@ TEST_CASE("SocConv path setting: matrix needs kernel 1, names parse and print, a
   CHECK(k3.config().path == SocPath::automatic);
   CHECK(k3.path_for(Shape{128, 8, 32, 32}) == SocPath::series);
 
-  for (SocPath path : {SocPath::automatic, SocPath::series, SocPath::matrix, SocPath::matrix_conv,
-                       SocPath::matrix_gemm})
+  for (SocPath path :
+       {SocPath::automatic, SocPath::series, SocPath::matrix, SocPath::matrix_conv, SocPath::matrix_gemm})
     CHECK(parse_soc_path(soc_path_name(path)) == path);
   CHECK_THROWS_WITH(parse_soc_path("fast"), Catch::Contains("'fast'"));
 
@@ -260,8 +275,10 @@ TEST_CASE("SocConv path setting: matrix needs kernel 1, names parse and print, a
   CHECK(ref::max_relative_error(first.y, second.y) < kForwardTolerance);
 }
 
-TEST_CASE("the matrix path applies P by GEMMs on NCHW where the image is at least as large as P, else by the 1x1 "
-          "convolution", "[soc][matrix][cost]") {
+TEST_CASE(
+    "the matrix path applies P by GEMMs on NCHW where the image is at least as large as P, else by the 1x1 "
+    "convolution",
+    "[soc][matrix][cost]") {
   CHECK(soc_matrix_variant(32, 1024) == SocPath::matrix_gemm);
   CHECK(soc_matrix_variant(128, 32) == SocPath::matrix_gemm);
   CHECK(soc_matrix_variant(129, 32) == SocPath::matrix_conv);
@@ -308,9 +325,10 @@ TEST_CASE("cost model: multiply-adds cross at N*H*W = C, the bytes favour the ma
   CHECK(one.cheaper() == SocPath::matrix);
 }
 
-TEST_CASE("cost model picks the matrix path for LipConvnet-15's GS-SOC second stage at every width and the series "
-          "path for the 2048-channel layer and the head, at batch 128",
-          "[soc][matrix][cost]") {
+TEST_CASE(
+    "cost model picks the matrix path for LipConvnet-15's GS-SOC second stage at every width and the series "
+    "path for the 2048-channel layer and the head, at batch 128",
+    "[soc][matrix][cost]") {
   const int64_t batch = 128;
   for (std::string conv : {"gs-soc", "soc"}) {
     ModelConfig config;
@@ -413,8 +431,7 @@ TEST_CASE("a checkpoint trained before the matrix path certifies to the same num
     CHECK(v.verified.mean_radius() == before["verified"]["mean_radius"].get<double>());
     double deviation = 0.0;
     for (double d : v.logit_deviation) deviation = std::max(deviation, d);
-    const double margin_shift =
-        2.0 * (deviation + before["verified"]["max_float32_logit_deviation"].get<double>());
+    const double margin_shift = 2.0 * (deviation + before["verified"]["max_float32_logit_deviation"].get<double>());
     INFO("largest float32 logit deviation now " << deviation << ", margin shift allowed " << margin_shift);
     CHECK(deviation < 1e-4);
     const double l_in = norm.lipschitz();

@@ -101,9 +101,16 @@ std::vector<std::pair<std::string, std::string>> reference_modules(const ModelCo
 // fantastic_four's layouts: u1 (g,1,in,1,w) v1 (g,out,1,h,1) u2 (g,1,in,h,1) v2 (g,out,1,1,w) u3 (g,1,in,h,w)
 // v3 (g,out,1,1,1) u4 (g,out,1,h,w) v4 (g,1,in,1,1); random_conv_filter (g, C, C, k, k); correction (1).
 std::map<std::string, std::vector<int64_t>> reference_shapes(int64_t g, int64_t c, int64_t k) {
-  return {{"random_conv_filter", {g, c, c, k, k}}, {"correction", {1}},
-          {"u1", {g, 1, c, 1, k}}, {"v1", {g, c, 1, k, 1}}, {"u2", {g, 1, c, k, 1}}, {"v2", {g, c, 1, 1, k}},
-          {"u3", {g, 1, c, k, k}}, {"v3", {g, c, 1, 1, 1}}, {"u4", {g, c, 1, k, k}}, {"v4", {g, 1, c, 1, 1}}};
+  return {{"random_conv_filter", {g, c, c, k, k}},
+          {"correction", {1}},
+          {"u1", {g, 1, c, 1, k}},
+          {"v1", {g, c, 1, k, 1}},
+          {"u2", {g, 1, c, k, 1}},
+          {"v2", {g, c, 1, 1, k}},
+          {"u3", {g, 1, c, k, k}},
+          {"v3", {g, c, 1, 1, 1}},
+          {"u4", {g, c, 1, k, k}},
+          {"v4", {g, 1, c, 1, 1}}};
 }
 
 bool is_model_metadata(const std::string& key) {

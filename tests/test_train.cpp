@@ -45,7 +45,6 @@ std::string fresh_dir(const std::string& name) {
   return dir.string();
 }
 
-
 TrainConfig tiny_config(const std::string& out) {
   TrainConfig c;
   // Plain SOC (1 group) of width 8: every channel count is a multiple of 16, so every convolution of this tiny
@@ -115,8 +114,8 @@ TEST_CASE("softmax_cross_entropy: loss, accuracy and the mean-reduction gradient
     std::vector<float> up = logits, down = logits;
     up[i] += 1e-2f;
     down[i] -= 1e-2f;
-    const double numeric = (reference_loss(up) - reference_loss(down)) /
-                           (static_cast<double>(up[i]) - down[i]) / static_cast<double>(batch);
+    const double numeric = (reference_loss(up) - reference_loss(down)) / (static_cast<double>(up[i]) - down[i]) /
+                           static_cast<double>(batch);
     INFO("logit " << i);
     CHECK(diff[i] == Approx(numeric).margin(2e-5));
   }
@@ -280,8 +279,10 @@ TEST_CASE("resume after epoch 1 continues bit for bit (256 images, batch 64, 2 e
   CHECK(lines == 2);
 }
 
-TEST_CASE("bf16 training is recorded in config.json, every metrics line and the checkpoint, resume keeps it, "
-          "evaluation runs float32", "[train][bf16]") {
+TEST_CASE(
+    "bf16 training is recorded in config.json, every metrics line and the checkpoint, resume keeps it, "
+    "evaluation runs float32",
+    "[train][bf16]") {
   if (!orthoconv::reference::cpu_has_bf16()) {
     WARN("no AVX512-BF16 on this CPU: bf16 training not tested");
     return;
@@ -423,7 +424,8 @@ TEST_CASE("a precision the device cannot run (tf32 on the CPU) or an unknown one
   REQUIRE_THROWS_AS(cpu_backend()->check_precision(ConvPrecision::tf32), ConfigError);
 }
 
-TEST_CASE("bad checkpoints: truncated, wrong architecture, missing tensor -> one IoError, nothing changed", "[train][errors]") {
+TEST_CASE("bad checkpoints: truncated, wrong architecture, missing tensor -> one IoError, nothing changed",
+          "[train][errors]") {
   CifarSplit train = synthetic_split(64, 10, 3), test = synthetic_split(64, 10, 4);
   const std::string dir = fresh_dir("bad-checkpoints");
   TrainConfig c = tiny_config(dir);
@@ -476,7 +478,8 @@ TEST_CASE("an output directory that cannot be created fails before training", "[
   CHECK(slurp(dir) == "a file");
 }
 
-TEST_CASE("a non-finite loss stops training with a clear message and keeps the last good checkpoint", "[train][errors]") {
+TEST_CASE("a non-finite loss stops training with a clear message and keeps the last good checkpoint",
+          "[train][errors]") {
   // 2 steps per epoch, 6 in all: the lr schedule keeps 1e38 / 1e37 in epoch 2, which overflows the parameters
   // (the layers normalize M by its spectral norm, so the loss itself may stay finite until the floats are inf).
   CifarSplit train = synthetic_split(128, 10, 5), test = synthetic_split(64, 10, 6);
@@ -490,13 +493,12 @@ TEST_CASE("a non-finite loss stops training with a clear message and keeps the l
   wild.lr = 1e38;  // the updates overflow the parameters to inf within a few steps; the loss turns NaN
   Trainer t(wild, train, test, nullptr);
   t.prepare(last);
-  CHECK_THROWS_WITH(t.run(), Catch::Contains("non-finite") &&
-                                Catch::Contains("last good checkpoint is kept: " + last + " (step 2)"));
+  CHECK_THROWS_WITH(
+      t.run(), Catch::Contains("non-finite") && Catch::Contains("last good checkpoint is kept: " + last + " (step 2)"));
   CHECK((slurp(last) == good));
   Checkpoint k = load_checkpoint(last);
   CHECK(k.metadata.at("train.epoch") == "1");
 }
-
 
 // ---------------------------------------------------------------------------------------------------------------
 // Interrupts, run directories, corrupt values (issue 13)
@@ -635,8 +637,7 @@ TEST_CASE("a second trainer on the same output directory is refused while the fi
   CHECK_NOTHROW(again.prepare((fs::path(dir) / "last.safetensors").string()));
 }
 
-TEST_CASE("resuming run A into an output directory that holds run B is refused and B stays intact",
-          "[train][errors]") {
+TEST_CASE("resuming run A into an output directory that holds run B is refused and B stays intact", "[train][errors]") {
   CifarSplit train = synthetic_split(64, 10, 15), test = synthetic_split(64, 10, 16);
   const std::string run_a = fresh_dir("run-a"), run_b = fresh_dir("run-b"), empty = fresh_dir("run-c");
   TrainConfig ca = tiny_config(run_a), cb = tiny_config(run_b);
@@ -663,8 +664,7 @@ TEST_CASE("resuming run A into an output directory that holds run B is refused a
   CHECK(c.epochs_done() == 2);
 }
 
-TEST_CASE("the temporary files of interrupted saves are removed at the next start, and only those",
-          "[train]") {
+TEST_CASE("the temporary files of interrupted saves are removed at the next start, and only those", "[train]") {
   CifarSplit train = synthetic_split(64, 10, 17), test = synthetic_split(64, 10, 18);
   const std::string dir = fresh_dir("stale");
   fs::create_directories(dir);
@@ -822,8 +822,8 @@ TEST_CASE("sizes and thread counts beyond what the machine can hold are refused 
   CifarSplit train = synthetic_split(64, 10, 25), test = synthetic_split(64, 10, 26);
   TrainConfig c = tiny_config(fresh_dir("limits"));
   c.threads = max_thread_count() + 1;
-  CHECK_THROWS_WITH(c.validate(), Catch::StartsWith("threads " + std::to_string(c.threads)) &&
-                                      Catch::Contains("processors"));
+  CHECK_THROWS_WITH(c.validate(),
+                    Catch::StartsWith("threads " + std::to_string(c.threads)) && Catch::Contains("processors"));
   CHECK_THROWS_AS(set_thread_count(100000), ConfigError);
   CHECK_THROWS_AS(set_thread_count(-1), ConfigError);
   c.threads = 1;
@@ -936,10 +936,33 @@ class CliProcess {
 
 // A tiny 10-class run on the synthetic dataset: 40 steps per epoch, printed every 4 steps.
 std::vector<std::string> tiny_train_args(const std::string& out, int64_t epochs, int64_t batch) {
-  return {"train", "--conv", "soc", "--groups", "1", "--depth", "5", "--width", "8", "--classes", "10",
-          "--epochs", std::to_string(epochs), "--batch", std::to_string(batch), "--train-subset",
-          std::to_string(40 * batch), "--test-subset", "64", "--lr", "0.05", "--threads", "1", "--data",
-          orthoconv::testing::synthetic_cifar100_dir(), "--out", out};
+  return {"train",
+          "--conv",
+          "soc",
+          "--groups",
+          "1",
+          "--depth",
+          "5",
+          "--width",
+          "8",
+          "--classes",
+          "10",
+          "--epochs",
+          std::to_string(epochs),
+          "--batch",
+          std::to_string(batch),
+          "--train-subset",
+          std::to_string(40 * batch),
+          "--test-subset",
+          "64",
+          "--lr",
+          "0.05",
+          "--threads",
+          "1",
+          "--data",
+          orthoconv::testing::synthetic_cifar100_dir(),
+          "--out",
+          out};
 }
 
 std::string joined(const std::vector<std::string>& words) {
@@ -950,9 +973,10 @@ std::string joined(const std::vector<std::string>& words) {
 
 }  // namespace
 
-TEST_CASE("SIGTERM stops `orthoconv train` after its step with a checkpoint there, the resume equals the "
-          "uninterrupted run bit for bit, and a second writer is refused meanwhile",
-          "[train][cli][interrupt]") {
+TEST_CASE(
+    "SIGTERM stops `orthoconv train` after its step with a checkpoint there, the resume equals the "
+    "uninterrupted run bit for bit, and a second writer is refused meanwhile",
+    "[train][cli][interrupt]") {
   const std::string straight = fresh_dir("cli-straight"), stopped = fresh_dir("cli-stopped");
   Result full = run_cli(joined(tiny_train_args(straight, 1, 8)));
   INFO("uninterrupted: " << full.err);
@@ -1083,8 +1107,10 @@ TEST_CASE("model-info --json gives the paper's GS-SOC (4,1) count", "[train][cli
   REQUIRE(r.exit_code == 0);
   CHECK(r.out.find("\"parameters\":8905060") != std::string::npos);
 }
-TEST_CASE("train --precision bf16 on a CPU without AVX512-BF16 (DNNL_MAX_CPU_ISA=AVX512_CORE) fails with one line "
-          "naming --precision, before writing anything", "[train][cli][bf16]") {
+TEST_CASE(
+    "train --precision bf16 on a CPU without AVX512-BF16 (DNNL_MAX_CPU_ISA=AVX512_CORE) fails with one line "
+    "naming --precision, before writing anything",
+    "[train][cli][bf16]") {
   const std::string out = fresh_dir("cli-no-bf16");
   ::setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE", 1);  // read by the child's oneDNN; this process's ISA is fixed already
   Result r = run_cli("train --precision bf16 --depth 5 --width 8 --epochs 1 --out " + out);

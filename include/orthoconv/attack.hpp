@@ -24,8 +24,8 @@ namespace orthoconv {
 
 struct AttackOptions {
   int steps = 100;
-  int restarts = 3;        // PGD random restarts (the first starts at the clean image)
-  double gamma = 0.05;     // DDN radius factor
+  int restarts = 3;             // PGD random restarts (the first starts at the clean image)
+  double gamma = 0.05;          // DDN radius factor
   double initial_radius = 1.0;  // DDN starting radius (pixel space)
   uint64_t seed = 0;
   int64_t batch_size = 128;
@@ -33,11 +33,11 @@ struct AttackOptions {
 
 struct AttackResult {
   std::vector<int32_t> labels;
-  std::vector<bool> clean_correct;       // correctly classified without perturbation
-  std::vector<bool> pgd_success;         // PGD found a misclassified point within eps
-  std::vector<double> pgd_norm;          // the successful perturbation's norm (NaN when none)
-  std::vector<double> min_norm;          // DDN's smallest adversarial norm (+inf when none was found;
-                                         // 0 when the clean image is already misclassified)
+  std::vector<bool> clean_correct;  // correctly classified without perturbation
+  std::vector<bool> pgd_success;    // PGD found a misclassified point within eps
+  std::vector<double> pgd_norm;     // the successful perturbation's norm (NaN when none)
+  std::vector<double> min_norm;     // DDN's smallest adversarial norm (+inf when none was found;
+                                    // 0 when the clean image is already misclassified)
 };
 
 // Pixels of split[indices] in [0, 1] (no augmentation), NCHW.

@@ -50,7 +50,7 @@ struct ConvShape {
   int64_t macs() const { return batch * height * width * weight_count(); }
   bool operator==(const ConvShape& other) const;
   std::string str() const;  // names the precision unless fp32
-  void validate() const;  // throws ConfigError for impossible settings
+  void validate() const;    // throws ConfigError for impossible settings
 };
 
 // A batch of row-major float32 matrix products (Backend::matmul). Matrix b of an operand starts b * stride floats
@@ -180,15 +180,14 @@ class Backend {
   virtual void axpby(float alpha, const float* x, float beta, float* y, int64_t count) = 0;
   // dst = sum_i scales[i] * sources[i] over `count` floats; `inputs` >= 1 sources and scales in host arrays; dst
   // aliases no source. One pass where implemented; the default is `inputs` axpby passes.
-  virtual void weighted_sum(const float* const* sources, const float* scales, int inputs, float* dst,
-                            int64_t count) {
+  virtual void weighted_sum(const float* const* sources, const float* scales, int inputs, float* dst, int64_t count) {
     axpby(scales[0], sources[0], 0.0f, dst, count);
     for (int i = 1; i < inputs; ++i) axpby(scales[i], sources[i], 1.0f, dst, count);
   }
   // dst[b, c, :] (+)= src[b, c, :] for c < min(src_channels, dst_channels); with !accumulate the channels of
   // dst beyond src_channels are zeroed. Covers channel zero-padding and truncation (and their gradients).
-  virtual void copy_channels(const float* src, int64_t src_channels, float* dst, int64_t dst_channels,
-                             int64_t batch, int64_t plane, bool accumulate) = 0;
+  virtual void copy_channels(const float* src, int64_t src_channels, float* dst, int64_t dst_channels, int64_t batch,
+                             int64_t plane, bool accumulate) = 0;
   // dst[b, destination[c], :] = src[b, c, :]  (a channel permutation).
   virtual void permute_channels(const float* src, float* dst, const int32_t* destination, int64_t batch,
                                 int64_t channels, int64_t plane) = 0;
@@ -209,21 +208,18 @@ class Backend {
   // ---- SOC filter preparation, on [groups, C, C, k, k] filters ----
   // dst = (src - src^T) / 2, ^T swapping the channel axes and flipping both spatial axes. Linear and
   // self-adjoint up to sign structure: the gradient of M is skew_symmetrize(gradient of A).
-  virtual void skew_symmetrize(const float* src, float* dst, int64_t groups, int64_t channels,
-                               int64_t kernel) = 0;
+  virtual void skew_symmetrize(const float* src, float* dst, int64_t groups, int64_t channels, int64_t kernel) = 0;
   // Runs `iterations` power-iteration rounds on each of the four reshapes (v then u, normalised per group with
   // the norm floored at 1e-12, see PowerIterationState), then writes per group
   // sigma[g] = min_i <A_g, u_i (x) v_i> (with the updated vectors) and which[g] = the argmin i (0..3).
-  virtual void power_iteration(const float* filter, PowerIterationState& state, int64_t groups,
-                               int64_t channels, int64_t kernel, int iterations, float* sigma,
-                               int32_t* which) = 0;
+  virtual void power_iteration(const float* filter, PowerIterationState& state, int64_t groups, int64_t channels,
+                               int64_t kernel, int iterations, float* sigma, int32_t* which) = 0;
   // scaled = scale[g] * filter for each group g (scale has `groups` entries, host memory).
   virtual void scale_groups(const float* filter, const float* scale, float* scaled, int64_t groups,
                             int64_t group_size) = 0;
   // diff_filter[g] += coefficient[g] * (u_which (x) v_which) for each group (the gradient of sigma).
-  virtual void add_sigma_gradient(const PowerIterationState& state, const int32_t* which,
-                                  const float* coefficient, float* diff_filter, int64_t groups,
-                                  int64_t channels, int64_t kernel) = 0;
+  virtual void add_sigma_gradient(const PowerIterationState& state, const int32_t* which, const float* coefficient,
+                                  float* diff_filter, int64_t groups, int64_t channels, int64_t kernel) = 0;
   // Per-group inner products out[g] = <a_g, b_g> (host memory out).
   virtual void group_dot(const float* a, const float* b, float* out, int64_t groups, int64_t group_size) = 0;
 
@@ -238,8 +234,8 @@ class Backend {
   // added to it. The steps of Horner's rule on matrix polynomials are single calls:
   // T <- shift I + alpha op(A) T_next. The 1x1 convolutions of the matrix path on NCHW buffers are single calls
   // too: Y_n = P X_n (A stride 0, batch over images), dP^T = sum_n X_n dY_n^T (C stride 0).
-  virtual void matmul(const MatmulShape& shape, float alpha, const float* a, const float* b, float beta,
-                      float shift, float* c) = 0;
+  virtual void matmul(const MatmulShape& shape, float alpha, const float* a, const float* b, float beta, float shift,
+                      float* c) = 0;
 
   // ---- training: loss and optimizer ----
   // Softmax cross-entropy over logits [batch, classes] (row-major) with host labels in [0, classes):

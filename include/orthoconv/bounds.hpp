@@ -32,10 +32,10 @@ double series_tail_bound(double rho, int terms);
 
 struct SocLayerBound {
   std::string description;
-  int64_t input_side = 0;   // spatial side the series runs on (after pixel-unshuffle)
+  int64_t input_side = 0;  // spatial side the series runs on (after pixel-unshuffle)
   int terms = 0;
-  double rho = 0.0;         // >= ||A_n||_2
-  double bound = 0.0;       // >= the layer's Lipschitz constant (bias excluded)
+  double rho = 0.0;    // >= ||A_n||_2
+  double bound = 0.0;  // >= the layer's Lipschitz constant (bias excluded)
 };
 
 // The bound of one SocConv in evaluation mode (its current M and power-iteration vectors), for an input of

@@ -26,17 +26,17 @@
 namespace orthoconv {
 
 struct ImageCertificate {
-  int32_t predicted = -1;   // -1 when the logits are not all finite
+  int32_t predicted = -1;  // -1 when the logits are not all finite
   bool correct = false;
-  double radius = 0.0;      // NaN when not finite
+  double radius = 0.0;  // NaN when not finite
 };
 
 // Margin certificate (orthogonal head), from float32 or float64 logits.
 ImageCertificate certify_margin(const float* logits, int64_t classes, int32_t label, double input_lipschitz);
 ImageCertificate certify_margin(const double* logits, int64_t classes, int32_t label, double input_lipschitz);
 // LLN certificate. pair_norms[c * classes + j] = ||q_c - q_j|| (see lln_pair_norms).
-ImageCertificate certify_lln(const float* logits, int64_t classes, int32_t label,
-                             const std::vector<double>& pair_norms, double input_lipschitz);
+ImageCertificate certify_lln(const float* logits, int64_t classes, int32_t label, const std::vector<double>& pair_norms,
+                             double input_lipschitz);
 ImageCertificate certify_lln(const double* logits, int64_t classes, int32_t label,
                              const std::vector<double>& pair_norms, double input_lipschitz);
 // ||q_i - q_j|| for all pairs, from normalized rows q [classes, features] (double).
@@ -47,9 +47,9 @@ bool certified_at(const ImageCertificate& certificate, int eps_numerator);
 struct CertifyReport {
   int64_t images = 0;
   int64_t correct = 0;
-  double loss_sum = 0.0;                 // cross-entropy sum, when computed by evaluate_model
-  double radius_sum_correct = 0.0;       // sum of r over correct images
-  std::map<int, int64_t> certified;      // eps numerator -> certified count
+  double loss_sum = 0.0;             // cross-entropy sum, when computed by evaluate_model
+  double radius_sum_correct = 0.0;   // sum of r over correct images
+  std::map<int, int64_t> certified;  // eps numerator -> certified count
 
   double clean_accuracy() const { return images ? static_cast<double>(correct) / images : 0.0; }
   double certified_accuracy(int eps) const;

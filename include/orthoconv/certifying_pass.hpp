@@ -40,7 +40,7 @@ class HostNetwork {
   HostNetwork& operator=(const HostNetwork&) = delete;
 
   int64_t classes() const;
-  int64_t image_bytes() const;  // 3 * side * side
+  int64_t image_bytes() const;     // 3 * side * side
   double flops_per_image() const;  // 2 x the multiply-adds of the series and head GEMMs
   // pixels: n images of image_bytes() bytes (R, G, B planes, as CifarSplit stores them); logits [n, classes].
   void forward(const uint8_t* pixels, int64_t n, Real* logits) const;

@@ -49,14 +49,13 @@ struct Normalization {
 };
 
 struct Batch {
-  Tensor images;               // [n, 3, 32, 32], normalized, float32, CPU
-  std::vector<int32_t> labels; // fine labels
+  Tensor images;                 // [n, 3, 32, 32], normalized, float32, CPU
+  std::vector<int32_t> labels;   // fine labels
   std::vector<int64_t> indices;  // record indices in the split
 };
 
 // Fills `out` with images[indices] (no augmentation), normalized.
-void make_batch(const CifarSplit& split, const std::vector<int64_t>& indices, const Normalization& norm,
-                Batch& out);
+void make_batch(const CifarSplit& split, const std::vector<int64_t>& indices, const Normalization& norm, Batch& out);
 
 // ---- The pieces BatchLoader is made of, public so that tests and tools can check them one by one. ----
 
@@ -114,9 +113,9 @@ class BatchLoader {
   // Must be called before next(). first_batch (0..batches_per_epoch()) skips that many batches without building
   // them: the batches that follow are those of an uninterrupted epoch (a resume in the middle of an epoch).
   void start_epoch(int64_t epoch, int64_t first_batch = 0);
-  bool next(Batch& out);             // false at the end of the epoch
+  bool next(Batch& out);  // false at the end of the epoch
   int64_t batches_per_epoch() const;
-  int64_t size() const;              // images per epoch
+  int64_t size() const;  // images per epoch
 
  private:
   struct Impl;

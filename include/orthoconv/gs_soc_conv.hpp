@@ -20,10 +20,10 @@
 namespace orthoconv {
 
 struct GsSocConfig {
-  SocConfig base;                          // in/out channels, kernel, stride, terms, ...; base.groups ignored;
-                                           // base.path applies to the 1x1 stages (the k x k one takes the series)
-  int64_t groups_first = 4;                // a
-  std::optional<int64_t> groups_second;    // b, or none for the single-stage (a, -) variant
+  SocConfig base;                        // in/out channels, kernel, stride, terms, ...; base.groups ignored;
+                                         // base.path applies to the 1x1 stages (the k x k one takes the series)
+  int64_t groups_first = 4;              // a
+  std::optional<int64_t> groups_second;  // b, or none for the single-stage (a, -) variant
   bool paired = false;
   void validate() const;
 };

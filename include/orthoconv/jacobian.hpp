@@ -27,8 +27,8 @@ std::vector<double> singular_values(const DenseMatrix& matrix);
 
 // The matrix of the zero-padded "same" convolution by a plain filter [g, C, C, k, k] on a [g*C, H, W] input,
 // in double precision (for skew-symmetry checks and references).
-DenseMatrix conv_operator_matrix(const std::vector<float>& filter, int64_t groups, int64_t channels,
-                                 int64_t kernel, int64_t height, int64_t width);
+DenseMatrix conv_operator_matrix(const std::vector<float>& filter, int64_t groups, int64_t channels, int64_t kernel,
+                                 int64_t height, int64_t width);
 
 // max |(T + T^T)_{ij}| / max |T_{ij}|: zero for an exactly skew-symmetric operator.
 double skew_residual(const DenseMatrix& op);

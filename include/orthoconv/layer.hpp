@@ -22,7 +22,7 @@ namespace orthoconv {
 struct Parameter {
   std::string name;  // e.g. "weight" ([g, C, C, k, k]) or "bias" ([c_out])
   Tensor value;
-  Tensor grad;       // same shape as value
+  Tensor grad;  // same shape as value
 };
 
 // Non-trainable state saved in checkpoints (power-iteration vectors).
@@ -34,8 +34,8 @@ struct Buffer {
 class Layer {
  public:
   virtual ~Layer() = default;
-  virtual std::string kind() const = 0;        // "soc", "gs-soc", "channel-shuffle", "maxmin", ...
-  virtual std::string describe() const = 0;    // one line for tables
+  virtual std::string kind() const = 0;      // "soc", "gs-soc", "channel-shuffle", "maxmin", ...
+  virtual std::string describe() const = 0;  // one line for tables
   virtual Shape output_shape(const Shape& input) const = 0;
   virtual void forward(const Tensor& input, Tensor& output) = 0;
   virtual void backward(const Tensor& diff_output, Tensor& diff_input) = 0;

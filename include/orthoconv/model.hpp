@@ -37,19 +37,19 @@
 namespace orthoconv {
 
 struct ModelConfig {
-  std::string conv = "gs-soc";             // "soc" | "gs-soc"
-  int64_t groups_first = 4;                // gs-soc: a; soc: the group count of every SocConv (1 = plain SOC)
+  std::string conv = "gs-soc";               // "soc" | "gs-soc"
+  int64_t groups_first = 4;                  // gs-soc: a; soc: the group count of every SocConv (1 = plain SOC)
   std::optional<int64_t> groups_second = 1;  // gs-soc: b, or none for (a, -)
-  int64_t depth = 15;                      // N, a multiple of 5
-  int64_t init_channels = 32;              // width
+  int64_t depth = 15;                        // N, a multiple of 5
+  int64_t init_channels = 32;                // width
   int64_t classes = 100;
-  std::string activation = "maxmin";       // "maxmin" | "maxmin-paired" (then GS-SOC shuffles are paired too)
-  std::string head = "soc";                // "soc" | "lln"
-  KeepChannels keep = KeepChannels::first; // stride-2 grouped exponentials: the first c_out or per group
+  std::string activation = "maxmin";        // "maxmin" | "maxmin-paired" (then GS-SOC shuffles are paired too)
+  std::string head = "soc";                 // "soc" | "lln"
+  KeepChannels keep = KeepChannels::first;  // stride-2 grouped exponentials: the first c_out or per group
   int train_terms = 5;
   int eval_terms = 12;
   int64_t input_side = 32;
-  uint64_t seed = 42;                      // initialization
+  uint64_t seed = 42;  // initialization
   // Power iterations of every SocConv at construction (0: the u, v come from a checkpoint, or only shapes are
   // needed), and in training-mode forwards (PowerSchedule: the reference's 50/1/200, or hold() to keep u, v).
   int init_iterations = 50;
@@ -77,7 +77,7 @@ struct ModelConfig {
 };
 
 // Parse helpers shared by the command line and the checkpoint reader (throw ConfigError on bad values).
-KeepChannels parse_keep(const std::string& text);     // "first" | "per-group"
+KeepChannels parse_keep(const std::string& text);  // "first" | "per-group"
 std::string keep_name(KeepChannels keep);
 // Group counts as written by groups_text(): "a,b", "a,-" or "a" with positive integers ("a" is (a, -) for
 // gs-soc). Throws ConfigError naming `setting` ("--groups", "metadata 'model.groups'", ...) and the text.
@@ -157,9 +157,9 @@ const char* step_kind_name(StepKind kind);  // "shuffle", "soc", "maxmin", "flat
 
 struct NetworkStep {
   StepKind kind = StepKind::flatten;
-  std::string name;      // hierarchical, as above; a soc step's name prefixes its parameters and buffers
-  std::string block;     // the layer-table row it belongs to: "stage1.block0", ..., "head"; "flatten" for flatten
-  Shape input, output;   // one image
+  std::string name;     // hierarchical, as above; a soc step's name prefixes its parameters and buffers
+  std::string block;    // the layer-table row it belongs to: "stage1.block0", ..., "head"; "flatten" for flatten
+  Shape input, output;  // one image
   // Runs the step: layer->forward(batch of `input`, batch of `output`) (any batch size); null for flatten.
   Layer* layer = nullptr;
   ChannelShuffle* shuffle = nullptr;
@@ -234,8 +234,8 @@ class LipConvnet {
   struct Block {
     std::string name;
     std::unique_ptr<Layer> conv;
-    SocConv* soc = nullptr;    // conv, when it is a SocConv
-    GsSocConv* gs = nullptr;   // conv, when it is a GsSocConv
+    SocConv* soc = nullptr;   // conv, when it is a SocConv
+    GsSocConv* gs = nullptr;  // conv, when it is a GsSocConv
     std::unique_ptr<MaxMin> activation;
     Tensor conv_out, act_out;
   };

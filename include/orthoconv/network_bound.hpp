@@ -35,10 +35,10 @@
 namespace orthoconv {
 
 struct NamedLayerBound {
-  std::string name;          // "stage1.block0.conv", "head", ...
+  std::string name;  // "stage1.block0.conv", "head", ...
   SocLayerBound bound;
-  double abs_norm = 0.0;     // >= norm of the convolution by |A_n|
-  double rounding = 0.0;     // rounding error of the series <= rounding * ||x0||
+  double abs_norm = 0.0;  // >= norm of the convolution by |A_n|
+  double rounding = 0.0;  // rounding error of the series <= rounding * ||x0||
 };
 
 // The forward pass whose rounding a bound covers.
@@ -50,16 +50,16 @@ const char* precision_name(Precision precision);  // "float32", "float64"
 
 struct NetworkBound {
   Precision precision = Precision::float32;
-  double unit = kFloat32Unit;          // unit roundoff of that precision
+  double unit = kFloat32Unit;  // unit roundoff of that precision
   std::vector<NamedLayerBound> layers;
   int terms = 0;
-  double lipschitz = 1.0;              // product of the layer bounds (the body only with the lln head)
-  double error_per_input_norm = 0.0;   // rounding of the logits (soc head) / of the head's input (lln head)
+  double lipschitz = 1.0;             // product of the layer bounds (the body only with the lln head)
+  double error_per_input_norm = 0.0;  // rounding of the logits (soc head) / of the head's input (lln head)
   double error_constant = 0.0;
   double activation_per_input_norm = 1.0;  // ||computed head input|| <= this * ||x0|| + activation_constant
   double activation_constant = 0.0;
   bool lln = false;
-  double lln_row_error = 0.0;          // lln: |own rounding of logit i| <= lln_row_error * ||head input|| + u |y_i|
+  double lln_row_error = 0.0;  // lln: |own rounding of logit i| <= lln_row_error * ||head input|| + u |y_i|
 };
 
 // norm: the input normalization (its smallest std enters the float32 input rounding). The SocConvs are those of
@@ -105,8 +105,8 @@ namespace orthoconv {
 struct VerifiedEvaluation {
   CertifyReport nominal, lipschitz, verified;
   std::vector<ImageCertificate> nominal_images, lipschitz_images, verified_images;  // in the order of indices
-  std::vector<double> input_norms;      // ||x0||, the normalized image (float64 pass)
-  std::vector<double> logit_deviation;  // max_i |float32 logit i - float64 logit i|, per image
+  std::vector<double> input_norms;                      // ||x0||, the normalized image (float64 pass)
+  std::vector<double> logit_deviation;                  // max_i |float32 logit i - float64 logit i|, per image
   double float32_seconds = 0.0, float64_seconds = 0.0;  // wall time of the two passes
 };
 VerifiedEvaluation evaluate_verified(LipConvnet& model, const NetworkBound& bound, const CifarSplit& split,

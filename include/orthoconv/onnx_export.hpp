@@ -59,9 +59,9 @@ struct OnnxExportSummary {
   int terms = 0;
   int opset = kOnnxOpset;
   int64_t nodes = 0;
-  int64_t weights = 0;          // float32 values in the initializers
-  int64_t bytes = 0;            // the file's size
-  NetworkBound bound;           // float32, for `terms`
+  int64_t weights = 0;  // float32 values in the initializers
+  int64_t bytes = 0;    // the file's size
+  NetworkBound bound;   // float32, for `terms`
   std::vector<std::pair<std::string, std::string>> metadata;
 };
 

@@ -123,8 +123,8 @@ struct SocConfig {
   int train_terms = 5;
   int eval_terms = 12;
   std::optional<float> correction;  // default: 0.7 for kernel > 1, 1.0 for kernel 1
-  int init_iterations = 50;  // at construction, from random unit vectors
-  PowerSchedule schedule;    // training-mode forwards
+  int init_iterations = 50;         // at construction, from random unit vectors
+  PowerSchedule schedule;           // training-mode forwards
   KeepChannels keep = KeepChannels::first;
   uint64_t seed = 0;
   SocPath path = SocPath::automatic;  // matrix needs kernel 1; not part of the model (checkpoints ignore it)
@@ -214,29 +214,29 @@ class SocConv : public Layer {
   int last_power_iterations_ = 0;
 
   // per-forward state kept for backward
-  Tensor skew_;            // A [g, C, C, k, k]
-  Tensor scaled_;          // A_n, plain layout
+  Tensor skew_;    // A [g, C, C, k, k]
+  Tensor scaled_;  // A_n, plain layout
   std::vector<float> sigma_;
-  std::vector<float> scale_;      // correction / (sigma + 1e-12)
+  std::vector<float> scale_;  // correction / (sigma + 1e-12)
   std::vector<int32_t> which_;
-  Tensor weights_forward_;        // [K+1] copies in forward conv layout: slot j = A_n / j (slot 0 = A_n)
-  Tensor filter_scratch_;         // plain, A_n / j on its way to weights_forward_
-  Tensor series_;                 // [K+1] x (batch in conv layout): slot s holds p_{s+1}; slot K = x0 (x0_slot())
-  bool series_kept_ = false;      // series_ holds the last forward's terms (training mode, or recomputed)
-  Tensor input_;                  // the last forward's input (a handle), for a backward: evaluation mode or x0_is_input()
-  Tensor diff_series_;            // [K+2] x (batch in conv layout): slot j-1 holds h_j, slot K+1 dL/dx0
-  Tensor series_input_;           // bf16 passes: [K] conv inputs, slot s-1 = p_{s+1} rounded (s = 1..K)
-  Tensor diff_series_input_;      // bf16 passes: [K] conv inputs, slot j-1 = h_j rounded (j = 1..K)
-  Tensor staging_;                // NCHW, C*g channels
-  Tensor diff_weights_;           // plain, dA_n
-  Tensor diff_skew_;              // plain, dM
-  Tensor scratch_;                // NCHW, the unshuffled channels
+  Tensor weights_forward_;    // [K+1] copies in forward conv layout: slot j = A_n / j (slot 0 = A_n)
+  Tensor filter_scratch_;     // plain, A_n / j on its way to weights_forward_
+  Tensor series_;             // [K+1] x (batch in conv layout): slot s holds p_{s+1}; slot K = x0 (x0_slot())
+  bool series_kept_ = false;  // series_ holds the last forward's terms (training mode, or recomputed)
+  Tensor input_;              // the last forward's input (a handle), for a backward: evaluation mode or x0_is_input()
+  Tensor diff_series_;        // [K+2] x (batch in conv layout): slot j-1 holds h_j, slot K+1 dL/dx0
+  Tensor series_input_;       // bf16 passes: [K] conv inputs, slot s-1 = p_{s+1} rounded (s = 1..K)
+  Tensor diff_series_input_;  // bf16 passes: [K] conv inputs, slot j-1 = h_j rounded (j = 1..K)
+  Tensor staging_;            // NCHW, C*g channels
+  Tensor diff_weights_;       // plain, dA_n
+  Tensor diff_skew_;          // plain, dM
+  Tensor scratch_;            // NCHW, the unshuffled channels
   // matrix path (soc_matrix.cpp): the transposed Horner partial products T_j = Q_j^T and the adjoints H'_j
-  Tensor horner_;                 // [g, K-1, C, C] T_2..T_K
-  Tensor transposed_;             // [g, C, C] T_1 = P^T
-  Tensor series_matrix_;          // [g, C, C] P
-  Tensor adjoint_;                // [g, max(K-1, 1), C, C] H'_1..H'_{K-1}
-  Tensor matrix_weights_;         // P, then P^T, in the forward conv layout
+  Tensor horner_;          // [g, K-1, C, C] T_2..T_K
+  Tensor transposed_;      // [g, C, C] T_1 = P^T
+  Tensor series_matrix_;   // [g, C, C] P
+  Tensor adjoint_;         // [g, max(K-1, 1), C, C] H'_1..H'_{K-1}
+  Tensor matrix_weights_;  // P, then P^T, in the forward conv layout
   Shape input_shape_;
   SocPath forward_path_ = SocPath::series;
   // Requested by the last forward for its series convolutions: config_.precision in training on the series path,

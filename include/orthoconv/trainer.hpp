@@ -74,20 +74,20 @@ struct TrainConfig {
   double lr = 0.1;
   double momentum = 0.9;
   double weight_decay = 5e-4;
-  double lr_decay = 0.1;                         // factor at each milestone
-  std::vector<double> milestones{0.5, 0.75};     // fractions of the total iterations
-  double gamma = 0.0;                            // certificate regularization
-  int64_t train_subset = 0;                      // 0: every training image (minus val_split)
-  int64_t val_split = 0;                         // training images held out to choose best.safetensors
-  int64_t test_subset = 0;                       // 0: the whole test set
-  int64_t eval_every = 1;                        // epochs between test evaluations (the last always runs)
+  double lr_decay = 0.1;                      // factor at each milestone
+  std::vector<double> milestones{0.5, 0.75};  // fractions of the total iterations
+  double gamma = 0.0;                         // certificate regularization
+  int64_t train_subset = 0;                   // 0: every training image (minus val_split)
+  int64_t val_split = 0;                      // training images held out to choose best.safetensors
+  int64_t test_subset = 0;                    // 0: the whole test set
+  int64_t eval_every = 1;                     // epochs between test evaluations (the last always runs)
   int64_t eval_batch = 256;
-  std::vector<int> eps{36};                      // numerators over 255; the first is the headline
+  std::vector<int> eps{36};  // numerators over 255; the first is the headline
   uint64_t seed = 42;
-  int threads = 0;                               // 0: leave OpenMP's default (at most max_thread_count())
+  int threads = 0;  // 0: leave OpenMP's default (at most max_thread_count())
 
-  void validate() const;                         // SettingError naming the setting (its config.json key)
-  std::string to_json() const;                   // config.json (pretty, stable key order)
+  void validate() const;                                  // SettingError naming the setting (its config.json key)
+  std::string to_json() const;                            // config.json (pretty, stable key order)
   static TrainConfig from_json(const std::string& text);  // ConfigError on bad JSON / values
 };
 
@@ -132,8 +132,8 @@ class TrainStep {
   TrainStep(LipConvnet& model, Sgd& optimizer, double gamma, double input_lipschitz,
             std::shared_ptr<Communicator> communicator = nullptr);
   // batch_images: the global batch (0: images.dim(0), a single process).
-  StepStats run(const Tensor& images, const std::vector<int32_t>& labels, float lr, float momentum,
-                float weight_decay, int64_t batch_images = 0);
+  StepStats run(const Tensor& images, const std::vector<int32_t>& labels, float lr, float momentum, float weight_decay,
+                int64_t batch_images = 0);
   // Wall time spent in the all-reduces of the steps so far (the gradient's packing into its flat buffer included;
   // on CUDA the stream is drained before and after): 0 for one process.
   double allreduce_seconds() const { return allreduce_seconds_; }
@@ -155,10 +155,10 @@ class TrainStep {
 };
 
 struct EpochMetrics {
-  int64_t epoch = 0;          // 1-based, completed epochs
+  int64_t epoch = 0;               // 1-based, completed epochs
   std::string precision = "fp32";  // of the epoch's training steps (conv_precision_name)
-  int64_t step = 0;           // iterations done
-  double lr = 0.0;            // lr of the last iteration
+  int64_t step = 0;                // iterations done
+  double lr = 0.0;                 // lr of the last iteration
   double seconds = 0.0;
   double images_per_second = 0.0;
   double train_loss = 0.0, train_accuracy = 0.0;
@@ -168,9 +168,9 @@ struct EpochMetrics {
   std::map<int, double> certified;  // eps numerator -> test certified accuracy
   bool validated = false;
   double val_accuracy = 0.0, val_certified = 0.0;
-  int ranks = 1;                    // of the job that trained the epoch (its last session)
-  double allreduce_seconds = 0.0;   // in the steps' all-reduces (N > 1; reported, not compared)
-  std::string json() const;   // one JSON line (only seconds and images_per_second depend on wall time)
+  int ranks = 1;                   // of the job that trained the epoch (its last session)
+  double allreduce_seconds = 0.0;  // in the steps' all-reduces (N > 1; reported, not compared)
+  std::string json() const;        // one JSON line (only seconds and images_per_second depend on wall time)
   static EpochMetrics from_json(const std::string& line);  // ConfigError on bad JSON / values
 };
 
@@ -180,19 +180,19 @@ struct EpochProgress {
   int64_t steps = 0;
   double loss_sum = 0.0;
   int64_t correct = 0, images = 0;
-  double seconds = 0.0;  // wall time spent on those steps (reported, not compared)
+  double seconds = 0.0;            // wall time spent on those steps (reported, not compared)
   double allreduce_seconds = 0.0;  // of that, in the all-reduces (N > 1 ranks; not saved: see Trainer::save)
 };
 
 // Where a run stands, as a checkpoint's train.* metadata records it.
 struct TrainingState {
-  TrainConfig config;                // train.config
-  int64_t epochs_done = 0;           // train.epoch: completed epochs
-  int64_t step = 0;                  // train.step: iterations done
-  EpochProgress progress;            // train.epoch_progress (absent: none, the checkpoint is at an epoch's end)
-  double best_metric = -1.0;         // train.best_metric
-  int64_t best_epoch = 0;            // train.best_epoch
-  std::vector<EpochMetrics> history; // train.history: one line per completed epoch
+  TrainConfig config;                 // train.config
+  int64_t epochs_done = 0;            // train.epoch: completed epochs
+  int64_t step = 0;                   // train.step: iterations done
+  EpochProgress progress;             // train.epoch_progress (absent: none, the checkpoint is at an epoch's end)
+  double best_metric = -1.0;          // train.best_metric
+  int64_t best_epoch = 0;             // train.best_epoch
+  std::vector<EpochMetrics> history;  // train.history: one line per completed epoch
 };
 // Reads and checks the train.* metadata: IoError naming the file and the key on anything missing or malformed, and
 // on a state that cannot be (a history that is not epochs 1..epochs_done, a best epoch after the last, sums that

@@ -22,7 +22,8 @@ namespace orthoconv {
 double vnnlib_box_half_width(int eps_numerator, int64_t side);
 
 // The property for one image: `pixels` 3 side^2 bytes (R, G, B planes), `label` in [0, classes). `comments` are
-// written first, one "; " line each (no newlines inside). Throws ConfigError for a bad label or side, or eps not in 1..16320.
+// written first, one "; " line each (no newlines inside). Throws ConfigError for a bad label or side, or eps not
+// in 1..16320.
 std::string vnnlib_property(const uint8_t* pixels, int64_t side, int32_t label, int64_t classes, int eps_numerator,
                             const std::vector<std::string>& comments);
 

@@ -18,22 +18,24 @@ ConvPrecision parse_conv_precision(const std::string& text) {
 
 std::string conv_precision_name(ConvPrecision precision) {
   switch (precision) {
-    case ConvPrecision::tf32: return "tf32";
-    case ConvPrecision::bf16: return "bf16";
-    default: return "fp32";
+    case ConvPrecision::tf32:
+      return "tf32";
+    case ConvPrecision::bf16:
+      return "bf16";
+    default:
+      return "fp32";
   }
 }
 
 bool ConvShape::operator==(const ConvShape& o) const {
-  return batch == o.batch && in_channels == o.in_channels && out_channels == o.out_channels &&
-         height == o.height && width == o.width && kernel == o.kernel && groups == o.groups &&
-         precision == o.precision;
+  return batch == o.batch && in_channels == o.in_channels && out_channels == o.out_channels && height == o.height &&
+         width == o.width && kernel == o.kernel && groups == o.groups && precision == o.precision;
 }
 
 std::string ConvShape::str() const {
   std::ostringstream out;
-  out << "[batch " << batch << ", " << in_channels << "->" << out_channels << " channels, " << height << "x"
-      << width << ", kernel " << kernel << ", groups " << groups;
+  out << "[batch " << batch << ", " << in_channels << "->" << out_channels << " channels, " << height << "x" << width
+      << ", kernel " << kernel << ", groups " << groups;
   if (precision != ConvPrecision::fp32) out << ", " << conv_precision_name(precision);
   out << "]";
   return out.str();
@@ -46,19 +48,19 @@ void Backend::check_precision(ConvPrecision precision) const {
 
 // Backends without reduced-precision passes (conv_precision always fp32) are never asked for conv inputs.
 int64_t Backend::conv_input_size(const ConvShape& shape) {
-  throw BackendError(detail::concat("the ", name(), " backend has no bf16 conv inputs (convolution ", shape.str(),
-                                    ")"));
+  throw BackendError(
+      detail::concat("the ", name(), " backend has no bf16 conv inputs (convolution ", shape.str(), ")"));
 }
 
 void Backend::to_conv_input(const ConvShape& shape, const float*, float*) {
-  throw BackendError(detail::concat("the ", name(), " backend has no bf16 conv inputs (convolution ", shape.str(),
-                                    ")"));
+  throw BackendError(
+      detail::concat("the ", name(), " backend has no bf16 conv inputs (convolution ", shape.str(), ")"));
 }
 
 void ConvShape::validate() const {
   require(batch > 0, "convolution batch must be positive, got ", batch);
-  require(in_channels > 0 && out_channels > 0, "convolution channels must be positive, got ", in_channels,
-          "->", out_channels);
+  require(in_channels > 0 && out_channels > 0, "convolution channels must be positive, got ", in_channels, "->",
+          out_channels);
   require(height > 0 && width > 0, "convolution input must be non-empty, got ", height, "x", width);
   require(kernel > 0 && kernel % 2 == 1, "convolution kernel must be odd and positive, got ", kernel);
   require(groups > 0 && in_channels % groups == 0 && out_channels % groups == 0, "convolution groups (", groups,
@@ -73,9 +75,8 @@ Tensor& Backend::shared_buffer(int slot) {
 
 std::string MatmulShape::str() const {
   std::ostringstream out;
-  out << "[batch " << batch << ", " << rows << "x" << inner << (transpose_a ? " (A^T)" : "") << " * " << inner
-      << "x" << cols << (transpose_b ? " (B^T)" : "") << ", strides " << stride_a << "/" << stride_b << "/"
-      << stride_c << "]";
+  out << "[batch " << batch << ", " << rows << "x" << inner << (transpose_a ? " (A^T)" : "") << " * " << inner << "x"
+      << cols << (transpose_b ? " (B^T)" : "") << ", strides " << stride_a << "/" << stride_b << "/" << stride_c << "]";
   return out.str();
 }
 
@@ -91,8 +92,9 @@ std::shared_ptr<Backend> cpu_backend() {
   static std::shared_ptr<Backend> instance = std::make_shared<cpu::CpuBackend>();
   return instance;
 #else
-  throw BackendError("this build of orthoconv has no CPU backend: oneDNN was not found when it was configured "
-                     "(install libdnnl-dev and reconfigure); use the CUDA backend");
+  throw BackendError(
+      "this build of orthoconv has no CPU backend: oneDNN was not found when it was configured "
+      "(install libdnnl-dev and reconfigure); use the CUDA backend");
 #endif
 }
 
@@ -108,8 +110,6 @@ CudaMemoryStats cuda_memory_stats() { return {}; }
 void reset_cuda_peak_memory() {}
 #endif
 
-std::shared_ptr<Backend> backend_for(Device device) {
-  return device == Device::cpu ? cpu_backend() : cuda_backend();
-}
+std::shared_ptr<Backend> backend_for(Device device) { return device == Device::cpu ? cpu_backend() : cuda_backend(); }
 
 }  // namespace orthoconv

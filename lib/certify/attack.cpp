@@ -68,8 +68,7 @@ AttackBatch::AttackBatch(LipConvnet& model_, const Normalization& norm_, const C
     labels[static_cast<size_t>(b)] = split.fine_labels[static_cast<size_t>(indices[static_cast<size_t>(b)])];
 }
 
-void AttackBatch::pass_on(const Tensor& x, const std::vector<int64_t>& active, bool with_gradient,
-                          const Visit& visit) {
+void AttackBatch::pass_on(const Tensor& x, const std::vector<int64_t>& active, bool with_gradient, const Visit& visit) {
   const int64_t m = static_cast<int64_t>(active.size()), dim = kCifarPixels;
   Tensor compact(Shape{m, 3, kCifarSide, kCifarSide});
   for (int64_t k = 0; k < m; ++k)
@@ -81,10 +80,14 @@ void AttackBatch::pass_on(const Tensor& x, const std::vector<int64_t>& active, b
     return;
   }
   Tensor compact_grad;
-  pixel_space_pass(model, norm, compact, logits, [&](const std::vector<float>& f, std::vector<float>& d) {
-    for (int64_t k = 0; k < m; ++k)
-      visit(active[static_cast<size_t>(k)], &f[static_cast<size_t>(k * classes)], &d[static_cast<size_t>(k * classes)]);
-  }, &compact_grad);
+  pixel_space_pass(
+      model, norm, compact, logits,
+      [&](const std::vector<float>& f, std::vector<float>& d) {
+        for (int64_t k = 0; k < m; ++k)
+          visit(active[static_cast<size_t>(k)], &f[static_cast<size_t>(k * classes)],
+                &d[static_cast<size_t>(k * classes)]);
+      },
+      &compact_grad);
   for (int64_t k = 0; k < m; ++k)
     std::copy_n(compact_grad.data() + k * dim, dim, grad.data() + active[static_cast<size_t>(k)] * dim);
 }

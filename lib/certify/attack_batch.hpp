@@ -56,10 +56,10 @@ struct AttackBatch {
   LipConvnet& model;
   const Normalization& norm;
   int64_t images, classes;
-  Tensor clean;                  // pixels in [0, 1], [n, 3, 32, 32]
+  Tensor clean;  // pixels in [0, 1], [n, 3, 32, 32]
   std::vector<int32_t> labels;
-  std::vector<float> logits;     // of the last pass
-  Tensor grad;                   // dL/dpixels of the rows of the last pass with a gradient
+  std::vector<float> logits;  // of the last pass
+  Tensor grad;                // dL/dpixels of the rows of the last pass with a gradient
 };
 
 // PGD (L2 ball of radius eps > 0, margin loss, options.restarts restarts drawn from rng and normal): marks

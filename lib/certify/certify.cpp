@@ -71,11 +71,11 @@ std::vector<double> lln_pair_norms(const std::vector<double>& rows, int64_t clas
 namespace {
 
 template <class T>
-ImageCertificate lln_certificate(const T* logits, int64_t classes, int32_t label,
-                                 const std::vector<double>& pair_norms, double input_lipschitz) {
+ImageCertificate lln_certificate(const T* logits, int64_t classes, int32_t label, const std::vector<double>& pair_norms,
+                                 double input_lipschitz) {
   require(classes >= 2, "certificates need at least 2 classes, got ", classes);
-  require(static_cast<int64_t>(pair_norms.size()) == classes * classes, "certify_lln: expected ",
-          classes * classes, " pair norms, got ", pair_norms.size());
+  require(static_cast<int64_t>(pair_norms.size()) == classes * classes, "certify_lln: expected ", classes * classes,
+          " pair norms, got ", pair_norms.size());
   ImageCertificate out;
   out.predicted = predict(logits, classes);
   if (out.predicted < 0) {
@@ -102,8 +102,8 @@ ImageCertificate lln_certificate(const T* logits, int64_t classes, int32_t label
 
 }  // namespace
 
-ImageCertificate certify_lln(const float* logits, int64_t classes, int32_t label,
-                             const std::vector<double>& pair_norms, double input_lipschitz) {
+ImageCertificate certify_lln(const float* logits, int64_t classes, int32_t label, const std::vector<double>& pair_norms,
+                             double input_lipschitz) {
   return lln_certificate(logits, classes, label, pair_norms, input_lipschitz);
 }
 
@@ -133,8 +133,10 @@ void CertifyReport::add(const ImageCertificate& certificate) {
 
 Certifier::Certifier(std::vector<int> eps_numerators, double input_lipschitz)
     : eps_(std::move(eps_numerators)), lipschitz_(input_lipschitz) {
-  require(std::isfinite(input_lipschitz) && input_lipschitz > 0, "the input Lipschitz constant must be positive, "
-          "got ", input_lipschitz);
+  require(std::isfinite(input_lipschitz) && input_lipschitz > 0,
+          "the input Lipschitz constant must be positive, "
+          "got ",
+          input_lipschitz);
   for (int eps : eps_) {
     require_setting(eps >= 0, {"eps"}, "{0} values must be non-negative numerators over 255, got ", eps);
     report_.certified[eps] = 0;
@@ -209,27 +211,29 @@ CertifyReport evaluate_model(LipConvnet& model, const CifarSplit& split, const s
   const int64_t classes = model.config().classes;
   if (lln) pair_norms = lln_pair_norms(model.lln_head()->normalized_rows(), classes, model.features());
   const double lipschitz = norm.lipschitz();
-  const Range mine = batch_range(static_cast<int64_t>(indices.size()), batch_size, communicator.rank(),
-                                 communicator.size());
+  const Range mine =
+      batch_range(static_cast<int64_t>(indices.size()), batch_size, communicator.rank(), communicator.size());
   const std::vector<int64_t> shard(indices.begin() + mine.begin, indices.begin() + mine.end);
   std::vector<double> records;
   records.reserve(shard.size() * kEvaluationRecord);
-  for_each_evaluation_batch(model, split, shard, norm, batch_size,
-                            [&](const Batch& batch, const std::vector<float>& host_logits) {
-    const int64_t n = static_cast<int64_t>(batch.labels.size());
-    for (int64_t i = 0; i < n; ++i) {
-      const float* row = host_logits.data() + i * classes;
-      const int32_t label = batch.labels[static_cast<size_t>(i)];
-      const ImageCertificate c = lln ? certify_lln(row, classes, label, pair_norms, lipschitz)
-                                     : certify_margin(row, classes, label, lipschitz);
-      double top = row[0];
-      for (int64_t j = 1; j < classes; ++j) top = std::max(top, static_cast<double>(row[j]));
-      double sum = 0.0;
-      for (int64_t j = 0; j < classes; ++j) sum += std::exp(static_cast<double>(row[j]) - top);
-      records.insert(records.end(), {static_cast<double>(c.predicted), c.correct ? 1.0 : 0.0, c.radius,
-                                     top + std::log(sum) - static_cast<double>(row[label])});
-    }
-  }, communicator.size() == 1 ? stop_requested : std::function<bool()>());
+  for_each_evaluation_batch(
+      model, split, shard, norm, batch_size,
+      [&](const Batch& batch, const std::vector<float>& host_logits) {
+        const int64_t n = static_cast<int64_t>(batch.labels.size());
+        for (int64_t i = 0; i < n; ++i) {
+          const float* row = host_logits.data() + i * classes;
+          const int32_t label = batch.labels[static_cast<size_t>(i)];
+          const ImageCertificate c = lln ? certify_lln(row, classes, label, pair_norms, lipschitz)
+                                         : certify_margin(row, classes, label, lipschitz);
+          double top = row[0];
+          for (int64_t j = 1; j < classes; ++j) top = std::max(top, static_cast<double>(row[j]));
+          double sum = 0.0;
+          for (int64_t j = 0; j < classes; ++j) sum += std::exp(static_cast<double>(row[j]) - top);
+          records.insert(records.end(), {static_cast<double>(c.predicted), c.correct ? 1.0 : 0.0, c.radius,
+                                         top + std::log(sum) - static_cast<double>(row[label])});
+        }
+      },
+      communicator.size() == 1 ? stop_requested : std::function<bool()>());
   if (communicator.size() > 1) records = communicator.allgather(records);
   require(records.size() == indices.size() * kEvaluationRecord, "evaluate_model: gathered ", records.size(),
           " values for ", indices.size(), " images");
@@ -247,8 +251,8 @@ CertifyReport evaluate_model(LipConvnet& model, const CifarSplit& split, const s
 }
 
 CertifyReport evaluate_model(LipConvnet& model, const CifarSplit& split, const std::vector<int64_t>& indices,
-                             const Normalization& norm, const std::vector<int>& eps_numerators,
-                             int64_t batch_size, const std::function<bool()>& stop_requested) {
+                             const Normalization& norm, const std::vector<int>& eps_numerators, int64_t batch_size,
+                             const std::function<bool()>& stop_requested) {
   return evaluate_model(model, split, indices, norm, eps_numerators, batch_size, stop_requested,
                         *single_process_communicator());
 }

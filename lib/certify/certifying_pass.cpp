@@ -230,8 +230,8 @@ std::vector<Real> HostNetwork<Real>::normalize(const uint8_t* pixels) const {
   std::vector<Real> x(static_cast<size_t>(3 * plane));
   for (int64_t c = 0; c < 3; ++c)
     for (int64_t i = 0; i < plane; ++i)
-      x[static_cast<size_t>(c * plane + i)] = static_cast<Real>(
-          (static_cast<double>(pixels[c * plane + i]) - impl_->offset[c]) / impl_->divisor[c]);
+      x[static_cast<size_t>(c * plane + i)] =
+          static_cast<Real>((static_cast<double>(pixels[c * plane + i]) - impl_->offset[c]) / impl_->divisor[c]);
   return x;
 }
 

@@ -37,8 +37,8 @@ DenseMatrix layer_jacobian(Layer& layer, const Shape& input_shape, int64_t impul
 }
 
 std::vector<double> singular_values(const DenseMatrix& matrix) {
-  Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> m(
-      matrix.values.data(), matrix.rows, matrix.cols);
+  Eigen::Map<const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> m(matrix.values.data(),
+                                                                                             matrix.rows, matrix.cols);
   Eigen::BDCSVD<Eigen::MatrixXd> svd(m);
   const auto& s = svd.singularValues();
   std::vector<double> out(s.data(), s.data() + s.size());
@@ -46,8 +46,8 @@ std::vector<double> singular_values(const DenseMatrix& matrix) {
   return out;
 }
 
-DenseMatrix conv_operator_matrix(const std::vector<float>& filter, int64_t groups, int64_t channels,
-                                 int64_t kernel, int64_t height, int64_t width) {
+DenseMatrix conv_operator_matrix(const std::vector<float>& filter, int64_t groups, int64_t channels, int64_t kernel,
+                                 int64_t height, int64_t width) {
   const int64_t c = channels, k = kernel, total = groups * c * height * width;
   require<ShapeError>(static_cast<int64_t>(filter.size()) == groups * c * c * k * k,
                       "conv_operator_matrix: filter has ", filter.size(), " values, expected ", groups * c * c * k * k);

@@ -49,8 +49,8 @@ double series_rounding_bound(double rho, double abs_norm, int64_t accumulation, 
   double exact_norm = 1.0, error = 0.0;  // ||p_{j+1}|| and E_{j+1} for j = K (p_{K+1} = x0, exact)
   for (int j = terms; j >= 1; --j) {
     const double computed = exact_norm + error;
-    const double next_error = g * (1.0 + (1.0 + w) * abs_norm / j * computed) + w * abs_norm / j * computed +
-                              rho / j * error;
+    const double next_error =
+        g * (1.0 + (1.0 + w) * abs_norm / j * computed) + w * abs_norm / j * computed + rho / j * error;
     exact_norm = 1.0 + rho / j * exact_norm;
     error = next_error;
   }
@@ -109,8 +109,8 @@ NetworkBound verify_network(LipConvnet& model, int terms, Precision precision, c
     const int64_t accumulation = config.group_channels() * config.kernel * config.kernel;
     layer.rounding = series_rounding_bound(layer.bound.rho, layer.abs_norm, accumulation, terms, u);
     if (precision == Precision::float32 && config.kernel == 1)  // either path may run (float64: a series)
-      layer.rounding = std::max(layer.rounding,
-                                matrix_rounding_bound(layer.abs_norm, config.group_channels(), terms, u));
+      layer.rounding =
+          std::max(layer.rounding, matrix_rounding_bound(layer.abs_norm, config.group_channels(), terms, u));
     out.lipschitz *= layer.bound.bound;
 
     const double lip = layer.bound.bound, c = layer.rounding;
@@ -223,8 +223,8 @@ void gather_evaluation(VerifiedEvaluation& out, Communicator& communicator, int6
     out.logit_deviation.push_back(record[10]);
   }
   // Wall time: the slowest rank's.
-  const std::vector<double> seconds = communicator.allgather(std::vector<double>{out.float32_seconds,
-                                                                                 out.float64_seconds});
+  const std::vector<double> seconds =
+      communicator.allgather(std::vector<double>{out.float32_seconds, out.float64_seconds});
   for (size_t r = 0; r < seconds.size(); r += 2) {
     out.float32_seconds = std::max(out.float32_seconds, seconds[r]);
     out.float64_seconds = std::max(out.float64_seconds, seconds[r + 1]);
@@ -257,50 +257,51 @@ VerifiedEvaluation evaluate_verified(LipConvnet& model, const NetworkBound& boun
   using Clock = std::chrono::steady_clock;
   Clock::time_point batch_start = Clock::now();
   // This rank's whole batches; its images' results are gathered below.
-  const Range mine = batch_range(static_cast<int64_t>(indices.size()), batch_size, communicator.rank(),
-                                 communicator.size());
+  const Range mine =
+      batch_range(static_cast<int64_t>(indices.size()), batch_size, communicator.rank(), communicator.size());
   const std::vector<int64_t> shard(indices.begin() + mine.begin, indices.begin() + mine.end);
-  for_each_evaluation_batch(model, split, shard, norm, batch_size,
-                            [&](const Batch& batch, const std::vector<float>& host_logits) {
-    const Clock::time_point float64_start = Clock::now();
-    out.float32_seconds += std::chrono::duration<double>(float64_start - batch_start).count();
-    const int64_t n = static_cast<int64_t>(batch.labels.size()), bytes = certifying.image_bytes();
-    require(bytes == kCifarPixels, "evaluate_verified: the model's input side does not match CIFAR images");
-    pixels.resize(static_cast<size_t>(n * bytes));
-    for (int64_t i = 0; i < n; ++i)
-      std::copy_n(split.pixels.data() + batch.indices[static_cast<size_t>(i)] * bytes, bytes,
-                  pixels.data() + i * bytes);
-    logits64.resize(static_cast<size_t>(n * classes));
-    certifying.forward(pixels.data(), n, logits64.data());
-    out.float64_seconds += std::chrono::duration<double>(Clock::now() - float64_start).count();
-    for (int64_t i = 0; i < n; ++i) {
-      const float* row = host_logits.data() + i * classes;
-      const double* row64 = logits64.data() + i * classes;
-      const int32_t label = batch.labels[static_cast<size_t>(i)];
-      double deviation = 0.0;
-      for (int64_t j = 0; j < classes; ++j) {
-        row32[static_cast<size_t>(j)] = row[j];
-        deviation = std::max(deviation, std::abs(row32[static_cast<size_t>(j)] - row64[j]));
-      }
-      double sum = 0.0;
-      for (double v : certifying.normalize(pixels.data() + i * bytes)) sum += v * v;
-      const double input_norm = std::sqrt(sum) * (1.0 + 1e-12);
-      ImageCertificate nominal = bound.lln ? certify_lln(row, classes, label, pair_norms, input_lipschitz)
-                                           : certify_margin(row, classes, label, input_lipschitz);
-      ImageCertificate lipschitz =
-          certify_verified(exact, row32.data(), classes, label, input_norm, input_lipschitz, pairs);
-      ImageCertificate verified = certify_verified(bound, row64, classes, label, input_norm, input_lipschitz, pairs);
-      out.nominal.add(nominal);
-      out.lipschitz.add(lipschitz);
-      out.verified.add(verified);
-      out.nominal_images.push_back(nominal);
-      out.lipschitz_images.push_back(lipschitz);
-      out.verified_images.push_back(verified);
-      out.input_norms.push_back(input_norm);
-      out.logit_deviation.push_back(deviation);
-    }
-    batch_start = Clock::now();
-  });
+  for_each_evaluation_batch(
+      model, split, shard, norm, batch_size, [&](const Batch& batch, const std::vector<float>& host_logits) {
+        const Clock::time_point float64_start = Clock::now();
+        out.float32_seconds += std::chrono::duration<double>(float64_start - batch_start).count();
+        const int64_t n = static_cast<int64_t>(batch.labels.size()), bytes = certifying.image_bytes();
+        require(bytes == kCifarPixels, "evaluate_verified: the model's input side does not match CIFAR images");
+        pixels.resize(static_cast<size_t>(n * bytes));
+        for (int64_t i = 0; i < n; ++i)
+          std::copy_n(split.pixels.data() + batch.indices[static_cast<size_t>(i)] * bytes, bytes,
+                      pixels.data() + i * bytes);
+        logits64.resize(static_cast<size_t>(n * classes));
+        certifying.forward(pixels.data(), n, logits64.data());
+        out.float64_seconds += std::chrono::duration<double>(Clock::now() - float64_start).count();
+        for (int64_t i = 0; i < n; ++i) {
+          const float* row = host_logits.data() + i * classes;
+          const double* row64 = logits64.data() + i * classes;
+          const int32_t label = batch.labels[static_cast<size_t>(i)];
+          double deviation = 0.0;
+          for (int64_t j = 0; j < classes; ++j) {
+            row32[static_cast<size_t>(j)] = row[j];
+            deviation = std::max(deviation, std::abs(row32[static_cast<size_t>(j)] - row64[j]));
+          }
+          double sum = 0.0;
+          for (double v : certifying.normalize(pixels.data() + i * bytes)) sum += v * v;
+          const double input_norm = std::sqrt(sum) * (1.0 + 1e-12);
+          ImageCertificate nominal = bound.lln ? certify_lln(row, classes, label, pair_norms, input_lipschitz)
+                                               : certify_margin(row, classes, label, input_lipschitz);
+          ImageCertificate lipschitz =
+              certify_verified(exact, row32.data(), classes, label, input_norm, input_lipschitz, pairs);
+          ImageCertificate verified =
+              certify_verified(bound, row64, classes, label, input_norm, input_lipschitz, pairs);
+          out.nominal.add(nominal);
+          out.lipschitz.add(lipschitz);
+          out.verified.add(verified);
+          out.nominal_images.push_back(nominal);
+          out.lipschitz_images.push_back(lipschitz);
+          out.verified_images.push_back(verified);
+          out.input_norms.push_back(input_norm);
+          out.logit_deviation.push_back(deviation);
+        }
+        batch_start = Clock::now();
+      });
   if (communicator.size() > 1) gather_evaluation(out, communicator, static_cast<int64_t>(indices.size()));
   return out;
 }

@@ -16,7 +16,10 @@ void random_start(Tensor& x, const float* x0, int64_t images, double eps, std::m
   for (int64_t b = 0; b < images; ++b) {
     std::vector<double> d(static_cast<size_t>(dim));
     double s = 0.0;
-    for (double& v : d) { v = normal(rng); s += v * v; }  // (v = ...) * v is unsequenced
+    for (double& v : d) {
+      v = normal(rng);
+      s += v * v;
+    }  // (v = ...) * v is unsequenced
     double radius = eps * std::pow(std::uniform_real_distribution<double>(0, 1)(rng), 1.0 / dim);
     for (int64_t i = 0; i < dim; ++i) {
       float v = x0[b * dim + i] + static_cast<float>(d[static_cast<size_t>(i)] / std::sqrt(s) * radius);

@@ -113,8 +113,7 @@ void write_line_plot(const std::string& path, const PlotSpec& spec) {
     require(curve.x.size() == curve.y.size(), "plot curve '", curve.label, "' has ", curve.x.size(), " x and ",
             curve.y.size(), " y values");
     for (size_t i = 1; i < curve.x.size(); ++i)
-      canvas.line(px(curve.x[i - 1]), py(curve.y[i - 1]), px(curve.x[i]), py(curve.y[i]), curve.color, 3,
-                  curve.dashed);
+      canvas.line(px(curve.x[i - 1]), py(curve.y[i - 1]), px(curve.x[i]), py(curve.y[i]), curve.color, 3, curve.dashed);
   }
 
   canvas.text(spec.title, (spec.width - Canvas::text_width(spec.title, 3)) / 2, 16, 3, black);

@@ -44,7 +44,8 @@ int max_thread_count() { return omp_get_num_procs(); }
 void require_thread_count(int threads, const std::string& setting) {
   const int limit = max_thread_count();
   require(threads >= 0, setting, " must be >= 0 (0: OpenMP's default), got ", threads);
-  require(threads <= limit, setting, " ", threads, " is more than the ", limit, " processors this process may use; "
+  require(threads <= limit, setting, " ", threads, " is more than the ", limit,
+          " processors this process may use; "
           "more threads than processors only slow the run down");
   if (threads == 0)
     require(omp_get_max_threads() <= limit, "OpenMP's default thread count (OMP_NUM_THREADS) is ",

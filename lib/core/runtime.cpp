@@ -1,4 +1,5 @@
-// Process-wide run-time controls and statistics: OpenMP threads, peak resident memory, CPU time. See include/orthoconv/runtime.hpp.
+// Process-wide run-time controls and statistics: OpenMP threads, peak resident memory, CPU time. See
+// include/orthoconv/runtime.hpp.
 #include "orthoconv/runtime.hpp"
 
 #include <omp.h>

@@ -26,9 +26,7 @@ Shape::Shape(std::vector<int64_t> dims) : dims_(std::move(dims)) {
   for (int64_t d : dims_) require<ShapeError>(d >= 0, "negative dimension ", d, " in shape ", str());
 }
 
-int64_t Shape::numel() const {
-  return std::accumulate(dims_.begin(), dims_.end(), int64_t{1}, std::multiplies<>());
-}
+int64_t Shape::numel() const { return std::accumulate(dims_.begin(), dims_.end(), int64_t{1}, std::multiplies<>()); }
 
 std::string Shape::str() const {
   std::ostringstream out;
@@ -46,8 +44,7 @@ Tensor::Tensor(Shape shape, Device device) : shape_(std::move(shape)), device_(d
 }
 
 Tensor Tensor::view(float* data, Shape shape, Device device) {
-  require<ShapeError>(data != nullptr || shape.numel() == 0, "Tensor::view of a null buffer with shape ",
-                      shape.str());
+  require<ShapeError>(data != nullptr || shape.numel() == 0, "Tensor::view of a null buffer with shape ", shape.str());
   Tensor t;
   t.shape_ = std::move(shape);
   t.device_ = device;
@@ -58,8 +55,8 @@ Tensor Tensor::view(float* data, Shape shape, Device device) {
 
 void Tensor::resize(const Shape& shape) {
   if (shape.numel() > capacity_) {
-    require<ShapeError>(storage_ != nullptr || data_ == nullptr, "cannot grow a view from ", shape_.str(),
-                        " to ", shape.str());
+    require<ShapeError>(storage_ != nullptr || data_ == nullptr, "cannot grow a view from ", shape_.str(), " to ",
+                        shape.str());
     capacity_ = shape.numel();
     storage_ = detail::allocate_floats(device_, capacity_);
     data_ = storage_.get();

@@ -26,8 +26,8 @@
 namespace orthoconv {
 
 Range batch_part(int64_t count, int rank, int ranks) {
-  require(ranks > 0 && rank >= 0 && rank < ranks && count >= 0, "batch_part: rank ", rank, " of ", ranks, ", ",
-          count, " items");
+  require(ranks > 0 && rank >= 0 && rank < ranks && count >= 0, "batch_part: rank ", rank, " of ", ranks, ", ", count,
+          " items");
   return {count * rank / ranks, count * (rank + 1) / ranks};
 }
 
@@ -110,16 +110,17 @@ class MpiWorld final : public Communicator {
     if (device == Device::cuda) {
 #ifdef ORTHOCONV_WITH_NCCL
       if (!nccl_) {
-        std::vector<unsigned char> id = rank_ == 0 ? cuda::nccl_unique_id()
-                                                   : std::vector<unsigned char>(cuda::kNcclIdBytes);
+        std::vector<unsigned char> id =
+            rank_ == 0 ? cuda::nccl_unique_id() : std::vector<unsigned char>(cuda::kNcclIdBytes);
         broadcast(id.data(), static_cast<int64_t>(id.size()), 0);
         nccl_ = std::make_unique<cuda::NcclCommunicator>(id, size_, rank_);
       }
       nccl_->allreduce_sum(data, count);
       return;
 #else
-      throw BackendError("an all-reduce of CUDA memory needs NCCL, and this build has none (rebuild with the CUDA "
-                         "toolkit's NCCL, or train with --device cpu)");
+      throw BackendError(
+          "an all-reduce of CUDA memory needs NCCL, and this build has none (rebuild with the CUDA "
+          "toolkit's NCCL, or train with --device cpu)");
 #endif
     }
     for_chunks(count, [&](int64_t first, int chunk) {
@@ -139,9 +140,8 @@ class MpiWorld final : public Communicator {
   void broadcast(void* data, int64_t bytes, int root) override {
     require(root >= 0 && root < size_, "broadcast from rank ", root, " of ", size_);
     char* bytes_data = static_cast<char*>(data);
-    for_chunks(bytes, [&](int64_t first, int chunk) {
-      MPI_Bcast(bytes_data + first, chunk, MPI_BYTE, root, MPI_COMM_WORLD);
-    });
+    for_chunks(bytes,
+               [&](int64_t first, int chunk) { MPI_Bcast(bytes_data + first, chunk, MPI_BYTE, root, MPI_COMM_WORLD); });
   }
   std::vector<double> allgather(const std::vector<double>& mine) override {
     require(mine.size() <= static_cast<size_t>(kChunk), "allgather of ", mine.size(), " values per rank: at most ",
@@ -173,7 +173,8 @@ class MpiWorld final : public Communicator {
   static constexpr int64_t kChunk = int64_t{1} << 30;
   template <class F>
   static void for_chunks(int64_t count, F&& call) {
-    for (int64_t first = 0; first < count; first += kChunk) call(first, static_cast<int>(std::min(kChunk, count - first)));
+    for (int64_t first = 0; first < count; first += kChunk)
+      call(first, static_cast<int>(std::min(kChunk, count - first)));
   }
 
   int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;

@@ -30,8 +30,8 @@ std::string number(double value) {
 
 int checked_terms(LipConvnet& model, int terms) {
   if (terms == 0) terms = model.config().eval_terms;
-  require(terms > 0 && terms <= kMaxSeriesTerms, "ONNX export: series terms must be in 1..", kMaxSeriesTerms,
-          ", got ", terms);
+  require(terms > 0 && terms <= kMaxSeriesTerms, "ONNX export: series terms must be in 1..", kMaxSeriesTerms, ", got ",
+          terms);
   return terms;
 }
 
@@ -43,26 +43,29 @@ std::vector<std::pair<std::string, std::string>> onnx_metadata(LipConvnet& model
           precision_name(bound.precision));
   const ModelConfig& config = model.config();
   // The per-logit bound of the lln head folds the head's own rounding into the same affine form (logit_error_bound).
-  const double per_norm = bound.error_per_input_norm + (bound.lln ? bound.lln_row_error * bound.activation_per_input_norm : 0.0);
+  const double per_norm =
+      bound.error_per_input_norm + (bound.lln ? bound.lln_row_error * bound.activation_per_input_norm : 0.0);
   const double constant = bound.error_constant + (bound.lln ? bound.lln_row_error * bound.activation_constant : 0.0);
   const std::string side = std::to_string(config.input_side);
   std::string radius;
   if (!bound.lln) {
-    radius = "For an image x (pixels in [0, 1]) with computed logits f and c = argmax f, every x' with ||x' - x||_2 < r "
-             "is classified c, where r = (f_c - max_{j != c} f_j - sqrt(2) E) / (sqrt(2) L L_in), L = "
-             "orthoconv.lipschitz, L_in = orthoconv.lipschitz_input, and E = a ||(x - mean) / std||_2 + b "
-             "(a = orthoconv.rounding_float32_per_input_norm, b = orthoconv.rounding_float32_constant) bounds the l2 "
-             "distance of the float32 logits from the exact ones (network_bound.hpp: every Conv / MatMul output a "
-             "float32 dot product in any order, with or without FMA, then the graph's Add nodes). With exact "
-             "logits (E = 0): r = margin / (sqrt(2) L L_in). orthoconv certify reaches E ~ 1e-8 with a float64 pass.";
+    radius =
+        "For an image x (pixels in [0, 1]) with computed logits f and c = argmax f, every x' with ||x' - x||_2 < r "
+        "is classified c, where r = (f_c - max_{j != c} f_j - sqrt(2) E) / (sqrt(2) L L_in), L = "
+        "orthoconv.lipschitz, L_in = orthoconv.lipschitz_input, and E = a ||(x - mean) / std||_2 + b "
+        "(a = orthoconv.rounding_float32_per_input_norm, b = orthoconv.rounding_float32_constant) bounds the l2 "
+        "distance of the float32 logits from the exact ones (network_bound.hpp: every Conv / MatMul output a "
+        "float32 dot product in any order, with or without FMA, then the graph's Add nodes). With exact "
+        "logits (E = 0): r = margin / (sqrt(2) L L_in). orthoconv certify reaches E ~ 1e-8 with a float64 pass.";
   } else {
-    radius = "For an image x (pixels in [0, 1]) with computed logits f and c = argmax f, every x' with ||x' - x||_2 < r "
-             "is classified c, where r = min_{j != c} (f_c - f_j - 2 E - 2^-24 (|f_c| + |f_j|)) / (||q_c - q_j|| L "
-             "L_in), q the unit rows of the head's weight (initializer head.rows, transposed: [features, classes]; "
-             "add 2^-23 to each ||q_c - q_j|| computed from the float32 rows), L = orthoconv.lipschitz (the body's), "
-             "L_in = orthoconv.lipschitz_input, and E = a ||(x - mean) / std||_2 + b (a = "
-             "orthoconv.rounding_float32_per_input_norm, b = orthoconv.rounding_float32_constant) bounds each "
-             "logit's float32 rounding (network_bound.hpp). With exact logits (E = 0) the 2 E and 2^-24 terms drop.";
+    radius =
+        "For an image x (pixels in [0, 1]) with computed logits f and c = argmax f, every x' with ||x' - x||_2 < r "
+        "is classified c, where r = min_{j != c} (f_c - f_j - 2 E - 2^-24 (|f_c| + |f_j|)) / (||q_c - q_j|| L "
+        "L_in), q the unit rows of the head's weight (initializer head.rows, transposed: [features, classes]; "
+        "add 2^-23 to each ||q_c - q_j|| computed from the float32 rows), L = orthoconv.lipschitz (the body's), "
+        "L_in = orthoconv.lipschitz_input, and E = a ||(x - mean) / std||_2 + b (a = "
+        "orthoconv.rounding_float32_per_input_norm, b = orthoconv.rounding_float32_constant) bounds each "
+        "logit's float32 rounding (network_bound.hpp). With exact logits (E = 0) the 2 E and 2^-24 terms drop.";
   }
   return {{"orthoconv.architecture", config.architecture()},
           {"orthoconv.series_terms", std::to_string(bound.terms)},
@@ -85,8 +88,9 @@ bool onnx_export_available() { return false; }
 
 OnnxExportSummary export_onnx(LipConvnet& model, const Normalization&, const std::string&, int terms) {
   checked_terms(model, terms);
-  throw Error("this orthoconv was built without ONNX export: install libonnx-dev and libprotobuf-dev "
-              "(scripts/install-deps.sh) and configure again (-DORTHOCONV_ONNX=AUTO or ON)");
+  throw Error(
+      "this orthoconv was built without ONNX export: install libonnx-dev and libprotobuf-dev "
+      "(scripts/install-deps.sh) and configure again (-DORTHOCONV_ONNX=AUTO or ON)");
 }
 
 #else
@@ -300,8 +304,8 @@ Activation add_soc_matrix(GraphWriter& w, SocConv& soc, const std::string& name,
 Activation add_soc(GraphWriter& w, SocConv& soc, const std::string& name, const Activation& x, int terms) {
   const SocConfig& config = soc.config();
   require<Error>(x.channels == config.in_channels && x.side % config.stride == 0, "ONNX export: ", name, " expects ",
-                 config.in_channels, " channels at a side divisible by ", config.stride, ", the graph has ",
-                 x.channels, " at ", x.side);
+                 config.in_channels, " channels at a side divisible by ", config.stride, ", the graph has ", x.channels,
+                 " at ", x.side);
   if (config.kernel == 1) return add_soc_matrix(w, soc, name, x, terms);
   require<Error>(x.rank == 4, "ONNX export: ", name, " (", config.kernel, "x", config.kernel, ") after Flatten");
   const int64_t s = config.stride, c = config.group_channels(), g = config.groups, k = config.kernel;
@@ -310,9 +314,9 @@ Activation add_soc(GraphWriter& w, SocConv& soc, const std::string& name, const 
   if (s > 1) {
     onnx::NodeProto& node = w.node("SpaceToDepth", {x0}, name + "/unshuffle");
     set_int(node, "blocksize", s);
-    onnx::NodeProto& order = w.node("Gather", {node.output(0), w.ints(name + ".unshuffle_order",
-                                                                        unshuffle_gather(config.in_channels, s))},
-                                    name + "/unshuffle_order");
+    onnx::NodeProto& order =
+        w.node("Gather", {node.output(0), w.ints(name + ".unshuffle_order", unshuffle_gather(config.in_channels, s))},
+               name + "/unshuffle_order");
     set_int(order, "axis", 1);
     x0 = order.output(0);
   }
@@ -327,8 +331,8 @@ Activation add_soc(GraphWriter& w, SocConv& soc, const std::string& name, const 
     std::vector<float> weight(filter.size());
     for (size_t i = 0; i < filter.size(); ++i) weight[i] = scale * filter[i];
     const std::string term = name + "/term" + std::to_string(j);
-    onnx::NodeProto& conv = w.node("Conv", {p, w.floats(name + ".series" + std::to_string(j), {width, c, k, k}, weight)},
-                                   term + "/conv");
+    onnx::NodeProto& conv =
+        w.node("Conv", {p, w.floats(name + ".series" + std::to_string(j), {width, c, k, k}, weight)}, term + "/conv");
     set_int(conv, "group", g);
     set_ints(conv, "kernel_shape", {k, k});
     set_ints(conv, "pads", {k / 2, k / 2, k / 2, k / 2});
@@ -340,8 +344,9 @@ Activation add_soc(GraphWriter& w, SocConv& soc, const std::string& name, const 
     set_int(node, "axis", 1);
     p = node.output(0);
   } else if (config.out_channels < width) {
-    p = w.op("Slice", {p, w.ints(name + ".keep_start", {0}), w.ints(name + ".keep_end", {config.out_channels}),
-                       w.ints(name + ".keep_axis", {1})},
+    p = w.op("Slice",
+             {p, w.ints(name + ".keep_start", {0}), w.ints(name + ".keep_end", {config.out_channels}),
+              w.ints(name + ".keep_axis", {1})},
              name + "/keep");
   }
   return {add_bias(w, soc, name, p, 4), config.out_channels, x.side / s, 4};
@@ -375,8 +380,7 @@ Activation add_maxmin(GraphWriter& w, bool paired, const std::string& name, cons
   set_int(concat, "axis", axis);
   Activation y = x;
   y.name = concat.output(0);
-  if (paired)
-    y.name = w.op("Reshape", {y.name, w.ints(name + ".channels", {0, x.channels, x.side, x.side})}, name);
+  if (paired) y.name = w.op("Reshape", {y.name, w.ints(name + ".channels", {0, x.channels, x.side, x.side})}, name);
   return y;
 }
 
@@ -396,7 +400,8 @@ Activation add_lln(GraphWriter& w, LinearNormalized& head, const Activation& x) 
   std::vector<float> transposed(rows.size());
   for (int64_t i = 0; i < classes; ++i)
     for (int64_t f = 0; f < features; ++f)
-      transposed[static_cast<size_t>(f * classes + i)] = static_cast<float>(rows[static_cast<size_t>(i * features + f)]);
+      transposed[static_cast<size_t>(f * classes + i)] =
+          static_cast<float>(rows[static_cast<size_t>(i * features + f)]);
   const std::string product = w.op("MatMul", {x.name, w.floats("head.rows", {features, classes}, transposed)}, "head");
   const std::vector<float> bias = head.bias().value.to_vector();
   return {w.op("Add", {product, w.floats("head.bias", {1, classes}, bias)}, "head/bias"), classes, 1, 2};

@@ -92,8 +92,7 @@ class Sink {
 };
 
 // The atomic write shared by checkpoints and text files: `produce` writes the contents into the sink.
-void write_atomically(const std::string& path, const std::string& what,
-                      const std::function<void(Sink&)>& produce) {
+void write_atomically(const std::string& path, const std::string& what, const std::function<void(Sink&)>& produce) {
   require<IoError>(!path.empty(), "cannot write ", what, ": empty path");
   const fs::path target(path);
   const fs::path directory = target.has_parent_path() ? target.parent_path() : fs::path(".");
@@ -221,8 +220,8 @@ void save_checkpoint(const std::string& path, const Checkpoint& checkpoint) {
   }
   uint64_t offset = 0;
   for (const auto& [name, tensor] : checkpoint.tensors) {
-    require<ShapeError>(!name.empty() && name != "__metadata__", "checkpoint ", path, ": invalid tensor name '",
-                        name, "'");
+    require<ShapeError>(!name.empty() && name != "__metadata__", "checkpoint ", path, ": invalid tensor name '", name,
+                        "'");
     uint64_t count = 1;
     for (int64_t d : tensor.shape) {
       require<ShapeError>(d >= 0, "checkpoint ", path, ": tensor '", name, "' has negative dimension in shape ",
@@ -359,9 +358,8 @@ Entry parse_entry(const std::string& name, const json& value, const Failure& fai
 
 // Spans must tile the data section exactly, as the reference reader requires. Sorts entries by offset.
 void check_tiling(std::vector<Entry>& entries, uint64_t data_size, const Failure& fail) {
-  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
-    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
-  });
+  std::sort(entries.begin(), entries.end(),
+            [](const Entry& a, const Entry& b) { return a.begin != b.begin ? a.begin < b.begin : a.end < b.end; });
   uint64_t covered = 0;
   for (const Entry& entry : entries) {
     if (entry.end > data_size) {

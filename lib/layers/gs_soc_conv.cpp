@@ -6,8 +6,7 @@ namespace orthoconv {
 
 void GsSocConfig::validate() const {
   require(groups_first > 0, "GS-SOC first groups (a) must be positive, got ", groups_first);
-  if (groups_second)
-    require(*groups_second > 0, "GS-SOC second groups (b) must be positive, got ", *groups_second);
+  if (groups_second) require(*groups_second > 0, "GS-SOC second groups (b) must be positive, got ", *groups_second);
   SocConfig first = base;
   first.groups = groups_first;
   if (first.kernel != 1) first.path = SocPath::automatic;
@@ -53,8 +52,7 @@ std::string GsSocConv::describe() const {
     out << *config_.groups_second;
   else
     out << "-";
-  out << ")" << (config_.paired ? " paired" : "") << ": " << (input_shuffle_ ? "shuffle, " : "")
-      << first_->describe();
+  out << ")" << (config_.paired ? " paired" : "") << ": " << (input_shuffle_ ? "shuffle, " : "") << first_->describe();
   if (second_) out << ", shuffle, " << second_->describe();
   return out.str();
 }

@@ -46,13 +46,15 @@ void SocConfig::validate() const {
   require(!is_matrix_path(path) || kernel == 1, "SocConv path=", soc_path_name(path), " needs kernel 1, got kernel ",
           kernel);
   if (keep == KeepChannels::per_group)
-    require(out_channels % groups == 0, "SocConv keep=per-group needs groups (", groups,
-            ") to divide out_channels (", out_channels, ")");
+    require(out_channels % groups == 0, "SocConv keep=per-group needs groups (", groups, ") to divide out_channels (",
+            out_channels, ")");
 }
 
 void PowerSchedule::validate() const {
-  require(refresh_iterations >= 0 && update_iterations >= 0, "power-iteration schedule: iteration counts must be "
-          ">= 0, got ", refresh_iterations, " and ", update_iterations);
+  require(refresh_iterations >= 0 && update_iterations >= 0,
+          "power-iteration schedule: iteration counts must be "
+          ">= 0, got ",
+          refresh_iterations, " and ", update_iterations);
   require(update_every > 0, "power-iteration schedule: update_every must be positive, got ", update_every);
 }
 
@@ -80,8 +82,10 @@ PowerSchedule PowerSchedule::parse(const std::string& text) {
             "power-iteration schedule: expected 'hold' or 'refresh,update,every' (e.g. 50,1,200), got '", text, "'");
     values.push_back(value);
   }
-  require(values.size() == 3, "power-iteration schedule: expected 'hold' or 'refresh,update,every' (e.g. 50,1,200), "
-          "got '", text, "'");
+  require(values.size() == 3,
+          "power-iteration schedule: expected 'hold' or 'refresh,update,every' (e.g. 50,1,200), "
+          "got '",
+          text, "'");
   out.refresh_iterations = static_cast<int>(values[0]);
   out.update_iterations = static_cast<int>(values[1]);
   out.update_every = values[2];
@@ -170,10 +174,11 @@ Shape SocConv::output_shape(const Shape& input) const {
   require<ShapeError>(input.rank() == 4, "SocConv expects an NCHW input, got shape ", input.str());
   require<ShapeError>(input[1] == config_.in_channels, "SocConv expects ", config_.in_channels,
                       " input channels, got shape ", input.str());
-  require<ShapeError>(input[2] > 0 && input[3] > 0 && input[2] % config_.stride == 0 &&
-                          input[3] % config_.stride == 0,
-                      "SocConv with stride ", config_.stride, " needs a non-empty input with height and width "
-                      "divisible by the stride, got shape ", input.str());
+  require<ShapeError>(input[2] > 0 && input[3] > 0 && input[2] % config_.stride == 0 && input[3] % config_.stride == 0,
+                      "SocConv with stride ", config_.stride,
+                      " needs a non-empty input with height and width "
+                      "divisible by the stride, got shape ",
+                      input.str());
   require<ShapeError>(input[0] > 0, "SocConv got an empty batch, shape ", input.str());
   return Shape{input[0], config_.out_channels, input[2] / config_.stride, input[3] / config_.stride};
 }
@@ -194,8 +199,7 @@ std::vector<Buffer> SocConv::buffers() {
 }
 
 void SocConv::set_terms(int train_terms, int eval_terms) {
-  require(train_terms > 0 && eval_terms > 0, "SocConv terms must be positive, got ", train_terms, " and ",
-          eval_terms);
+  require(train_terms > 0 && eval_terms > 0, "SocConv terms must be positive, got ", train_terms, " and ", eval_terms);
   config_.train_terms = train_terms;
   config_.eval_terms = eval_terms;
 }
@@ -260,8 +264,7 @@ void SocConv::refresh_sigma(int iterations) { prepare_filter(iterations); }
 
 Tensor SocConv::skew_filter() {
   Tensor a(weight_.value.shape(), backend_->device());
-  backend_->skew_symmetrize(weight_.value.data(), a.data(), config_.groups, config_.group_channels(),
-                            config_.kernel);
+  backend_->skew_symmetrize(weight_.value.data(), a.data(), config_.groups, config_.group_channels(), config_.kernel);
   return a;
 }
 
@@ -324,9 +327,12 @@ bool SocConv::x0_is_input() const {
 
 int SocConv::x0_slot() const {
   switch (forward_path_) {
-    case SocPath::matrix_conv: return 1;
-    case SocPath::matrix_gemm: return 0;
-    default: return forward_terms_;
+    case SocPath::matrix_conv:
+      return 1;
+    case SocPath::matrix_gemm:
+      return 0;
+    default:
+      return forward_terms_;
   }
 }
 
@@ -534,8 +540,8 @@ void SocConv::backward(const Tensor& diff_output, Tensor& diff_input) {
     be.copy_channels(dx_nchw, channels, scratch_.data(), unshuffled, n, plane, false);
     unshuffled_grad = scratch_.data();
   }
-  be.pixel_unshuffle(unshuffled_grad, diff_input.data(), n, config_.in_channels, input_shape_[2],
-                     input_shape_[3], config_.stride, true);
+  be.pixel_unshuffle(unshuffled_grad, diff_input.data(), n, config_.in_channels, input_shape_[2], input_shape_[3],
+                     config_.stride, true);
 }
 
 }  // namespace orthoconv

@@ -60,8 +60,8 @@
 namespace orthoconv {
 
 SocPath parse_soc_path(const std::string& text) {
-  for (SocPath path : {SocPath::automatic, SocPath::series, SocPath::matrix, SocPath::matrix_conv,
-                       SocPath::matrix_gemm})
+  for (SocPath path :
+       {SocPath::automatic, SocPath::series, SocPath::matrix, SocPath::matrix_conv, SocPath::matrix_gemm})
     if (text == soc_path_name(path)) return path;
   throw ConfigError("SocConv path must be 'auto', 'series', 'matrix', 'matrix-conv' or 'matrix-gemm', got '" + text +
                     "'");
@@ -69,11 +69,16 @@ SocPath parse_soc_path(const std::string& text) {
 
 std::string soc_path_name(SocPath path) {
   switch (path) {
-    case SocPath::automatic: return "auto";
-    case SocPath::series: return "series";
-    case SocPath::matrix: return "matrix";
-    case SocPath::matrix_conv: return "matrix-conv";
-    case SocPath::matrix_gemm: return "matrix-gemm";
+    case SocPath::automatic:
+      return "auto";
+    case SocPath::series:
+      return "series";
+    case SocPath::matrix:
+      return "matrix";
+    case SocPath::matrix_conv:
+      return "matrix-conv";
+    case SocPath::matrix_gemm:
+      return "matrix-gemm";
   }
   return "?";
 }
@@ -87,12 +92,14 @@ SocPath soc_matrix_variant(int64_t channels, int64_t plane) {
 }
 
 SocPathCost soc_path_cost(int64_t groups, int64_t channels, int64_t pixels, int terms, bool training) {
-  require(groups > 0 && channels > 0 && pixels > 0 && terms > 0, "soc_path_cost: sizes and terms must be "
-          "positive, got groups ", groups, ", channels ", channels, ", pixels ", pixels, ", terms ", terms);
+  require(groups > 0 && channels > 0 && pixels > 0 && terms > 0,
+          "soc_path_cost: sizes and terms must be "
+          "positive, got groups ",
+          groups, ", channels ", channels, ", pixels ", pixels, ", terms ", terms);
   const double g = static_cast<double>(groups), c = static_cast<double>(channels), k = terms;
   const double conv = static_cast<double>(pixels) * g * c * c;  // u
-  const double act = static_cast<double>(pixels) * g * c;        // a
-  const double filter = g * c * c;                               // m
+  const double act = static_cast<double>(pixels) * g * c;       // a
+  const double filter = g * c * c;                              // m
   const double product = g * c * c * c;
   SocPathCost cost;
   cost.series_macs = k * conv;
@@ -120,10 +127,10 @@ void SocConv::set_path(SocPath path) {
 SocPath SocConv::path_for(const Shape& input) const {
   const Shape out = output_shape(input);
   if (config_.kernel != 1) return SocPath::series;
-  const SocPath path = config_.path != SocPath::automatic
-                           ? config_.path
-                           : soc_path_cost(config_.groups, config_.group_channels(), out[0] * out[2] * out[3],
-                                           terms(), training_).cheaper();
+  const SocPath path = config_.path != SocPath::automatic ? config_.path
+                                                          : soc_path_cost(config_.groups, config_.group_channels(),
+                                                                          out[0] * out[2] * out[3], terms(), training_)
+                                                                .cheaper();
   return path == SocPath::matrix ? soc_matrix_variant(config_.group_channels(), out[2] * out[3]) : path;
 }
 
@@ -157,8 +164,7 @@ void SocConv::matrix_forward(const ConvShape& shape, const float* x0, float* y) 
   s.stride_b = slots * cc;
   for (int j = K; j >= 1; --j) {
     s.stride_c = j == 1 ? cc : slots * cc;
-    be.matmul(s, 1.0f / static_cast<float>(j), scaled_.data(), j == K ? nullptr : target(j + 1), 0.0f, 1.0f,
-              target(j));
+    be.matmul(s, 1.0f / static_cast<float>(j), scaled_.data(), j == K ? nullptr : target(j + 1), 0.0f, 1.0f, target(j));
   }
 
   // P = T_1^T, then y = P x0.

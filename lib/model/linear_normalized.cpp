@@ -16,8 +16,7 @@ namespace {
 constexpr double kNormFloor = 1e-12;
 }
 
-LinearNormalized::LinearNormalized(int64_t features, int64_t classes, uint64_t seed,
-                                   std::shared_ptr<Backend> backend)
+LinearNormalized::LinearNormalized(int64_t features, int64_t classes, uint64_t seed, std::shared_ptr<Backend> backend)
     : features_(features), classes_(classes), backend_(std::move(backend)) {
   require(features > 0 && classes > 0, "LinearNormalized needs positive sizes, got ", features, " -> ", classes);
   // nn.Linear's default: U(-1/sqrt(F), 1/sqrt(F)) for the weight and the bias.

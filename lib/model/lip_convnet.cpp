@@ -87,7 +87,8 @@ void ModelConfig::validate() const {
   require(conv == "soc" || conv == "gs-soc", "conv must be 'soc' or 'gs-soc', got '", conv, "'");
   require(groups_first > 0, "groups must be positive, got ", groups_first);
   require(!groups_second || *groups_second > 0, "second groups must be positive, got ", groups_second.value_or(0));
-  require(conv == "gs-soc" || !groups_second, "conv 'soc' takes one group count (grouped SOC), not a pair; use "
+  require(conv == "gs-soc" || !groups_second,
+          "conv 'soc' takes one group count (grouped SOC), not a pair; use "
           "--conv gs-soc for (a,b)");
   require(depth >= 5 && depth % 5 == 0, "depth must be a positive multiple of 5 (5, 10, 15, ...), got ", depth);
   require(depth <= kMaxDepth, "depth must be at most ", kMaxDepth, ", got ", depth);
@@ -101,8 +102,10 @@ void ModelConfig::validate() const {
           " (eval)");
   require(init_iterations >= 0, "initial power iterations must be >= 0, got ", init_iterations);
   power_schedule.validate();
-  require(input_side >= 32 && input_side % 32 == 0, "input side must be a positive multiple of 32 (five stride-2 "
-          "stages), got ", input_side);
+  require(input_side >= 32 && input_side % 32 == 0,
+          "input side must be a positive multiple of 32 (five stride-2 "
+          "stages), got ",
+          input_side);
   // Every size is positive and the depth bounded: the weight count (in double) says whether the model can exist.
   std::ostringstream what;
   const double weights = sizes().weights;
@@ -179,8 +182,7 @@ LipConvnet::LipConvnet(const ModelConfig& config, std::shared_ptr<Backend> backe
         }
       } catch (const ConfigError& e) {
         throw ConfigError(block.name + " (" + std::to_string(base.in_channels) + "->" +
-                          std::to_string(base.out_channels) + ", stride " + std::to_string(stride) +
-                          "): " + e.what());
+                          std::to_string(base.out_channels) + ", stride " + std::to_string(stride) + "): " + e.what());
       }
       block.activation = std::make_unique<MaxMin>(config_.paired(), backend_);
       if (backend_->device() != Device::cpu) {  // outputs live on the backend's device
@@ -330,8 +332,7 @@ void LipConvnet::set_precision(ConvPrecision precision) {
 }
 
 void LipConvnet::zero_grad() {
-  for (NamedParameter& p : parameters())
-    backend_->fill(p.parameter->grad.data(), p.parameter->grad.numel(), 0.0f);
+  for (NamedParameter& p : parameters()) backend_->fill(p.parameter->grad.data(), p.parameter->grad.numel(), 0.0f);
 }
 
 std::vector<NamedSoc> LipConvnet::soc_layers() {
@@ -383,7 +384,8 @@ std::vector<LayerRow> LipConvnet::layer_table() {
     } else {
       rows.back().output = step.output;
     }
-    if (step.kind == StepKind::soc || step.kind == StepKind::lln) rows.back().parameters += step.layer->parameter_count();
+    if (step.kind == StepKind::soc || step.kind == StepKind::lln)
+      rows.back().parameters += step.layer->parameter_count();
   }
   return rows;
 }

@@ -80,10 +80,11 @@ void check_tensor_values(const CheckpointTensor& tensor, const std::string& name
   }
   if (squares > static_cast<double>(std::numeric_limits<float>::max())) {
     char detail[160];
-    std::snprintf(detail, sizeof detail, "squared norm %.3g exceeds float32's range (largest |value| %.3g at index %zu)",
-                  squares, largest, largest_at);
-    throw IoError("checkpoint " + file + ": tensor '" + name + "' holds values too large for float32 arithmetic: " +
-                  detail + "; not a trained model");
+    std::snprintf(detail, sizeof detail,
+                  "squared norm %.3g exceeds float32's range (largest |value| %.3g at index %zu)", squares, largest,
+                  largest_at);
+    throw IoError("checkpoint " + file + ": tensor '" + name +
+                  "' holds values too large for float32 arithmetic: " + detail + "; not a trained model");
   }
 }
 
@@ -235,7 +236,8 @@ void read_model_state(const Checkpoint& checkpoint, const std::string& file, Lip
     check_tensor_values(it->second, name, file);
     return &it->second;
   };
-  for (NamedParameter& p : model.parameters()) targets.push_back({&p.parameter->value, find(p.name, p.parameter->value)});
+  for (NamedParameter& p : model.parameters())
+    targets.push_back({&p.parameter->value, find(p.name, p.parameter->value)});
   for (NamedBuffer& b : model.buffers()) targets.push_back({b.tensor, find(b.name, *b.tensor)});
   std::vector<std::pair<SocConv*, int64_t>> steps;
   for (NamedSoc& s : model.soc_layers()) {

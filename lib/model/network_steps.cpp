@@ -7,11 +7,16 @@ namespace orthoconv {
 
 const char* step_kind_name(StepKind kind) {
   switch (kind) {
-    case StepKind::shuffle: return "shuffle";
-    case StepKind::soc: return "soc";
-    case StepKind::maxmin: return "maxmin";
-    case StepKind::flatten: return "flatten";
-    case StepKind::lln: return "lln";
+    case StepKind::shuffle:
+      return "shuffle";
+    case StepKind::soc:
+      return "soc";
+    case StepKind::maxmin:
+      return "maxmin";
+    case StepKind::flatten:
+      return "flatten";
+    case StepKind::lln:
+      return "lln";
   }
   return "?";
 }
@@ -32,8 +37,8 @@ NetworkStep soc_step(SocConv& soc, const std::string& name, const std::string& b
   return step;
 }
 
-NetworkStep shuffle_step(ChannelShuffle& shuffle, const std::string& name, const std::string& block,
-                         const Shape& input, Layer& block_layer) {
+NetworkStep shuffle_step(ChannelShuffle& shuffle, const std::string& name, const std::string& block, const Shape& input,
+                         Layer& block_layer) {
   NetworkStep step;
   step.kind = StepKind::shuffle;
   step.name = name;

@@ -96,8 +96,8 @@ CifarSplit load_cifar100_file(const std::string& path, int64_t records, const st
                               "-byte record (truncated or not the binary version?)"));
   }
   if (static_cast<int64_t>(bytes / kCifarRecord) != records) {
-    throw fail(detail::concat("holds ", bytes / kCifarRecord, " records, expected ", records, " for the ", split,
-                              " split"));
+    throw fail(
+        detail::concat("holds ", bytes / kCifarRecord, " records, expected ", records, " for the ", split, " split"));
   }
 
   std::unique_ptr<std::FILE, FileCloser> file(std::fopen(path.c_str(), "rb"));
@@ -125,8 +125,8 @@ CifarSplit load_cifar100_file(const std::string& path, int64_t records, const st
         throw fail(detail::concat("record ", index, ": coarse label ", int(record[0]), " out of range 0..19"));
       }
       if (record[1] >= kCifarClasses) {
-        throw fail(detail::concat("record ", index, ": fine label ", int(record[1]), " out of range 0..",
-                                  kCifarClasses - 1));
+        throw fail(
+            detail::concat("record ", index, ": fine label ", int(record[1]), " out of range 0..", kCifarClasses - 1));
       }
       out.coarse_labels[static_cast<size_t>(index)] = record[0];
       out.fine_labels[static_cast<size_t>(index)] = record[1];
@@ -262,11 +262,10 @@ std::vector<int64_t> epoch_permutation(uint64_t seed, int64_t epoch, int64_t cou
   return order;
 }
 
-void make_batch(const CifarSplit& split, const std::vector<int64_t>& indices, const Normalization& norm,
-                Batch& out) {
+void make_batch(const CifarSplit& split, const std::vector<int64_t>& indices, const Normalization& norm, Batch& out) {
   const int64_t n = static_cast<int64_t>(indices.size());
-  require(static_cast<int64_t>(split.pixels.size()) == split.size() * kCifarPixels,
-          "CIFAR split ", split.path, ": ", split.pixels.size(), " pixel bytes for ", split.size(), " labels");
+  require(static_cast<int64_t>(split.pixels.size()) == split.size() * kCifarPixels, "CIFAR split ", split.path, ": ",
+          split.pixels.size(), " pixel bytes for ", split.size(), " labels");
   for (int64_t index : indices) {
     require(index >= 0 && index < split.size(), "record index ", index, " out of range for ", split.path, " (",
             split.size(), " records)");

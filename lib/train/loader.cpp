@@ -40,15 +40,15 @@ struct BatchLoader::Impl {
   std::condition_variable work_ready;   // the worker waits on it
   std::condition_variable batch_ready;  // next() waits on it
   bool stopping = false;
-  bool started = false;            // start_epoch was called at least once
-  uint64_t generation = 0;         // bumped by each start_epoch
+  bool started = false;     // start_epoch was called at least once
+  uint64_t generation = 0;  // bumped by each start_epoch
   int64_t epoch = 0;
   std::shared_ptr<const std::vector<int64_t>> order;  // the epoch's visiting order (positions into indices)
-  int64_t next_to_build = 0;       // batch number the worker builds next
-  int64_t next_to_hand_out = 0;    // batch number next() returns next
-  std::deque<std::unique_ptr<Batch>> finished;  // in batch order, next_to_hand_out first
-  std::vector<std::unique_ptr<Batch>> spare;    // buffers to reuse (no allocation in the steady state)
-  std::exception_ptr failure;      // the worker's exception for this generation
+  int64_t next_to_build = 0;                          // batch number the worker builds next
+  int64_t next_to_hand_out = 0;                       // batch number next() returns next
+  std::deque<std::unique_ptr<Batch>> finished;        // in batch order, next_to_hand_out first
+  std::vector<std::unique_ptr<Batch>> spare;          // buffers to reuse (no allocation in the steady state)
+  std::exception_ptr failure;                         // the worker's exception for this generation
   std::thread worker;
 
   Impl(const CifarSplit& split_in, std::vector<int64_t> indices_in, const Normalization& norm, const Options& opts)
@@ -59,8 +59,8 @@ struct BatchLoader::Impl {
         batches(count_batches(static_cast<int64_t>(indices.size()), opts)),
         images(opts.drop_last ? batches * opts.batch_size : static_cast<int64_t>(indices.size())) {
     for (int64_t index : indices) {
-      require(index >= 0 && index < split.size(), "BatchLoader: record index ", index, " out of range for ",
-              split.path, " (", split.size(), " records)");
+      require(index >= 0 && index < split.size(), "BatchLoader: record index ", index, " out of range for ", split.path,
+              " (", split.size(), " records)");
     }
     try {
       worker = std::thread([this] { run(); });
@@ -92,7 +92,8 @@ struct BatchLoader::Impl {
     require<Error>(static_cast<int64_t>(split.pixels.size()) == split.size() * kCifarPixels,
                    "BatchLoader: CIFAR split ", split.path, " changed under the loader (", split.pixels.size(),
                    " pixel bytes for ", split.size(), " labels)");
-    const int64_t whole = std::min(options.batch_size, static_cast<int64_t>(visit.size()) - number * options.batch_size);
+    const int64_t whole =
+        std::min(options.batch_size, static_cast<int64_t>(visit.size()) - number * options.batch_size);
     const Range part = batch_part(whole, options.part, options.parts);  // of the batch's positions
     const int64_t first = number * options.batch_size + part.begin;
     const int64_t count = part.size();
@@ -104,8 +105,8 @@ struct BatchLoader::Impl {
     for (int64_t i = 0; i < count; ++i) {
       const int64_t position = first + i;
       const int64_t index = indices[static_cast<size_t>(visit[static_cast<size_t>(position)])];
-      require<Error>(index < split.size(), "BatchLoader: record index ", index, " out of range for ", split.path,
-                     " (", split.size(), " records; the split changed under the loader)");
+      require<Error>(index < split.size(), "BatchLoader: record index ", index, " out of range for ", split.path, " (",
+                     split.size(), " records; the split changed under the loader)");
       out.indices[static_cast<size_t>(i)] = index;
       out.labels[static_cast<size_t>(i)] = split.fine_labels[static_cast<size_t>(index)];
       const Augmentation augmentation =

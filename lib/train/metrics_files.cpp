@@ -92,8 +92,9 @@ EpochMetrics EpochMetrics::from_json(const std::string& line) {
 
 void write_metrics_files(const std::string& out_dir, const std::vector<EpochMetrics>& history,
                          const std::vector<int>& eps) {
-  std::string jsonl, csv = "epoch,step,precision,lr,seconds,images_per_second,train_loss,train_accuracy,test_loss,"
-                           "test_accuracy";
+  std::string jsonl, csv =
+                         "epoch,step,precision,lr,seconds,images_per_second,train_loss,train_accuracy,test_loss,"
+                         "test_accuracy";
   for (int e : eps) csv += ",certified_" + std::to_string(e);
   csv += ",mean_radius,test_images,val_accuracy,val_certified_accuracy\n";
   for (const EpochMetrics& m : history) {
@@ -116,8 +117,10 @@ void write_metrics_files(const std::string& out_dir, const std::vector<EpochMetr
       row << ",,";
     }
     row << ",";
-    if (m.validated) row << m.val_accuracy << "," << m.val_certified;
-    else row << ",";
+    if (m.validated)
+      row << m.val_accuracy << "," << m.val_certified;
+    else
+      row << ",";
     csv += row.str() + "\n";
   }
   write_file_atomically((std::filesystem::path(out_dir) / "metrics.jsonl").string(), jsonl);

@@ -38,7 +38,8 @@ int lock_run_directory(const std::string& out_dir) {
     while (!pid.empty() && (pid.back() == '\n' || pid.back() == ' ')) pid.pop_back();
     if (error == EWOULDBLOCK)
       throw IoError("the output directory " + out_dir + " is in use by another training run" +
-                    (pid.empty() ? std::string() : " (pid " + pid + ")") + ": wait for it to finish, or choose "
+                    (pid.empty() ? std::string() : " (pid " + pid + ")") +
+                    ": wait for it to finish, or choose "
                     "another --out");
     throw IoError("cannot lock " + lock_path + ": " + std::strerror(error));
   }
@@ -59,8 +60,7 @@ int open_run_directory(const std::string& out_dir, const std::string& resume_fro
   if (ec || !fs::is_directory(out_dir))
     throw IoError("cannot create the output directory " + out_dir + ": " +
                   (ec ? ec.message() : std::string("not a directory")));
-  if (::access(out_dir.c_str(), W_OK) != 0)
-    throw IoError("the output directory " + out_dir + " is not writable");
+  if (::access(out_dir.c_str(), W_OK) != 0) throw IoError("the output directory " + out_dir + " is not writable");
   const int lock_fd = lock_run_directory(out_dir);
   try {  // the lock is released when the directory is refused
     for (const std::string& stale : remove_stale_temporaries(out_dir, kRunFiles))
@@ -69,11 +69,15 @@ int open_run_directory(const std::string& out_dir, const std::string& resume_fro
     const std::string last = (fs::path(out_dir) / "last.safetensors").string();
     if (fs::exists(last, ec) && (resume_from.empty() || !fs::equivalent(resume_from, last, ec))) {
       if (resume_from.empty())
-        throw IoError("the output directory " + out_dir + " already holds a run (last.safetensors); pass "
-                      "--resume " + out_dir + " to continue it, or choose another --out");
-      throw IoError("the output directory " + out_dir + " already holds another run (last.safetensors); "
-                    "resuming " + resume_from + " there would replace it: choose an empty --out, or pass --resume " +
-                    out_dir + " to continue that run");
+        throw IoError("the output directory " + out_dir +
+                      " already holds a run (last.safetensors); pass "
+                      "--resume " +
+                      out_dir + " to continue it, or choose another --out");
+      throw IoError("the output directory " + out_dir +
+                    " already holds another run (last.safetensors); "
+                    "resuming " +
+                    resume_from + " there would replace it: choose an empty --out, or pass --resume " + out_dir +
+                    " to continue that run");
     }
   } catch (...) {
     ::close(lock_fd);

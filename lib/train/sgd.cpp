@@ -21,7 +21,6 @@ double scheduled_lr(const TrainConfig& config, int64_t step, int64_t total) {
   return lr;
 }
 
-
 Sgd::Sgd(LipConvnet& model) : model_(model), params_(model.parameters()) {
   for (NamedParameter& p : params_) momentum_.emplace_back(p.parameter->value.shape(), model.backend().device());
 }
@@ -30,8 +29,8 @@ void Sgd::step(float lr, float momentum, float weight_decay) {
   Backend& be = model_.backend();
   for (size_t i = 0; i < params_.size(); ++i) {
     Parameter& p = *params_[i].parameter;
-    be.sgd_momentum(p.value.data(), p.grad.data(), momentum_[i].data(), p.value.numel(), lr, momentum,
-                    weight_decay, steps_ == 0);
+    be.sgd_momentum(p.value.data(), p.grad.data(), momentum_[i].data(), p.value.numel(), lr, momentum, weight_decay,
+                    steps_ == 0);
   }
   ++steps_;
 }

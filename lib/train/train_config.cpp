@@ -16,8 +16,8 @@ void TrainConfig::validate() const {
   require_setting(epochs > 0, {"epochs"}, "{0} must be positive, got ", epochs);
   require_setting(batch_size > 0, {"batch"}, "{0} must be positive, got ", batch_size);
   require_setting(std::isfinite(lr) && lr > 0, {"lr"}, "{0} must be positive, got ", lr);
-  require_setting(std::isfinite(momentum) && momentum >= 0 && momentum < 1, {"momentum"},
-                  "{0} must be in [0, 1), got ", momentum);
+  require_setting(std::isfinite(momentum) && momentum >= 0 && momentum < 1, {"momentum"}, "{0} must be in [0, 1), got ",
+                  momentum);
   require_setting(std::isfinite(weight_decay) && weight_decay >= 0, {"weight_decay"}, "{0} must be >= 0, got ",
                   weight_decay);
   require_setting(std::isfinite(lr_decay) && lr_decay > 0, {"lr_decay"}, "{0} must be positive, got ", lr_decay);
@@ -32,8 +32,7 @@ void TrainConfig::validate() const {
   require_setting(eval_every > 0, {"eval_every"}, "{0} must be positive, got ", eval_every);
   require(eval_batch > 0, "evaluation batch must be positive, got ", eval_batch);
   require_setting(!eps.empty(), {"eps"}, "{0} needs at least one value");
-  for (int e : eps)
-    require_setting(e >= 0, {"eps"}, "{0} values must be non-negative numerators over 255, got ", e);
+  for (int e : eps) require_setting(e >= 0, {"eps"}, "{0} values must be non-negative numerators over 255, got ", e);
   require_setting(precision != ConvPrecision::tf32 || device == Device::cuda, {"precision", "device"},
                   "{0} tf32 is a CUDA tensor-core format; with {1} cpu use {0} fp32 or bf16");
   try {

@@ -76,9 +76,8 @@ void TrainStep::allreduce_gradients() {
   float* flat = flat_gradient_.data();
   int64_t offset = 0;
   for (NamedParameter& p : params_) {
-    require<ShapeError>(p.parameter->grad.numel() == p.parameter->value.numel(), "all-reduce: the gradient of ",
-                        p.name, " has ", p.parameter->grad.numel(), " values for ", p.parameter->value.numel(),
-                        " weights");
+    require<ShapeError>(p.parameter->grad.numel() == p.parameter->value.numel(), "all-reduce: the gradient of ", p.name,
+                        " has ", p.parameter->grad.numel(), " values for ", p.parameter->value.numel(), " weights");
     be.copy(p.parameter->grad.data(), flat + offset, p.parameter->grad.numel());
     offset += p.parameter->grad.numel();
   }
@@ -94,8 +93,8 @@ StepStats TrainStep::run(const Tensor& images, const std::vector<int32_t>& label
                          float weight_decay, int64_t batch_images) {
   Backend& be = model_.backend();
   const int64_t n = images.dim(0), classes = model_.config().classes;
-  require<ShapeError>(static_cast<int64_t>(labels.size()) == n, "training step: ", labels.size(),
-                      " labels for ", n, " images");
+  require<ShapeError>(static_cast<int64_t>(labels.size()) == n, "training step: ", labels.size(), " labels for ", n,
+                      " images");
   const int64_t batch = batch_images > 0 ? batch_images : n;  // the global batch
   const bool distributed = communicator_->size() > 1;
   require(distributed ? n > 0 && n <= batch : n == batch, "training step: a part of ", n, " images of a batch of ",
@@ -115,11 +114,11 @@ StepStats TrainStep::run(const Tensor& images, const std::vector<int32_t>& label
   using Clock = std::chrono::steady_clock;
   if (distributed) {
     allreduce_seconds_ += allreduce_statistics(*communicator_, stats);
-    require(stats.images == batch, "training step: the ranks' parts hold ", stats.images, " images, the batch ",
-            batch);
+    require(stats.images == batch, "training step: the ranks' parts hold ", stats.images, " images, the batch ", batch);
     // softmax_cross_entropy's gradient is of this part's mean loss: d(global mean)/d logits is n / batch of it.
-    if (n != batch) be.axpby(static_cast<float>(n) / static_cast<float>(batch), diff_logits_.data(), 0.0f,
-                             diff_logits_.data(), n * classes);
+    if (n != batch)
+      be.axpby(static_cast<float>(n) / static_cast<float>(batch), diff_logits_.data(), 0.0f, diff_logits_.data(),
+               n * classes);
   }
   if (!std::isfinite(stats.loss_sum)) return stats;  // the caller stops; nothing is updated
 

@@ -84,9 +84,11 @@ Trainer::Trainer(const TrainConfig& config, const CifarSplit& train, const Cifar
   const int64_t ranks = communicator_->size(), images = static_cast<int64_t>(train_indices_.size());
   const int64_t last_batch = images - (per_epoch - 1) * config_.batch_size;
   require_setting(std::min(config_.batch_size, last_batch) >= ranks, {"batch", "train_subset"},
-                  "data-parallel training on ", ranks, " ranks needs at least one image per rank in every batch: "
-                  "{0} ", config_.batch_size, " over ", images, " training images leaves a last batch of ",
-                  last_batch, " (choose {0} or {1} so that it holds at least ", ranks, ")");
+                  "data-parallel training on ", ranks,
+                  " ranks needs at least one image per rank in every batch: "
+                  "{0} ",
+                  config_.batch_size, " over ", images, " training images leaves a last batch of ", last_batch,
+                  " (choose {0} or {1} so that it holds at least ", ranks, ")");
   require_setting(config_.epochs <= kMaxTrainingSteps / per_epoch, {"epochs"}, "{0} ", config_.epochs, " at ",
                   per_epoch, " steps per epoch makes more than the ", kMaxTrainingSteps,
                   " (2^53) training steps the schedule counts");
@@ -126,8 +128,8 @@ void Trainer::select_images() {
   }
   const int64_t tests = config_.test_subset > 0 ? std::min(config_.test_subset, test_.size()) : test_.size();
   for (int64_t i = 0; i < tests; ++i) test_indices_.push_back(i);
-  require_setting(!train_indices_.empty(), {"val_split"}, "no training images left (", available,
-                  " in the split, {0} ", config_.val_split, ")");
+  require_setting(!train_indices_.empty(), {"val_split"}, "no training images left (", available, " in the split, {0} ",
+                  config_.val_split, ")");
 }
 
 Trainer::~Trainer() {
@@ -147,8 +149,7 @@ void Trainer::prepare(const std::string& resume_from) {
   model_ = std::make_unique<LipConvnet>(config_.model, backend_for(config_.device));
   model_->set_precision(config_.precision);
   sgd_ = std::make_unique<Sgd>(*model_);
-  step_ = std::make_unique<TrainStep>(*model_, *sgd_, config_.gamma, config_.normalization.lipschitz(),
-                                      communicator_);
+  step_ = std::make_unique<TrainStep>(*model_, *sgd_, config_.gamma, config_.normalization.lipschitz(), communicator_);
   if (!resume_from.empty()) load(resume_from);
   check_ranks_agree(resume_from.empty() ? "after initialization" : "after loading " + resume_from);
   if (!communicator_->root()) return;
@@ -158,8 +159,7 @@ void Trainer::prepare(const std::string& resume_from) {
   if (log_) {
     std::fprintf(log_, "%s", configuration_table().c_str());
     if (!resume_from.empty()) {
-      std::fprintf(log_, "resumed from %s after epoch %lld", resume_from.c_str(),
-                   static_cast<long long>(epochs_done_));
+      std::fprintf(log_, "resumed from %s after epoch %lld", resume_from.c_str(), static_cast<long long>(epochs_done_));
       if (progress_.steps > 0)
         std::fprintf(log_, " and %lld of %lld steps of epoch %lld", static_cast<long long>(progress_.steps),
                      static_cast<long long>(steps_per_epoch()), static_cast<long long>(epochs_done_) + 1);
@@ -184,16 +184,16 @@ void Trainer::check_ranks_agree(const std::string& when) {
 }
 
 CertifyReport Trainer::evaluate(const CifarSplit& split, const std::vector<int64_t>& indices) {
-  return evaluate_model(*model_, split, indices, config_.normalization, config_.eps, config_.eval_batch,
-                        [this] { return stop_requested(); }, *communicator_);
+  return evaluate_model(
+      *model_, split, indices, config_.normalization, config_.eps, config_.eval_batch,
+      [this] { return stop_requested(); }, *communicator_);
 }
 
 void Trainer::diverged(const std::string& what) const {
   throw TrainingDiverged(what + "; stopped. " +
-                         (last_good_checkpoint_.empty()
-                              ? std::string("No checkpoint had been written yet.")
-                              : "The last good checkpoint is kept: " + last_good_checkpoint_ + " (step " +
-                                    std::to_string(last_good_step_) + ").") +
+                         (last_good_checkpoint_.empty() ? std::string("No checkpoint had been written yet.")
+                                                        : "The last good checkpoint is kept: " + last_good_checkpoint_ +
+                                                              " (step " + std::to_string(last_good_step_) + ").") +
                          " Try a smaller --lr.");
 }
 
@@ -223,8 +223,9 @@ void Trainer::run(int64_t stop_after) {
   require(model_ != nullptr, "Trainer::run called before prepare");
   interrupted_ = false;
   if (epochs_done_ >= config_.epochs) {
-    if (log_) std::fprintf(log_, "nothing to do: %lld of %lld epochs already done\n",
-                           static_cast<long long>(epochs_done_), static_cast<long long>(config_.epochs));
+    if (log_)
+      std::fprintf(log_, "nothing to do: %lld of %lld epochs already done\n", static_cast<long long>(epochs_done_),
+                   static_cast<long long>(config_.epochs));
     return;
   }
   BatchLoader::Options options;
@@ -249,8 +250,8 @@ void Trainer::run(int64_t stop_after) {
 // The epoch's remaining training steps; false when a stop request ended them (the checkpoint is written).
 bool Trainer::train_epoch(BatchLoader& loader, int64_t epoch, TrainingConsole& console) {
   // progress_ holds what an interrupted earlier session did of this epoch (nothing at an epoch's start).
-  epoch_start_ = Clock::now() - std::chrono::duration_cast<Clock::duration>(
-                                    std::chrono::duration<double>(progress_.seconds));
+  epoch_start_ =
+      Clock::now() - std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(progress_.seconds));
   console.start_epoch();
   loader.start_epoch(epoch, progress_.steps);
   const int64_t total = total_steps();
@@ -280,9 +281,9 @@ StepStats Trainer::train_step(const Batch& batch, double lr) {
   const int64_t train_images = static_cast<int64_t>(train_indices_.size());
   const int64_t batch_images = std::min(config_.batch_size, train_images - progress_.steps * config_.batch_size);
   const double allreduce_before = step_->allreduce_seconds();
-  const StepStats stats = step_->run(batch.images, batch.labels, static_cast<float>(lr),
-                                     static_cast<float>(config_.momentum), static_cast<float>(config_.weight_decay),
-                                     batch_images);
+  const StepStats stats =
+      step_->run(batch.images, batch.labels, static_cast<float>(lr), static_cast<float>(config_.momentum),
+                 static_cast<float>(config_.weight_decay), batch_images);
   progress_.allreduce_seconds += step_->allreduce_seconds() - allreduce_before;
   return stats;
 }
@@ -324,8 +325,9 @@ bool Trainer::finish_epoch(int64_t epoch, TrainingConsole& console) {
   console.print_epoch(m, config_.eps.front(), new_best);
   if (stop_requested()) {  // came during the saves: they are done, and so is the epoch
     interrupted_ = true;
-    if (log_) std::fprintf(log_, "stopped on request after epoch %lld; checkpoint %s\n",
-                           static_cast<long long>(epochs_done_), last_path().c_str());
+    if (log_)
+      std::fprintf(log_, "stopped on request after epoch %lld; checkpoint %s\n", static_cast<long long>(epochs_done_),
+                   last_path().c_str());
     return false;
   }
   return true;

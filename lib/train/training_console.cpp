@@ -59,8 +59,7 @@ void TrainingConsole::show_step(int64_t epoch, const EpochProgress& progress, in
                 static_cast<long long>(epoch) + 1, static_cast<long long>(epochs_),
                 static_cast<long long>(progress.steps), static_cast<long long>(steps_per_epoch_),
                 progress.loss_sum / static_cast<double>(progress.images), lr,
-                static_cast<double>(progress.images) / std::max(progress.seconds, 1e-9),
-                format_duration(eta).c_str());
+                static_cast<double>(progress.images) / std::max(progress.seconds, 1e-9), format_duration(eta).c_str());
   if (tty_) {
     const int width = 20;
     const int filled = static_cast<int>(width * progress.steps / std::max<int64_t>(steps_per_epoch_, 1));
@@ -118,8 +117,8 @@ std::string Trainer::configuration_table() const {
   row("width / classes", std::to_string(config_.model.init_channels) + " / " + std::to_string(config_.model.classes));
   row("activation / head", config_.model.activation + " / " + config_.model.head);
   row("downsample keep", keep_name(config_.model.keep));
-  row("series terms", std::to_string(config_.model.train_terms) + " train, " +
-                          std::to_string(config_.model.eval_terms) + " eval");
+  row("series terms",
+      std::to_string(config_.model.train_terms) + " train, " + std::to_string(config_.model.eval_terms) + " eval");
   row("parameters", model_ ? std::to_string(model_->parameter_count()) : "?");
   row("device / threads", device_name(config_.device) + " / " + std::to_string(thread_count()) +
                               (communicator_->size() > 1 ? " per rank" : ""));
@@ -129,17 +128,17 @@ std::string Trainer::configuration_table() const {
                              (config_.batch_size % communicator_->size() ? "+" : "") + " images each per batch");
     row("communication", communicator_->description());
   }
-  row("precision", conv_precision_name(config_.precision) + (config_.precision == ConvPrecision::fp32
-                                                                 ? std::string()
-                                                                 : " series convolutions in training, per shape"));
+  row("precision",
+      conv_precision_name(config_.precision) +
+          (config_.precision == ConvPrecision::fp32 ? std::string() : " series convolutions in training, per shape"));
   row("data", config_.data_dir);
   row("train / val / test", std::to_string(train_indices_.size()) + " / " + std::to_string(val_indices_.size()) +
                                 " / " + std::to_string(test_indices_.size()) + " images");
   row("epochs / batch", std::to_string(config_.epochs) + " / " + std::to_string(config_.batch_size));
   std::string ms;
   for (double m : config_.milestones) ms += (ms.empty() ? "" : ", ") + num(m * 100) + "%";
-  row("optimizer", "SGD lr " + num(config_.lr) + ", momentum " + num(config_.momentum) + ", wd " +
-                       num(config_.weight_decay));
+  row("optimizer",
+      "SGD lr " + num(config_.lr) + ", momentum " + num(config_.momentum) + ", wd " + num(config_.weight_decay));
   row("lr schedule", "x" + num(config_.lr_decay) + " at " + ms + " of iterations");
   row("cert. regularization", config_.gamma > 0 ? "gamma " + num(config_.gamma) : "off");
   std::string eps;

@@ -22,9 +22,12 @@ void write_training_state(const TrainingState& state, Checkpoint& out) {
   // all-reduce time is 0 there and is not recorded.
   const EpochProgress& progress = state.progress;
   if (progress.steps > 0)
-    out.metadata["train.epoch_progress"] = json{{"steps", progress.steps}, {"loss_sum", progress.loss_sum},
-                                                {"correct", progress.correct}, {"images", progress.images},
-                                                {"seconds", progress.seconds}}.dump();
+    out.metadata["train.epoch_progress"] = json{
+        {"steps", progress.steps},
+        {"loss_sum", progress.loss_sum},
+        {"correct", progress.correct},
+        {"images", progress.images},
+        {"seconds", progress.seconds}}.dump();
   out.metadata["train.config"] = state.config.to_json();
   out.metadata["train.precision"] = conv_precision_name(state.config.precision);
   json rng{{"generator", "BatchLoader(seed, epoch)"}, {"seed", state.config.seed}, {"next_epoch", state.epochs_done}};
@@ -91,13 +94,13 @@ TrainingState read_training_state(const Checkpoint& c, const std::string& file) 
   }
   if (static_cast<int64_t>(state.history.size()) != state.epochs_done)
     throw invalid("train.history", "holds " + std::to_string(state.history.size()) + " epochs, but train.epoch is " +
-                  std::to_string(state.epochs_done));
+                                       std::to_string(state.epochs_done));
   for (size_t i = 0; i < state.history.size(); ++i) {
     const EpochMetrics& m = state.history[i];
     if (m.epoch != static_cast<int64_t>(i) + 1 || m.step > state.step || (i > 0 && m.step <= state.history[i - 1].step))
       throw invalid("train.history", "line " + std::to_string(i + 1) + " is epoch " + std::to_string(m.epoch) +
-                    " at step " + std::to_string(m.step) + ", out of order (the run is at step " +
-                    std::to_string(state.step) + ")");
+                                         " at step " + std::to_string(m.step) + ", out of order (the run is at step " +
+                                         std::to_string(state.step) + ")");
   }
   if (auto it = c.metadata.find("train.epoch_progress"); it != c.metadata.end()) {
     try {
@@ -111,8 +114,7 @@ TrainingState read_training_state(const Checkpoint& c, const std::string& file) 
   return state;
 }
 
-void check_training_state(const TrainingState& state, int64_t per_epoch, int64_t batch_size,
-                          const std::string& path) {
+void check_training_state(const TrainingState& state, int64_t per_epoch, int64_t batch_size, const std::string& path) {
   auto inconsistent = [&](const std::string& problem) {
     return IoError("checkpoint " + path + ": inconsistent training state: " + problem + " (" +
                    std::to_string(per_epoch) + " steps per epoch)");

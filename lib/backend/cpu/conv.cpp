@@ -50,8 +50,8 @@ constexpr int64_t kParallelFloats = int64_t{1} << 18;
 // vectorizer's scatters / gathers are slower than plain moves here).
 constexpr int64_t kPlaneTile = 64;
 
-__attribute__((optimize("no-tree-vectorize")))
-void block_planes(const float* src, int64_t valid, int64_t plane, int64_t block, float* dst) {
+__attribute__((optimize("no-tree-vectorize"))) void block_planes(const float* src, int64_t valid, int64_t plane,
+                                                                 int64_t block, float* dst) {
   for (int64_t p0 = 0; p0 < plane; p0 += kPlaneTile) {
     const int64_t p1 = std::min(plane, p0 + kPlaneTile);
     for (int64_t l = 0; l < valid; ++l) {
@@ -63,8 +63,8 @@ void block_planes(const float* src, int64_t valid, int64_t plane, int64_t block,
   }
 }
 
-__attribute__((optimize("no-tree-vectorize")))
-void unblock_planes(const float* src, int64_t valid, int64_t plane, int64_t block, float* dst) {
+__attribute__((optimize("no-tree-vectorize"))) void unblock_planes(const float* src, int64_t valid, int64_t plane,
+                                                                   int64_t block, float* dst) {
   for (int64_t p0 = 0; p0 < plane; p0 += kPlaneTile) {
     const int64_t p1 = std::min(plane, p0 + kPlaneTile);
     for (int64_t l = 0; l < valid; ++l) {
@@ -78,29 +78,29 @@ void unblock_planes(const float* src, int64_t valid, int64_t plane, int64_t bloc
 
 struct CpuBackend::ScaledPrimitive {
   dnnl::primitive primitive;
-  int addend_index = -1;          // position of the binary-add post-op, or -1
+  int addend_index = -1;  // position of the binary-add post-op, or -1
 };
 
 // The primitives of one input data type at one shape: float32, or bf16 src / diff_dst / weights with float32
 // dst, diff_weights and post-op addends (oneDNN's jit_bf16 kernels accumulate in float32).
 struct CpuBackend::ConvKernels {
-  memory::desc act;               // src and diff_dst in the conv layout, this data type
+  memory::desc act;  // src and diff_dst in the conv layout, this data type
   dnnl::convolution_forward::primitive_desc fwd_pd, fwd_acc_pd;
   dnnl::convolution_backward_weights::primitive_desc bwd_weights_pd;
   dnnl::primitive fwd, fwd_acc, bwd_weights;
   dnnl::reorder fwd_weights_reorder, diff_weights_reorder;
   bool fwd_weights_plain = false, diff_weights_plain = false;
-  memory diff_weights_scratch;    // when backward-weights writes a non-plain layout
+  memory diff_weights_scratch;                               // when backward-weights writes a non-plain layout
   std::map<std::pair<float, bool>, ScaledPrimitive> scaled;  // (alpha, has addend)
   std::string impl;
 };
 
 struct CpuBackend::ConvPrimitives {
-  memory::desc out;               // float32 activations in the conv layout (dst, addends, every buffer)
-  memory::desc plain_act;         // NCHW
-  memory::desc plain_weights;     // [g, o, i, k, k] or [o, i, k, k]
+  memory::desc out;            // float32 activations in the conv layout (dst, addends, every buffer)
+  memory::desc plain_act;      // NCHW
+  memory::desc plain_weights;  // [g, o, i, k, k] or [o, i, k, k]
   tag layout = tag::undef;
-  int64_t block = 16;             // channels per block of the activation layout (all channels: nhwc)
+  int64_t block = 16;  // channels per block of the activation layout (all channels: nhwc)
   std::unique_ptr<ConvKernels> f32;
   std::unique_ptr<ConvKernels> bf16;  // created at the first bf16 request (null where oneDNN has none)
   // Backward-data: float32 only (the layers' transposed convolutions run on the forward primitive).
@@ -167,15 +167,14 @@ std::unique_ptr<CpuBackend::ConvKernels> CpuBackend::make_kernels(const ConvShap
   const dnnl::convolution_forward::primitive_desc horner_pd(
       dnnl::convolution_forward::desc(prop, algo, k->act, any_weights, p.out, strides, pad, pad), add_attr, engine_);
   k->fwd_pd = dnnl::convolution_forward::primitive_desc(
-      dnnl::convolution_forward::desc(prop, algo, k->act, horner_pd.weights_desc(), p.out, strides, pad, pad),
-      engine_);
+      dnnl::convolution_forward::desc(prop, algo, k->act, horner_pd.weights_desc(), p.out, strides, pad, pad), engine_);
   dnnl::post_ops sum;
   sum.append_sum(1.0f);
   dnnl::primitive_attr acc_attr;
   acc_attr.set_post_ops(sum);
   k->fwd_acc_pd = dnnl::convolution_forward::primitive_desc(
-      dnnl::convolution_forward::desc(prop, algo, k->act, k->fwd_pd.weights_desc(), p.out, strides, pad, pad),
-      acc_attr, engine_);
+      dnnl::convolution_forward::desc(prop, algo, k->act, k->fwd_pd.weights_desc(), p.out, strides, pad, pad), acc_attr,
+      engine_);
   // Backward-weights takes diff_dst in the input type; its hint is the forward with that dst type.
   const dnnl::convolution_forward::primitive_desc hint =
       input_type == memory::data_type::f32
@@ -191,28 +190,28 @@ std::unique_ptr<CpuBackend::ConvKernels> CpuBackend::make_kernels(const ConvShap
 
   k->fwd_weights_plain = k->fwd_pd.weights_desc() == p.plain_weights;
   if (!k->fwd_weights_plain)
-    k->fwd_weights_reorder = dnnl::reorder(
-        dnnl::reorder::primitive_desc(engine_, p.plain_weights, engine_, k->fwd_pd.weights_desc()));
+    k->fwd_weights_reorder =
+        dnnl::reorder(dnnl::reorder::primitive_desc(engine_, p.plain_weights, engine_, k->fwd_pd.weights_desc()));
   k->diff_weights_plain = k->bwd_weights_pd.diff_weights_desc() == p.plain_weights;
   if (!k->diff_weights_plain) {
     k->diff_weights_scratch = memory(k->bwd_weights_pd.diff_weights_desc(), engine_);
-    k->diff_weights_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
-        engine_, k->bwd_weights_pd.diff_weights_desc(), engine_, p.plain_weights));
+    k->diff_weights_reorder = dnnl::reorder(
+        dnnl::reorder::primitive_desc(engine_, k->bwd_weights_pd.diff_weights_desc(), engine_, p.plain_weights));
   }
   k->impl = detail::concat("fwd ", k->fwd_pd.impl_info_str(), ", bwd-weights ", k->bwd_weights_pd.impl_info_str());
   return k;
 }
 
 CpuBackend::ConvPrimitives& CpuBackend::primitives(const ConvShape& shape) {
-  ShapeKey key{shape.batch,  shape.in_channels, shape.out_channels, shape.height,
-               shape.width,  shape.kernel,      shape.groups,       shape.precision == ConvPrecision::bf16};
+  ShapeKey key{shape.batch, shape.in_channels, shape.out_channels, shape.height,
+               shape.width, shape.kernel,      shape.groups,       shape.precision == ConvPrecision::bf16};
   auto it = cache_.find(key);
   if (it != cache_.end()) return *it->second;
   shape.validate();
   return *dnnl_checked("primitive creation", shape, [&] {
     auto p = std::make_unique<ConvPrimitives>();
-    p->plain_act = memory::desc({shape.batch, shape.in_channels, shape.height, shape.width},
-                                memory::data_type::f32, tag::nchw);
+    p->plain_act =
+        memory::desc({shape.batch, shape.in_channels, shape.height, shape.width}, memory::data_type::f32, tag::nchw);
     p->plain_weights = plain_weights_desc(shape);
     memory::desc any_weights(p->plain_weights.dims(), memory::data_type::f32, tag::any);
     memory::dims strides{1, 1}, pad{shape.kernel / 2, shape.kernel / 2};
@@ -238,8 +237,8 @@ CpuBackend::ConvPrimitives& CpuBackend::primitives(const ConvShape& shape) {
       layouts.insert(layouts.begin(), tag::nhwc);
     for (tag layout : layouts) {
       p->out = activation_desc(shape, shape.in_channels, layout);
-      dnnl::convolution_forward::desc fwd(dnnl::prop_kind::forward_training, algo, p->out, any_weights, p->out,
-                                          strides, pad, pad);
+      dnnl::convolution_forward::desc fwd(dnnl::prop_kind::forward_training, algo, p->out, any_weights, p->out, strides,
+                                          pad, pad);
       const std::string impl = dnnl::convolution_forward::primitive_desc(fwd, engine_).impl_info_str();
       p->layout = layout;
       p->block = layout == tag::nChw16c ? 16 : layout == tag::nChw8c ? 8 : shape.in_channels;
@@ -254,9 +253,12 @@ CpuBackend::ConvPrimitives& CpuBackend::primitives(const ConvShape& shape) {
     if (!p->bwd_weights_plain)
       p->bwd_weights_reorder = dnnl::reorder(
           dnnl::reorder::primitive_desc(engine_, p->plain_weights, engine_, p->bwd_data_pd.weights_desc()));
-    p->impl = detail::concat(p->block == 16 ? "nChw16c" : p->block == 8 ? "nChw8c" : "nhwc", ": ", p->f32->impl,
-                             gemm_backward_weights(shape) ? " (float32: im2col + sgemm per group)" : "", ", bwd-data ",
-                             p->bwd_data_pd.impl_info_str());
+    p->impl =
+        detail::concat(p->block == 16  ? "nChw16c"
+                       : p->block == 8 ? "nChw8c"
+                                       : "nhwc",
+                       ": ", p->f32->impl, gemm_backward_weights(shape) ? " (float32: im2col + sgemm per group)" : "",
+                       ", bwd-data ", p->bwd_data_pd.impl_info_str());
     auto& slot = cache_[key];
     slot = std::move(p);
     return slot.get();
@@ -294,8 +296,7 @@ void CpuBackend::to_conv_layout(const ConvShape& shape, const float* nchw, float
   auto& p = primitives(shape);
   const int64_t block = p.block;
   const int64_t c = shape.in_channels, blocks = (c + block - 1) / block, plane = shape.height * shape.width;
-#pragma omp parallel for collapse(2) schedule(static) \
-    if (shape.batch * blocks * plane * block > kParallelFloats)
+#pragma omp parallel for collapse(2) schedule(static) if (shape.batch * blocks * plane * block > kParallelFloats)
   for (int64_t n = 0; n < shape.batch; ++n)
     for (int64_t b = 0; b < blocks; ++b)
       block_planes(nchw + (n * c + b * block) * plane, std::min(block, c - b * block), plane, block,
@@ -306,8 +307,7 @@ void CpuBackend::from_conv_layout(const ConvShape& shape, const float* src, floa
   auto& p = primitives(shape);
   const int64_t block = p.block;
   const int64_t c = shape.out_channels, blocks = (c + block - 1) / block, plane = shape.height * shape.width;
-#pragma omp parallel for collapse(2) schedule(static) \
-    if (shape.batch * blocks * plane * block > kParallelFloats)
+#pragma omp parallel for collapse(2) schedule(static) if (shape.batch * blocks * plane * block > kParallelFloats)
   for (int64_t n = 0; n < shape.batch; ++n)
     for (int64_t b = 0; b < blocks; ++b)
       unblock_planes(src + (n * blocks + b) * plane * block, std::min(block, c - b * block), plane, block,
@@ -316,8 +316,8 @@ void CpuBackend::from_conv_layout(const ConvShape& shape, const float* src, floa
 
 int64_t CpuBackend::conv_weights_size(const ConvShape& shape, ConvPass pass) {
   auto& p = primitives(shape);
-  auto desc = pass == ConvPass::backward_data ? p.bwd_data_pd.weights_desc()
-                                              : kernels(shape, pass).fwd_pd.weights_desc();
+  auto desc =
+      pass == ConvPass::backward_data ? p.bwd_data_pd.weights_desc() : kernels(shape, pass).fwd_pd.weights_desc();
   return static_cast<int64_t>((desc.get_size() + sizeof(float) - 1) / sizeof(float));
 }
 
@@ -367,8 +367,8 @@ void CpuBackend::conv_backward_weights(const ConvShape& shape, const float* src,
   run_backward_weights(shape, kernels(shape, ConvPass::backward_weights), src, diff_dst, diff_weights);
 }
 
-void CpuBackend::run_backward_weights(const ConvShape& shape, ConvKernels& k, const float* src,
-                                      const float* diff_dst, float* diff_weights) {
+void CpuBackend::run_backward_weights(const ConvShape& shape, ConvKernels& k, const float* src, const float* diff_dst,
+                                      float* diff_weights) {
   auto& p = primitives(shape);
   if (&k == p.f32.get() && gemm_backward_weights(shape)) {
     run_gemm_backward_weights(shape, p, src, diff_dst, diff_weights);
@@ -385,9 +385,7 @@ void CpuBackend::run_backward_weights(const ConvShape& shape, ConvKernels& k, co
   });
 }
 
-bool CpuBackend::gemm_backward_weights(const ConvShape& shape) {
-  return shape.height * shape.width <= 4;
-}
+bool CpuBackend::gemm_backward_weights(const ConvShape& shape) { return shape.height * shape.width <= 4; }
 
 void CpuBackend::run_gemm_backward_weights(const ConvShape& shape, const ConvPrimitives& p, const float* src,
                                            const float* diff_dst, float* diff_weights) {
@@ -421,24 +419,24 @@ void CpuBackend::run_gemm_backward_weights(const ConvShape& shape, const ConvPri
   // Group i: dW_i [cg_out, cg_in * k * k] (the plain [g, o, i, k, k] layout) = dy_i^T im2col_i.
   const int64_t cg = c / shape.groups, group_cols = cg * taps;
   for (int64_t i = 0; i < shape.groups; ++i) {
-    const dnnl::status status = dnnl::sgemm('T', 'N', cg, group_cols, rows, 1.0f, dy + i * cg, c,
-                                            im2col + i * group_cols, cols, 0.0f,
-                                            diff_weights + i * cg * group_cols, group_cols);
+    const dnnl::status status =
+        dnnl::sgemm('T', 'N', cg, group_cols, rows, 1.0f, dy + i * cg, c, im2col + i * group_cols, cols, 0.0f,
+                    diff_weights + i * cg * group_cols, group_cols);
     require<BackendError>(status == dnnl::status::success, "oneDNN sgemm failed (status ", static_cast<int>(status),
                           ") for the backward-weights of ", shape.str());
   }
 }
 
 CpuBackend::ScaledPrimitive& CpuBackend::scaled_primitive(const ConvShape& shape, ConvKernels& k, float alpha,
-                                                             bool addend) {
+                                                          bool addend) {
   auto key = std::make_pair(alpha, addend);
   auto it = k.scaled.find(key);
   if (it != k.scaled.end()) return it->second;
   return dnnl_checked("scaled forward primitive creation", shape, [&]() -> ScaledPrimitive& {
     const memory::desc& out = primitives(shape).out;
     memory::dims strides{1, 1}, pad{shape.kernel / 2, shape.kernel / 2};
-    dnnl::convolution_forward::desc desc(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-                                         k.act, k.fwd_pd.weights_desc(), out, strides, pad, pad);
+    dnnl::convolution_forward::desc desc(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, k.act,
+                                         k.fwd_pd.weights_desc(), out, strides, pad, pad);
     dnnl::post_ops ops;
     ScaledPrimitive entry;
     if (alpha != 1.0f) ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_linear, alpha, 0.0f);
@@ -465,8 +463,8 @@ void CpuBackend::conv_forward_scaled(const ConvShape& shape, const float* src, c
   run_scaled(shape, kernels(shape, ConvPass::forward), src, weights, alpha, addend, dst);
 }
 
-void CpuBackend::run_scaled(const ConvShape& shape, ConvKernels& k, const float* src, const float* weights,
-                            float alpha, const float* addend, float* dst) {
+void CpuBackend::run_scaled(const ConvShape& shape, ConvKernels& k, const float* src, const float* weights, float alpha,
+                            const float* addend, float* dst) {
   auto& p = primitives(shape);
   auto& scaled = scaled_primitive(shape, k, alpha, addend != nullptr);
   dnnl_checked("scaled convolution forward", shape, [&] {
@@ -485,11 +483,15 @@ void CpuBackend::run_scaled(const ConvShape& shape, ConvKernels& k, const float*
 // ---------------------------------------------------------------- bf16
 
 void CpuBackend::check_precision(ConvPrecision precision) const {
-  require(precision != ConvPrecision::tf32, "--precision tf32 is a CUDA tensor-core format; the CPU backend runs "
+  require(precision != ConvPrecision::tf32,
+          "--precision tf32 is a CUDA tensor-core format; the CPU backend runs "
           "--precision fp32 or bf16");
   require(precision != ConvPrecision::bf16 || has_bf16_, "--precision bf16 needs a CPU with AVX512-BF16 (oneDNN's ",
-          "avx512_core_bf16 ISA); oneDNN finds none here", std::getenv("DNNL_MAX_CPU_ISA") ? " (DNNL_MAX_CPU_ISA is "
-          "set)" : "", "; use --precision fp32");
+          "avx512_core_bf16 ISA); oneDNN finds none here",
+          std::getenv("DNNL_MAX_CPU_ISA") ? " (DNNL_MAX_CPU_ISA is "
+                                            "set)"
+                                          : "",
+          "; use --precision fp32");
 }
 
 std::vector<std::string> CpuBackend::precision_choices() const {
@@ -497,8 +499,11 @@ std::vector<std::string> CpuBackend::precision_choices() const {
   for (const auto& [key, p] : cache_)
     if (!p->bf16_choices.empty())
       out.push_back(detail::concat("batch ", key.n, ", ", key.ci, " ch ", key.h, "x", key.w, " k", key.k, " g", key.g,
-                                   " ", p->block == 16 ? "nChw16c" : p->block == 8 ? "nChw8c" : "nhwc", ": ",
-                                   p->bf16_choices));
+                                   " ",
+                                   p->block == 16  ? "nChw16c"
+                                   : p->block == 8 ? "nChw8c"
+                                                   : "nhwc",
+                                   ": ", p->bf16_choices));
   return out;
 }
 
@@ -548,8 +553,7 @@ bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass
   const bool forward = pass == ConvPass::forward;
   const char* name = forward ? "fwd" : "bwd-weights";
   auto note = [&](const std::string& why, bool use) {
-    p.bf16_choices += detail::concat(p.bf16_choices.empty() ? "" : ", ", name, use ? " bf16" : " fp32", " (", why,
-                                     ")");
+    p.bf16_choices += detail::concat(p.bf16_choices.empty() ? "" : ", ", name, use ? " bf16" : " fp32", " (", why, ")");
     return use;
   };
   if (precision_choice_ == PrecisionChoice::never) return note("never", false);
@@ -573,8 +577,8 @@ bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass
   // Scratch buffers of the shape (zeros: the kernels' time does not depend on the values).
   ConvKernels& high = *p.f32;
   const int64_t floats = static_cast<int64_t>(p.out.get_size() / sizeof(float));
-  const int64_t weights = static_cast<int64_t>(
-      std::max(high.fwd_pd.weights_desc().get_size(), p.plain_weights.get_size()) / sizeof(float));
+  const int64_t weights =
+      static_cast<int64_t>(std::max(high.fwd_pd.weights_desc().get_size(), p.plain_weights.get_size()) / sizeof(float));
   std::vector<float> a(static_cast<size_t>(floats)), b(a.size()), out(a.size()), a_low(a.size() / 2 + 1),
       b_low(a_low.size()), w_high(static_cast<size_t>(weights)), w_low(w_high.size());
   std::function<void()> run_high, run_low;

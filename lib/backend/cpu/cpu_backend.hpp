@@ -53,21 +53,19 @@ class CpuBackend final : public Backend {
   void fill(float* dst, int64_t count, float value) override;
   void copy(const float* src, float* dst, int64_t count) override;
   void axpby(float alpha, const float* x, float beta, float* y, int64_t count) override;
-  void weighted_sum(const float* const* sources, const float* scales, int inputs, float* dst,
-                    int64_t count) override;
+  void weighted_sum(const float* const* sources, const float* scales, int inputs, float* dst, int64_t count) override;
   void copy_channels(const float* src, int64_t src_channels, float* dst, int64_t dst_channels, int64_t batch,
                      int64_t plane, bool accumulate) override;
-  void permute_channels(const float* src, float* dst, const int32_t* destination, int64_t batch,
-                        int64_t channels, int64_t plane) override;
-  void pixel_unshuffle(const float* src, float* dst, int64_t batch, int64_t channels, int64_t height,
-                       int64_t width, int64_t stride, bool inverse) override;
+  void permute_channels(const float* src, float* dst, const int32_t* destination, int64_t batch, int64_t channels,
+                        int64_t plane) override;
+  void pixel_unshuffle(const float* src, float* dst, int64_t batch, int64_t channels, int64_t height, int64_t width,
+                       int64_t stride, bool inverse) override;
   void maxmin_forward(const float* src, float* dst, int64_t batch, int64_t channels, int64_t plane,
                       bool paired) override;
-  void maxmin_backward(const float* src, const float* diff_dst, float* diff_src, int64_t batch,
-                       int64_t channels, int64_t plane, bool paired) override;
+  void maxmin_backward(const float* src, const float* diff_dst, float* diff_src, int64_t batch, int64_t channels,
+                       int64_t plane, bool paired) override;
   void add_bias(float* dst, const float* bias, int64_t batch, int64_t channels, int64_t plane) override;
-  void bias_backward(const float* diff_dst, float* diff_bias, int64_t batch, int64_t channels,
-                     int64_t plane) override;
+  void bias_backward(const float* diff_dst, float* diff_bias, int64_t batch, int64_t channels, int64_t plane) override;
 
   void skew_symmetrize(const float* src, float* dst, int64_t groups, int64_t channels, int64_t kernel) override;
   void power_iteration(const float* filter, PowerIterationState& state, int64_t groups, int64_t channels,
@@ -83,8 +81,8 @@ class CpuBackend final : public Backend {
 
   void softmax_cross_entropy(const float* logits, const int32_t* labels, int64_t batch, int64_t classes,
                              float* diff_logits, double* loss_sum, int64_t* correct) override;
-  void sgd_momentum(float* param, const float* grad, float* momentum, int64_t count, float lr,
-                    float momentum_coef, float weight_decay, bool first_step) override;
+  void sgd_momentum(float* param, const float* grad, float* momentum, int64_t count, float lr, float momentum_coef,
+                    float weight_decay, bool first_step) override;
 
   void to_host(const float* src, float* host_dst, int64_t count) override;
   void from_host(const float* host_src, float* dst, int64_t count) override;
@@ -135,15 +133,14 @@ class CpuBackend final : public Backend {
   static bool gemm_backward_weights(const ConvShape& shape);
   void run_gemm_backward_weights(const ConvShape& shape, const ConvPrimitives& p, const float* src,
                                  const float* diff_dst, float* diff_weights);
-  dnnl::memory::desc activation_desc(const ConvShape& shape, int64_t channels,
-                                     dnnl::memory::format_tag layout) const;
+  dnnl::memory::desc activation_desc(const ConvShape& shape, int64_t channels, dnnl::memory::format_tag layout) const;
   dnnl::memory::desc plain_weights_desc(const ConvShape& shape) const;
 
   dnnl::engine engine_;
   dnnl::stream stream_;
   dnnl::memory::format_tag blocked_tag_;
-  bool has_bf16_ = false;                 // oneDNN's effective ISA includes AVX512-BF16
-  bool has_amx_ = false;                  // ... and AMX (bf16 tiles)
+  bool has_bf16_ = false;  // oneDNN's effective ISA includes AVX512-BF16
+  bool has_amx_ = false;   // ... and AMX (bf16 tiles)
   PrecisionChoice precision_choice_ = PrecisionChoice::measured;
   double too_slow_factor_ = 10.0, too_slow_seconds_ = 0.05;
   std::map<ShapeKey, std::unique_ptr<ConvPrimitives>> cache_;

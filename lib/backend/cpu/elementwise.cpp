@@ -58,8 +58,7 @@ void CpuBackend::copy(const float* src, float* dst, int64_t count) {
   }
 }
 
-void CpuBackend::weighted_sum(const float* const* sources, const float* scales, int inputs, float* dst,
-                              int64_t count) {
+void CpuBackend::weighted_sum(const float* const* sources, const float* scales, int inputs, float* dst, int64_t count) {
   require(inputs >= 1, "weighted_sum needs at least one source, got ", inputs);
   const int64_t blocks = (count + kBlock - 1) / kBlock;
 #pragma omp parallel for schedule(static) if (count > kParallelFloats)
@@ -84,8 +83,8 @@ void CpuBackend::axpby(float alpha, const float* x, float beta, float* y, int64_
   }
 }
 
-void CpuBackend::copy_channels(const float* src, int64_t src_channels, float* dst, int64_t dst_channels,
-                               int64_t batch, int64_t plane, bool accumulate) {
+void CpuBackend::copy_channels(const float* src, int64_t src_channels, float* dst, int64_t dst_channels, int64_t batch,
+                               int64_t plane, bool accumulate) {
   int64_t common = std::min(src_channels, dst_channels);
 #pragma omp parallel for schedule(static) if (batch * dst_channels * plane > kParallelFloats)
   for (int64_t b = 0; b < batch; ++b) {
@@ -112,8 +111,7 @@ void CpuBackend::permute_channels(const float* src, float* dst, const int32_t* d
 void CpuBackend::pixel_unshuffle(const float* src, float* dst, int64_t batch, int64_t channels, int64_t height,
                                  int64_t width, int64_t stride, bool inverse) {
   int64_t oh = height / stride, ow = width / stride;
-#pragma omp parallel for collapse(2) schedule(static) \
-    if (batch * channels * height * width > kParallelFloats)
+#pragma omp parallel for collapse(2) schedule(static) if (batch * channels * height * width > kParallelFloats)
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t c = 0; c < channels; ++c)
       for (int64_t p = 0; p < stride; ++p)

@@ -170,8 +170,8 @@ void multiply_rows(const float* a, float* const x_in[4], int64_t c, int64_t k, f
 // nu_w = (in-side product of the out-side vector y_w) for the reshapes w with active[w], one pass: each thread
 // owns a range of input channels and runs over every output row, accumulating N_w[f] += A_o[f] * Y_w(o, f mod kk)
 // in place; then the bins are folded.
-void multiply_columns(const float* a, float* const y_out[4], const bool active[4], int64_t c, int64_t k,
-                      float* accum, std::vector<float>& scratch, std::vector<double> nu[4]) {
+void multiply_columns(const float* a, float* const y_out[4], const bool active[4], int64_t c, int64_t k, float* accum,
+                      std::vector<float>& scratch, std::vector<double> nu[4]) {
   const int64_t kk = k * k, row = c * kk, chunk = kLanes * kk;
   float* n[4] = {accum, accum + row, accum + 2 * row, accum + 3 * row};
   const int threads = omp_get_max_threads();
@@ -246,9 +246,8 @@ void CpuBackend::skew_symmetrize(const float* src, float* dst, int64_t groups, i
     }
 }
 
-void CpuBackend::power_iteration(const float* filter, PowerIterationState& state, int64_t groups,
-                                 int64_t channels, int64_t kernel, int iterations, float* sigma,
-                                 int32_t* which) {
+void CpuBackend::power_iteration(const float* filter, PowerIterationState& state, int64_t groups, int64_t channels,
+                                 int64_t kernel, int iterations, float* sigma, int32_t* which) {
   const int64_t c = channels, k = kernel, kk = k * k;
   const int64_t group_size = c * c * kk, row = c * kk;
   const int64_t out_length[4] = {c * k, c * k, c, c * kk}, in_length[4] = {c * k, c * k, c * kk, c};
@@ -315,9 +314,8 @@ void CpuBackend::scale_groups(const float* filter, const float* scale, float* sc
     }
 }
 
-void CpuBackend::add_sigma_gradient(const PowerIterationState& state, const int32_t* which,
-                                    const float* coefficient, float* diff_filter, int64_t groups,
-                                    int64_t channels, int64_t kernel) {
+void CpuBackend::add_sigma_gradient(const PowerIterationState& state, const int32_t* which, const float* coefficient,
+                                    float* diff_filter, int64_t groups, int64_t channels, int64_t kernel) {
   const int64_t c = channels, k = kernel, kk = k * k, row = c * kk, chunk = kLanes * kk;
   if (static_cast<int64_t>(filter_scratch_.size()) < 4 * row) filter_scratch_.resize(4 * row);
   const int threads = omp_get_max_threads();

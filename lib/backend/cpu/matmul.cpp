@@ -22,8 +22,8 @@ namespace {
 dnnl::status product(const MatmulShape& s, float alpha, const float* a, const float* b, float beta, float* c) {
   const int64_t lda = s.transpose_a ? s.rows : s.inner, ldb = s.transpose_b ? s.inner : s.cols;
   if (b != nullptr)
-    return dnnl::sgemm(s.transpose_a ? 'T' : 'N', s.transpose_b ? 'T' : 'N', s.rows, s.cols, s.inner, alpha, a, lda,
-                       b, ldb, beta, c, s.cols);
+    return dnnl::sgemm(s.transpose_a ? 'T' : 'N', s.transpose_b ? 'T' : 'N', s.rows, s.cols, s.inner, alpha, a, lda, b,
+                       ldb, beta, c, s.cols);
   for (int64_t r = 0; r < s.rows; ++r)
     for (int64_t q = 0; q < s.cols; ++q) {
       const float value = alpha * (s.transpose_a ? a[q * lda + r] : a[r * lda + q]);

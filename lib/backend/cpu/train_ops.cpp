@@ -11,8 +11,8 @@ namespace orthoconv::cpu {
 // d x_j = (exp(x_j - lse) - [j == y]) / batch. The first arg-max is the prediction.
 void CpuBackend::softmax_cross_entropy(const float* logits, const int32_t* labels, int64_t batch, int64_t classes,
                                        float* diff_logits, double* loss_sum, int64_t* correct) {
-  require(batch > 0 && classes > 0, "softmax_cross_entropy needs a non-empty batch and classes, got ", batch,
-          " x ", classes);
+  require(batch > 0 && classes > 0, "softmax_cross_entropy needs a non-empty batch and classes, got ", batch, " x ",
+          classes);
   for (int64_t b = 0; b < batch; ++b)
     require(labels[b] >= 0 && labels[b] < classes, "softmax_cross_entropy: label ", labels[b], " of image ", b,
             " is outside [0, ", classes, ")");

@@ -31,8 +31,8 @@ CudaBackend::CudaBackend() {
   ORTHOCONV_CUBLAS_CHECK(cublasSetPointerMode(cublas_, CUBLAS_POINTER_MODE_HOST));
   ORTHOCONV_CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
   name_ = detail::concat("cuda (", props.name, ", sm_", props.major, props.minor, ", ", props.totalGlobalMem >> 30,
-                         " GiB; CUDA runtime ", runtime / 1000, ".", (runtime % 1000) / 10, ", driver ",
-                         driver / 1000, ".", (driver % 1000) / 10, "; cuDNN ", cudnn_version / 10000, ".",
+                         " GiB; CUDA runtime ", runtime / 1000, ".", (runtime % 1000) / 10, ", driver ", driver / 1000,
+                         ".", (driver % 1000) / 10, "; cuDNN ", cudnn_version / 10000, ".",
                          (cudnn_version % 10000) / 100, ".", cudnn_version % 100, ")");
 }
 
@@ -56,15 +56,15 @@ void CudaBackend::set_options(const CudaOptions& options) {
 void CudaBackend::copy(const float* src, float* dst, int64_t count) {
   if (src == dst || count <= 0) return;
   expect_device("copy", src, dst);
-  ORTHOCONV_CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<size_t>(count) * sizeof(float),
-                                       cudaMemcpyDeviceToDevice, stream()));
+  ORTHOCONV_CUDA_CHECK(
+      cudaMemcpyAsync(dst, src, static_cast<size_t>(count) * sizeof(float), cudaMemcpyDeviceToDevice, stream()));
 }
 
 void CudaBackend::to_host(const float* src, float* host_dst, int64_t count) {
   if (count <= 0) return;
   expect_device("to_host", src);
-  ORTHOCONV_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, static_cast<size_t>(count) * sizeof(float),
-                                       cudaMemcpyDeviceToHost, stream()));
+  ORTHOCONV_CUDA_CHECK(
+      cudaMemcpyAsync(host_dst, src, static_cast<size_t>(count) * sizeof(float), cudaMemcpyDeviceToHost, stream()));
   ORTHOCONV_CUDA_CHECK(cudaStreamSynchronize(stream()));
 }
 
@@ -72,8 +72,8 @@ void CudaBackend::to_host(const float* src, float* host_dst, int64_t count) {
 void CudaBackend::from_host(const float* host_src, float* dst, int64_t count) {
   if (count <= 0) return;
   expect_device("from_host", dst);
-  ORTHOCONV_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, static_cast<size_t>(count) * sizeof(float),
-                                       cudaMemcpyHostToDevice, stream()));
+  ORTHOCONV_CUDA_CHECK(
+      cudaMemcpyAsync(dst, host_src, static_cast<size_t>(count) * sizeof(float), cudaMemcpyHostToDevice, stream()));
   ORTHOCONV_CUDA_CHECK(cudaStreamSynchronize(stream()));
 }
 
@@ -105,8 +105,7 @@ bool cuda_available() { return cuda::device_present(); }
 
 std::shared_ptr<Backend> cuda_backend() {
   std::string why;
-  if (!cuda::device_present(&why))
-    throw BackendError("the CUDA backend is built in, but no GPU can be used: " + why);
+  if (!cuda::device_present(&why)) throw BackendError("the CUDA backend is built in, but no GPU can be used: " + why);
   // Never destroyed: the CUDA runtime may be gone when static destructors run.
   static std::shared_ptr<cuda::CudaBackend>* instance = [] {
     auto backend = std::make_shared<cuda::CudaBackend>();

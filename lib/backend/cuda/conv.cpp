@@ -18,47 +18,75 @@ bool is_tensor_op(cudnnMathType_t math) {
 
 const char* math_name(cudnnMathType_t math) {
   switch (math) {
-    case CUDNN_DEFAULT_MATH: return "default";
-    case CUDNN_TENSOR_OP_MATH: return "tensor-op";
-    case CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION: return "tensor-op+conversion";
-    case CUDNN_FMA_MATH: return "FMA";
-    default: return "?";
+    case CUDNN_DEFAULT_MATH:
+      return "default";
+    case CUDNN_TENSOR_OP_MATH:
+      return "tensor-op";
+    case CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION:
+      return "tensor-op+conversion";
+    case CUDNN_FMA_MATH:
+      return "FMA";
+    default:
+      return "?";
   }
 }
 
 const char* algo_name(cudnnConvolutionFwdAlgo_t a) {
   switch (a) {
-    case CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM: return "IMPLICIT_GEMM";
-    case CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM: return "IMPLICIT_PRECOMP_GEMM";
-    case CUDNN_CONVOLUTION_FWD_ALGO_GEMM: return "GEMM";
-    case CUDNN_CONVOLUTION_FWD_ALGO_DIRECT: return "DIRECT";
-    case CUDNN_CONVOLUTION_FWD_ALGO_FFT: return "FFT";
-    case CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING: return "FFT_TILING";
-    case CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD: return "WINOGRAD";
-    case CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED: return "WINOGRAD_NONFUSED";
-    default: return "?";
+    case CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM:
+      return "IMPLICIT_GEMM";
+    case CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM:
+      return "IMPLICIT_PRECOMP_GEMM";
+    case CUDNN_CONVOLUTION_FWD_ALGO_GEMM:
+      return "GEMM";
+    case CUDNN_CONVOLUTION_FWD_ALGO_DIRECT:
+      return "DIRECT";
+    case CUDNN_CONVOLUTION_FWD_ALGO_FFT:
+      return "FFT";
+    case CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING:
+      return "FFT_TILING";
+    case CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD:
+      return "WINOGRAD";
+    case CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED:
+      return "WINOGRAD_NONFUSED";
+    default:
+      return "?";
   }
 }
 const char* algo_name(cudnnConvolutionBwdDataAlgo_t a) {
   switch (a) {
-    case CUDNN_CONVOLUTION_BWD_DATA_ALGO_0: return "ALGO_0";
-    case CUDNN_CONVOLUTION_BWD_DATA_ALGO_1: return "ALGO_1";
-    case CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT: return "FFT";
-    case CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING: return "FFT_TILING";
-    case CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD: return "WINOGRAD";
-    case CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED: return "WINOGRAD_NONFUSED";
-    default: return "?";
+    case CUDNN_CONVOLUTION_BWD_DATA_ALGO_0:
+      return "ALGO_0";
+    case CUDNN_CONVOLUTION_BWD_DATA_ALGO_1:
+      return "ALGO_1";
+    case CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT:
+      return "FFT";
+    case CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING:
+      return "FFT_TILING";
+    case CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD:
+      return "WINOGRAD";
+    case CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED:
+      return "WINOGRAD_NONFUSED";
+    default:
+      return "?";
   }
 }
 const char* algo_name(cudnnConvolutionBwdFilterAlgo_t a) {
   switch (a) {
-    case CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0: return "ALGO_0";
-    case CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1: return "ALGO_1";
-    case CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT: return "FFT";
-    case CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3: return "ALGO_3";
-    case CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED: return "WINOGRAD_NONFUSED";
-    case CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING: return "FFT_TILING";
-    default: return "?";
+    case CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0:
+      return "ALGO_0";
+    case CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1:
+      return "ALGO_1";
+    case CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT:
+      return "FFT";
+    case CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3:
+      return "ALGO_3";
+    case CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED:
+      return "WINOGRAD_NONFUSED";
+    case CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING:
+      return "FFT_TILING";
+    default:
+      return "?";
   }
 }
 
@@ -101,8 +129,8 @@ CudaBackend::ConvPlan& CudaBackend::plan_for(const ConvShape& shape) {
             co = as_int(shape.out_channels, "out_channels", shape), h = as_int(shape.height, "height", shape),
             w = as_int(shape.width, "width", shape), k = as_int(shape.kernel, "kernel", shape),
             g = as_int(shape.groups, "groups", shape);
-  as_int(shape.batch * std::max(shape.in_channels, shape.out_channels) * shape.height * shape.width,
-         "activation size", shape);
+  as_int(shape.batch * std::max(shape.in_channels, shape.out_channels) * shape.height * shape.width, "activation size",
+         shape);
 
   // bf16: bf16 src, weights and result (cuDNN's PSEUDO_BFLOAT16 configuration, float32 compute), forward only.
   const bool bf16 = shape.precision == ConvPrecision::bf16;
@@ -120,8 +148,8 @@ CudaBackend::ConvPlan& CudaBackend::plan_for(const ConvShape& shape) {
   if (bf16) p->description = "bf16: ";
   for (auto* c : {&p->conv_fwd, &p->conv_bwd_data, &p->conv_bwd_weights}) {
     ORTHOCONV_CUDNN_CHECK(cudnnCreateConvolutionDescriptor(c));
-    ORTHOCONV_CUDNN_CHECK(cudnnSetConvolution2dDescriptor(*c, k / 2, k / 2, 1, 1, 1, 1, CUDNN_CROSS_CORRELATION,
-                                                          CUDNN_DATA_FLOAT));
+    ORTHOCONV_CUDNN_CHECK(
+        cudnnSetConvolution2dDescriptor(*c, k / 2, k / 2, 1, 1, 1, 1, CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
     ORTHOCONV_CUDNN_CHECK(cudnnSetConvolutionGroupCount(*c, g));
     ORTHOCONV_CUDNN_CHECK(cudnnSetConvolutionMathType(*c, search_math));
   }
@@ -132,8 +160,8 @@ CudaBackend::ConvPlan& CudaBackend::plan_for(const ConvShape& shape) {
     int count = 0, returned = 0;
     ORTHOCONV_CUDNN_CHECK(cudnnGetConvolutionForwardAlgorithmMaxCount(cudnn_, &count));
     std::vector<cudnnConvolutionFwdAlgoPerf_t> results(static_cast<size_t>(count));
-    if (!find || cudnnFindConvolutionForwardAlgorithm(cudnn_, p->src, p->weights, p->conv_fwd, p->dst, count,
-                                                      &returned, results.data()) != CUDNN_STATUS_SUCCESS)
+    if (!find || cudnnFindConvolutionForwardAlgorithm(cudnn_, p->src, p->weights, p->conv_fwd, p->dst, count, &returned,
+                                                      results.data()) != CUDNN_STATUS_SUCCESS)
       ORTHOCONV_CUDNN_CHECK(cudnnGetConvolutionForwardAlgorithm_v7(cudnn_, p->src, p->weights, p->conv_fwd, p->dst,
                                                                    count, &returned, results.data()));
     const auto* best = pick(results, returned, tf32);
@@ -148,13 +176,12 @@ CudaBackend::ConvPlan& CudaBackend::plan_for(const ConvShape& shape) {
     int count = 0, returned = 0;
     ORTHOCONV_CUDNN_CHECK(cudnnGetConvolutionBackwardDataAlgorithmMaxCount(cudnn_, &count));
     std::vector<cudnnConvolutionBwdDataAlgoPerf_t> results(static_cast<size_t>(count));
-    if (!find || cudnnFindConvolutionBackwardDataAlgorithm(cudnn_, p->weights, p->dst, p->conv_bwd_data, p->src,
-                                                           count, &returned, results.data()) != CUDNN_STATUS_SUCCESS)
+    if (!find || cudnnFindConvolutionBackwardDataAlgorithm(cudnn_, p->weights, p->dst, p->conv_bwd_data, p->src, count,
+                                                           &returned, results.data()) != CUDNN_STATUS_SUCCESS)
       ORTHOCONV_CUDNN_CHECK(cudnnGetConvolutionBackwardDataAlgorithm_v7(cudnn_, p->weights, p->dst, p->conv_bwd_data,
                                                                         p->src, count, &returned, results.data()));
     const auto* best = pick(results, returned, tf32);
-    require<BackendError>(best != nullptr, "cuDNN has no usable backward-data algorithm for convolution ",
-                          shape.str());
+    require<BackendError>(best != nullptr, "cuDNN has no usable backward-data algorithm for convolution ", shape.str());
     p->bwd_data_algo = best->algo;
     p->bwd_data_workspace = best->memory;
     ORTHOCONV_CUDNN_CHECK(cudnnSetConvolutionMathType(p->conv_bwd_data, best->mathType));
@@ -175,8 +202,8 @@ CudaBackend::ConvPlan& CudaBackend::plan_for(const ConvShape& shape) {
     p->bwd_weights_algo = best->algo;
     p->bwd_weights_workspace = best->memory;
     ORTHOCONV_CUDNN_CHECK(cudnnSetConvolutionMathType(p->conv_bwd_weights, best->mathType));
-    p->description += detail::concat(", bwd-weights ", algo_name(best->algo), " (", math_name(best->mathType),
-                                     ", ", best->memory >> 20, " MiB)");
+    p->description += detail::concat(", bwd-weights ", algo_name(best->algo), " (", math_name(best->mathType), ", ",
+                                     best->memory >> 20, " MiB)");
   }
   // A failed cudnnFind* may leave a CUDA error pending; it was handled above.
   (void)cudaGetLastError();
@@ -251,9 +278,8 @@ void CudaBackend::conv_forward(const ConvShape& shape, const float* src, const f
   const float one = 1.0f, zero = 0.0f, beta = accumulate ? 1.0f : 0.0f;
   if (conv_precision(shape, ConvPass::forward) == ConvPrecision::bf16) {
     void* result = bf16_result_.reserve(static_cast<size_t>(count) * 2);
-    ORTHOCONV_CUDNN_CHECK(cudnnConvolutionForward(cudnn_, &one, p.src, src, p.weights, weights, p.conv_fwd,
-                                                  p.fwd_algo, workspace(p.fwd_workspace), p.fwd_workspace, &zero,
-                                                  p.dst, result));
+    ORTHOCONV_CUDNN_CHECK(cudnnConvolutionForward(cudnn_, &one, p.src, src, p.weights, weights, p.conv_fwd, p.fwd_algo,
+                                                  workspace(p.fwd_workspace), p.fwd_workspace, &zero, p.dst, result));
     bf16_epilogue(result, 1.0f, nullptr, accumulate, dst, count);
     return;
   }
@@ -270,9 +296,8 @@ void CudaBackend::conv_forward_scaled(const ConvShape& shape, const float* src, 
     const int64_t count = shape.batch * shape.out_channels * shape.height * shape.width;
     void* result = bf16_result_.reserve(static_cast<size_t>(count) * 2);
     const float one = 1.0f, zero = 0.0f;
-    ORTHOCONV_CUDNN_CHECK(cudnnConvolutionForward(cudnn_, &one, p.src, src, p.weights, weights, p.conv_fwd,
-                                                  p.fwd_algo, workspace(p.fwd_workspace), p.fwd_workspace, &zero,
-                                                  p.dst, result));
+    ORTHOCONV_CUDNN_CHECK(cudnnConvolutionForward(cudnn_, &one, p.src, src, p.weights, weights, p.conv_fwd, p.fwd_algo,
+                                                  workspace(p.fwd_workspace), p.fwd_workspace, &zero, p.dst, result));
     bf16_epilogue(result, alpha, addend, false, dst, count);
     return;
   }
@@ -281,9 +306,8 @@ void CudaBackend::conv_forward_scaled(const ConvShape& shape, const float* src, 
     copy(addend, dst, shape.batch * shape.out_channels * shape.height * shape.width);
     beta = 1.0f;
   }
-  ORTHOCONV_CUDNN_CHECK(cudnnConvolutionForward(cudnn_, &alpha, p.src, src, p.weights, weights, p.conv_fwd,
-                                                p.fwd_algo, workspace(p.fwd_workspace), p.fwd_workspace, &beta,
-                                                p.dst, dst));
+  ORTHOCONV_CUDNN_CHECK(cudnnConvolutionForward(cudnn_, &alpha, p.src, src, p.weights, weights, p.conv_fwd, p.fwd_algo,
+                                                workspace(p.fwd_workspace), p.fwd_workspace, &beta, p.dst, dst));
 }
 
 void CudaBackend::conv_backward_data(const ConvShape& shape, const float* diff_dst, const float* weights,
@@ -291,10 +315,9 @@ void CudaBackend::conv_backward_data(const ConvShape& shape, const float* diff_d
   expect_device("conv_backward_data", diff_dst, weights, diff_src);
   ConvPlan& p = plan(shape, ConvPass::backward_data);
   const float one = 1.0f, zero = 0.0f;
-  ORTHOCONV_CUDNN_CHECK(cudnnConvolutionBackwardData(cudnn_, &one, p.weights, weights, p.dst, diff_dst,
-                                                     p.conv_bwd_data, p.bwd_data_algo,
-                                                     workspace(p.bwd_data_workspace), p.bwd_data_workspace, &zero,
-                                                     p.src, diff_src));
+  ORTHOCONV_CUDNN_CHECK(cudnnConvolutionBackwardData(cudnn_, &one, p.weights, weights, p.dst, diff_dst, p.conv_bwd_data,
+                                                     p.bwd_data_algo, workspace(p.bwd_data_workspace),
+                                                     p.bwd_data_workspace, &zero, p.src, diff_src));
 }
 
 void CudaBackend::conv_backward_weights(const ConvShape& shape, const float* src, const float* diff_dst,
@@ -311,10 +334,9 @@ void CudaBackend::conv_backward_weights(const ConvShape& shape, const float* src
     src = wide_src;
     diff_dst = wide_diff;
   }
-  ORTHOCONV_CUDNN_CHECK(cudnnConvolutionBackwardFilter(cudnn_, &one, p.src, src, p.dst, diff_dst,
-                                                       p.conv_bwd_weights, p.bwd_weights_algo,
-                                                       workspace(p.bwd_weights_workspace), p.bwd_weights_workspace,
-                                                       &zero, p.weights, diff_weights));
+  ORTHOCONV_CUDNN_CHECK(cudnnConvolutionBackwardFilter(cudnn_, &one, p.src, src, p.dst, diff_dst, p.conv_bwd_weights,
+                                                       p.bwd_weights_algo, workspace(p.bwd_weights_workspace),
+                                                       p.bwd_weights_workspace, &zero, p.weights, diff_weights));
 }
 
 }  // namespace orthoconv::cuda

@@ -45,8 +45,8 @@ void CudaBackend::widen_bf16(const void* src, float* dst, int64_t count) {
 void CudaBackend::bf16_epilogue(const void* result, float alpha, const float* addend, bool accumulate, float* dst,
                                 int64_t count) {
   if (count <= 0) return;
-  epilogue_kernel<<<grid_for(count), kThreads, 0, stream()>>>(static_cast<const __nv_bfloat16*>(result), alpha,
-                                                              addend, accumulate, dst, count);
+  epilogue_kernel<<<grid_for(count), kThreads, 0, stream()>>>(static_cast<const __nv_bfloat16*>(result), alpha, addend,
+                                                              accumulate, dst, count);
   ORTHOCONV_CUDA_LAUNCHED("epilogue_kernel");
 }
 

@@ -69,21 +69,19 @@ class CudaBackend final : public Backend {
   void fill(float* dst, int64_t count, float value) override;
   void copy(const float* src, float* dst, int64_t count) override;
   void axpby(float alpha, const float* x, float beta, float* y, int64_t count) override;
-  void weighted_sum(const float* const* sources, const float* scales, int inputs, float* dst,
-                    int64_t count) override;
+  void weighted_sum(const float* const* sources, const float* scales, int inputs, float* dst, int64_t count) override;
   void copy_channels(const float* src, int64_t src_channels, float* dst, int64_t dst_channels, int64_t batch,
                      int64_t plane, bool accumulate) override;
-  void permute_channels(const float* src, float* dst, const int32_t* destination, int64_t batch,
-                        int64_t channels, int64_t plane) override;
-  void pixel_unshuffle(const float* src, float* dst, int64_t batch, int64_t channels, int64_t height,
-                       int64_t width, int64_t stride, bool inverse) override;
+  void permute_channels(const float* src, float* dst, const int32_t* destination, int64_t batch, int64_t channels,
+                        int64_t plane) override;
+  void pixel_unshuffle(const float* src, float* dst, int64_t batch, int64_t channels, int64_t height, int64_t width,
+                       int64_t stride, bool inverse) override;
   void maxmin_forward(const float* src, float* dst, int64_t batch, int64_t channels, int64_t plane,
                       bool paired) override;
-  void maxmin_backward(const float* src, const float* diff_dst, float* diff_src, int64_t batch,
-                       int64_t channels, int64_t plane, bool paired) override;
+  void maxmin_backward(const float* src, const float* diff_dst, float* diff_src, int64_t batch, int64_t channels,
+                       int64_t plane, bool paired) override;
   void add_bias(float* dst, const float* bias, int64_t batch, int64_t channels, int64_t plane) override;
-  void bias_backward(const float* diff_dst, float* diff_bias, int64_t batch, int64_t channels,
-                     int64_t plane) override;
+  void bias_backward(const float* diff_dst, float* diff_bias, int64_t batch, int64_t channels, int64_t plane) override;
 
   void skew_symmetrize(const float* src, float* dst, int64_t groups, int64_t channels, int64_t kernel) override;
   void power_iteration(const float* filter, PowerIterationState& state, int64_t groups, int64_t channels,
@@ -99,8 +97,8 @@ class CudaBackend final : public Backend {
 
   void softmax_cross_entropy(const float* logits, const int32_t* labels, int64_t batch, int64_t classes,
                              float* diff_logits, double* loss_sum, int64_t* correct) override;
-  void sgd_momentum(float* param, const float* grad, float* momentum, int64_t count, float lr,
-                    float momentum_coef, float weight_decay, bool first_step) override;
+  void sgd_momentum(float* param, const float* grad, float* momentum, int64_t count, float lr, float momentum_coef,
+                    float weight_decay, bool first_step) override;
 
   void to_host(const float* src, float* host_dst, int64_t count) override;
   void from_host(const float* host_src, float* dst, int64_t count) override;
@@ -137,8 +135,7 @@ class CudaBackend final : public Backend {
   // dst = alpha * bf16 result + addend (or dst += result when accumulate).
   void round_to_bf16(const float* src, void* dst, int64_t count);
   void widen_bf16(const void* src, float* dst, int64_t count);
-  void bf16_epilogue(const void* result, float alpha, const float* addend, bool accumulate, float* dst,
-                     int64_t count);
+  void bf16_epilogue(const void* result, float alpha, const float* addend, bool accumulate, float* dst, int64_t count);
 
   std::string name_;
   int compute_capability_ = 0;  // major * 10 + minor
@@ -147,9 +144,9 @@ class CudaBackend final : public Backend {
   cublasHandle_t cublas_ = nullptr;
   std::map<ShapeKey, std::unique_ptr<ConvPlan>> plans_;
   DeviceScratch workspace_;
-  DeviceScratch reduce_scratch_;   // partial sums of reductions
-  DeviceScratch result_scratch_;   // per-group / per-row results copied to the host
-  DeviceScratch bf16_result_;      // bf16 forward results before the epilogue
+  DeviceScratch reduce_scratch_;              // partial sums of reductions
+  DeviceScratch result_scratch_;              // per-group / per-row results copied to the host
+  DeviceScratch bf16_result_;                 // bf16 forward results before the epilogue
   DeviceScratch widened_src_, widened_diff_;  // bf16 backward-weights inputs widened to float32
 };
 

@@ -31,8 +31,7 @@ struct SumInputs {
   float scale[kSumInputs];
 };
 
-__global__ void weighted_sum_kernel(SumInputs inputs, int count_inputs, bool accumulate, float* dst,
-                                    int64_t count) {
+__global__ void weighted_sum_kernel(SumInputs inputs, int count_inputs, bool accumulate, float* dst, int64_t count) {
   ORTHOCONV_GRID_STRIDE_LOOP(i, count) {
     float sum = accumulate ? dst[i] : inputs.scale[0] * inputs.source[0][i];
     for (int s = accumulate ? 0 : 1; s < count_inputs; ++s) sum += inputs.scale[s] * inputs.source[s][i];
@@ -76,8 +75,8 @@ __global__ void permute_channels_kernel(const float* src, float* dst, Permutatio
 }
 
 // Over the small side [b, c*s*s + s*p + q, i, j] <-> big side [b, c, s*i + p, s*j + q].
-__global__ void pixel_unshuffle_kernel(const float* src, float* dst, int64_t batch, int64_t channels,
-                                       int64_t height, int64_t width, int64_t stride, bool inverse) {
+__global__ void pixel_unshuffle_kernel(const float* src, float* dst, int64_t batch, int64_t channels, int64_t height,
+                                       int64_t width, int64_t stride, bool inverse) {
   const int64_t oh = height / stride, ow = width / stride, oc_count = channels * stride * stride;
   const int64_t count = batch * oc_count * oh * ow;
   ORTHOCONV_GRID_STRIDE_LOOP(small, count) {
@@ -145,13 +144,13 @@ void CudaBackend::weighted_sum(const float* const* sources, const float* scales,
   }
 }
 
-void CudaBackend::copy_channels(const float* src, int64_t src_channels, float* dst, int64_t dst_channels,
-                                int64_t batch, int64_t plane, bool accumulate) {
+void CudaBackend::copy_channels(const float* src, int64_t src_channels, float* dst, int64_t dst_channels, int64_t batch,
+                                int64_t plane, bool accumulate) {
   const int64_t count = batch * dst_channels * plane;
   if (count <= 0) return;
   expect_device("copy_channels", src, dst);
-  copy_channels_kernel<<<grid_for(count), kThreads, 0, stream()>>>(src, src_channels, dst, dst_channels, batch,
-                                                                   plane, accumulate);
+  copy_channels_kernel<<<grid_for(count), kThreads, 0, stream()>>>(src, src_channels, dst, dst_channels, batch, plane,
+                                                                   accumulate);
   ORTHOCONV_CUDA_LAUNCHED("copy_channels_kernel");
 }
 
@@ -170,21 +169,21 @@ void CudaBackend::permute_channels(const float* src, float* dst, const int32_t* 
     }
     const int64_t count = batch * chunk_channels * plane;
     if (count <= 0) continue;
-    permute_channels_kernel<<<grid_for(count), kThreads, 0, stream()>>>(src, dst, chunk, first, chunk_channels,
-                                                                        batch, channels, plane);
+    permute_channels_kernel<<<grid_for(count), kThreads, 0, stream()>>>(src, dst, chunk, first, chunk_channels, batch,
+                                                                        channels, plane);
     ORTHOCONV_CUDA_LAUNCHED("permute_channels_kernel");
   }
 }
 
 void CudaBackend::pixel_unshuffle(const float* src, float* dst, int64_t batch, int64_t channels, int64_t height,
                                   int64_t width, int64_t stride, bool inverse) {
-  require<ShapeError>(stride > 0 && height % stride == 0 && width % stride == 0, "pixel_unshuffle: stride ",
-                      stride, " must divide ", height, "x", width);
+  require<ShapeError>(stride > 0 && height % stride == 0 && width % stride == 0, "pixel_unshuffle: stride ", stride,
+                      " must divide ", height, "x", width);
   const int64_t count = batch * channels * height * width;
   if (count <= 0) return;
   expect_device("pixel_unshuffle", src, dst);
-  pixel_unshuffle_kernel<<<grid_for(count), kThreads, 0, stream()>>>(src, dst, batch, channels, height, width,
-                                                                     stride, inverse);
+  pixel_unshuffle_kernel<<<grid_for(count), kThreads, 0, stream()>>>(src, dst, batch, channels, height, width, stride,
+                                                                     inverse);
   ORTHOCONV_CUDA_LAUNCHED("pixel_unshuffle_kernel");
 }
 
@@ -201,8 +200,8 @@ void CudaBackend::bias_backward(const float* diff_dst, float* diff_bias, int64_t
   if (channels <= 0) return;
   expect_device("bias_backward", diff_dst, diff_bias);
   require<ShapeError>(channels <= INT32_MAX, "bias_backward: ", channels, " channels is too many");
-  bias_backward_kernel<<<static_cast<unsigned>(channels), kThreads, 0, stream()>>>(diff_dst, diff_bias, batch,
-                                                                                    channels, plane);
+  bias_backward_kernel<<<static_cast<unsigned>(channels), kThreads, 0, stream()>>>(diff_dst, diff_bias, batch, channels,
+                                                                                   plane);
   ORTHOCONV_CUDA_LAUNCHED("bias_backward_kernel");
 }
 

@@ -20,15 +20,13 @@ namespace orthoconv::cuda {
 
 namespace {
 
-constexpr int kLineThreads = 128;        // threads per matrix row / column in the power iteration
-constexpr int64_t kReduceChunk = 8192;   // elements per block in two-stage reductions
-constexpr int kScaleChunk = 256;         // groups per scale_groups launch
-constexpr int kSigmaChunk = 128;         // groups per add_sigma_gradient launch
+constexpr int kLineThreads = 128;       // threads per matrix row / column in the power iteration
+constexpr int64_t kReduceChunk = 8192;  // elements per block in two-stage reductions
+constexpr int kScaleChunk = 256;        // groups per scale_groups launch
+constexpr int kSigmaChunk = 128;        // groups per add_sigma_gradient launch
 
 // PowerIterationState::v_length / u_length, for device code.
-__host__ __device__ inline int64_t reshape_rows(int which, int64_t c, int64_t k) {
-  return which < 2 ? c * k : c;
-}
+__host__ __device__ inline int64_t reshape_rows(int which, int64_t c, int64_t k) { return which < 2 ? c * k : c; }
 __host__ __device__ inline int64_t reshape_cols(int which, int64_t c, int64_t k) {
   return which < 2 ? c * k : c * k * k;
 }
@@ -37,10 +35,30 @@ __host__ __device__ inline int64_t reshape_cols(int which, int64_t c, int64_t k)
 __device__ inline int64_t reshape_entry(int which, int64_t row, int64_t col, int64_t c, int64_t k) {
   int64_t o, i, y, x;
   switch (which) {
-    case 0: o = row / k; y = row % k; i = col / k; x = col % k; break;
-    case 1: o = row / k; x = row % k; i = col / k; y = col % k; break;
-    case 2: o = row; i = col / (k * k); y = (col / k) % k; x = col % k; break;
-    default: i = row; o = col / (k * k); y = (col / k) % k; x = col % k; break;
+    case 0:
+      o = row / k;
+      y = row % k;
+      i = col / k;
+      x = col % k;
+      break;
+    case 1:
+      o = row / k;
+      x = row % k;
+      i = col / k;
+      y = col % k;
+      break;
+    case 2:
+      o = row;
+      i = col / (k * k);
+      y = (col / k) % k;
+      x = col % k;
+      break;
+    default:
+      i = row;
+      o = col / (k * k);
+      y = (col / k) % k;
+      x = col % k;
+      break;
   }
   return ((o * c + i) * k + y) * k + x;
 }
@@ -49,10 +67,22 @@ __device__ inline int64_t reshape_entry(int which, int64_t row, int64_t col, int
 __device__ inline void entry_position(int which, int64_t e, int64_t c, int64_t k, int64_t& row, int64_t& col) {
   const int64_t x = e % k, y = (e / k) % k, i = (e / (k * k)) % c, o = e / (k * k * c);
   switch (which) {
-    case 0: row = o * k + y; col = i * k + x; break;
-    case 1: row = o * k + x; col = i * k + y; break;
-    case 2: row = o; col = (i * k + y) * k + x; break;
-    default: row = i; col = (o * k + y) * k + x; break;
+    case 0:
+      row = o * k + y;
+      col = i * k + x;
+      break;
+    case 1:
+      row = o * k + x;
+      col = i * k + y;
+      break;
+    case 2:
+      row = o;
+      col = (i * k + y) * k + x;
+      break;
+    default:
+      row = i;
+      col = (o * k + y) * k + x;
+      break;
   }
 }
 
@@ -106,8 +136,8 @@ __global__ void normalize_kernel(const double* in, float* out, int64_t length) {
 
 // partial[(which * groups + g) * chunks + chunk] = sum over the chunk of A_g[e] u[col(e)] v[row(e)].
 // Grid (chunks, groups, 4).
-__global__ void sigma_partial_kernel(const float* filter, ReshapeVectors vectors, double* partial, int64_t c,
-                                     int64_t k, int64_t chunks) {
+__global__ void sigma_partial_kernel(const float* filter, ReshapeVectors vectors, double* partial, int64_t c, int64_t k,
+                                     int64_t chunks) {
   const int64_t chunk = blockIdx.x, g = blockIdx.y, groups = gridDim.y;
   const int which = static_cast<int>(blockIdx.z);
   const int64_t group_size = c * c * k * k;
@@ -228,9 +258,8 @@ void CudaBackend::skew_symmetrize(const float* src, float* dst, int64_t groups, 
   ORTHOCONV_CUDA_LAUNCHED("skew_symmetrize_kernel");
 }
 
-void CudaBackend::power_iteration(const float* filter, PowerIterationState& state, int64_t groups,
-                                  int64_t channels, int64_t kernel, int iterations, float* sigma,
-                                  int32_t* which) {
+void CudaBackend::power_iteration(const float* filter, PowerIterationState& state, int64_t groups, int64_t channels,
+                                  int64_t kernel, int iterations, float* sigma, int32_t* which) {
   check_groups(groups, "power_iteration");
   const int64_t c = channels, k = kernel, group_size = c * c * k * k;
   const ReshapeVectors vectors = reshape_vectors(state, groups, c, k, "power_iteration");
@@ -270,8 +299,8 @@ void CudaBackend::power_iteration(const float* filter, PowerIterationState& stat
   std::vector<double> sigma_host(static_cast<size_t>(groups));
   ORTHOCONV_CUDA_CHECK(cudaMemcpyAsync(sigma_host.data(), sigma_device, static_cast<size_t>(groups) * sizeof(double),
                                        cudaMemcpyDeviceToHost, s));
-  ORTHOCONV_CUDA_CHECK(cudaMemcpyAsync(which, which_device, static_cast<size_t>(groups) * sizeof(int32_t),
-                                       cudaMemcpyDeviceToHost, s));
+  ORTHOCONV_CUDA_CHECK(
+      cudaMemcpyAsync(which, which_device, static_cast<size_t>(groups) * sizeof(int32_t), cudaMemcpyDeviceToHost, s));
   ORTHOCONV_CUDA_CHECK(cudaStreamSynchronize(s));
   for (int64_t g = 0; g < groups; ++g) sigma[g] = static_cast<float>(sigma_host[static_cast<size_t>(g)]);
 }
@@ -285,8 +314,8 @@ void CudaBackend::scale_groups(const float* filter, const float* scale, float* s
     GroupScales chunk{};
     for (int64_t g = 0; g < n; ++g) chunk.value[g] = scale[first + g];
     const int64_t count = n * group_size, offset = first * group_size;
-    scale_groups_kernel<<<grid_for(count), kThreads, 0, stream()>>>(filter + offset, chunk, scaled + offset,
-                                                                     group_size, count);
+    scale_groups_kernel<<<grid_for(count), kThreads, 0, stream()>>>(filter + offset, chunk, scaled + offset, group_size,
+                                                                    count);
     ORTHOCONV_CUDA_LAUNCHED("scale_groups_kernel");
   }
 }
@@ -327,8 +356,8 @@ void CudaBackend::group_dot(const float* a, const float* b, float* out, int64_t 
   sum_partials_kernel<<<static_cast<unsigned>(groups), kThreads, 0, s>>>(partial, chunks, sums);
   ORTHOCONV_CUDA_LAUNCHED("sum_partials_kernel");
   std::vector<double> host(static_cast<size_t>(groups));
-  ORTHOCONV_CUDA_CHECK(cudaMemcpyAsync(host.data(), sums, static_cast<size_t>(groups) * sizeof(double),
-                                       cudaMemcpyDeviceToHost, s));
+  ORTHOCONV_CUDA_CHECK(
+      cudaMemcpyAsync(host.data(), sums, static_cast<size_t>(groups) * sizeof(double), cudaMemcpyDeviceToHost, s));
   ORTHOCONV_CUDA_CHECK(cudaStreamSynchronize(s));
   for (int64_t g = 0; g < groups; ++g) out[g] = static_cast<float>(host[static_cast<size_t>(g)]);
 }

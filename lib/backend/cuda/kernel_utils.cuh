@@ -16,7 +16,7 @@ inline unsigned grid_for(int64_t count) {
   return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, 32768));
 }
 
-#define ORTHOCONV_GRID_STRIDE_LOOP(index, count)                                              \
+#define ORTHOCONV_GRID_STRIDE_LOOP(index, count)                                                     \
   for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < (count); \
        index += static_cast<int64_t>(blockDim.x) * gridDim.x)
 

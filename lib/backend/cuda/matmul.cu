@@ -41,8 +41,8 @@ int as_int(int64_t value, const MatmulShape& s) {
 
 }  // namespace
 
-void CudaBackend::matmul(const MatmulShape& s, float alpha, const float* a, const float* b, float beta,
-                         float shift, float* c) {
+void CudaBackend::matmul(const MatmulShape& s, float alpha, const float* a, const float* b, float beta, float shift,
+                         float* c) {
   s.validate();
   require(b != nullptr || s.inner == s.cols, "matmul without B needs inner == cols (B = I), got ", s.str());
   require(shift == 0.0f || s.rows == s.cols, "matmul with a shift needs square C, got ", s.str());

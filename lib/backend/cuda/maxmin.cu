@@ -61,8 +61,8 @@ void CudaBackend::maxmin_backward(const float* src, const float* diff_dst, float
   const int64_t count = batch * (channels / 2) * plane;
   if (count <= 0) return;
   expect_device("maxmin_backward", src, diff_dst, diff_src);
-  maxmin_backward_kernel<<<grid_for(count), kThreads, 0, stream()>>>(src, diff_dst, diff_src, batch, channels,
-                                                                     plane, paired);
+  maxmin_backward_kernel<<<grid_for(count), kThreads, 0, stream()>>>(src, diff_dst, diff_src, batch, channels, plane,
+                                                                     paired);
   ORTHOCONV_CUDA_LAUNCHED("maxmin_backward_kernel");
 }
 

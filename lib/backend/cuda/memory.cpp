@@ -34,8 +34,8 @@ void throw_cudnn_error(cudnnStatus_t status, const char* call, const char* file,
   char detail_message[512] = {0};
   cudnnGetLastErrorString(detail_message, sizeof(detail_message));
   throw BackendError(detail::concat("cuDNN error at ", short_path(file), ":", line, " in ", call, ": ",
-                                    cudnnGetErrorString(status),
-                                    detail_message[0] != '\0' ? " - " : "", detail_message));
+                                    cudnnGetErrorString(status), detail_message[0] != '\0' ? " - " : "",
+                                    detail_message));
 }
 
 void throw_cublas_error(cublasStatus_t status, const char* call, const char* file, int line) {
@@ -50,8 +50,8 @@ bool device_present(std::string* why) {
     cudaError_t error = cudaGetDeviceCount(&count);
     if (error != cudaSuccess) {
       (void)cudaGetLastError();
-      reason = detail::concat("cudaGetDeviceCount failed: ", cudaGetErrorString(error), " (",
-                              cudaGetErrorName(error), ")");
+      reason =
+          detail::concat("cudaGetDeviceCount failed: ", cudaGetErrorString(error), " (", cudaGetErrorName(error), ")");
       return false;
     }
     if (count <= 0) {
@@ -115,8 +115,8 @@ class Arena {
     }
     if (error != cudaSuccess) {
       (void)cudaGetLastError();
-      throw BackendError(detail::concat("cudaMalloc of ", size >> 20, " MiB failed: ", cudaGetErrorString(error),
-                                        " (", in_use_ >> 20, " MiB in use, ", reserved_ >> 20,
+      throw BackendError(detail::concat("cudaMalloc of ", size >> 20, " MiB failed: ", cudaGetErrorString(error), " (",
+                                        in_use_ >> 20, " MiB in use, ", reserved_ >> 20,
                                         " MiB reserved by orthoconv)"));
     }
     ++allocations_;
@@ -168,8 +168,8 @@ class Arena {
   }
 
   std::mutex mutex_;
-  std::multimap<size_t, void*> free_;              // cached blocks by size
-  std::unordered_map<void*, size_t> block_size_;   // every block from cudaMalloc, in use or cached
+  std::multimap<size_t, void*> free_;             // cached blocks by size
+  std::unordered_map<void*, size_t> block_size_;  // every block from cudaMalloc, in use or cached
   size_t in_use_ = 0, peak_ = 0, reserved_ = 0;
   int64_t allocations_ = 0;
 };
@@ -190,8 +190,8 @@ void zero_tensor(float* data, int64_t count) {
 }
 
 void tensor_to_host(const float* src, float* host_dst, int64_t count) {
-  ORTHOCONV_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, static_cast<size_t>(count) * sizeof(float),
-                                       cudaMemcpyDeviceToHost, stream()));
+  ORTHOCONV_CUDA_CHECK(
+      cudaMemcpyAsync(host_dst, src, static_cast<size_t>(count) * sizeof(float), cudaMemcpyDeviceToHost, stream()));
   ORTHOCONV_CUDA_CHECK(cudaStreamSynchronize(stream()));
 }
 
@@ -214,8 +214,7 @@ void expect_device_pointer(const void* pointer, const char* what) {
   cudaPointerAttributes attributes{};
   const cudaError_t error = cudaPointerGetAttributes(&attributes, pointer);
   if (error != cudaSuccess) (void)cudaGetLastError();
-  if (error != cudaSuccess ||
-      (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged))
+  if (error != cudaSuccess || (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged))
     throw BackendError(detail::concat("CUDA backend, ", what, ": argument ", pointer,
                                       " is not GPU memory (a Tensor on Device::cpu handed to the CUDA backend?)"));
 }

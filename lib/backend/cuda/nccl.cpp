@@ -20,8 +20,8 @@ static_assert(NCCL_UNIQUE_ID_BYTES == kNcclIdBytes, "nccl.hpp's id size must be 
 
 void check_nccl(ncclResult_t result, const char* call) {
   if (result != ncclSuccess)
-    throw BackendError(detail::concat("NCCL error in ", call, ": ", ncclGetErrorString(result), " (",
-                                      static_cast<int>(result), ")"));
+    throw BackendError(
+        detail::concat("NCCL error in ", call, ": ", ncclGetErrorString(result), " (", static_cast<int>(result), ")"));
 }
 
 }  // namespace
@@ -45,8 +45,7 @@ const char* nccl_version() {
 }
 
 NcclCommunicator::NcclCommunicator(const std::vector<unsigned char>& id, int ranks, int rank) {
-  require<BackendError>(id.size() == kNcclIdBytes, "NCCL unique id of ", id.size(), " bytes, expected ",
-                        kNcclIdBytes);
+  require<BackendError>(id.size() == kNcclIdBytes, "NCCL unique id of ", id.size(), " bytes, expected ", kNcclIdBytes);
   (void)stream();  // the backend's device and stream first (throws without a device)
   ncclUniqueId unique;
   std::memcpy(unique.internal, id.data(), kNcclIdBytes);
@@ -61,8 +60,8 @@ NcclCommunicator::~NcclCommunicator() {
 
 void NcclCommunicator::allreduce_sum(float* data, int64_t count) {
   if (count <= 0) return;
-  check_nccl(ncclAllReduce(data, data, static_cast<size_t>(count), ncclFloat, ncclSum,
-                           static_cast<ncclComm_t>(comm_), stream()),
+  check_nccl(ncclAllReduce(data, data, static_cast<size_t>(count), ncclFloat, ncclSum, static_cast<ncclComm_t>(comm_),
+                           stream()),
              "ncclAllReduce");
 }
 

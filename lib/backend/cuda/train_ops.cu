@@ -20,9 +20,9 @@ struct LabelChunk {
 
 // One block per row r of [first_row + blockIdx.x]: m = max_j x_j (first arg-max), lse = m + log sum exp(x_j - m),
 // loss = lse - x_y, d_j = (exp(x_j - lse) - [j == y]) / batch. Writes row_loss[r] and row_correct[r].
-__global__ void softmax_cross_entropy_kernel(const float* logits, LabelChunk labels, int64_t first_row,
-                                             int64_t classes, double inverse_batch, float* diff_logits,
-                                             double* row_loss, int32_t* row_correct) {
+__global__ void softmax_cross_entropy_kernel(const float* logits, LabelChunk labels, int64_t first_row, int64_t classes,
+                                             double inverse_batch, float* diff_logits, double* row_loss,
+                                             int32_t* row_correct) {
   const int64_t r = first_row + blockIdx.x;
   const float* x = logits + r * classes;
   float* d = diff_logits + r * classes;
@@ -87,8 +87,8 @@ __global__ void sgd_momentum_kernel(float* param, const float* grad, float* mome
 
 void CudaBackend::softmax_cross_entropy(const float* logits, const int32_t* labels, int64_t batch, int64_t classes,
                                         float* diff_logits, double* loss_sum, int64_t* correct) {
-  require(batch > 0 && classes > 0, "softmax_cross_entropy needs a non-empty batch and classes, got ", batch,
-          " x ", classes);
+  require(batch > 0 && classes > 0, "softmax_cross_entropy needs a non-empty batch and classes, got ", batch, " x ",
+          classes);
   for (int64_t b = 0; b < batch; ++b)
     require(labels[b] >= 0 && labels[b] < classes, "softmax_cross_entropy: label ", labels[b], " of image ", b,
             " is outside [0, ", classes, ")");
@@ -108,8 +108,8 @@ void CudaBackend::softmax_cross_entropy(const float* logits, const int32_t* labe
   }
   std::vector<double> loss(static_cast<size_t>(batch));
   std::vector<int32_t> right(static_cast<size_t>(batch));
-  ORTHOCONV_CUDA_CHECK(cudaMemcpyAsync(loss.data(), row_loss, static_cast<size_t>(batch) * sizeof(double),
-                                       cudaMemcpyDeviceToHost, s));
+  ORTHOCONV_CUDA_CHECK(
+      cudaMemcpyAsync(loss.data(), row_loss, static_cast<size_t>(batch) * sizeof(double), cudaMemcpyDeviceToHost, s));
   ORTHOCONV_CUDA_CHECK(cudaMemcpyAsync(right.data(), row_correct, static_cast<size_t>(batch) * sizeof(int32_t),
                                        cudaMemcpyDeviceToHost, s));
   ORTHOCONV_CUDA_CHECK(cudaStreamSynchronize(s));
