@@ -178,6 +178,47 @@ void steady_step(const LayerCase& c) {
     if (step.soc) step.soc->set_step(1);
 }
 
+// A layer case's three timings: a training forward, a training step (forward + backward), an evaluation forward.
+void add_layer_timings(std::vector<Timed>& timed, LayerCase* lc) {
+  if (lc->path != "-") lc->name += " " + lc->path;
+  timed.push_back({lc->name + " forward",
+                   [lc] {
+                     lc->layer->set_training(true);
+                     steady_step(*lc);
+                     lc->layer->forward(lc->input, lc->output);
+                   },
+                   {}});
+  timed.push_back({lc->name + " train",
+                   [lc] {
+                     lc->layer->set_training(true);
+                     steady_step(*lc);
+                     lc->layer->forward(lc->input, lc->output);
+                     lc->layer->backward(lc->diff_output, lc->diff_input);
+                   },
+                   {}});
+  timed.push_back({lc->name + " eval",
+                   [lc] {
+                     lc->layer->set_training(false);
+                     lc->layer->forward(lc->input, lc->output);
+                   },
+                   {}});
+}
+
+// Warm-up rounds, then repeats of every timing interleaved (one round runs each once), on the chosen clock.
+void run_timings(std::vector<Timed>& timed, const LayerBenchOptions& o, Backend& be) {
+  for (int w = 0; w < o.warmup; ++w)
+    for (auto& t : timed) t.run();
+  for (int r = 0; r < o.repeats; ++r)
+    for (auto& t : timed) {
+      be.synchronize();
+      const bool wall = o.clock == "wall";
+      const double start = wall ? now_ms() : cpu_ms();
+      t.run();
+      be.synchronize();
+      t.ms.push_back((wall ? now_ms() : cpu_ms()) - start);
+    }
+}
+
 nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::CpuBackend* cpu) {
   auto backend = cpu_backend();
   Backend& be = *backend;
@@ -222,42 +263,8 @@ nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::Cp
                      be.conv_backward_weights(plain, src.data(), diff_dst.data(), diff_w.data());
                    },
                    {}});
-  for (auto& c : cases) {
-    LayerCase* lc = c.get();
-    if (lc->path != "-") lc->name += " " + lc->path;
-    timed.push_back({lc->name + " forward",
-                     [lc] {
-                       lc->layer->set_training(true);
-                       steady_step(*lc);
-                       lc->layer->forward(lc->input, lc->output);
-                     },
-                     {}});
-    timed.push_back({lc->name + " train",
-                     [lc] {
-                       lc->layer->set_training(true);
-                       steady_step(*lc);
-                       lc->layer->forward(lc->input, lc->output);
-                       lc->layer->backward(lc->diff_output, lc->diff_input);
-                     },
-                     {}});
-    timed.push_back({lc->name + " eval",
-                     [lc] {
-                       lc->layer->set_training(false);
-                       lc->layer->forward(lc->input, lc->output);
-                     },
-                     {}});
-  }
-  for (int w = 0; w < o.warmup; ++w)
-    for (auto& t : timed) t.run();
-  for (int r = 0; r < o.repeats; ++r)
-    for (auto& t : timed) {
-      be.synchronize();
-      const bool wall = o.clock == "wall";
-      const double start = wall ? now_ms() : cpu_ms();
-      t.run();
-      be.synchronize();
-      t.ms.push_back((wall ? now_ms() : cpu_ms()) - start);
-    }
+  for (auto& c : cases) add_layer_timings(timed, c.get());
+  run_timings(timed, o, be);
   auto ms_of = [&](const std::string& name) {
     for (auto& t : timed)
       if (t.name == name) return t.median_ms();
