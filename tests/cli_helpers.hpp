@@ -3,11 +3,24 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <filesystem>
 #include <string>
+#include <vector>
 
 #include "orthoconv/data.hpp"
 
 namespace orthoconv::testing {
+
+// A fresh, empty directory under the system's temporary directory (unique per process and object), removed with
+// everything in it when the object goes.
+struct TempDir {
+  std::filesystem::path path;
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::vector<std::string> entries() const;  // the names in it, sorted
+};
 
 struct CliResult {
   int exit_code = -1;

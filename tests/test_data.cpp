@@ -42,20 +42,7 @@ const CifarSplit* real_split(const std::string& split) {
 }
 
 // A fresh, empty directory under the system temp dir, removed at scope exit.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("orthoconv-data-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
+using testing::TempDir;
 
 // Writes `records` records whose labels come from the functions and whose pixels are a hash of (record, byte).
 template <typename Coarse, typename Fine>

@@ -45,26 +45,7 @@ constexpr const char* kOnnxPython = nullptr;
 
 constexpr int64_t kImages = 256;
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("orthoconv-onnx-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::vector<std::string> entries() const {
-    std::vector<std::string> names;
-    for (const auto& entry : fs::directory_iterator(path)) names.push_back(entry.path().filename().string());
-    std::sort(names.begin(), names.end());
-    return names;
-  }
-};
+using testing::TempDir;
 
 // LipConvnet-5 (every block stride 2: pixel-unshuffle, zero channels in the first layer, truncation everywhere),
 // width 8, 100 classes, freshly initialised (50 power iterations).
