@@ -134,4 +134,35 @@ CifarSplit synthetic_split(int64_t images, int64_t classes, uint64_t seed) {
   return s;
 }
 
+std::vector<std::string> tiny_train_args(const std::string& out, int64_t epochs, int64_t batch, int64_t train_subset,
+                                         int64_t test_subset) {
+  return {"train",
+          "--conv",
+          "soc",
+          "--groups",
+          "1",
+          "--depth",
+          "5",
+          "--width",
+          "8",
+          "--classes",
+          "10",
+          "--epochs",
+          std::to_string(epochs),
+          "--batch",
+          std::to_string(batch),
+          "--train-subset",
+          std::to_string(train_subset),
+          "--test-subset",
+          std::to_string(test_subset),
+          "--lr",
+          "0.05",
+          "--threads",
+          "1",
+          "--data",
+          synthetic_cifar100_dir(),
+          "--out",
+          out};
+}
+
 }  // namespace orthoconv::testing

@@ -43,6 +43,10 @@ std::string real_data_dir();
 // labels 0..9 (for 10-class test models). Written once into the test binary directory and shared (read only) by
 // the tests that run `orthoconv train` or `certify` on data without depending on the real dataset.
 std::string synthetic_cifar100_dir();
+// `orthoconv train` arguments of a tiny 10-class run (LipConvnet-5 SOC, width 8, lr 0.05, one thread) on
+// synthetic_cifar100_dir(), writing to `out`.
+std::vector<std::string> tiny_train_args(const std::string& out, int64_t epochs, int64_t batch, int64_t train_subset,
+                                         int64_t test_subset);
 // An in-memory CIFAR-like split: `images` records of pseudo-random pixels and fine labels < classes (from seed).
 CifarSplit synthetic_split(int64_t images, int64_t classes, uint64_t seed);
 

@@ -295,33 +295,7 @@ void check_within_displacement(const std::vector<float>& a, const std::vector<fl
 constexpr double kWeightTolerance = 3e-4;  // of the largest displacement: see the top of this file
 
 std::vector<std::string> tiny_train_args(const std::string& out) {
-  return {"train",
-          "--conv",
-          "soc",
-          "--groups",
-          "1",
-          "--depth",
-          "5",
-          "--width",
-          "8",
-          "--classes",
-          "10",
-          "--epochs",
-          "2",
-          "--batch",
-          "64",
-          "--train-subset",
-          "256",
-          "--test-subset",
-          "96",
-          "--lr",
-          "0.05",
-          "--threads",
-          "1",
-          "--data",
-          orthoconv::testing::synthetic_cifar100_dir(),
-          "--out",
-          out};
+  return orthoconv::testing::tiny_train_args(out, 2, 64, 256, 96);
 }
 
 std::string joined(const std::vector<std::string>& words) {

@@ -936,33 +936,7 @@ class CliProcess {
 
 // A tiny 10-class run on the synthetic dataset: 40 steps per epoch, printed every 4 steps.
 std::vector<std::string> tiny_train_args(const std::string& out, int64_t epochs, int64_t batch) {
-  return {"train",
-          "--conv",
-          "soc",
-          "--groups",
-          "1",
-          "--depth",
-          "5",
-          "--width",
-          "8",
-          "--classes",
-          "10",
-          "--epochs",
-          std::to_string(epochs),
-          "--batch",
-          std::to_string(batch),
-          "--train-subset",
-          std::to_string(40 * batch),
-          "--test-subset",
-          "64",
-          "--lr",
-          "0.05",
-          "--threads",
-          "1",
-          "--data",
-          orthoconv::testing::synthetic_cifar100_dir(),
-          "--out",
-          out};
+  return orthoconv::testing::tiny_train_args(out, epochs, batch, 40 * batch, 64);
 }
 
 std::string joined(const std::vector<std::string>& words) {
