@@ -1209,12 +1209,16 @@ void add_matmul_cases(std::vector<OpCase>& table) {
       {3, 5, 5, 5, false, false, false, -1, 0, 40, 1.0f, 0.0f, -1.5f},  // A broadcast, C strided with gaps
       {2, 6, 6, 6, true, false, true, 0, 0, 0, 0.2f, 0.0f, 1.0f},       // B = I
       {1, 96, 96, 96, false, false, false, 0, 0, 0, 1.0f, 1.0f, 1.0f},
-      {6, 4, 9, 4, false, false, false, -1, 40, 45, 1.0f, 0.0f, 0.0f},     // the 1x1 conv on NCHW: Y_n = P X_n
-      {5, 4, 4, 9, false, true, false, 40, 45, -1, 1.0f, 0.0f, 0.0f},      // summed: dP^T = sum_n X_n dY_n^T
-      {3, 5, 5, 7, true, false, false, 0, 0, -1, 0.5f, 1.5f, 1.0f},        // summed, with beta and shift
-      {37, 6, 6, 5, false, true, false, 0, 0, -1, -1.0f, 0.0f, 0.0f},      // summed over more matrices than threads
-      {4, 3, 3, 3, false, false, true, 0, 0, -1, 2.0f, 0.0f, 0.0f},        // summed, B = I
-      {1, 192, 192, 576, true, false, false, 0, 0, 0, 1.0f, 1.0f, 0.0f}};  // a long inner dimension
+      {6, 4, 9, 4, false, false, false, -1, 40, 45, 1.0f, 0.0f, 0.0f},    // the 1x1 conv on NCHW: Y_n = P X_n
+      {5, 4, 4, 9, false, true, false, 40, 45, -1, 1.0f, 0.0f, 0.0f},     // summed: dP^T = sum_n X_n dY_n^T
+      {3, 5, 5, 7, true, false, false, 0, 0, -1, 0.5f, 1.5f, 1.0f},       // summed, with beta and shift
+      {37, 6, 6, 5, false, true, false, 0, 0, -1, -1.0f, 0.0f, 0.0f},     // summed over more matrices than threads
+      {4, 3, 3, 3, false, false, true, 0, 0, -1, 2.0f, 0.0f, 0.0f},       // summed, B = I
+      {1, 192, 192, 576, true, false, false, 0, 0, 0, 1.0f, 1.0f, 0.0f},  // a long inner dimension
+      // summed with inner >= 16 rows and cols: on the CPU one oneDNN matmul primitive, then the sum in order
+      {5, 4, 4, 64, false, true, false, 300, 280, -1, 1.0f, 0.0f, 0.0f},  // as dP^T = sum_n X_n dY_n^T, strided
+      {3, 4, 3, 80, false, true, false, 0, 0, -1, -0.5f, 1.5f, 0.0f},     // rectangular, with beta
+      {4, 5, 5, 96, false, true, false, 0, 0, -1, 0.5f, 1.0f, 2.0f}};     // with beta and shift
   for (const Case& c : cases) {
     const ref::MatmulDims d{c.batch,
                             c.rows,

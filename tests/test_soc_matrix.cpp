@@ -15,6 +15,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <limits>
 #include <map>
@@ -22,10 +23,12 @@
 
 #include <nlohmann/json.hpp>
 
+#include "backend/cpu/cpu_backend.hpp"
 #include "cli_helpers.hpp"
 #include "orthoconv/model.hpp"
 #include "orthoconv/model_state.hpp"
 #include "orthoconv/network_bound.hpp"
+#include "orthoconv/runtime.hpp"
 #include "reference.hpp"
 
 using namespace orthoconv;
@@ -114,6 +117,58 @@ TEST_CASE("Backend::matmul matches the double reference: transposes, batch strid
         CHECK(std::isnan(out[at]) == std::isnan(untouched[at]));
       }
   }
+}
+
+TEST_CASE(
+    "the CPU matmul runs long summed NT products as one oneDNN matmul primitive, the same bits on 1 and 2 threads",
+    "[backend][matmul]") {
+  // The choice is by shape alone: dL/dP^T at 32 channels on 32x32 planes (inner 1024 = 32 x 32), not at 64
+  // channels on 16x16 (inner 256 < 16 x 64), never for other products.
+  MatmulShape dp;
+  dp.batch = 128;
+  dp.rows = dp.cols = 32;
+  dp.inner = 1024;
+  dp.transpose_b = true;
+  dp.stride_a = dp.stride_b = 32 * 1024;
+  const float any_value = 0.0f;
+  const float* some_b = &any_value;  // summed_by_primitive only compares b with null
+  CHECK(cpu::CpuBackend::summed_by_primitive(dp, some_b));
+  CHECK_FALSE(cpu::CpuBackend::summed_by_primitive(dp, nullptr));
+  MatmulShape wide = dp;
+  wide.rows = wide.cols = 64;
+  wide.inner = 256;
+  wide.stride_a = wide.stride_b = 64 * 256;
+  CHECK_FALSE(cpu::CpuBackend::summed_by_primitive(wide, some_b));
+  MatmulShape batched = dp;
+  batched.stride_c = 32 * 32;
+  CHECK_FALSE(cpu::CpuBackend::summed_by_primitive(batched, some_b));
+
+  // The sum over the batch runs in batch order: the result does not depend on the number of threads (float32
+  // training resumes bit for bit on another thread count only if it does not). Against the double reference too.
+  auto backend = cpu_backend();
+  const ref::MatmulDims d{9, 16, 16, 320, false, true, 16 * 320 + 7, 16 * 320 + 3, 0};
+  const MatmulShape s = d.shape();
+  REQUIRE(cpu::CpuBackend::summed_by_primitive(s, some_b));
+  const Vec a = quantized(static_cast<size_t>(s.stride_a * 8 + 16 * 320), 401);
+  const Vec b = quantized(static_cast<size_t>(s.stride_b * 8 + 16 * 320), 402);
+  Vec expected(16 * 16, 0.0);
+  ref::matmul(d, 0.75f, a, b, 0.0f, 0.0f, expected);
+  const std::vector<float> af = ref::to_float(a), bf = ref::to_float(b);
+  const int threads = thread_count();
+  std::vector<float> one(16 * 16), two(16 * 16);
+  set_thread_count(1);
+  backend->matmul(s, 0.75f, af.data(), bf.data(), 0.0f, 0.0f, one.data());
+  set_thread_count(2);
+  backend->matmul(s, 0.75f, af.data(), bf.data(), 0.0f, 0.0f, two.data());
+  set_thread_count(threads);
+  CHECK(std::memcmp(one.data(), two.data(), one.size() * sizeof(float)) == 0);
+  // Each entry sums 9 x 320 products of unit normals (|entry| ~ 54): float32 leaves ~1e-5 relative at worst.
+  double worst = 0.0, scale = 0.0;
+  for (size_t i = 0; i < one.size(); ++i) {
+    worst = std::max(worst, std::abs(static_cast<double>(one[i]) - expected[i]));
+    scale = std::max(scale, std::abs(expected[i]));
+  }
+  CHECK(worst <= 2880 * 6e-8 * scale);
 }
 
 TEST_CASE("Backend::matmul refuses shapes it cannot run, naming the shape", "[backend][matmul][errors]") {

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <dnnl.hpp>
+#include <array>
 #include <map>
 #include <memory>
 #include <optional>
@@ -76,6 +77,10 @@ class CpuBackend final : public Backend {
                           float* diff_filter, int64_t groups, int64_t channels, int64_t kernel) override;
   void group_dot(const float* a, const float* b, float* out, int64_t groups, int64_t group_size) override;
 
+  // Whether matmul runs `shape` (with this b) as one oneDNN matmul primitive, not sgemm per matrix: summed
+  // products sum_b A_b B_b^T with a long inner dimension (inner >= 16 rows and cols, strided A and B), as the
+  // matrix path's dL/dP^T = sum_n X_n dY_n^T at 32 channels on 32x32 planes. A fixed choice per shape.
+  static bool summed_by_primitive(const MatmulShape& shape, const float* b);
   void matmul(const MatmulShape& shape, float alpha, const float* a, const float* b, float beta, float shift,
               float* c) override;
 
@@ -133,6 +138,10 @@ class CpuBackend final : public Backend {
   static bool gemm_backward_weights(const ConvShape& shape);
   void run_gemm_backward_weights(const ConvShape& shape, const ConvPrimitives& p, const float* src,
                                  const float* diff_dst, float* diff_weights);
+  // The summed product of shape runs as one oneDNN matmul primitive over the batch into summed_scratch_, then
+  // a sum over b in order (matmul.cpp).
+  void run_summed_by_primitive(const MatmulShape& shape, float alpha, const float* a, const float* b, float beta,
+                               float* c);
   dnnl::memory::desc activation_desc(const ConvShape& shape, int64_t channels, dnnl::memory::format_tag layout) const;
   dnnl::memory::desc plain_weights_desc(const ConvShape& shape) const;
 
@@ -147,6 +156,10 @@ class CpuBackend final : public Backend {
   // Scratch of the filter passes (filter.cpp), grown once: expanded vectors / accumulators, per-thread bins.
   std::vector<float> filter_scratch_, thread_scratch_;
   std::vector<float> gemm_scratch_;  // run_gemm_backward_weights: im2col(X) and dY, grown once
+  // run_summed_by_primitive: the primitives keyed by (batch, rows, cols, inner, stride_a, stride_b), and the
+  // batch of products before the sum, grown once.
+  std::map<std::array<int64_t, 6>, dnnl::matmul> summed_products_;
+  std::vector<float> summed_scratch_;
 };
 
 }  // namespace orthoconv::cpu
