@@ -133,8 +133,32 @@ class CpuBackend final : public Backend {
   static bool gemm_backward_weights(const ConvShape& shape);
   void run_gemm_backward_weights(const ConvShape& shape, const ConvPrimitives& p, const float* src,
                                  const float* diff_dst, float* diff_weights);
+  // bf16 backward-weights at the planes of gemm_backward_weights as im2col + one oneDNN bf16 matmul batched over
+  // the groups (AMX where the CPU has it), src / diff_dst bf16 conv inputs in a layout of `block` channels per
+  // block; diff_weights plain float32, overwritten (bf16_gemm.cpp). Its matmul is created once per shape.
+  void run_bf16_gemm_backward_weights(const ConvShape& shape, int64_t block, const float* src, const float* diff_dst,
+                                      float* diff_weights);
+  std::string bf16_gemm_implementation(const ConvShape& shape) const;  // oneDNN's matmul, once it ran
+  struct Bf16Gemm {
+    dnnl::matmul primitive;
+    dnnl::memory::desc a, b, out;
+    std::string impl;
+  };
   dnnl::memory::desc activation_desc(const ConvShape& shape, int64_t channels, dnnl::memory::format_tag layout) const;
   dnnl::memory::desc plain_weights_desc(const ConvShape& shape) const;
+  // bf16 kernels of grouped shapes with fewer than 16 channels per group (GS-SOC's 32 channels in 4 groups) run as
+  // one dense convolution with block-diagonal weights: oneDNN 2.6 has no AMX or faster-than-float32 bf16 kernel
+  // for 8-channel groups, while its dense AMX kernel, doing `groups` times the multiply-adds (of exact zeros), is
+  // 1.5-1.7x faster than the grouped float32 one (32 channels at 32x32 in 4 groups, CPU ms: forward with the x0
+  // addend 6.3 against 10.7 at 128 images, backward-weights 26 against 40 at 640). At most 4 groups, so the wasted
+  // work stays bounded; the measured choice still decides per pass. Only with AMX (without it the dense
+  // jit_bf16 kernel has no such margin). Zeros multiply exactly, so the result equals the grouped convolution's
+  // but for summation order (and a non-finite input, which would spread to all groups).
+  bool bf16_as_dense(const ConvShape& shape) const;
+  dnnl::memory::desc dense_weights_desc(const ConvShape& shape) const;  // [C, C, k, k] float32 oihw
+  // grouped [g, C/g, C/g, k, k] -> dense [C, C, k, k] with zeros off the diagonal blocks, and back (the diagonal).
+  static void expand_groups(const ConvShape& shape, const float* grouped, float* dense);
+  static void diagonal_groups(const ConvShape& shape, const float* dense, float* grouped);
 
   dnnl::engine engine_;
   dnnl::stream stream_;
@@ -147,6 +171,8 @@ class CpuBackend final : public Backend {
   // Scratch of the filter passes (filter.cpp), grown once: expanded vectors / accumulators, per-thread bins.
   std::vector<float> filter_scratch_, thread_scratch_;
   std::vector<float> gemm_scratch_;  // run_gemm_backward_weights: im2col(X) and dY, grown once
+  std::map<ShapeKey, Bf16Gemm> bf16_gemm_;
+  std::vector<uint16_t> bf16_gemm_scratch_;  // run_bf16_gemm_backward_weights: im2col(X) and dY^T per group
 };
 
 }  // namespace orthoconv::cpu
