@@ -621,3 +621,59 @@ TEST_CASE(
     CHECK(ref::max_relative_error(ref::to_double(dw), want) < kConvTolerance);
   }
 }
+
+// bf16 backward-weights of dense shapes whose layout holds all channels per pixel (nhwc with AMX; 16 channels in
+// nChw16c): chunked im2col + bf16 matmul (bf16_gemm.cpp), against the double reference on the rounded inputs. The
+// first case (96 stacked images of 16 x 32 x 32, 28 MB of im2col) runs in two chunks of 48 images, the second one
+// adding to the first's result. Tolerance as above: float32 sums of exact products.
+TEST_CASE(
+    "bf16 backward-weights of dense nhwc shapes (chunked im2col + bf16 matmul) matches the double reference on "
+    "the rounded inputs",
+    "[backend][conv][bf16]") {
+  ref::AlwaysBf16 always;
+  auto& be = *orthoconv::cpu_backend();
+  if (!ref::cpu_has_bf16()) {
+    WARN("no AVX512-BF16 on this CPU: bf16 chunked im2col + matmul backward-weights not tested");
+    return;
+  }
+  struct Case {
+    int64_t batch, channels, height, width, kernel;
+  };
+  int gemm_cases = 0;
+  uint64_t seed = 1500;
+  for (const Case& c : {Case{48, 16, 32, 32, 3}, Case{3, 32, 5, 7, 3}, Case{3, 64, 4, 4, 1}}) {
+    ConvShape s;
+    s.batch = c.batch;
+    s.in_channels = s.out_channels = c.channels;
+    s.height = c.height;
+    s.width = c.width;
+    s.kernel = c.kernel;
+    s.precision = orthoconv::ConvPrecision::bf16;
+    ConvShape stacked = s;  // as SocConv runs it: 2 batches back to back
+    stacked.batch = 2 * s.batch;
+    const ref::ConvDims d = dims_of(s);
+    if (be.conv_precision(stacked, ConvPass::backward_weights) != orthoconv::ConvPrecision::bf16) continue;
+    const auto xf = ref::to_float(ref::random_normal(d.input_size(), ++seed));
+    const auto dyf = ref::to_float(ref::random_normal(d.output_size(), ++seed));
+    const auto xr = ref::round_to_bf16(ref::to_double(xf)), dyr = ref::round_to_bf16(ref::to_double(dyf));
+    std::vector<float> x_conv, dy_conv;
+    run_layout_roundtrip(be, s, xf, x_conv);
+    run_layout_roundtrip(be, s, dyf, dy_conv);
+    const size_t half = static_cast<size_t>(be.conv_input_size(s));
+    std::vector<float> x2(2 * half), dy2(2 * half);
+    be.to_conv_input(s, x_conv.data(), x2.data());
+    be.to_conv_input(s, dy_conv.data(), x2.data() + half);
+    be.to_conv_input(s, dy_conv.data(), dy2.data());
+    be.to_conv_input(s, x_conv.data(), dy2.data() + half);
+    std::vector<float> dw(static_cast<size_t>(d.weight_size()), 7.0f);
+    be.conv_backward_weights(stacked, x2.data(), dy2.data(), dw.data());
+    const std::string impl = implementation(be, stacked);
+    INFO("shape " << stacked.str() << ": " << impl);
+    gemm_cases += impl.find("im2col + bf16 matmul") != std::string::npos;
+    auto want = ref::conv_backward_weights(d, xr, dyr), second = ref::conv_backward_weights(d, dyr, xr);
+    for (size_t i = 0; i < want.size(); ++i) want[i] += second[i];
+    CHECK(ref::max_relative_error(ref::to_double(dw), want) < kConvTolerance);
+  }
+  // With AMX all three run in a layout of all channels per pixel (nhwc, or nChw16c at 16 channels).
+  if (cpu_has_amx(be)) CHECK(gemm_cases == 3);
+}

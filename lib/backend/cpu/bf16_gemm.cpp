@@ -10,6 +10,7 @@
 #include <omp.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "backend/cpu/cpu_backend.hpp"
 
@@ -73,11 +74,96 @@ void CpuBackend::run_bf16_gemm_backward_weights(const ConvShape& shape, int64_t 
   }
 }
 
+// Dense (one group) in nhwc: a pixel's channels are contiguous, so im2col copies C values per tap, with the
+// columns ordered (ky, kx, ci); dW' [C, k*k*C] then goes back to the plain [C, C, k, k] order. The stacked batch
+// (K * N images, up to 640 x 256 pixels) is taken in chunks of whole images (im2col of at most kChunkBytes,
+// the chunk a divisor of the batch so one primitive shape serves all), the first overwriting dW', the others
+// adding to it (sum post-op). A = dY^T is the nhwc dY of the chunk read transposed (format ba).
+namespace {
+constexpr int64_t kChunkBytes = int64_t{24} << 20;
+}  // namespace
+
+bool CpuBackend::nhwc_gemm_backward_weights(const ConvShape& shape, int64_t block) {
+  return shape.groups == 1 && block == shape.in_channels && shape.height * shape.width > 4;
+}
+
+void CpuBackend::run_bf16_nhwc_gemm_backward_weights(const ConvShape& shape, const float* src, const float* diff_dst,
+                                                     float* diff_weights) {
+  const int64_t n = shape.batch, c = shape.in_channels, h = shape.height, w = shape.width, k = shape.kernel;
+  const int64_t plane = h * w, taps = k * k, cols = taps * c, pad = k / 2;
+  const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(uint16_t));
+  int64_t chunk = n;  // images per chunk: the largest divisor of n whose im2col fits kChunkBytes (at least 1)
+  while (chunk > 1 && (n % chunk != 0 || chunk * plane * row_bytes > kChunkBytes)) --chunk;
+  const int64_t rows = chunk * plane;
+  const auto* x = reinterpret_cast<const uint16_t*>(src);
+  const auto* dy = reinterpret_cast<const uint16_t*>(diff_dst);
+  ShapeKey key{shape.batch, shape.in_channels, shape.out_channels, shape.height,
+               shape.width, shape.kernel,      shape.groups,       true};
+  auto it = bf16_nhwc_gemm_.find(key);
+  if (it == bf16_nhwc_gemm_.end()) {
+    try {
+      memory::desc a({c, rows}, memory::data_type::bf16, memory::format_tag::ba);
+      memory::desc b({rows, cols}, memory::data_type::bf16, memory::format_tag::ab);
+      memory::desc out({c, cols}, memory::data_type::f32, memory::format_tag::ab);
+      dnnl::matmul::primitive_desc first(dnnl::matmul::desc(a, b, out), engine_);
+      dnnl::post_ops sum;
+      sum.append_sum(1.0f);
+      dnnl::primitive_attr attr;
+      attr.set_post_ops(sum);
+      dnnl::matmul::primitive_desc rest(dnnl::matmul::desc(a, b, out), attr, engine_);
+      NhwcGemm entry{dnnl::matmul(first), dnnl::matmul(rest), a, b, out, first.impl_info_str()};
+      it = bf16_nhwc_gemm_.emplace(key, std::move(entry)).first;
+    } catch (const dnnl::error& e) {
+      throw BackendError(detail::concat("oneDNN bf16 matmul creation failed for the backward-weights of ", shape.str(),
+                                        ": ", e.what()));
+    }
+  }
+  const NhwcGemm& gemm = it->second;
+  const int64_t im2col_size = (rows * cols + 1) / 2 * 2;  // dW' after it, 4-byte aligned
+  const size_t needed = static_cast<size_t>(im2col_size + c * cols * 2);
+  if (bf16_gemm_scratch_.size() < needed) bf16_gemm_scratch_.resize(needed);
+  uint16_t* im2col = bf16_gemm_scratch_.data();
+  float* dw = reinterpret_cast<float*>(im2col + im2col_size);  // [C, (ky, kx, ci)]
+  for (int64_t first = 0; first < n; first += chunk) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t image = first + r / plane, y = r % plane / w, xx = r % w;
+      uint16_t* row = im2col + r * cols;
+      for (int64_t ky = 0; ky < k; ++ky)
+        for (int64_t kx = 0; kx < k; ++kx) {
+          const int64_t sy = y + ky - pad, sx = xx + kx - pad;
+          uint16_t* to = row + (ky * k + kx) * c;
+          if (sy >= 0 && sy < h && sx >= 0 && sx < w)
+            std::memcpy(to, x + ((image * h + sy) * w + sx) * c, static_cast<size_t>(c) * sizeof(uint16_t));
+          else
+            std::memset(to, 0, static_cast<size_t>(c) * sizeof(uint16_t));
+        }
+    }
+    try {
+      memory a(gemm.a, engine_, const_cast<uint16_t*>(dy + first * plane * c)), b(gemm.b, engine_, im2col),
+          out(gemm.out, engine_, dw);
+      (first == 0 ? gemm.first : gemm.rest)
+          .execute(stream_, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, out}});
+      stream_.wait();
+    } catch (const dnnl::error& e) {
+      throw BackendError(
+          detail::concat("oneDNN bf16 matmul failed for the backward-weights of ", shape.str(), ": ", e.what()));
+    }
+  }
+  // [co, (ky, kx, ci)] -> plain [co, ci, ky, kx]
+#pragma omp parallel for schedule(static)
+  for (int64_t co = 0; co < c; ++co)
+    for (int64_t ci = 0; ci < c; ++ci)
+      for (int64_t t = 0; t < taps; ++t) diff_weights[(co * c + ci) * taps + t] = dw[co * cols + t * c + ci];
+}
+
 std::string CpuBackend::bf16_gemm_implementation(const ConvShape& shape) const {
   ShapeKey key{shape.batch, shape.in_channels, shape.out_channels, shape.height,
                shape.width, shape.kernel,      shape.groups,       true};
   auto it = bf16_gemm_.find(key);
-  return it == bf16_gemm_.end() ? std::string("not run yet") : it->second.impl;
+  if (it != bf16_gemm_.end()) return it->second.impl;
+  auto dense = bf16_nhwc_gemm_.find(key);
+  return dense == bf16_nhwc_gemm_.end() ? std::string("not run yet") : dense->second.impl;
 }
 
 }  // namespace orthoconv::cpu

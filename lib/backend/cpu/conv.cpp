@@ -306,7 +306,7 @@ std::string CpuBackend::implementation(const ConvShape& shape) {
   conv_precision(shape, ConvPass::forward);
   conv_precision(shape, ConvPass::backward_weights);
   return detail::concat(p.impl, "; bf16 requested: ", p.bf16_choices, p.bf16 ? "; bf16 " + p.bf16->impl : "",
-                        gemm_backward_weights(shape) && p.bf16
+                        (gemm_backward_weights(shape) || nhwc_gemm_backward_weights(shape, p.block)) && p.bf16
                             ? "; bf16 bwd-weights: im2col + bf16 matmul " + bf16_gemm_implementation(shape)
                             : "");
 }
@@ -404,6 +404,10 @@ void CpuBackend::run_backward_weights(const ConvShape& shape, ConvKernels& k, co
       run_gemm_backward_weights(shape, p, src, diff_dst, diff_weights);
     else
       run_bf16_gemm_backward_weights(shape, p.block, src, diff_dst, diff_weights);
+    return;
+  }
+  if (&k == p.bf16.get() && nhwc_gemm_backward_weights(shape, p.block)) {
+    run_bf16_nhwc_gemm_backward_weights(shape, src, diff_dst, diff_weights);
     return;
   }
   dnnl_checked("convolution backward-weights", shape, [&] {
@@ -630,7 +634,8 @@ bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass
   ConvKernels& low = *p.bf16;
   const std::string impl = forward ? low.fwd_pd.impl_info_str() : low.bwd_weights_pd.impl_info_str();
   // (backward-weights at the planes of gemm_backward_weights runs as im2col + bf16 matmul, not on this kernel)
-  if (impl.rfind("ref", 0) == 0 && (forward || !gemm_backward_weights(shape)))
+  if (impl.rfind("ref", 0) == 0 &&
+      (forward || !(gemm_backward_weights(shape) || nhwc_gemm_backward_weights(shape, p.block))))
     return note("oneDNN has only its reference kernel", false);
   if (precision_choice_ == PrecisionChoice::always) return note("always", true);
   bool& too_slow = forward ? p.bf16_forward_too_slow : p.bf16_backward_weights_too_slow;

@@ -139,6 +139,17 @@ class CpuBackend final : public Backend {
   void run_bf16_gemm_backward_weights(const ConvShape& shape, int64_t block, const float* src, const float* diff_dst,
                                       float* diff_weights);
   std::string bf16_gemm_implementation(const ConvShape& shape) const;  // oneDNN's matmul, once it ran
+  // bf16 backward-weights of dense (one group) shapes in nhwc on planes of more than 4 pixels (SOC's layers with
+  // AMX) as chunked im2col + bf16 matmul: oneDNN 2.6's AMX convolution backward-weights there is 4-15x slower
+  // than float32 (256 channels 4x4, 640 images: 4725 against 95 CPU ms), its matmul is not.
+  static bool nhwc_gemm_backward_weights(const ConvShape& shape, int64_t block);
+  void run_bf16_nhwc_gemm_backward_weights(const ConvShape& shape, const float* src, const float* diff_dst,
+                                           float* diff_weights);
+  struct NhwcGemm {
+    dnnl::matmul first, rest;  // a chunk overwriting dW', and one adding to it
+    dnnl::memory::desc a, b, out;
+    std::string impl;
+  };
   struct Bf16Gemm {
     dnnl::matmul primitive;
     dnnl::memory::desc a, b, out;
@@ -172,6 +183,7 @@ class CpuBackend final : public Backend {
   std::vector<float> filter_scratch_, thread_scratch_;
   std::vector<float> gemm_scratch_;  // run_gemm_backward_weights: im2col(X) and dY, grown once
   std::map<ShapeKey, Bf16Gemm> bf16_gemm_;
+  std::map<ShapeKey, NhwcGemm> bf16_nhwc_gemm_;
   std::vector<uint16_t> bf16_gemm_scratch_;  // run_bf16_gemm_backward_weights: im2col(X) and dY^T per group
 };
 
