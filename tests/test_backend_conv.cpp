@@ -485,3 +485,195 @@ TEST_CASE(
   CHECK(line.find("bwd-weights") != std::string::npos);
   CHECK(line.find("bwd-weights fp32 (dropped") == std::string::npos);
 }
+
+// bf16 at fewer than 16 channels per group (GS-SOC's 32 channels in 4 groups): oneDNN 2.6 has no bf16 kernel there
+// faster than float32 (its grouped bf16 backward-weights is its reference kernel), so on a CPU with AMX the backend
+// runs one dense AMX convolution with block-diagonal weights. Checked against the GROUPED double reference on the
+// rounded inputs: a weight leaking into another group's block, a gradient taken from an off-diagonal block or a
+// block of the wrong group fails it. Tolerance as above (float32 sums of exact products; the zero blocks add
+// exact zeros).
+TEST_CASE(
+    "bf16 convolutions with fewer than 16 channels per group run as one dense block-diagonal convolution and "
+    "match the grouped double reference on the rounded inputs",
+    "[backend][conv][bf16]") {
+  ref::AlwaysBf16 always;
+  auto& be = *orthoconv::cpu_backend();
+  if (!ref::cpu_has_bf16()) {
+    WARN("no AVX512-BF16 on this CPU: bf16 dense block-diagonal convolutions not tested");
+    return;
+  }
+  const bool amx = cpu_has_amx(be);
+  int dense_cases = 0;
+  uint64_t seed = 900;
+  for (const ConvCase& c : {ConvCase{32, 3, 4}, ConvCase{24, 3, 3}, ConvCase{16, 3, 2}, ConvCase{32, 1, 4}}) {
+    ConvShape s = shape_of(c, orthoconv::ConvPrecision::bf16);
+    s.batch = 2;  // shapes of their own: no other test has made their choices
+    const ref::ConvDims d = dims_of(s);
+    const std::string impl = implementation(be, s);
+    INFO("shape " << s.str() << ": " << impl);
+    const bool dense = impl.find("dense block-diagonal") != std::string::npos;
+    dense_cases += dense;
+    if (amx) CHECK((dense && impl.find("amx") != std::string::npos));
+    const auto xf = ref::to_float(ref::random_normal(d.input_size(), ++seed));
+    const auto wf = ref::to_float(ref::random_normal(d.weight_size(), ++seed, 1.0 / std::sqrt(double(c.channels))));
+    const auto dyf = ref::to_float(ref::random_normal(d.output_size(), ++seed));
+    const auto addf = ref::to_float(ref::random_normal(d.output_size(), ++seed));
+    const auto xr = ref::round_to_bf16(ref::to_double(xf)), wr = ref::round_to_bf16(ref::to_double(wf)),
+               dyr = ref::round_to_bf16(ref::to_double(dyf)), addq = ref::to_double(addf);
+    std::vector<float> x_conv, dy_conv, add_conv, out_conv(static_cast<size_t>(be.conv_buffer_size(s)));
+    run_layout_roundtrip(be, s, xf, x_conv);
+    run_layout_roundtrip(be, s, dyf, dy_conv);
+    run_layout_roundtrip(be, s, addf, add_conv);
+    std::vector<float> x_in(static_cast<size_t>(be.conv_input_size(s))), out(static_cast<size_t>(d.output_size()));
+    REQUIRE(be.conv_precision(s, ConvPass::forward) == orthoconv::ConvPrecision::bf16);
+    be.to_conv_input(s, x_conv.data(), x_in.data());
+    std::vector<float> w(static_cast<size_t>(be.conv_weights_size(s, ConvPass::forward)));
+    be.weights_to_conv_layout(s, ConvPass::forward, wf.data(), w.data());
+    const auto expected = ref::conv_forward(d, xr, wr);
+    {
+      INFO("forward overwrites");
+      std::fill(out_conv.begin(), out_conv.end(), 7.0f);
+      be.conv_forward(s, x_in.data(), w.data(), out_conv.data(), false);
+      be.from_conv_layout(s, out_conv.data(), out.data());
+      CHECK(ref::max_relative_error(ref::to_double(out), expected) < kConvTolerance);
+    }
+    {
+      INFO("the Horner step: -1/3 conv + the float32 x0 addend");
+      be.conv_forward_scaled(s, x_in.data(), w.data(), -1.0f / 3.0f, add_conv.data(), out_conv.data());
+      be.from_conv_layout(s, out_conv.data(), out.data());
+      auto want = expected;
+      for (size_t i = 0; i < want.size(); ++i) want[i] = -expected[i] / 3.0 + addq[i];
+      CHECK(ref::max_relative_error(ref::to_double(out), want) < kConvTolerance);
+    }
+    ConvShape stacked = s;  // as SocConv runs it: 2 batches back to back
+    stacked.batch = 2 * s.batch;
+    // Without AMX oneDNN's grouped bf16 backward-weights here is its reference kernel: float32, nothing to check.
+    if (amx) REQUIRE(be.conv_precision(stacked, ConvPass::backward_weights) == orthoconv::ConvPrecision::bf16);
+    if (be.conv_precision(stacked, ConvPass::backward_weights) == orthoconv::ConvPrecision::bf16) {
+      INFO("backward-weights of a stacked batch: the diagonal blocks of the dense gradient");
+      std::vector<float> x2(2 * x_in.size()), dy2(2 * x_in.size());
+      be.to_conv_input(s, x_conv.data(), x2.data());
+      be.to_conv_input(s, dy_conv.data(), x2.data() + x_in.size());
+      be.to_conv_input(s, dy_conv.data(), dy2.data());
+      be.to_conv_input(s, x_conv.data(), dy2.data() + x_in.size());
+      std::vector<float> dw(static_cast<size_t>(d.weight_size()), 7.0f);
+      be.conv_backward_weights(stacked, x2.data(), dy2.data(), dw.data());
+      auto want = ref::conv_backward_weights(d, xr, dyr), second = ref::conv_backward_weights(d, dyr, xr);
+      for (size_t i = 0; i < want.size(); ++i) want[i] += second[i];
+      CHECK(ref::max_relative_error(ref::to_double(dw), want) < kConvTolerance);
+    }
+  }
+  // Every case has fewer than 16 channels per group and at most 4 groups: with AMX all run dense, without none.
+  CHECK(dense_cases == (amx ? 4 : 0));
+}
+
+// bf16 backward-weights at planes of at most 4 pixels: im2col + one oneDNN bf16 matmul over the groups
+// (bf16_gemm.cpp), against the grouped double reference on the rounded inputs. Every output is a float32 sum of
+// N H W = at most 24 exact products here: the tolerance above holds. A tap, channel or group gathered from the wrong
+// place, or a group's gradient in another group's slot, fails it.
+TEST_CASE(
+    "bf16 backward-weights on planes of at most 4 pixels (im2col + bf16 matmul) matches the grouped double "
+    "reference on the rounded inputs",
+    "[backend][conv][bf16]") {
+  ref::AlwaysBf16 always;
+  auto& be = *orthoconv::cpu_backend();
+  if (!ref::cpu_has_bf16()) {
+    WARN("no AVX512-BF16 on this CPU: bf16 im2col + matmul backward-weights not tested");
+    return;
+  }
+  struct Case {
+    int64_t channels, height, width, kernel, groups;
+  };
+  uint64_t seed = 1200;
+  for (const Case& c : {Case{64, 2, 2, 3, 4}, Case{48, 1, 1, 1, 1}, Case{24, 1, 2, 3, 3}, Case{32, 2, 2, 1, 2}}) {
+    ConvShape s;
+    s.batch = 3;
+    s.in_channels = s.out_channels = c.channels;
+    s.height = c.height;
+    s.width = c.width;
+    s.kernel = c.kernel;
+    s.groups = c.groups;
+    s.precision = orthoconv::ConvPrecision::bf16;
+    ConvShape stacked = s;  // as SocConv runs it: 2 batches back to back
+    stacked.batch = 2 * s.batch;
+    const ref::ConvDims d = dims_of(s);
+    REQUIRE(be.conv_precision(stacked, ConvPass::backward_weights) == orthoconv::ConvPrecision::bf16);
+    const auto xf = ref::to_float(ref::random_normal(d.input_size(), ++seed));
+    const auto dyf = ref::to_float(ref::random_normal(d.output_size(), ++seed));
+    const auto xr = ref::round_to_bf16(ref::to_double(xf)), dyr = ref::round_to_bf16(ref::to_double(dyf));
+    std::vector<float> x_conv, dy_conv;
+    run_layout_roundtrip(be, s, xf, x_conv);
+    run_layout_roundtrip(be, s, dyf, dy_conv);
+    const size_t half = static_cast<size_t>(be.conv_input_size(s));
+    std::vector<float> x2(2 * half), dy2(2 * half);
+    be.to_conv_input(s, x_conv.data(), x2.data());
+    be.to_conv_input(s, dy_conv.data(), x2.data() + half);
+    be.to_conv_input(s, dy_conv.data(), dy2.data());
+    be.to_conv_input(s, x_conv.data(), dy2.data() + half);
+    std::vector<float> dw(static_cast<size_t>(d.weight_size()), 7.0f);
+    be.conv_backward_weights(stacked, x2.data(), dy2.data(), dw.data());
+    const std::string impl = implementation(be, stacked);
+    INFO("shape " << stacked.str() << ": " << impl);
+    CHECK(impl.find("im2col + bf16 matmul") != std::string::npos);
+    CHECK(impl.find("not run yet") == std::string::npos);
+    auto want = ref::conv_backward_weights(d, xr, dyr), second = ref::conv_backward_weights(d, dyr, xr);
+    for (size_t i = 0; i < want.size(); ++i) want[i] += second[i];
+    CHECK(ref::max_relative_error(ref::to_double(dw), want) < kConvTolerance);
+  }
+}
+
+// bf16 backward-weights of dense shapes whose layout holds all channels per pixel (nhwc with AMX; 16 channels in
+// nChw16c): chunked im2col + bf16 matmul (bf16_gemm.cpp), against the double reference on the rounded inputs. The
+// first case (96 stacked images of 16 x 32 x 32, 28 MB of im2col) runs in two chunks of 48 images, the second one
+// adding to the first's result. Tolerance as above: float32 sums of exact products.
+TEST_CASE(
+    "bf16 backward-weights of dense nhwc shapes (chunked im2col + bf16 matmul) matches the double reference on "
+    "the rounded inputs",
+    "[backend][conv][bf16]") {
+  ref::AlwaysBf16 always;
+  auto& be = *orthoconv::cpu_backend();
+  if (!ref::cpu_has_bf16()) {
+    WARN("no AVX512-BF16 on this CPU: bf16 chunked im2col + matmul backward-weights not tested");
+    return;
+  }
+  struct Case {
+    int64_t batch, channels, height, width, kernel;
+  };
+  int gemm_cases = 0;
+  uint64_t seed = 1500;
+  for (const Case& c : {Case{48, 16, 32, 32, 3}, Case{3, 32, 5, 7, 3}, Case{3, 64, 4, 4, 1}}) {
+    ConvShape s;
+    s.batch = c.batch;
+    s.in_channels = s.out_channels = c.channels;
+    s.height = c.height;
+    s.width = c.width;
+    s.kernel = c.kernel;
+    s.precision = orthoconv::ConvPrecision::bf16;
+    ConvShape stacked = s;  // as SocConv runs it: 2 batches back to back
+    stacked.batch = 2 * s.batch;
+    const ref::ConvDims d = dims_of(s);
+    if (be.conv_precision(stacked, ConvPass::backward_weights) != orthoconv::ConvPrecision::bf16) continue;
+    const auto xf = ref::to_float(ref::random_normal(d.input_size(), ++seed));
+    const auto dyf = ref::to_float(ref::random_normal(d.output_size(), ++seed));
+    const auto xr = ref::round_to_bf16(ref::to_double(xf)), dyr = ref::round_to_bf16(ref::to_double(dyf));
+    std::vector<float> x_conv, dy_conv;
+    run_layout_roundtrip(be, s, xf, x_conv);
+    run_layout_roundtrip(be, s, dyf, dy_conv);
+    const size_t half = static_cast<size_t>(be.conv_input_size(s));
+    std::vector<float> x2(2 * half), dy2(2 * half);
+    be.to_conv_input(s, x_conv.data(), x2.data());
+    be.to_conv_input(s, dy_conv.data(), x2.data() + half);
+    be.to_conv_input(s, dy_conv.data(), dy2.data());
+    be.to_conv_input(s, x_conv.data(), dy2.data() + half);
+    std::vector<float> dw(static_cast<size_t>(d.weight_size()), 7.0f);
+    be.conv_backward_weights(stacked, x2.data(), dy2.data(), dw.data());
+    const std::string impl = implementation(be, stacked);
+    INFO("shape " << stacked.str() << ": " << impl);
+    gemm_cases += impl.find("im2col + bf16 matmul") != std::string::npos;
+    auto want = ref::conv_backward_weights(d, xr, dyr), second = ref::conv_backward_weights(d, dyr, xr);
+    for (size_t i = 0; i < want.size(); ++i) want[i] += second[i];
+    CHECK(ref::max_relative_error(ref::to_double(dw), want) < kConvTolerance);
+  }
+  // With AMX all three run in a layout of all channels per pixel (nhwc, or nChw16c at 16 channels).
+  if (cpu_has_amx(be)) CHECK(gemm_cases == 3);
+}

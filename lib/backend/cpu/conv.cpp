@@ -9,9 +9,9 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <functional>
 #include <string>
 #include <unordered_map>
@@ -90,7 +90,13 @@ struct CpuBackend::ConvKernels {
   dnnl::primitive fwd, fwd_acc, bwd_weights;
   dnnl::reorder fwd_weights_reorder, diff_weights_reorder;
   bool fwd_weights_plain = false, diff_weights_plain = false;
-  memory diff_weights_scratch;                               // when backward-weights writes a non-plain layout
+  memory diff_weights_scratch;  // when backward-weights writes a non-plain layout
+  // bf16 kernels of a grouped shape run as ONE dense convolution with block-diagonal weights (bf16_as_dense):
+  // weights are expanded from the plain grouped layout into `dense_plain` ([C, C, k, k] float32, zeros off the
+  // diagonal blocks) before their reorder, and backward-weights writes the dense gradient there, of which only
+  // the diagonal blocks are copied out.
+  bool dense = false;
+  memory dense_plain;
   std::map<std::pair<float, bool>, ScaledPrimitive> scaled;  // (alpha, has addend)
   std::string impl;
 };
@@ -139,6 +145,11 @@ memory::desc CpuBackend::activation_desc(const ConvShape& shape, int64_t channel
   return memory::desc({shape.batch, channels, shape.height, shape.width}, memory::data_type::f32, layout);
 }
 
+memory::desc CpuBackend::dense_weights_desc(const ConvShape& shape) const {
+  return memory::desc({shape.out_channels, shape.in_channels, shape.kernel, shape.kernel}, memory::data_type::f32,
+                      tag::oihw);
+}
+
 memory::desc CpuBackend::plain_weights_desc(const ConvShape& shape) const {
   int64_t k = shape.kernel;
   if (shape.groups == 1)
@@ -147,12 +158,19 @@ memory::desc CpuBackend::plain_weights_desc(const ConvShape& shape) const {
                       memory::data_type::f32, tag::goihw);
 }
 
+bool CpuBackend::bf16_as_dense(const ConvShape& shape) const {
+  return has_amx_ && shape.groups > 1 && shape.groups <= 4 && shape.in_channels / shape.groups < 16;
+}
+
 std::unique_ptr<CpuBackend::ConvKernels> CpuBackend::make_kernels(const ConvShape& shape, const ConvPrimitives& p,
                                                                   memory::data_type input_type) {
   auto k = std::make_unique<ConvKernels>();
   k->act = memory::desc(p.out.dims(), input_type, p.layout);
-  memory::desc any_weights(p.plain_weights.dims(), input_type, tag::any);
-  memory::desc any_diff_weights(p.plain_weights.dims(), memory::data_type::f32, tag::any);
+  k->dense = input_type == memory::data_type::bf16 && bf16_as_dense(shape);
+  const memory::desc plain = k->dense ? dense_weights_desc(shape) : p.plain_weights;
+  if (k->dense) k->dense_plain = memory(plain, engine_);
+  memory::desc any_weights(plain.dims(), input_type, tag::any);
+  memory::desc any_diff_weights(plain.dims(), memory::data_type::f32, tag::any);
   memory::dims strides{1, 1}, pad{shape.kernel / 2, shape.kernel / 2};
   const auto algo = dnnl::algorithm::convolution_direct;
   const auto prop = dnnl::prop_kind::forward_training;
@@ -188,17 +206,18 @@ std::unique_ptr<CpuBackend::ConvKernels> CpuBackend::make_kernels(const ConvShap
   k->fwd_acc = dnnl::convolution_forward(k->fwd_acc_pd);
   k->bwd_weights = dnnl::convolution_backward_weights(k->bwd_weights_pd);
 
-  k->fwd_weights_plain = k->fwd_pd.weights_desc() == p.plain_weights;
+  k->fwd_weights_plain = k->fwd_pd.weights_desc() == plain;
   if (!k->fwd_weights_plain)
     k->fwd_weights_reorder =
-        dnnl::reorder(dnnl::reorder::primitive_desc(engine_, p.plain_weights, engine_, k->fwd_pd.weights_desc()));
-  k->diff_weights_plain = k->bwd_weights_pd.diff_weights_desc() == p.plain_weights;
+        dnnl::reorder(dnnl::reorder::primitive_desc(engine_, plain, engine_, k->fwd_pd.weights_desc()));
+  k->diff_weights_plain = k->bwd_weights_pd.diff_weights_desc() == plain;
   if (!k->diff_weights_plain) {
     k->diff_weights_scratch = memory(k->bwd_weights_pd.diff_weights_desc(), engine_);
-    k->diff_weights_reorder = dnnl::reorder(
-        dnnl::reorder::primitive_desc(engine_, k->bwd_weights_pd.diff_weights_desc(), engine_, p.plain_weights));
+    k->diff_weights_reorder =
+        dnnl::reorder(dnnl::reorder::primitive_desc(engine_, k->bwd_weights_pd.diff_weights_desc(), engine_, plain));
   }
-  k->impl = detail::concat("fwd ", k->fwd_pd.impl_info_str(), ", bwd-weights ", k->bwd_weights_pd.impl_info_str());
+  k->impl = detail::concat(k->dense ? "dense block-diagonal " : "", "fwd ", k->fwd_pd.impl_info_str(), ", bwd-weights ",
+                           k->bwd_weights_pd.impl_info_str());
   return k;
 }
 
@@ -269,7 +288,8 @@ bool CpuBackend::amx_forward(const ConvShape& shape, memory::format_tag layout) 
   try {
     memory::desc act({shape.batch, shape.in_channels, shape.height, shape.width}, memory::data_type::bf16, layout);
     memory::desc out = activation_desc(shape, shape.in_channels, layout);
-    memory::desc weights(plain_weights_desc(shape).dims(), memory::data_type::bf16, tag::any);
+    memory::desc weights((bf16_as_dense(shape) ? dense_weights_desc(shape) : plain_weights_desc(shape)).dims(),
+                         memory::data_type::bf16, tag::any);
     memory::dims strides{1, 1}, pad{shape.kernel / 2, shape.kernel / 2};
     dnnl::convolution_forward::desc fwd(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, act,
                                         weights, out, strides, pad, pad);
@@ -285,7 +305,10 @@ std::string CpuBackend::implementation(const ConvShape& shape) {
   if (shape.precision != ConvPrecision::bf16) return p.impl;
   conv_precision(shape, ConvPass::forward);
   conv_precision(shape, ConvPass::backward_weights);
-  return detail::concat(p.impl, "; bf16 requested: ", p.bf16_choices, p.bf16 ? "; bf16 " + p.bf16->impl : "");
+  return detail::concat(p.impl, "; bf16 requested: ", p.bf16_choices, p.bf16 ? "; bf16 " + p.bf16->impl : "",
+                        (gemm_backward_weights(shape) || nhwc_gemm_backward_weights(shape, p.block)) && p.bf16
+                            ? "; bf16 bwd-weights: im2col + bf16 matmul " + bf16_gemm_implementation(shape)
+                            : "");
 }
 
 int64_t CpuBackend::conv_buffer_size(const ConvShape& shape) {
@@ -325,13 +348,19 @@ void CpuBackend::weights_to_conv_layout(const ConvShape& shape, ConvPass pass, c
   auto& p = primitives(shape);
   const bool forward = pass != ConvPass::backward_data;
   ConvKernels* k = forward ? &kernels(shape, pass) : nullptr;
-  if (forward ? k->fwd_weights_plain : p.bwd_weights_plain) {
+  const bool dense = forward && k->dense;  // a bf16 dense kernel's weights: from the block-diagonal expansion
+  if (dense) {
+    expand_groups(shape, plain, static_cast<float*>(k->dense_plain.get_data_handle()));
+    plain = static_cast<const float*>(k->dense_plain.get_data_handle());
+  }
+  if (forward ? k->fwd_weights_plain : p.bwd_weights_plain) {  // float32 weights in the plain layout
     copy(plain, dst, shape.weight_count());
     return;
   }
   dnnl_checked("weights reorder", shape, [&] {
     auto desc = forward ? k->fwd_pd.weights_desc() : p.bwd_data_pd.weights_desc();
-    memory in(p.plain_weights, engine_, const_cast<float*>(plain)), out(desc, engine_, dst);
+    memory in(dense ? dense_weights_desc(shape) : p.plain_weights, engine_, const_cast<float*>(plain)),
+        out(desc, engine_, dst);
     (forward ? k->fwd_weights_reorder : p.bwd_weights_reorder).execute(stream_, in, out);
     stream_.wait();
   });
@@ -370,19 +399,44 @@ void CpuBackend::conv_backward_weights(const ConvShape& shape, const float* src,
 void CpuBackend::run_backward_weights(const ConvShape& shape, ConvKernels& k, const float* src, const float* diff_dst,
                                       float* diff_weights) {
   auto& p = primitives(shape);
-  if (&k == p.f32.get() && gemm_backward_weights(shape)) {
-    run_gemm_backward_weights(shape, p, src, diff_dst, diff_weights);
+  if (gemm_backward_weights(shape)) {
+    if (&k == p.f32.get())
+      run_gemm_backward_weights(shape, p, src, diff_dst, diff_weights);
+    else
+      run_bf16_gemm_backward_weights(shape, p.block, src, diff_dst, diff_weights);
+    return;
+  }
+  if (&k == p.bf16.get() && nhwc_gemm_backward_weights(shape, p.block)) {
+    run_bf16_nhwc_gemm_backward_weights(shape, src, diff_dst, diff_weights);
     return;
   }
   dnnl_checked("convolution backward-weights", shape, [&] {
     memory s(k.bwd_weights_pd.src_desc(), engine_, const_cast<float*>(src));
     memory dd(k.bwd_weights_pd.diff_dst_desc(), engine_, const_cast<float*>(diff_dst));
-    memory plain(p.plain_weights, engine_, diff_weights);
+    memory plain = k.dense ? k.dense_plain : memory(p.plain_weights, engine_, diff_weights);
     memory dw = k.diff_weights_plain ? plain : k.diff_weights_scratch;
     k.bwd_weights.execute(stream_, {{DNNL_ARG_SRC, s}, {DNNL_ARG_DIFF_DST, dd}, {DNNL_ARG_DIFF_WEIGHTS, dw}});
     if (!k.diff_weights_plain) k.diff_weights_reorder.execute(stream_, k.diff_weights_scratch, plain);
     stream_.wait();
   });
+  if (k.dense) diagonal_groups(shape, static_cast<const float*>(k.dense_plain.get_data_handle()), diff_weights);
+}
+
+void CpuBackend::expand_groups(const ConvShape& shape, const float* grouped, float* dense) {
+  const int64_t c = shape.in_channels, cg = c / shape.groups, taps = shape.kernel * shape.kernel;
+  std::fill(dense, dense + c * c * taps, 0.0f);
+  for (int64_t o = 0; o < c; ++o) {  // output channel o of group o / cg: its cg inputs at [o / cg * cg, ...)
+    const float* row = grouped + o * cg * taps;
+    std::copy(row, row + cg * taps, dense + (o * c + o / cg * cg) * taps);
+  }
+}
+
+void CpuBackend::diagonal_groups(const ConvShape& shape, const float* dense, float* grouped) {
+  const int64_t c = shape.in_channels, cg = c / shape.groups, taps = shape.kernel * shape.kernel;
+  for (int64_t o = 0; o < c; ++o) {
+    const float* row = dense + (o * c + o / cg * cg) * taps;
+    std::copy(row, row + cg * taps, grouped + o * cg * taps);
+  }
 }
 
 bool CpuBackend::gemm_backward_weights(const ConvShape& shape) { return shape.height * shape.width <= 4; }
@@ -533,12 +587,22 @@ CpuBackend::ConvKernels& CpuBackend::kernels(const ConvShape& shape, ConvPass pa
 
 namespace {
 
-// Seconds of one call of `run` (which waits for its work).
+double process_cpu_seconds() {
+  timespec t{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
+}
+
+// CPU seconds of the process over one call of `run` (which waits for its work). CPU time, not wall time: on a
+// shared machine (load 10 on 2 cores) wall times of the same kernel vary by 2-4x with the other processes, and
+// the choice flipped between runs at shapes where oneDNN's AMX forward takes 2.4x fewer CPU seconds (64 channels
+// at 16x16 in 4 groups); the CPU time of a pass is the work it costs whatever else runs. All candidates run on
+// the same OpenMP threads, so on an idle machine the order is the wall-time order.
 template <typename F>
 double seconds_of(F&& run) {
-  const auto start = std::chrono::steady_clock::now();
+  const double start = process_cpu_seconds();
   run();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return process_cpu_seconds() - start;
 }
 
 }  // namespace
@@ -569,7 +633,10 @@ bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass
   }
   ConvKernels& low = *p.bf16;
   const std::string impl = forward ? low.fwd_pd.impl_info_str() : low.bwd_weights_pd.impl_info_str();
-  if (impl.rfind("ref", 0) == 0) return note("oneDNN has only its reference kernel", false);
+  // (backward-weights at the planes of gemm_backward_weights runs as im2col + bf16 matmul, not on this kernel)
+  if (impl.rfind("ref", 0) == 0 &&
+      (forward || !(gemm_backward_weights(shape) || nhwc_gemm_backward_weights(shape, p.block))))
+    return note("oneDNN has only its reference kernel", false);
   if (precision_choice_ == PrecisionChoice::always) return note("always", true);
   bool& too_slow = forward ? p.bf16_forward_too_slow : p.bf16_backward_weights_too_slow;
   if (too_slow) return note("dropped earlier: its first run was too slow", false);
@@ -578,7 +645,9 @@ bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass
   ConvKernels& high = *p.f32;
   const int64_t floats = static_cast<int64_t>(p.out.get_size() / sizeof(float));
   const int64_t weights =
-      static_cast<int64_t>(std::max(high.fwd_pd.weights_desc().get_size(), p.plain_weights.get_size()) / sizeof(float));
+      static_cast<int64_t>(std::max({high.fwd_pd.weights_desc().get_size(), low.fwd_pd.weights_desc().get_size(),
+                                     p.plain_weights.get_size()}) /
+                           sizeof(float));
   std::vector<float> a(static_cast<size_t>(floats)), b(a.size()), out(a.size()), a_low(a.size() / 2 + 1),
       b_low(a_low.size()), w_high(static_cast<size_t>(weights)), w_low(w_high.size());
   std::function<void()> run_high, run_low;
@@ -603,7 +672,7 @@ bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass
   char why[128];
   if (first_low > too_slow_factor_ * first_high && first_low > too_slow_seconds_) {
     too_slow = true;
-    std::snprintf(why, sizeof(why), "dropped: first run %.2f ms vs fp32 %.2f ms", 1e3 * first_low, 1e3 * first_high);
+    std::snprintf(why, sizeof(why), "dropped: first run %.2f CPU ms vs fp32 %.2f", 1e3 * first_low, 1e3 * first_high);
     return note(why, false);
   }
   double best_high = 1e300, best_low = 1e300;
@@ -612,7 +681,7 @@ bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass
     best_low = std::min(best_low, seconds_of(run_low));
     if (best_low > 2.0 * best_high) break;  // clearly slower: spare the other rounds
   }
-  std::snprintf(why, sizeof(why), "%.2f ms vs fp32 %.2f ms", 1e3 * best_low, 1e3 * best_high);
+  std::snprintf(why, sizeof(why), "%.2f CPU ms vs fp32 %.2f", 1e3 * best_low, 1e3 * best_high);
   return note(why, best_low < best_high);
 }
 

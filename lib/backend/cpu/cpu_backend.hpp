@@ -142,8 +142,43 @@ class CpuBackend final : public Backend {
   // a sum over b in order (matmul.cpp).
   void run_summed_by_primitive(const MatmulShape& shape, float alpha, const float* a, const float* b, float beta,
                                float* c);
+  // bf16 backward-weights at the planes of gemm_backward_weights as im2col + one oneDNN bf16 matmul batched over
+  // the groups (AMX where the CPU has it), src / diff_dst bf16 conv inputs in a layout of `block` channels per
+  // block; diff_weights plain float32, overwritten (bf16_gemm.cpp). Its matmul is created once per shape.
+  void run_bf16_gemm_backward_weights(const ConvShape& shape, int64_t block, const float* src, const float* diff_dst,
+                                      float* diff_weights);
+  std::string bf16_gemm_implementation(const ConvShape& shape) const;  // oneDNN's matmul, once it ran
+  // bf16 backward-weights of dense (one group) shapes in nhwc on planes of more than 4 pixels (SOC's layers with
+  // AMX) as chunked im2col + bf16 matmul: oneDNN 2.6's AMX convolution backward-weights there is 4-15x slower
+  // than float32 (256 channels 4x4, 640 images: 4725 against 95 CPU ms), its matmul is not.
+  static bool nhwc_gemm_backward_weights(const ConvShape& shape, int64_t block);
+  void run_bf16_nhwc_gemm_backward_weights(const ConvShape& shape, const float* src, const float* diff_dst,
+                                           float* diff_weights);
+  struct NhwcGemm {
+    dnnl::matmul first, rest;  // a chunk overwriting dW', and one adding to it
+    dnnl::memory::desc a, b, out;
+    std::string impl;
+  };
+  struct Bf16Gemm {
+    dnnl::matmul primitive;
+    dnnl::memory::desc a, b, out;
+    std::string impl;
+  };
   dnnl::memory::desc activation_desc(const ConvShape& shape, int64_t channels, dnnl::memory::format_tag layout) const;
   dnnl::memory::desc plain_weights_desc(const ConvShape& shape) const;
+  // bf16 kernels of grouped shapes with fewer than 16 channels per group (GS-SOC's 32 channels in 4 groups) run as
+  // one dense convolution with block-diagonal weights: oneDNN 2.6 has no AMX or faster-than-float32 bf16 kernel
+  // for 8-channel groups, while its dense AMX kernel, doing `groups` times the multiply-adds (of exact zeros), is
+  // 1.5-1.7x faster than the grouped float32 one (32 channels at 32x32 in 4 groups, CPU ms: forward with the x0
+  // addend 6.3 against 10.7 at 128 images, backward-weights 26 against 40 at 640). At most 4 groups, so the wasted
+  // work stays bounded; the measured choice still decides per pass. Only with AMX (without it the dense
+  // jit_bf16 kernel has no such margin). Zeros multiply exactly, so the result equals the grouped convolution's
+  // but for summation order (and a non-finite input, which would spread to all groups).
+  bool bf16_as_dense(const ConvShape& shape) const;
+  dnnl::memory::desc dense_weights_desc(const ConvShape& shape) const;  // [C, C, k, k] float32 oihw
+  // grouped [g, C/g, C/g, k, k] -> dense [C, C, k, k] with zeros off the diagonal blocks, and back (the diagonal).
+  static void expand_groups(const ConvShape& shape, const float* grouped, float* dense);
+  static void diagonal_groups(const ConvShape& shape, const float* dense, float* grouped);
 
   dnnl::engine engine_;
   dnnl::stream stream_;
@@ -160,6 +195,9 @@ class CpuBackend final : public Backend {
   // batch of products before the sum, grown once.
   std::map<std::array<int64_t, 6>, dnnl::matmul> summed_products_;
   std::vector<float> summed_scratch_;
+  std::map<ShapeKey, Bf16Gemm> bf16_gemm_;
+  std::map<ShapeKey, NhwcGemm> bf16_nhwc_gemm_;
+  std::vector<uint16_t> bf16_gemm_scratch_;  // run_bf16_gemm_backward_weights: im2col(X) and dY^T per group
 };
 
 }  // namespace orthoconv::cpu
