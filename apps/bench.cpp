@@ -31,6 +31,7 @@
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <vector>
@@ -123,7 +124,7 @@ struct LayerCase {
 };
 
 std::unique_ptr<LayerCase> make_case(const std::string& name, int64_t channels, int64_t size, int64_t batch,
-                                     int64_t groups_first, int64_t groups_second, const LayerBenchOptions& o,
+                                     const std::optional<GroupCounts>& gs_groups, const LayerBenchOptions& o,
                                      const std::string& path = "-") {
   auto c = std::make_unique<LayerCase>();
   c->name = name;
@@ -135,15 +136,14 @@ std::unique_ptr<LayerCase> make_case(const std::string& name, int64_t channels, 
   base.eval_terms = o.eval_terms;
   base.seed = o.seed;
   const Shape image{1, channels, size, size};
-  if (groups_first == 0) {
+  if (!gs_groups) {  // a plain SocConv
     auto layer = std::make_unique<SocConv>(base);
     c->steps = conv_steps(*layer, name, name, image);
     c->layer = std::move(layer);
   } else {
     GsSocConfig config;
     config.base = base;
-    config.groups_first = groups_first;
-    if (groups_second > 0) config.groups_second = groups_second;
+    config.groups = *gs_groups;
     auto layer = std::make_unique<GsSocConv>(config);
     c->steps = conv_steps(*layer, name, name, image);
     c->layer = std::move(layer);
@@ -219,6 +219,31 @@ void run_timings(std::vector<Timed>& timed, const LayerBenchOptions& o, Backend&
     }
 }
 
+// The layers of --layers on `channels` x size x size; GS-SOC (4,1) once per --paths entry.
+std::vector<std::unique_ptr<LayerCase>> layer_cases(int64_t channels, int64_t size, int64_t batch,
+                                                    const LayerBenchOptions& o) {
+  std::vector<std::unique_ptr<LayerCase>> cases;
+  auto wanted = [&](const std::string& name) {
+    return std::find(o.layers.begin(), o.layers.end(), name) != o.layers.end();
+  };
+  if (wanted("soc")) cases.push_back(make_case("soc", channels, size, batch, std::nullopt, o));
+  if (wanted("gs-soc(4,1)"))
+    for (const std::string& path : o.paths)
+      cases.push_back(make_case("gs-soc(4,1)", channels, size, batch, GroupCounts{4, 1}, o, path));
+  if (wanted("gs-soc(4,-)"))
+    cases.push_back(make_case("gs-soc(4,-)", channels, size, batch, GroupCounts{4, std::nullopt}, o));
+  return cases;
+}
+
+// The path the layer's 1x1 stage takes on `input` in each mode (null without a 1x1 stage); leaves it in evaluation.
+nlohmann::json one_by_one_paths(LayerCase& c, const Shape& input) {
+  if (!c.one_by_one) return nullptr;
+  c.one_by_one->set_training(true);
+  const std::string train_path = soc_path_name(c.one_by_one->path_for(input));
+  c.one_by_one->set_training(false);
+  return {{"train", train_path}, {"eval", soc_path_name(c.one_by_one->path_for(input))}};
+}
+
 nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::CpuBackend* cpu) {
   auto backend = cpu_backend();
   Backend& be = *backend;
@@ -244,15 +269,7 @@ nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::Cp
   be.weights_to_conv_layout(plain, ConvPass::forward, plain_w.data(), w_fwd.data());
   be.weights_to_conv_layout(plain, ConvPass::backward_data, plain_w.data(), w_bwd.data());
 
-  std::vector<std::unique_ptr<LayerCase>> cases;
-  auto wanted = [&](const std::string& name) {
-    return std::find(o.layers.begin(), o.layers.end(), name) != o.layers.end();
-  };
-  if (wanted("soc")) cases.push_back(make_case("soc", channels, size, batch, 0, 0, o));
-  if (wanted("gs-soc(4,1)"))
-    for (const std::string& path : o.paths)
-      cases.push_back(make_case("gs-soc(4,1)", channels, size, batch, 4, 1, o, path));
-  if (wanted("gs-soc(4,-)")) cases.push_back(make_case("gs-soc(4,-)", channels, size, batch, 4, 0, o));
+  std::vector<std::unique_ptr<LayerCase>> cases = layer_cases(channels, size, batch, o);
 
   std::vector<Timed> timed;
   timed.push_back({"plain forward", [&] { be.conv_forward(plain, src.data(), w_fwd.data(), dst.data(), false); }, {}});
@@ -312,14 +329,7 @@ nlohmann::json bench_shape(int64_t channels, const LayerBenchOptions& o, cpu::Cp
     for (const auto& s : c->series)
       impls.push_back({{"shape", s.str()}, {"implementation", cpu ? cpu->implementation(s) : be.name()}});
     // The path the 1x1 stage took in each mode (its last forward was the eval one; ask for training).
-    nlohmann::json taken = nullptr;
-    if (c->one_by_one) {
-      const Shape in{batch, channels, size, size};
-      c->one_by_one->set_training(true);
-      const std::string train_path = soc_path_name(c->one_by_one->path_for(in));
-      c->one_by_one->set_training(false);
-      taken = {{"train", train_path}, {"eval", soc_path_name(c->one_by_one->path_for(in))}};
-    }
+    const nlohmann::json taken = one_by_one_paths(*c, Shape{batch, channels, size, size});
     nlohmann::json over_series = nullptr;
     if (c->path != "-" && series_ms[1] > 0.0)
       over_series = {{"forward", series_ms[0] / fwd_ms},

@@ -17,9 +17,9 @@ namespace orthoconv::apps {
 int run_certify_benchmark(const TrainBenchOptions& o) {
   require(o.batch > 0, "--batch must be positive, got ", o.batch);
   require(o.steps > 0 && o.warmup >= 0, "--steps must be positive and --warmup >= 0, got ", o.steps, " and ", o.warmup);
-  require(o.device == "cpu" || o.device == "cuda", "--device must be cpu or cuda, got '", o.device, "'");
+  const Device device = parse_device(o.device);
   const ModelConfig config = bench_model_config(o);
-  LipConvnet model(config, backend_for(parse_device(o.device)));
+  LipConvnet model(config, backend_for(device));
   model.set_training(false);
   const Normalization norm;
   const Float64Network pass(model, norm);

@@ -15,7 +15,8 @@ using Runner = std::function<int()>;
 using Setup = std::function<Runner(CLI::App& app)>;
 bool register_command(const std::string& name, Setup setup);
 
-// The flag of a setting the library names by its config.json key (SettingError): "weight_decay" -> "--weight-decay".
+// The flag of a setting the library names by its config.json key (NamesSettings, SettingError): "weight_decay" ->
+// "--weight-decay".
 inline std::string flag_name(std::string key) {
   for (char& ch : key)
     if (ch == '_') ch = '-';

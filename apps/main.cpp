@@ -161,7 +161,7 @@ int run_command_line(int argc, char** argv) {
   }
   try {
     for (auto* sub : app.get_subcommands()) return runners.at(sub->get_name())();
-  } catch (const orthoconv::SettingError& e) {  // the library names settings; the user gave flags
+  } catch (const orthoconv::NamesSettings& e) {  // the library names settings; the user gave flags
     return orthoconv::apps::fail("error: ", e.message(orthoconv::apps::flag_name).c_str());
   } catch (const orthoconv::Error& e) {
     return fail("error: ", e.what());

@@ -23,20 +23,17 @@ struct ModelFlags {
 
   ModelConfig config() const {
     ModelConfig c;
-    require(conv == "soc" || conv == "gs-soc", "--conv must be 'soc' or 'gs-soc', got '", conv, "'");
-    c.conv = conv;
-    const GroupCounts g = parse_groups(groups.empty() ? default_groups(conv) : groups);
-    require(conv == "gs-soc" || !g.second,
+    c.conv = parse_conv_kind(conv);
+    if (!groups.empty()) c.groups = GroupCounts::parse(groups);  // none: default_groups(c.conv)
+    require(c.conv == ConvKind::gs_soc || !c.group_counts().second,
             "--conv soc takes one group count ('--groups 1' is plain SOC), "
             "got '",
             groups, "'; use --conv gs-soc for a pair");
-    c.groups_first = g.first;
-    c.groups_second = g.second;
     c.depth = depth;
     c.init_channels = width;
     c.classes = classes;
-    c.activation = activation;
-    c.head = head;
+    c.activation = parse_activation(activation);
+    c.head = parse_head(head);
     c.keep = parse_keep(keep);
     c.train_terms = train_terms;
     c.eval_terms = eval_terms;

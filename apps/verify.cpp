@@ -86,7 +86,8 @@ int run_verify_checkpoint(const VerifyOptions& o, bool terms_given) {
 
 int run_verify(const VerifyOptions& o) {
   require(o.layer == "soc" || o.layer == "gs-soc", "--layer must be soc or gs-soc, got '", o.layer, "'");
-  const GroupCounts groups = parse_groups(o.groups.empty() ? default_groups(o.layer) : o.groups);
+  const ConvKind kind = parse_conv_kind(o.layer);
+  const GroupCounts groups = o.groups.empty() ? default_groups(kind) : GroupCounts::parse(o.groups);
   // A dense Jacobian of C H^2 rows: each size checked alone before any product.
   constexpr int64_t kMaxJacobianSide = 16384;
   require(o.channels > 0 && o.channels <= kMaxJacobianSide, "--channels must be in 1..", kMaxJacobianSide, ", got ",
@@ -109,7 +110,7 @@ int run_verify(const VerifyOptions& o) {
 
   std::unique_ptr<Layer> layer;
   std::vector<SocConv*> socs;
-  if (o.layer == "soc") {
+  if (kind == ConvKind::soc) {
     require(!groups.second, "--layer soc takes one group count, got '", o.groups, "'");
     base.groups = groups.first;
     auto soc = std::make_unique<SocConv>(base);
@@ -118,8 +119,7 @@ int run_verify(const VerifyOptions& o) {
   } else {
     GsSocConfig config;
     config.base = base;
-    config.groups_first = groups.first;
-    config.groups_second = groups.second;
+    config.groups = groups;
     auto gs = std::make_unique<GsSocConv>(config);
     socs.push_back(&gs->first());
     if (gs->second()) socs.push_back(gs->second());

@@ -539,10 +539,9 @@ void sgd_momentum(Vec& param, const Vec& grad, Vec& momentum, double lr, double 
 GsSocParams gs_soc_params(GsSocConv& layer) {
   GsSocParams p;
   const GsSocConfig& c = layer.config();
-  p.groups_first = c.groups_first;
-  p.groups_second = c.groups_second.value_or(0);
+  p.groups = c.groups;
   p.paired = c.paired;
-  const int64_t a = c.groups_first, c_in = c.base.in_channels;
+  const int64_t a = c.groups.first, c_in = c.base.in_channels;
   p.shuffle_input = c_in % a == 0 && (!c.paired || c_in % (2 * a) == 0);
   p.first = soc_params(layer.first());
   if (layer.second()) p.second = soc_params(*layer.second());
@@ -551,13 +550,13 @@ GsSocParams gs_soc_params(GsSocConv& layer) {
 
 Vec gs_soc_forward(const GsSocParams& p, const Vec& input, int64_t batch, int64_t height, int64_t width) {
   const int64_t c_in = p.first.in_channels;
-  Vec x = p.shuffle_input ? permute_channels(input, shuffle_destination(c_in, p.groups_first, p.paired), batch, c_in,
+  Vec x = p.shuffle_input ? permute_channels(input, shuffle_destination(c_in, p.groups.first, p.paired), batch, c_in,
                                              height * width)
                           : input;
   Vec y = soc_forward(p.first, x, batch, height, width);
-  if (p.groups_second == 0) return y;
+  if (!p.groups.second) return y;
   const int64_t h = height / p.first.stride, w = width / p.first.stride, c_out = p.first.out_channels;
-  y = permute_channels(y, shuffle_destination(c_out, p.groups_second, p.paired), batch, c_out, h * w);
+  y = permute_channels(y, shuffle_destination(c_out, *p.groups.second, p.paired), batch, c_out, h * w);
   return soc_forward(p.second, y, batch, h, w);
 }
 

@@ -171,8 +171,7 @@ void sgd_momentum(Vec& param, const Vec& grad, Vec& momentum, double lr, double 
 // GS-SOC (a, b) / (a, -): shuffle(a) when it applies -> SOC k x k, a groups -> shuffle(b) -> SOC 1 x 1, b groups.
 struct GsSocParams {
   bool shuffle_input = true;
-  int64_t groups_first = 4;
-  int64_t groups_second = 0;  // 0: single stage
+  GroupCounts groups;  // second empty: single stage
   bool paired = false;
   SocParams first, second;
 };

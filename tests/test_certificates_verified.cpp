@@ -17,13 +17,12 @@ namespace {
 
 ModelConfig tiny_config(const std::string& head = "soc") {
   ModelConfig c;
-  c.conv = "gs-soc";
-  c.groups_first = 2;
-  c.groups_second = 1;
+  c.conv = ConvKind::gs_soc;
+  c.groups = GroupCounts{2, 1};
   c.depth = 5;
   c.init_channels = 4;
   c.classes = 10;
-  c.head = head;
+  c.head = parse_head(head);
   c.seed = 5;
   return c;
 }
@@ -361,9 +360,8 @@ TEST_CASE("a bf16-trained model is certified exactly as a float32 one, and attac
   reference::AlwaysBf16 always;
   // Width 8, plain SOC: every shape has a oneDNN bf16 kernel.
   ModelConfig config = tiny_config();
-  config.conv = "soc";
-  config.groups_first = 1;
-  config.groups_second.reset();
+  config.conv = ConvKind::soc;
+  config.groups = GroupCounts{1, std::nullopt};
   config.init_channels = 8;
   LipConvnet model(config);
   model.set_precision(ConvPrecision::bf16);

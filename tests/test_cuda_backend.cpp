@@ -300,8 +300,7 @@ TEST_CASE("GPU GsSocConv matches the CPU for (4,1), (4,-), (2,4) and paired shuf
                         Case{2, 4, false, 16, 16, 1}, Case{4, 1, true, 16, 16, 1}, Case{4, 1, false, 8, 32, 2}}) {
     GsSocConfig config;
     config.base = soc_config(c.in, c.out, 3, c.stride, 1, 11);
-    config.groups_first = c.a;
-    config.groups_second = c.b;
+    config.groups = GroupCounts{c.a, c.b};
     config.paired = c.paired;
     GsSocConv cl(config, cpu), gl(config, gpu);
     INFO(cl.describe());
@@ -345,8 +344,7 @@ TEST_CASE("GPU SocConv and GsSocConv on the matrix path match the CPU's matrix a
   }
   GsSocConfig config;
   config.base = soc_config(64, 64, 3, 1, 1, 66);
-  config.groups_first = 4;
-  config.groups_second = 1;
+  config.groups = GroupCounts{4, 1};
   GsSocConv cl(config, cpu), gl(config, gpu);
   cl.second()->set_path(SocPath::matrix);
   gl.second()->set_path(SocPath::matrix);
@@ -363,8 +361,7 @@ TEST_CASE("a steady-state GS-SOC training step on the GPU takes no new device me
   auto gpu = cuda_backend();
   GsSocConfig config;
   config.base = soc_config(32, 32, 3, 1, 1, 31);
-  config.groups_first = 4;
-  config.groups_second = 1;
+  config.groups = GroupCounts{4, 1};
   GsSocConv layer(config, gpu);
   const Shape input{16, 32, 16, 16};
   Tensor x = upload(random_floats(static_cast<size_t>(input.numel()), 32), input);
@@ -431,8 +428,7 @@ TEST_CASE("SocConv and GsSocConv on the GPU are orthogonal: all Jacobian singula
   for (std::optional<int64_t> b : {std::optional<int64_t>{1}, std::optional<int64_t>{}}) {
     GsSocConfig config;
     config.base = soc_config(16, 16, 3, 1, 1, 24);
-    config.groups_first = 4;
-    config.groups_second = b;
+    config.groups = GroupCounts{4, b};
     GsSocConv gs(config, gpu);
     INFO(gs.describe());
     check_orthogonal(gs, Shape{1, 16, 4, 4});
@@ -452,9 +448,8 @@ TEST_CASE("one training step of LipConvnet-15 on the GPU gives the CPU's loss an
   for (std::string conv : {"soc", "gs-soc"}) {
     INFO("conv " << conv);
     ModelConfig config;
-    config.conv = conv;
-    config.groups_first = conv == "soc" ? 1 : 4;
-    config.groups_second = 1;
+    config.conv = parse_conv_kind(conv);
+    config.groups = default_groups(config.conv);  // soc: (1, -); gs-soc: (4, 1)
     config.depth = 15;
     config.classes = 100;
     LipConvnet cpu_model(config, cpu), gpu_model(config, gpu);
@@ -517,7 +512,7 @@ TEST_CASE("cuDNN reduced precision: which passes run it, the refusal without ten
   if (!gpu_has_tensor_cores()) {
     s.precision = ConvPrecision::bf16;
     CHECK(gpu->conv_precision(s, ConvPass::forward) == ConvPrecision::fp32);
-    REQUIRE_THROWS_WITH(gpu->check_precision(ConvPrecision::bf16), Catch::Contains("--precision bf16"));
+    REQUIRE_THROWS_WITH(gpu->check_precision(ConvPrecision::bf16), Catch::Contains("precision bf16"));
     WARN("this GPU has no bf16/TF32 tensor cores: reduced precision refused as it must be, not run");
     return;
   }

@@ -155,9 +155,8 @@ TEST_CASE("a job needs an image per rank in every batch: a smaller batch or last
   };
   const CifarSplit train = synthetic_split(67, 10, 1), test = synthetic_split(8, 10, 2);
   TrainConfig c;
-  c.model.conv = "soc";
-  c.model.groups_first = 1;
-  c.model.groups_second.reset();
+  c.model.conv = ConvKind::soc;
+  c.model.groups = GroupCounts{1, std::nullopt};
   c.model.depth = 5;
   c.model.init_channels = 8;
   c.model.classes = 10;
@@ -224,9 +223,8 @@ Trace train_tiny(std::shared_ptr<Communicator> job) {
   set_thread_count(1);
   const CifarSplit train = synthetic_split(256, 10, 7);
   ModelConfig config;
-  config.conv = "soc";
-  config.groups_first = 1;
-  config.groups_second.reset();
+  config.conv = ConvKind::soc;
+  config.groups = GroupCounts{1, std::nullopt};
   config.depth = 5;
   config.init_channels = 8;
   config.classes = 10;

@@ -117,23 +117,22 @@ TEST_CASE("GsSocConv, ChannelShuffle and MaxMin reject impossible settings with 
           "[errors][gs-soc][shuffle][maxmin]") {
   GsSocConfig gs;
   gs.base = valid();
-  gs.groups_first = 4;
+  gs.groups.first = 4;
   SECTION("GS-SOC b not dividing the output channels") {
-    gs.groups_second = 3;
+    gs.groups.second = 3;
     require_error([&] { GsSocConv layer(gs); }, {"b", "3", "out_channels", "8"});
   }
   SECTION("GS-SOC a not dividing the series channels") {
-    gs.groups_first = 5;
+    gs.groups.first = 5;
     require_error([&] { GsSocConv layer(gs); }, {"groups", "5"});
   }
   SECTION("GS-SOC zero b") {
-    gs.groups_second = 0;
+    gs.groups.second = 0;
     require_error([&] { GsSocConv layer(gs); }, {"b", "0"});
   }
   SECTION("GS-SOC paired needs 2b to divide the output channels") {
     gs.base.in_channels = gs.base.out_channels = 6;
-    gs.groups_first = 2;
-    gs.groups_second = 2;
+    gs.groups = GroupCounts{2, 2};
     gs.paired = true;
     require_error([&] { GsSocConv layer(gs); }, {"2*b", "4", "6"});
   }

@@ -201,8 +201,7 @@ void check_gs(int64_t c_in, int64_t c_out, int64_t a, std::optional<int64_t> b, 
               const Shape& in, uint64_t seed) {
   GsSocConfig config;
   config.base = soc(c_in, c_out, 3, 1, stride, seed);
-  config.groups_first = a;
-  config.groups_second = b;
+  config.groups = GroupCounts{a, b};
   config.paired = paired;
   GsSocConv layer(config);
   INFO(layer.describe() << ", input " << in.str());

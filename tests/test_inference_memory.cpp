@@ -139,8 +139,7 @@ TEST_CASE("evaluation-mode forward and backward equal the kept-terms path bit fo
   GsSocConfig gs;
   gs.base = soc_config(16, 32, 3, 2, 1, KeepChannels::first, 6);
   gs.base.schedule = PowerSchedule::hold();
-  gs.groups_first = 4;
-  gs.groups_second = 2;
+  gs.groups = GroupCounts{4, 2};
   GsSocConv layer(gs), twin(gs);
   const Shape input{2, 16, 8, 8};
   const Tensor x = random_tensor(input, 4), dy = random_tensor(layer.output_shape(input), 5);
@@ -177,7 +176,7 @@ TEST_CASE("without parameter gradients a backward gives the same input gradient 
       m.depth = 5;
       m.init_channels = 4;
       m.classes = 10;
-      m.head = head;
+      m.head = parse_head(head);
       m.power_schedule = PowerSchedule::hold();
       LipConvnet full(m), input_only(m);
       input_only.set_parameter_gradients(false);

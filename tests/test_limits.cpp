@@ -4,9 +4,11 @@
 // are refused naming the file and the tensor.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "orthoconv/limits.hpp"
 #include "orthoconv/model.hpp"
@@ -20,14 +22,12 @@ namespace {
 ModelConfig small(const std::string& conv, const std::string& groups, int64_t depth, int64_t width, int64_t classes,
                   const std::string& head) {
   ModelConfig c;
-  c.conv = conv;
-  const GroupCounts g = parse_groups(groups);
-  c.groups_first = g.first;
-  c.groups_second = g.second;
+  c.conv = parse_conv_kind(conv);
+  c.groups = GroupCounts::parse(groups);
   c.depth = depth;
   c.init_channels = width;
   c.classes = classes;
-  c.head = head;
+  c.head = parse_head(head);
   c.init_iterations = 0;
   return c;
 }
@@ -80,29 +80,122 @@ TEST_CASE("thread counts are bounded by the processors this process may use", "[
   CHECK_NOTHROW(require_thread_count(0));
   CHECK_NOTHROW(require_thread_count(max_thread_count()));
   CHECK_THROWS_WITH(require_thread_count(max_thread_count() + 1),
-                    Catch::Contains("--threads") && Catch::Contains("processors"));
+                    Catch::StartsWith("threads ") && Catch::Contains("processors"));
   CHECK_THROWS_WITH(require_thread_count(100000, "--jobs"), Catch::Contains("--jobs 100000"));
   CHECK_THROWS_AS(require_thread_count(-1), ConfigError);
 }
 
-TEST_CASE("group counts are parsed strictly and named in the message", "[limits]") {
-  CHECK(parse_groups("4,1").first == 4);
-  CHECK(parse_groups("4,1").second == std::optional<int64_t>(1));
-  CHECK_FALSE(parse_groups("4,-").second.has_value());
-  CHECK_FALSE(parse_groups("4").second.has_value());
+TEST_CASE("group counts are parsed strictly and named in the message", "[limits][settings]") {
+  CHECK(GroupCounts::parse("4,1") == GroupCounts{4, 1});
+  CHECK(GroupCounts::parse("4,-") == GroupCounts{4, std::nullopt});
+  CHECK(GroupCounts::parse("4") == GroupCounts{4, std::nullopt});
+  for (const GroupCounts& g : {GroupCounts{4, 1}, GroupCounts{2, std::nullopt}, GroupCounts{16, 8}}) {
+    INFO(g.text());
+    CHECK(GroupCounts::parse(g.text()) == g);  // the one text form reads back
+  }
+  CHECK(GroupCounts{4, 1}.text() == "4,1");
+  CHECK(GroupCounts{4, std::nullopt}.text() == "4,-");
   for (const char* bad : {"", "x", "4,x", "0", "4,0", "-4", " 4", "4,", "99999999999999999999", "4,1,1"}) {
     INFO("'" << bad << "'");
-    CHECK_THROWS_WITH(parse_groups(bad, "metadata 'model.groups'"),
+    CHECK_THROWS_WITH(GroupCounts::parse(bad, "metadata 'model.groups'"),
                       Catch::Contains("metadata 'model.groups'") && !Catch::Contains("stoll"));
+    try {
+      GroupCounts::parse(bad);
+      FAIL("no error for '" << bad << "'");
+    } catch (const SettingError& e) {  // the command line writes it as --groups
+      CHECK(e.settings() == std::vector<std::string>{"groups"});
+      CHECK(std::string(e.what()).find('\n') == std::string::npos);
+      CHECK(e.message([](const std::string& key) { return "--" + key; }).rfind("--groups: ", 0) == 0);
+    }
   }
-  CHECK(default_groups("soc") == "1");
-  CHECK(default_groups("gs-soc") == "4,1");
+  CHECK(default_groups(ConvKind::soc) == GroupCounts{1, std::nullopt});
+  CHECK(default_groups(ConvKind::gs_soc) == GroupCounts{4, 1});
   ModelConfig c;
   CHECK(c.groups_text() == "4,1");
-  c.groups_second.reset();
+  c.groups = GroupCounts{4, std::nullopt};
   CHECK(c.groups_text() == "4,-");
-  c.conv = "soc";
+  c.conv = ConvKind::soc;
   CHECK(c.groups_text() == "4");
+}
+
+namespace {
+
+// parse(name(value)) == value for every value, and bad text throws one SettingError line naming `setting`.
+template <typename Enum, typename Parse, typename Name>
+void check_setting_pair(const std::vector<Enum>& values, Parse parse, Name name, const std::string& setting) {
+  std::vector<std::string> names;
+  for (Enum value : values) {
+    INFO(name(value));
+    CHECK(parse(name(value)) == value);
+    names.push_back(name(value));
+  }
+  std::sort(names.begin(), names.end());
+  CHECK(std::adjacent_find(names.begin(), names.end()) == names.end());  // distinct names
+  for (const std::string bad : {"", "foo", "SOC", " soc", "gs_soc", "maxmin ", "first,"}) {
+    INFO("'" << bad << "'");
+    try {
+      parse(bad);
+      FAIL("no error for '" << bad << "'");
+    } catch (const SettingError& e) {
+      const std::string what = e.what();
+      CHECK(e.settings() == std::vector<std::string>{setting});
+      CHECK(what.rfind(setting + " must be ", 0) == 0);
+      CHECK(what.find("'" + bad + "'") != std::string::npos);
+      CHECK(what.find('\n') == std::string::npos);
+      CHECK(what.find("--") == std::string::npos);  // a setting, not a flag
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("conv kind, activation, head and keep parse what their names write, and name the setting otherwise",
+          "[limits][settings]") {
+  check_setting_pair<ConvKind>({ConvKind::soc, ConvKind::gs_soc}, parse_conv_kind, conv_kind_name, "conv");
+  check_setting_pair<ActivationKind>({ActivationKind::maxmin, ActivationKind::maxmin_paired}, parse_activation,
+                                     activation_name, "activation");
+  check_setting_pair<HeadKind>({HeadKind::soc, HeadKind::lln}, parse_head, head_name, "head");
+  check_setting_pair<KeepChannels>({KeepChannels::first, KeepChannels::per_group}, parse_keep, keep_name,
+                                   "downsample_keep");
+  check_setting_pair<Device>({Device::cpu, Device::cuda}, parse_device, device_name, "device");
+  check_setting_pair<ConvPrecision>({ConvPrecision::fp32, ConvPrecision::tf32, ConvPrecision::bf16},
+                                    parse_conv_precision, conv_precision_name, "precision");
+  // The names are the text the command line, config.json and checkpoints have always used.
+  CHECK(conv_kind_name(ConvKind::gs_soc) == "gs-soc");
+  CHECK(activation_name(ActivationKind::maxmin_paired) == "maxmin-paired");
+  CHECK(head_name(HeadKind::lln) == "lln");
+}
+
+TEST_CASE("the default ModelConfig is valid for every conv kind, with that kind's default groups",
+          "[limits][settings]") {
+  for (ConvKind conv : {ConvKind::soc, ConvKind::gs_soc}) {
+    INFO(conv_kind_name(conv));
+    ModelConfig c;
+    c.conv = conv;
+    CHECK_FALSE(c.groups.has_value());
+    CHECK(c.group_counts() == default_groups(conv));
+    CHECK_NOTHROW(c.validate());
+    c.depth = 5;
+    c.init_channels = 4;
+    c.classes = 10;
+    c.init_iterations = 0;  // shapes only
+    LipConvnet model(c);
+    int64_t convolutions = 0;
+    for (const NetworkStep& step : model.steps())
+      if (step.soc && step.name != "head") ++convolutions;
+    // soc: one SocConv per block; gs-soc (4,1): two.
+    CHECK(convolutions == (conv == ConvKind::soc ? 5 : 10));
+    CHECK(model.config().architecture().find(conv == ConvKind::soc ? "conv=soc " : "conv=gs-soc(4,1) ") !=
+          std::string::npos);
+  }
+  // Groups given explicitly still win; a pair stays refused for conv soc.
+  ModelConfig soc;
+  soc.conv = ConvKind::soc;
+  soc.groups = GroupCounts{4, 1};
+  CHECK_THROWS_AS(soc.validate(), ConfigError);
+  soc.groups = GroupCounts{2, std::nullopt};
+  CHECK_NOTHROW(soc.validate());
+  CHECK(soc.conv_label() == "soc(g2)");
 }
 
 TEST_CASE("check_tensor_values refuses NaN, infinities and norms beyond float32, naming file, tensor and index",

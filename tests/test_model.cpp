@@ -16,22 +16,20 @@ namespace {
 
 ModelConfig shapes_only(const std::string& conv, int64_t a, std::optional<int64_t> b) {
   ModelConfig c;
-  c.conv = conv;
-  c.groups_first = a;
-  c.groups_second = b;
+  c.conv = parse_conv_kind(conv);
+  c.groups = GroupCounts{a, b};
   c.init_iterations = 0;  // shapes and counts only
   return c;
 }
 
 ModelConfig tiny(const std::string& conv, int64_t a, std::optional<int64_t> b, const std::string& head) {
   ModelConfig c;
-  c.conv = conv;
-  c.groups_first = a;
-  c.groups_second = b;
+  c.conv = parse_conv_kind(conv);
+  c.groups = GroupCounts{a, b};
   c.depth = 5;
   c.init_channels = 4;
   c.classes = 10;
-  c.head = head;
+  c.head = parse_head(head);
   c.seed = 7;
   return c;
 }
@@ -202,7 +200,7 @@ TEST_CASE("LipConvnet gradients match finite differences (parameters and input)"
     const double input_numeric = (input_shifted(h) - input_shifted(-h)) / (2 * h);
     INFO(config.architecture() << ": input along its gradient, analytic " << dnorm << " numeric " << input_numeric);
     CHECK(std::abs(dnorm - input_numeric) <= 2e-2 * dnorm + 5e-4);
-    if (c.head == "soc") {
+    if (config.head == HeadKind::soc) {
       // Orthogonal head: the logits are 1-Lipschitz, so ||J^T R|| <= ||R||. (Not for lln: only its rows are.)
       double rnorm = 0.0;
       for (int64_t i = 0; i < r.numel(); ++i) rnorm += static_cast<double>(r.at(i)) * r.at(i);
@@ -300,8 +298,7 @@ TEST_CASE("LipConvnet rejects impossible configurations with one clear message",
   c = shapes_only("gs-soc", 3, 1);
   CHECK_THROWS_WITH(LipConvnet(c), Catch::Contains("stage1.block0"));
   c = shapes_only("gs-soc", 4, 1);
-  c.head = "dense";
-  CHECK_THROWS_WITH(LipConvnet(c), Catch::Contains("head"));
+  CHECK_THROWS_WITH(parse_head("dense"), Catch::Contains("head"));
   c = shapes_only("soc", 1, 2);
   CHECK_THROWS_AS(LipConvnet(c), ConfigError);
 }
@@ -321,30 +318,28 @@ std::vector<StepVariant> step_variants() {
   base.init_iterations = 3;
   std::vector<StepVariant> out;
   ModelConfig soc = base;
-  soc.conv = "soc";
-  soc.groups_first = 1;
-  soc.groups_second.reset();
+  soc.conv = ConvKind::soc;
+  soc.groups = GroupCounts{1, std::nullopt};
   out.push_back({"soc", soc});
   out.push_back({"gs-soc(4,1)", base});
   ModelConfig single = base;
-  single.groups_second.reset();
+  single.groups = GroupCounts{4, std::nullopt};
   out.push_back({"gs-soc(4,-)", single});
   ModelConfig paired = base;
-  paired.activation = "maxmin-paired";
+  paired.activation = ActivationKind::maxmin_paired;
   out.push_back({"gs-soc(4,1), paired MaxMin", paired});
   ModelConfig per_group = base;
   per_group.keep = KeepChannels::per_group;
-  per_group.groups_second = 2;
+  per_group.groups = GroupCounts{4, 2};
   out.push_back({"gs-soc(4,2), keep per-group", per_group});
   ModelConfig lln = soc;
-  lln.groups_first = 2;
-  lln.head = "lln";
+  lln.groups = GroupCounts{2, std::nullopt};
+  lln.head = HeadKind::lln;
   out.push_back({"soc(g2), lln head", lln});
   ModelConfig deeper = base;
   deeper.depth = 10;
-  deeper.groups_first = 2;
-  deeper.groups_second = 2;
-  deeper.activation = "maxmin-paired";
+  deeper.groups = GroupCounts{2, 2};
+  deeper.activation = ActivationKind::maxmin_paired;
   out.push_back({"LipConvnet-10 gs-soc(2,2), paired MaxMin", deeper});
   return out;
 }
@@ -465,13 +460,13 @@ TEST_CASE("LipConvnet's step list is the configured structure: kinds, names, gro
           const std::string block = "stage" + std::to_string(stage + 1) + ".block" + std::to_string(b);
           const bool last = b == config.block_size() - 1;
           const int64_t stride = last ? 2 : 1, kernel = last && stage == 4 ? 1 : 3, out = planes * stride;
-          if (config.conv == "soc") {
+          if (config.conv == ConvKind::soc) {
             const NetworkStep& s = next(StepKind::soc, block + ".conv");
-            CHECK(s.soc->config().groups == config.groups_first);
+            CHECK(s.soc->config().groups == config.group_counts().first);
             CHECK((s.soc->config().kernel == kernel && s.soc->config().stride == stride));
             CHECK(s.input == (Shape{1, in_planes, side, side}));
           } else {
-            const int64_t a = config.groups_first;
+            const int64_t a = config.group_counts().first;
             if (in_planes % (config.paired() ? 2 * a : a) == 0)
               check_shuffle(next(StepKind::shuffle, block + ".conv.input_shuffle"), in_planes, a);
             const NetworkStep& first = next(StepKind::soc, block + ".conv.first");
@@ -479,10 +474,10 @@ TEST_CASE("LipConvnet's step list is the configured structure: kinds, names, gro
             CHECK((first.soc->config().kernel == kernel && first.soc->config().stride == stride));
             CHECK(first.input == (Shape{1, in_planes, side, side}));
             CHECK(first.soc->config().keep == config.keep);
-            if (config.groups_second) {
-              check_shuffle(next(StepKind::shuffle, block + ".conv.middle_shuffle"), out, *config.groups_second);
+            if (const std::optional<int64_t> second_groups = config.group_counts().second) {
+              check_shuffle(next(StepKind::shuffle, block + ".conv.middle_shuffle"), out, *second_groups);
               const NetworkStep& second = next(StepKind::soc, block + ".conv.second");
-              CHECK(second.soc->config().groups == *config.groups_second);
+              CHECK(second.soc->config().groups == *second_groups);
               CHECK(second.soc->config().kernel == 1);
               CHECK(second.input == (Shape{1, out, side / stride, side / stride}));
             }
@@ -497,7 +492,7 @@ TEST_CASE("LipConvnet's step list is the configured structure: kinds, names, gro
       }
       const NetworkStep& flatten = next(StepKind::flatten, "flatten");
       CHECK(flatten.output == (Shape{1, model.features(), 1, 1}));
-      const NetworkStep& head = next(config.head == "soc" ? StepKind::soc : StepKind::lln, "head");
+      const NetworkStep& head = next(config.head == HeadKind::soc ? StepKind::soc : StepKind::lln, "head");
       CHECK(head.input == (Shape{1, model.features(), 1, 1}));
       CHECK(at == steps.size());
       // The SocConvs of the list are soc_layers(), which name the parameters and buffers of checkpoints.

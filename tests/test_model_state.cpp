@@ -30,9 +30,8 @@ std::string fresh_path(const std::string& name) {
 // A small GS-SOC (2,1) LipConvnet: 3x3 grouped layers (u4 and v4 differ in length) and 1x1 ones.
 ModelConfig small_config() {
   ModelConfig c;
-  c.conv = "gs-soc";
-  c.groups_first = 2;
-  c.groups_second = 1;
+  c.conv = ConvKind::gs_soc;
+  c.groups = GroupCounts{2, 1};
   c.depth = 5;
   c.init_channels = 4;
   c.classes = 10;

@@ -51,9 +51,8 @@ using testing::TempDir;
 // width 8, 100 classes, freshly initialised (50 power iterations).
 ModelConfig lipconvnet5(const std::string& conv, int64_t a, std::optional<int64_t> b) {
   ModelConfig c;
-  c.conv = conv;
-  c.groups_first = a;
-  c.groups_second = b;
+  c.conv = parse_conv_kind(conv);
+  c.groups = GroupCounts{a, b};
   c.depth = 5;
   c.init_channels = 8;
   c.classes = 100;
@@ -180,9 +179,9 @@ TEST_CASE("ONNX export: onnxruntime gives orthoconv's float32 logits on 256 CIFA
                                {"paired MaxMin, GS-SOC (4,1)", lipconvnet5("gs-soc", 4, 1), "", "", ""},
                                {"keep per group, GS-SOC (4,-)", lipconvnet5("gs-soc", 4, std::nullopt), "", "", ""},
                                {"grouped SOC (g2), lln head", lipconvnet5("soc", 2, std::nullopt), "", "", ""}};
-  models[3].config.activation = "maxmin-paired";
+  models[3].config.activation = ActivationKind::maxmin_paired;
   models[4].config.keep = KeepChannels::per_group;
-  models[5].config.head = "lln";
+  models[5].config.head = HeadKind::lln;
   TempDir dir;
   std::string arguments;
   for (size_t m = 0; m < models.size(); ++m) {

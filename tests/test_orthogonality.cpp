@@ -57,8 +57,7 @@ GsSocConfig gs(int64_t c_in, int64_t c_out, int64_t a, std::optional<int64_t> b,
                int64_t stride = 1, uint64_t seed = 3) {
   GsSocConfig g;
   g.base = soc(c_in, c_out, 3, 1, stride, seed);
-  g.groups_first = a;
-  g.groups_second = b;
+  g.groups = GroupCounts{a, b};
   g.paired = paired;
   return g;
 }

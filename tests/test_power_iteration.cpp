@@ -59,8 +59,7 @@ TEST_CASE("the schedule follows the step counter (set_step) and GsSocConv's two 
 
   GsSocConfig config;
   config.base.in_channels = config.base.out_channels = 8;
-  config.groups_first = 4;
-  config.groups_second = 2;
+  config.groups = GroupCounts{4, 2};
   GsSocConv gs(config);
   Tensor xg(Shape{1, 8, 2, 2}), yg;
   for (int step = 0; step < 3; ++step) {

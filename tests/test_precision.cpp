@@ -79,10 +79,9 @@ constexpr double kFluctuation = 2.0;       // tolerance / RMS bound
 
 ModelConfig lipconvnet5(const std::string& conv) {
   ModelConfig m;
-  m.conv = conv;
+  m.conv = parse_conv_kind(conv);
   if (conv == "soc") {
-    m.groups_first = 1;
-    m.groups_second.reset();
+    m.groups = GroupCounts{1, std::nullopt};
   }
   m.depth = 5;
   m.init_channels = 8;  // stages 16..256 channels: the spectral-norm bounds below stay cheap

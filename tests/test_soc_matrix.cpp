@@ -387,9 +387,8 @@ TEST_CASE(
   const int64_t batch = 128;
   for (std::string conv : {"gs-soc", "soc"}) {
     ModelConfig config;
-    config.conv = conv;
-    config.groups_first = conv == "soc" ? 1 : 4;
-    if (conv == "soc") config.groups_second.reset();
+    config.conv = parse_conv_kind(conv);
+    config.groups = default_groups(config.conv);
     config.init_iterations = 0;  // shapes only
     LipConvnet model(config);
     // Each SocConv on its step's input shape (model.steps()).

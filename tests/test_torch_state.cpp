@@ -47,13 +47,12 @@ std::string fresh_path(const std::string& name) {
 ModelConfig config_of(const std::string& conv, int64_t a, std::optional<int64_t> b, int64_t depth,
                       const std::string& head) {
   ModelConfig c;
-  c.conv = conv;
-  c.groups_first = a;
-  c.groups_second = b;
+  c.conv = parse_conv_kind(conv);
+  c.groups = GroupCounts{a, b};
   c.depth = depth;
   c.init_channels = 4;
   c.classes = 10;
-  c.head = head;
+  c.head = parse_head(head);
   c.seed = 5;
   return c;
 }
@@ -87,14 +86,14 @@ std::vector<std::pair<std::string, std::string>> reference_modules(const ModelCo
     for (int64_t b = 0; b < m.depth / 5; ++b) {
       const std::string module = "layer" + std::to_string(s) + "." + std::to_string(b) + ".conv";
       const std::string soc = "stage" + std::to_string(s) + ".block" + std::to_string(b) + ".conv";
-      if (m.conv == "soc") {
+      if (m.conv == ConvKind::soc) {
         out.push_back({module, soc});
       } else {
         out.push_back({module + ".soc1", soc + ".first"});
-        if (m.groups_second) out.push_back({module + ".soc2", soc + ".second"});
+        if (m.group_counts().second) out.push_back({module + ".soc2", soc + ".second"});
       }
     }
-  if (m.head == "soc") out.push_back({"last_layer", "head"});
+  if (m.head == HeadKind::soc) out.push_back({"last_layer", "head"});
   return out;
 }
 
@@ -186,7 +185,7 @@ TEST_CASE("torch_state.py: the reference's names, 5-D shapes and values, and bac
       CHECK(torch.meta("total_iters." + module) == std::to_string(soc->step()));
       expected_tensors += 11;
     }
-    if (m.head == "lln") {
+    if (m.head == HeadKind::lln) {
       CHECK(torch.tensors.at("last_layer.weight").values == model.lln_head()->weight().value.to_vector());
       CHECK(torch.tensors.at("last_layer.weight").shape == std::vector<int64_t>{m.classes, model.features()});
       CHECK(torch.tensors.at("last_layer.bias").values == model.lln_head()->bias().value.to_vector());

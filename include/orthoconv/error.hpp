@@ -25,24 +25,24 @@ class ConfigError : public Error {
   using Error::Error;
 };
 
-// A ConfigError about named settings of a configuration struct (TrainConfig, ...). The message names each setting
-// by its own name (its config.json key: "epochs", "weight_decay"); a program that exposes the settings under other
-// names (the command line's --epochs, --weight-decay) writes the message with its names: message(name).
-// The pattern holds {0}, {1}, ... where settings[0], settings[1], ... are named.
-class SettingError : public ConfigError {
+// What an error whose message names settings keeps besides the message: the settings, each by its own name (its
+// config.json key: "epochs", "weight_decay", "out"), and the pattern the message was written from, with {0}, {1},
+// ... where settings[0], settings[1], ... are named. A program that exposes the settings under other names (the
+// command line's --epochs, --weight-decay, --out) catches NamesSettings and writes the message with its names:
+// message(name). what() (of the Error it is mixed into) names each setting by its own name.
+class NamesSettings {
  public:
-  SettingError(std::vector<std::string> settings, const std::string& pattern)
-      : ConfigError(fill(settings, pattern, [](const std::string& key) { return key; })),
-        settings_(std::move(settings)),
-        pattern_(pattern) {}
+  NamesSettings(std::vector<std::string> settings, std::string pattern)
+      : settings_(std::move(settings)), pattern_(std::move(pattern)) {}
+  NamesSettings(const NamesSettings&) = default;
+  NamesSettings& operator=(const NamesSettings&) = default;
+  virtual ~NamesSettings() = default;
   const std::vector<std::string>& settings() const { return settings_; }
   const std::string& pattern() const { return pattern_; }
   // The message with each setting written as name(setting).
   std::string message(const std::function<std::string(const std::string&)>& name) const {
     return fill(settings_, pattern_, name);
   }
-
- private:
   static std::string fill(const std::vector<std::string>& settings, std::string text,
                           const std::function<std::string(const std::string&)>& name) {
     for (size_t i = 0; i < settings.size(); ++i) {
@@ -57,8 +57,20 @@ class SettingError : public ConfigError {
     }
     return text;
   }
+
+ private:
   std::vector<std::string> settings_;
   std::string pattern_;
+};
+
+// An Error of kind `Base` (IoError, BackendError, ...) whose message names settings (NamesSettings): "the output
+// directory runs/a is in use ...; choose another {0}" with {"out"}.
+template <typename Base>
+class NamingSettings : public Base, public NamesSettings {
+ public:
+  NamingSettings(std::vector<std::string> settings, const std::string& pattern)
+      : Base(fill(settings, pattern, [](const std::string& key) { return key; })),
+        NamesSettings(std::move(settings), pattern) {}
 };
 
 // A tensor whose shape does not match what the layer was built for.
@@ -77,6 +89,13 @@ class BackendError : public Error {
 class IoError : public Error {
  public:
   using Error::Error;
+};
+
+// A ConfigError about named settings of a configuration struct (TrainConfig, ModelConfig, ...): a setting that can
+// never work, named by its own name (NamesSettings).
+class SettingError : public NamingSettings<ConfigError> {
+ public:
+  using NamingSettings::NamingSettings;
 };
 
 // Work abandoned because a stop was requested (the trainer's stop request, polled between batches): nothing is

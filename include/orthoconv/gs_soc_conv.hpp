@@ -13,17 +13,31 @@
 
 #include <memory>
 #include <optional>
+#include <string>
 
 #include "orthoconv/channel_shuffle.hpp"
 #include "orthoconv/soc_conv.hpp"
 
 namespace orthoconv {
 
+// The group counts of a GS-SOC layer, (a, b) or (a, -), and of a model's convolutions (ModelConfig::groups; for
+// conv soc only `first`, the group count of every SocConv). "No second stage" has one form: `second` empty.
+// The one text form, as --groups, config.json and checkpoints write it: "a,b" or "a,-"; a conv soc model writes
+// its one count "a" (ModelConfig::groups_text), which parse() reads as (a, -).
+struct GroupCounts {
+  int64_t first = 4;              // a
+  std::optional<int64_t> second;  // b, or none: no second stage (GS-SOC (a, -), or conv soc)
+  // "a,b", "a,-" or "a" with positive integers. Throws SettingError naming `setting` ("groups", "metadata
+  // 'model.groups'", ...) and the text.
+  static GroupCounts parse(const std::string& text, const std::string& setting = "groups");
+  std::string text() const;  // "a,b" or "a,-"
+  bool operator==(const GroupCounts& other) const { return first == other.first && second == other.second; }
+};
+
 struct GsSocConfig {
-  SocConfig base;                        // in/out channels, kernel, stride, terms, ...; base.groups ignored;
-                                         // base.path applies to the 1x1 stages (the k x k one takes the series)
-  int64_t groups_first = 4;              // a
-  std::optional<int64_t> groups_second;  // b, or none for the single-stage (a, -) variant
+  SocConfig base;                       // in/out channels, kernel, stride, terms, ...; base.groups ignored;
+                                        // base.path applies to the 1x1 stages (the k x k one takes the series)
+  GroupCounts groups{4, std::nullopt};  // (a, b), or (a, -) for the single-stage variant
   bool paired = false;
   void validate() const;
 };

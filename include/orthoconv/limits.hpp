@@ -30,8 +30,8 @@ std::string format_bytes(double bytes);
 // than that only slow oneDNN down, and far more crash the runtimes (oneDNN's per-thread scratchpads, libgomp's
 // team arrays on the stack).
 int max_thread_count();
-// A --threads value: 0 (OpenMP's default, which must itself be within the bound: OMP_NUM_THREADS) or
-// 1..max_thread_count(). Throws ConfigError naming `setting`.
-void require_thread_count(int threads, const std::string& setting = "--threads");
+// A thread count: 0 (OpenMP's default, which must itself be within the bound: OMP_NUM_THREADS) or
+// 1..max_thread_count(). Throws SettingError naming `setting` (the command line writes "threads" as --threads).
+void require_thread_count(int threads, const std::string& setting = "threads");
 
 }  // namespace orthoconv

@@ -36,15 +36,34 @@
 
 namespace orthoconv {
 
+// The settings of a LipConvnet that are one of a few names. Each has one parse / name pair (as parse_keep /
+// keep_name): the command line, config.json, checkpoints and tables write and read them only through these. A parse
+// throws SettingError naming the setting (its config.json key: "conv", "activation", "head") and the text.
+enum class ConvKind { soc, gs_soc };
+ConvKind parse_conv_kind(const std::string& text);  // "soc" | "gs-soc"
+std::string conv_kind_name(ConvKind kind);
+enum class ActivationKind { maxmin, maxmin_paired };       // maxmin-paired: the GS-SOC shuffles are paired too
+ActivationKind parse_activation(const std::string& text);  // "maxmin" | "maxmin-paired"
+std::string activation_name(ActivationKind activation);
+enum class HeadKind { soc, lln };
+HeadKind parse_head(const std::string& text);  // "soc" | "lln"
+std::string head_name(HeadKind head);
+KeepChannels parse_keep(const std::string& text);  // "first" | "per-group"; the setting "downsample_keep"
+std::string keep_name(KeepChannels keep);
+
+// The groups a conv gets when none are given: (1, -) for soc (plain SOC), (4, 1) for gs-soc (the GS paper's).
+GroupCounts default_groups(ConvKind conv);
+
 struct ModelConfig {
-  std::string conv = "gs-soc";               // "soc" | "gs-soc"
-  int64_t groups_first = 4;                  // gs-soc: a; soc: the group count of every SocConv (1 = plain SOC)
-  std::optional<int64_t> groups_second = 1;  // gs-soc: b, or none for (a, -)
-  int64_t depth = 15;                        // N, a multiple of 5
-  int64_t init_channels = 32;                // width
+  ConvKind conv = ConvKind::gs_soc;
+  // gs-soc: (a, b) or (a, -); soc: (g, -), g the group count of every SocConv (1 = plain SOC). None given:
+  // default_groups(conv), so that the defaults are valid for every conv kind (group_counts()).
+  std::optional<GroupCounts> groups;
+  int64_t depth = 15;          // N, a multiple of 5
+  int64_t init_channels = 32;  // width
   int64_t classes = 100;
-  std::string activation = "maxmin";        // "maxmin" | "maxmin-paired" (then GS-SOC shuffles are paired too)
-  std::string head = "soc";                 // "soc" | "lln"
+  ActivationKind activation = ActivationKind::maxmin;
+  HeadKind head = HeadKind::soc;
   KeepChannels keep = KeepChannels::first;  // stride-2 grouped exponentials: the first c_out or per group
   int train_terms = 5;
   int eval_terms = 12;
@@ -59,6 +78,8 @@ struct ModelConfig {
   // weights that could not fit in this machine's memory (checked from weight_values() before any allocation).
   void validate() const;
   int64_t block_size() const { return depth / 5; }
+  // The groups the model is built with: `groups`, or default_groups(conv) when none are given.
+  GroupCounts group_counts() const { return groups ? *groups : default_groups(conv); }
   // Float32 value counts from the configuration alone, in double so that none can overflow: checked against memory
   // before anything is allocated. Both are lower bounds of what the model allocates.
   struct Sizes {
@@ -66,28 +87,16 @@ struct ModelConfig {
     double activations = 0;  // per image: the outputs of every block's convolution and activation (kept by forward)
   };
   Sizes sizes() const;
-  // "4,1", "4,-" (gs-soc) or "1" (soc): the groups as --groups, config.json and checkpoints write them.
+  // "4,1", "4,-" (gs-soc: GroupCounts::text) or "1" (soc): the groups as --groups, config.json and checkpoints
+  // write them; GroupCounts::parse reads them back.
   std::string groups_text() const;
-  bool paired() const { return activation == "maxmin-paired"; }
+  bool paired() const { return activation == ActivationKind::maxmin_paired; }
   // "gs-soc(4,1)", "gs-soc(4,-)", "soc" (or "soc(g4)"): for tables.
   std::string conv_label() const;
   // A canonical one-line description of everything that fixes the parameter shapes and the function computed
   // (conv, groups, depth, width, classes, activation, head, keep, input side). Checkpoints store it.
   std::string architecture() const;
 };
-
-// Parse helpers shared by the command line and the checkpoint reader (throw ConfigError on bad values).
-KeepChannels parse_keep(const std::string& text);  // "first" | "per-group"
-std::string keep_name(KeepChannels keep);
-// Group counts as written by groups_text(): "a,b", "a,-" or "a" with positive integers ("a" is (a, -) for
-// gs-soc). Throws ConfigError naming `setting` ("--groups", "metadata 'model.groups'", ...) and the text.
-struct GroupCounts {
-  int64_t first = 1;
-  std::optional<int64_t> second;
-};
-GroupCounts parse_groups(const std::string& text, const std::string& setting = "--groups");
-// The groups a conv gets when none are given: "1" for soc (plain SOC), "4,1" for gs-soc (the GS paper's).
-std::string default_groups(const std::string& conv);
 
 // The `lln` head: rows of W normalized to unit norm, plus a bias. Input [N, F, 1, 1], output [N, classes, 1, 1].
 // Backward: with q_i = w_i / ||w_i|| and g_i = sum_n dy_ni x_n, dW_i = (g_i - q_i (q_i . g_i)) / ||w_i||.
@@ -251,6 +260,12 @@ class LipConvnet {
   Tensor diff_a_, diff_b_;
   Shape input_shape_;
   std::vector<NetworkStep> steps_;
+
+  // The constructor's parts, in its order.
+  void add_blocks();                                               // blocks_ and features_
+  void add_block(const std::string& name, const SocConfig& base);  // one conv + MaxMin
+  SocConv* add_head();                                             // head_ (and lln_head_); the soc head or null
+  void list_steps(SocConv* soc_head);                              // steps_
 };
 
 }  // namespace orthoconv

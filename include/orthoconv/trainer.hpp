@@ -202,10 +202,11 @@ TrainingState read_training_state(const Checkpoint& checkpoint, const std::strin
 // epoch are done; train.precision and train.rng beside the configuration).
 void write_training_state(const TrainingState& state, Checkpoint& out);
 
-// Training errors that leave the last checkpoint in place (non-finite loss).
-class TrainingDiverged : public Error {
+// Training errors that leave the last checkpoint in place (non-finite loss). The message advises a smaller
+// learning rate, naming the setting "lr" (NamesSettings).
+class TrainingDiverged : public NamingSettings<Error> {
  public:
-  using Error::Error;
+  using NamingSettings::NamingSettings;
 };
 
 class TrainingConsole;  // lib/train/training_console.hpp

@@ -13,7 +13,7 @@ ConvPrecision parse_conv_precision(const std::string& text) {
   if (text == "fp32") return ConvPrecision::fp32;
   if (text == "tf32") return ConvPrecision::tf32;
   if (text == "bf16") return ConvPrecision::bf16;
-  throw ConfigError("--precision must be 'fp32', 'tf32' or 'bf16', got '" + text + "'");
+  throw SettingError({"precision"}, "{0} must be 'fp32', 'tf32' or 'bf16', got '" + text + "'");
 }
 
 std::string conv_precision_name(ConvPrecision precision) {
@@ -42,8 +42,8 @@ std::string ConvShape::str() const {
 }
 
 void Backend::check_precision(ConvPrecision precision) const {
-  require(precision == ConvPrecision::fp32, "--precision ", conv_precision_name(precision), " is not supported by the ",
-          name(), " backend; use --precision fp32");
+  require_setting(precision == ConvPrecision::fp32, {"precision"}, "{0} ", conv_precision_name(precision),
+                  " is not supported by the ", name(), " backend; use {0} fp32");
 }
 
 // Backends without reduced-precision passes (conv_precision always fp32) are never asked for conv inputs.

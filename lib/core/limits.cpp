@@ -43,14 +43,13 @@ int max_thread_count() { return omp_get_num_procs(); }
 
 void require_thread_count(int threads, const std::string& setting) {
   const int limit = max_thread_count();
-  require(threads >= 0, setting, " must be >= 0 (0: OpenMP's default), got ", threads);
-  require(threads <= limit, setting, " ", threads, " is more than the ", limit,
-          " processors this process may use; "
-          "more threads than processors only slow the run down");
+  require_setting(threads >= 0, {setting}, "{0} must be >= 0 (0: OpenMP's default), got ", threads);
+  require_setting(threads <= limit, {setting}, "{0} ", threads, " is more than the ", limit,
+                  " processors this process may use; more threads than processors only slow the run down");
   if (threads == 0)
-    require(omp_get_max_threads() <= limit, "OpenMP's default thread count (OMP_NUM_THREADS) is ",
-            omp_get_max_threads(), ", more than the ", limit, " processors this process may use; set ", setting,
-            " or OMP_NUM_THREADS to at most ", limit);
+    require_setting(omp_get_max_threads() <= limit, {setting}, "OpenMP's default thread count (OMP_NUM_THREADS) is ",
+                    omp_get_max_threads(), ", more than the ", limit, " processors this process may use; set {0}",
+                    " or OMP_NUM_THREADS to at most ", limit);
 }
 
 }  // namespace orthoconv

@@ -118,9 +118,9 @@ class MpiWorld final : public Communicator {
       nccl_->allreduce_sum(data, count);
       return;
 #else
-      throw BackendError(
-          "an all-reduce of CUDA memory needs NCCL, and this build has none (rebuild with the CUDA "
-          "toolkit's NCCL, or train with --device cpu)");
+      throw NamingSettings<BackendError>({"device"},
+                                         "an all-reduce of CUDA memory needs NCCL, and this build has none (rebuild "
+                                         "with the CUDA toolkit's NCCL, or train with {0} cpu)");
 #endif
     }
     for_chunks(count, [&](int64_t first, int chunk) {

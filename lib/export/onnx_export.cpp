@@ -71,7 +71,7 @@ std::vector<std::pair<std::string, std::string>> onnx_metadata(LipConvnet& model
           {"orthoconv.series_terms", std::to_string(bound.terms)},
           {"orthoconv.lipschitz", number(bound.lipschitz)},
           {"orthoconv.lipschitz_input", number(norm.lipschitz())},
-          {"orthoconv.head", config.head},
+          {"orthoconv.head", head_name(config.head)},
           {"orthoconv.normalization.mean", format_floats(norm.mean.data(), 3)},
           {"orthoconv.normalization.std", format_floats(norm.std.data(), 3)},
           {"orthoconv.rounding_float32_per_input_norm", number(per_norm)},
@@ -496,8 +496,11 @@ OnnxExportSummary export_onnx(LipConvnet& model, const Normalization& norm, cons
   summary.weights = writer.weights();
 
   const int64_t size = static_cast<int64_t>(proto.ByteSizeLong());
-  require<Error>(size < kProtobufLimit, "ONNX export: the model would take ", size / (1 << 20), " MiB with ", terms,
-                 " series terms (each term a copy of the filters), beyond protobuf's 2 GiB: use fewer --terms");
+  if (size >= kProtobufLimit)
+    throw NamingSettings<Error>(
+        {"terms"}, detail::concat("ONNX export: the model would take ", size / (1 << 20), " MiB with ", terms,
+                                  " series terms (each term a copy of the filters), beyond "
+                                  "protobuf's 2 GiB: use fewer {0}"));
   try {
     onnx::checker::check_model(proto);
   } catch (const std::exception& e) {

@@ -1,28 +1,48 @@
 #include "orthoconv/gs_soc_conv.hpp"
 
+#include <charconv>
 #include <sstream>
 
 namespace orthoconv {
 
+GroupCounts GroupCounts::parse(const std::string& text, const std::string& setting) {
+  auto count = [&](const std::string& part) {
+    int64_t value = 0;
+    const auto [end, error] = std::from_chars(part.data(), part.data() + part.size(), value);
+    require_setting(!part.empty() && error == std::errc() && end == part.data() + part.size() && value > 0, {setting},
+                    "{0}: expected 'a,b', 'a,-' or 'a' with positive integers, got '", text, "'");
+    return value;
+  };
+  GroupCounts out;
+  const auto comma = text.find(',');
+  out.first = count(text.substr(0, comma));
+  if (comma != std::string::npos && text.substr(comma + 1) != "-") out.second = count(text.substr(comma + 1));
+  return out;
+}
+
+std::string GroupCounts::text() const {
+  return std::to_string(first) + "," + (second ? std::to_string(*second) : std::string("-"));
+}
+
 void GsSocConfig::validate() const {
-  require(groups_first > 0, "GS-SOC first groups (a) must be positive, got ", groups_first);
-  if (groups_second) require(*groups_second > 0, "GS-SOC second groups (b) must be positive, got ", *groups_second);
+  require(groups.first > 0, "GS-SOC first groups (a) must be positive, got ", groups.first);
+  if (groups.second) require(*groups.second > 0, "GS-SOC second groups (b) must be positive, got ", *groups.second);
   SocConfig first = base;
-  first.groups = groups_first;
+  first.groups = groups.first;
   if (first.kernel != 1) first.path = SocPath::automatic;
   first.validate();
-  if (groups_second) {
-    require(base.out_channels % *groups_second == 0, "GS-SOC second groups (b = ", *groups_second,
+  if (groups.second) {
+    require(base.out_channels % *groups.second == 0, "GS-SOC second groups (b = ", *groups.second,
             ") must divide out_channels (", base.out_channels, ")");
     if (paired)
-      require(base.out_channels % (2 * *groups_second) == 0, "paired GS-SOC needs 2*b (", 2 * *groups_second,
+      require(base.out_channels % (2 * *groups.second) == 0, "paired GS-SOC needs 2*b (", 2 * *groups.second,
               ") to divide out_channels (", base.out_channels, ")");
   }
 }
 
 GsSocConv::GsSocConv(const GsSocConfig& config, const std::shared_ptr<Backend>& backend) : config_(config) {
   config_.validate();
-  const int64_t a = config_.groups_first;
+  const int64_t a = config_.groups.first;
   const int64_t c_in = config_.base.in_channels, c_out = config_.base.out_channels;
   bool shuffle_input = c_in % a == 0 && (!config_.paired || c_in % (2 * a) == 0);
   if (shuffle_input) input_shuffle_ = std::make_unique<ChannelShuffle>(c_in, a, config_.paired, false, backend);
@@ -30,8 +50,8 @@ GsSocConv::GsSocConv(const GsSocConfig& config, const std::shared_ptr<Backend>& 
   first.groups = a;
   if (first.kernel != 1) first.path = SocPath::automatic;  // base.path is for the 1x1 stages
   first_ = std::make_unique<SocConv>(first, backend);
-  if (config_.groups_second) {
-    const int64_t b = *config_.groups_second;
+  if (config_.groups.second) {
+    const int64_t b = *config_.groups.second;
     middle_shuffle_ = std::make_unique<ChannelShuffle>(c_out, b, config_.paired, false, backend);
     SocConfig second = config_.base;
     second.in_channels = c_out;
@@ -47,12 +67,8 @@ GsSocConv::GsSocConv(const GsSocConfig& config, const std::shared_ptr<Backend>& 
 
 std::string GsSocConv::describe() const {
   std::ostringstream out;
-  out << "gs-soc (" << config_.groups_first << ",";
-  if (config_.groups_second)
-    out << *config_.groups_second;
-  else
-    out << "-";
-  out << ")" << (config_.paired ? " paired" : "") << ": " << (input_shuffle_ ? "shuffle, " : "") << first_->describe();
+  out << "gs-soc (" << config_.groups.text() << ")" << (config_.paired ? " paired" : "") << ": "
+      << (input_shuffle_ ? "shuffle, " : "") << first_->describe();
   if (second_) out << ", shuffle, " << second_->describe();
   return out.str();
 }

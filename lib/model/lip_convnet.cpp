@@ -1,7 +1,6 @@
 // LipConvnet-N: the builder (stages, strides, kernels, widths), forward and backward through every layer, and
 // the stable names of its parameters, buffers and SocConv step counters. See include/orthoconv/model.hpp.
 #include <algorithm>
-#include <charconv>
 #include <sstream>
 
 #include "orthoconv/limits.hpp"
@@ -21,128 +20,46 @@ uint64_t mix_seed(uint64_t seed, uint64_t index) {
 
 }  // namespace
 
-KeepChannels parse_keep(const std::string& text) {
-  if (text == "first") return KeepChannels::first;
-  if (text == "per-group") return KeepChannels::per_group;
-  throw ConfigError("--downsample-keep must be 'first' or 'per-group', got '" + text + "'");
-}
-
-std::string keep_name(KeepChannels keep) { return keep == KeepChannels::first ? "first" : "per-group"; }
-
-GroupCounts parse_groups(const std::string& text, const std::string& setting) {
-  auto count = [&](const std::string& part) {
-    int64_t value = 0;
-    const auto [end, error] = std::from_chars(part.data(), part.data() + part.size(), value);
-    require(!part.empty() && error == std::errc() && end == part.data() + part.size() && value > 0, setting,
-            ": expected 'a,b', 'a,-' or 'a' with positive integers, got '", text, "'");
-    return value;
-  };
-  GroupCounts out;
-  const auto comma = text.find(',');
-  out.first = count(text.substr(0, comma));
-  if (comma != std::string::npos && text.substr(comma + 1) != "-") out.second = count(text.substr(comma + 1));
-  return out;
-}
-
-std::string default_groups(const std::string& conv) { return conv == "soc" ? "1" : "4,1"; }
-
-std::string ModelConfig::groups_text() const {
-  std::string out = std::to_string(groups_first);
-  if (conv == "gs-soc") out += "," + (groups_second ? std::to_string(*groups_second) : std::string("-"));
-  return out;
-}
-
-ModelConfig::Sizes ModelConfig::sizes() const {
-  // The builder's walk (LipConvnet::LipConvnet), stage by stage in closed form: block 0 maps the stage's input to
-  // `planes`, blocks 1..n-2 keep `planes`, the last block doubles them with stride 2. A SocConv on c_in -> c_out
-  // with stride s runs its series on C = max(c_out, c_in s^2) channels in g groups: g (C/g)^2 k^2 weights.
-  auto soc = [](double c_in, double c_out, double stride, double kernel, double groups) {
-    const double channels = std::max(c_out, c_in * stride * stride);
-    return channels * channels * kernel * kernel / groups;
-  };
-  auto block = [&](double c_in, double c_out, double stride, double kernel) {
-    if (conv == "soc") return soc(c_in, c_out, stride, kernel, static_cast<double>(groups_first));
-    const double second = groups_second ? soc(c_out, c_out, 1, 1, static_cast<double>(*groups_second)) : 0.0;
-    return soc(c_in, c_out, stride, kernel, static_cast<double>(groups_first)) + second;
-  };
-  const double blocks = static_cast<double>(block_size());
-  double in_planes = 3, side = static_cast<double>(input_side);
-  Sizes out;
-  for (int stage = 0; stage < 5; ++stage) {
-    const double planes = stage == 0 ? static_cast<double>(init_channels) : in_planes;
-    const double kernel = stage == 4 ? 1 : 3;  // the last block of stage 5 is 1x1
-    if (blocks > 1) out.weights += block(in_planes, planes, 1, 3) + (blocks - 2) * block(planes, planes, 1, 3);
-    out.weights += block(blocks > 1 ? planes : in_planes, 2 * planes, 2, kernel);
-    // Two tensors per block: (blocks - 1) of planes x side^2, then 2 planes x (side / 2)^2.
-    out.activations += 2 * ((blocks - 1) * planes * side * side + 2 * planes * (side / 2) * (side / 2));
-    in_planes = 2 * planes;
-    side /= 2;
-  }
-  const double features = in_planes * side * side, outputs = static_cast<double>(classes);
-  out.weights += head == "soc" ? soc(features, outputs, 1, 1, 1) : features * outputs;
-  return out;
-}
-
-void ModelConfig::validate() const {
-  require(conv == "soc" || conv == "gs-soc", "conv must be 'soc' or 'gs-soc', got '", conv, "'");
-  require(groups_first > 0, "groups must be positive, got ", groups_first);
-  require(!groups_second || *groups_second > 0, "second groups must be positive, got ", groups_second.value_or(0));
-  require(conv == "gs-soc" || !groups_second,
-          "conv 'soc' takes one group count (grouped SOC), not a pair; use "
-          "--conv gs-soc for (a,b)");
-  require(depth >= 5 && depth % 5 == 0, "depth must be a positive multiple of 5 (5, 10, 15, ...), got ", depth);
-  require(depth <= kMaxDepth, "depth must be at most ", kMaxDepth, ", got ", depth);
-  require(init_channels > 0, "init channels (width) must be positive, got ", init_channels);
-  require(classes > 1, "classes must be at least 2, got ", classes);
-  require(activation == "maxmin" || activation == "maxmin-paired",
-          "activation must be 'maxmin' or 'maxmin-paired', got '", activation, "'");
-  require(head == "soc" || head == "lln", "head must be 'soc' or 'lln', got '", head, "'");
-  require(train_terms > 0 && eval_terms > 0 && train_terms <= kMaxSeriesTerms && eval_terms <= kMaxSeriesTerms,
-          "series terms must be in 1..", kMaxSeriesTerms, ", got ", train_terms, " (train) and ", eval_terms,
-          " (eval)");
-  require(init_iterations >= 0, "initial power iterations must be >= 0, got ", init_iterations);
-  power_schedule.validate();
-  require(input_side >= 32 && input_side % 32 == 0,
-          "input side must be a positive multiple of 32 (five stride-2 "
-          "stages), got ",
-          input_side);
-  // Every size is positive and the depth bounded: the weight count (in double) says whether the model can exist.
-  std::ostringstream what;
-  const double weights = sizes().weights;
-  what << "LipConvnet-" << depth << " " << conv_label() << " with width " << init_channels << ", " << classes
-       << " classes and input side " << input_side << " (" << weights << " weights)";
-  require_memory(4.0 * weights, what.str());
-}
-
-std::string ModelConfig::conv_label() const {
-  std::ostringstream out;
-  if (conv == "soc") {
-    out << "soc";
-    if (groups_first != 1) out << "(g" << groups_first << ")";
-  } else {
-    out << "gs-soc(" << groups_first << ",";
-    if (groups_second)
-      out << *groups_second;
-    else
-      out << "-";
-    out << ")";
-  }
-  return out.str();
-}
-
-std::string ModelConfig::architecture() const {
-  std::ostringstream out;
-  out << "lipconvnet-" << depth << " conv=" << conv_label() << " width=" << init_channels << " classes=" << classes
-      << " activation=" << activation << " head=" << head << " keep=" << keep_name(keep) << " side=" << input_side;
-  return out.str();
-}
-
 LipConvnet::~LipConvnet() = default;
 
 LipConvnet::LipConvnet(const ModelConfig& config, std::shared_ptr<Backend> backend)
     : config_(config), backend_(std::move(backend)) {
   config_.validate();
   require(backend_ != nullptr, "LipConvnet needs a backend");
+  add_blocks();
+  SocConv* soc_head = add_head();
+  if (backend_->device() != Device::cpu) {
+    head_out_ = Tensor(Shape{1}, backend_->device());
+    diff_a_ = Tensor(Shape{1}, backend_->device());
+    diff_b_ = Tensor(Shape{1}, backend_->device());
+  }
+  list_steps(soc_head);
+  set_training(true);
+}
+
+namespace {
+
+// The settings every SocConv of the model shares (terms, power iteration), for one convolution.
+SocConfig model_soc_config(const ModelConfig& config, int64_t in_channels, int64_t out_channels, int64_t kernel,
+                           int64_t stride, uint64_t seed) {
+  SocConfig soc;
+  soc.in_channels = in_channels;
+  soc.out_channels = out_channels;
+  soc.kernel = kernel;
+  soc.stride = stride;
+  soc.train_terms = config.train_terms;
+  soc.eval_terms = config.eval_terms;
+  soc.seed = seed;
+  soc.init_iterations = config.init_iterations;
+  soc.schedule = config.power_schedule;
+  return soc;
+}
+
+}  // namespace
+
+// The builder's walk (model.hpp): five stages of block_size() blocks, the last block of each with stride 2, the last
+// block of stage 5 with a 1x1 kernel; each block's layers seeded from the model seed in order.
+void LipConvnet::add_blocks() {
   int64_t in_planes = 3, side = config_.input_side;
   uint64_t layer_index = 0;
   for (int stage = 0; stage < 5; ++stage) {
@@ -151,78 +68,69 @@ LipConvnet::LipConvnet(const ModelConfig& config, std::shared_ptr<Backend> backe
       const bool last = b == config_.block_size() - 1;
       const int64_t stride = last ? 2 : 1;
       const int64_t kernel = (last && stage == 4) ? 1 : 3;
-      SocConfig base;
-      base.in_channels = in_planes;
-      base.out_channels = planes * stride;
-      base.kernel = kernel;
-      base.stride = stride;
-      base.train_terms = config_.train_terms;
-      base.eval_terms = config_.eval_terms;
+      SocConfig base =
+          model_soc_config(config_, in_planes, planes * stride, kernel, stride, mix_seed(config_.seed, layer_index++));
       base.keep = config_.keep;
-      base.seed = mix_seed(config_.seed, layer_index++);
-      base.init_iterations = config_.init_iterations;
-      base.schedule = config_.power_schedule;
-      Block block;
-      block.name = "stage" + std::to_string(stage + 1) + ".block" + std::to_string(b);
-      try {
-        if (config_.conv == "soc") {
-          base.groups = config_.groups_first;
-          auto soc = std::make_unique<SocConv>(base, backend_);
-          block.soc = soc.get();
-          block.conv = std::move(soc);
-        } else {
-          GsSocConfig gs;
-          gs.base = base;
-          gs.groups_first = config_.groups_first;
-          gs.groups_second = config_.groups_second;
-          gs.paired = config_.paired();
-          auto layer = std::make_unique<GsSocConv>(gs, backend_);
-          block.gs = layer.get();
-          block.conv = std::move(layer);
-        }
-      } catch (const ConfigError& e) {
-        throw ConfigError(block.name + " (" + std::to_string(base.in_channels) + "->" +
-                          std::to_string(base.out_channels) + ", stride " + std::to_string(stride) + "): " + e.what());
-      }
-      block.activation = std::make_unique<MaxMin>(config_.paired(), backend_);
-      if (backend_->device() != Device::cpu) {  // outputs live on the backend's device
-        block.conv_out = Tensor(Shape{1}, backend_->device());
-        block.act_out = Tensor(Shape{1}, backend_->device());
-      }
-      blocks_.push_back(std::move(block));
+      add_block("stage" + std::to_string(stage + 1) + ".block" + std::to_string(b), base);
       in_planes = planes * stride;
       side /= stride;
     }
   }
   features_ = in_planes * side * side;
+}
+
+// One block: the convolution (a SocConv for conv soc, a GsSocConv for gs-soc) on `base`, then MaxMin.
+void LipConvnet::add_block(const std::string& name, const SocConfig& base) {
+  Block block;
+  block.name = name;
+  try {
+    if (config_.conv == ConvKind::soc) {
+      SocConfig soc = base;
+      soc.groups = config_.group_counts().first;
+      auto layer = std::make_unique<SocConv>(soc, backend_);
+      block.soc = layer.get();
+      block.conv = std::move(layer);
+    } else {
+      GsSocConfig gs;
+      gs.base = base;
+      gs.groups = config_.group_counts();
+      gs.paired = config_.paired();
+      auto layer = std::make_unique<GsSocConv>(gs, backend_);
+      block.gs = layer.get();
+      block.conv = std::move(layer);
+    }
+  } catch (const ConfigError& e) {
+    throw ConfigError(block.name + " (" + std::to_string(base.in_channels) + "->" + std::to_string(base.out_channels) +
+                      ", stride " + std::to_string(base.stride) + "): " + e.what());
+  }
+  block.activation = std::make_unique<MaxMin>(config_.paired(), backend_);
+  if (backend_->device() != Device::cpu) {  // outputs live on the backend's device
+    block.conv_out = Tensor(Shape{1}, backend_->device());
+    block.act_out = Tensor(Shape{1}, backend_->device());
+  }
+  blocks_.push_back(std::move(block));
+}
+
+// The head on the features_ flattened values: a 1x1 SocConv (returned) or LinearNormalized (lln_head_, null returned).
+SocConv* LipConvnet::add_head() {
   const uint64_t head_seed = mix_seed(config_.seed, 1000003);
-  SocConv* soc_head = nullptr;
-  if (config_.head == "soc") {
-    SocConfig head;
-    head.in_channels = features_;
-    head.out_channels = config_.classes;
-    head.kernel = 1;
-    head.stride = 1;
-    head.groups = 1;
-    head.train_terms = config_.train_terms;
-    head.eval_terms = config_.eval_terms;
-    head.seed = head_seed;
-    head.init_iterations = config_.init_iterations;
-    head.schedule = config_.power_schedule;
-    auto layer = std::make_unique<SocConv>(head, backend_);
-    soc_head = layer.get();
-    head_ = std::move(layer);
-  } else {
+  if (config_.head == HeadKind::lln) {
     auto lln = std::make_unique<LinearNormalized>(features_, config_.classes, head_seed, backend_);
     lln_head_ = lln.get();
     head_ = std::move(lln);
+    return nullptr;
   }
-  if (backend_->device() != Device::cpu) {
-    head_out_ = Tensor(Shape{1}, backend_->device());
-    diff_a_ = Tensor(Shape{1}, backend_->device());
-    diff_b_ = Tensor(Shape{1}, backend_->device());
-  }
-  // The steps, in the order forward() runs them (model.hpp, NetworkStep).
+  SocConfig head = model_soc_config(config_, features_, config_.classes, 1, 1, head_seed);
+  head.groups = 1;
+  auto layer = std::make_unique<SocConv>(head, backend_);
+  SocConv* soc_head = layer.get();
+  head_ = std::move(layer);
+  return soc_head;
+}
+
+// The steps, in the order forward() runs them (model.hpp, NetworkStep): each block's conv_steps and its MaxMin,
+// flatten, the head.
+void LipConvnet::list_steps(SocConv* soc_head) {
   Shape shape{1, 3, config_.input_side, config_.input_side};
   for (Block& block : blocks_) {
     const std::vector<NetworkStep> conv = block.soc ? conv_steps(*block.soc, block.name + ".conv", block.name, shape)
@@ -257,7 +165,6 @@ LipConvnet::LipConvnet(const ModelConfig& config, std::shared_ptr<Backend> backe
     head.layer = head.block_layer = lln_head_;
     steps_.push_back(head);
   }
-  set_training(true);
 }
 
 void LipConvnet::forward(const Tensor& images, Tensor& logits) {

@@ -125,13 +125,13 @@ void write_model_state(LipConvnet& model, const Normalization& norm, Checkpoint&
   out.metadata["format"] = kCheckpointFormat;
   out.metadata["format_version"] = std::to_string(kCheckpointVersion);
   out.metadata["architecture"] = m.architecture();
-  out.metadata["model.conv"] = m.conv;
+  out.metadata["model.conv"] = conv_kind_name(m.conv);
   out.metadata["model.groups"] = m.groups_text();
   out.metadata["model.depth"] = std::to_string(m.depth);
   out.metadata["model.width"] = std::to_string(m.init_channels);
   out.metadata["model.classes"] = std::to_string(m.classes);
-  out.metadata["model.activation"] = m.activation;
-  out.metadata["model.head"] = m.head;
+  out.metadata["model.activation"] = activation_name(m.activation);
+  out.metadata["model.head"] = head_name(m.head);
   out.metadata["model.downsample_keep"] = keep_name(m.keep);
   out.metadata["model.input_side"] = std::to_string(m.input_side);
   out.metadata["model.seed"] = std::to_string(m.seed);
@@ -164,16 +164,14 @@ ModelConfig model_config_from_checkpoint(const Checkpoint& checkpoint, const std
   check_checkpoint_format(checkpoint, file);
   ModelConfig m;
   try {
-    m.conv = meta_of(checkpoint, "model.conv", file);
-    const GroupCounts groups = parse_groups(meta_of(checkpoint, "model.groups", file), "metadata 'model.groups'");
-    m.groups_first = groups.first;
-    m.groups_second = groups.second;
+    m.conv = parse_conv_kind(meta_of(checkpoint, "model.conv", file));
+    m.groups = GroupCounts::parse(meta_of(checkpoint, "model.groups", file), "metadata 'model.groups'");
     constexpr int64_t kLargest = std::numeric_limits<int64_t>::max();
     m.depth = metadata_int(checkpoint, "model.depth", file, 5, kMaxDepth);
     m.init_channels = metadata_int(checkpoint, "model.width", file, 1, kLargest);
     m.classes = metadata_int(checkpoint, "model.classes", file, 2, kLargest);
-    m.activation = meta_of(checkpoint, "model.activation", file);
-    m.head = meta_of(checkpoint, "model.head", file);
+    m.activation = parse_activation(meta_of(checkpoint, "model.activation", file));
+    m.head = parse_head(meta_of(checkpoint, "model.head", file));
     m.keep = parse_keep(meta_of(checkpoint, "model.downsample_keep", file));
     m.input_side = metadata_int(checkpoint, "model.input_side", file, 32, kLargest);
     m.seed = metadata_uint64(checkpoint, "model.seed", file);

@@ -37,10 +37,9 @@ int lock_run_directory(const std::string& out_dir) {
     std::string pid(holder, got > 0 ? static_cast<size_t>(got) : 0);
     while (!pid.empty() && (pid.back() == '\n' || pid.back() == ' ')) pid.pop_back();
     if (error == EWOULDBLOCK)
-      throw IoError("the output directory " + out_dir + " is in use by another training run" +
-                    (pid.empty() ? std::string() : " (pid " + pid + ")") +
-                    ": wait for it to finish, or choose "
-                    "another --out");
+      throw NamingSettings<IoError>({"out"}, "the output directory " + out_dir + " is in use by another training run" +
+                                                 (pid.empty() ? std::string() : " (pid " + pid + ")") +
+                                                 ": wait for it to finish, or choose another {0}");
     throw IoError("cannot lock " + lock_path + ": " + std::strerror(error));
   }
   const std::string pid = std::to_string(::getpid()) + "\n";
@@ -69,15 +68,13 @@ int open_run_directory(const std::string& out_dir, const std::string& resume_fro
     const std::string last = (fs::path(out_dir) / "last.safetensors").string();
     if (fs::exists(last, ec) && (resume_from.empty() || !fs::equivalent(resume_from, last, ec))) {
       if (resume_from.empty())
-        throw IoError("the output directory " + out_dir +
-                      " already holds a run (last.safetensors); pass "
-                      "--resume " +
-                      out_dir + " to continue it, or choose another --out");
-      throw IoError("the output directory " + out_dir +
-                    " already holds another run (last.safetensors); "
-                    "resuming " +
-                    resume_from + " there would replace it: choose an empty --out, or pass --resume " + out_dir +
-                    " to continue that run");
+        throw NamingSettings<IoError>({"resume", "out"}, "the output directory " + out_dir +
+                                                             " already holds a run (last.safetensors); pass {0} " +
+                                                             out_dir + " to continue it, or choose another {1}");
+      throw NamingSettings<IoError>(
+          {"resume", "out"},
+          "the output directory " + out_dir + " already holds another run (last.safetensors); resuming " + resume_from +
+              " there would replace it: choose an empty {1}, or pass {0} " + out_dir + " to continue that run");
     }
   } catch (...) {
     ::close(lock_fd);

@@ -24,7 +24,7 @@ void TrainConfig::validate() const {
   for (double m : milestones)
     require_setting(m > 0 && m <= 1, {"milestones"}, "{0} must be fractions in (0, 1], got ", m);
   require_setting(std::isfinite(gamma) && gamma >= 0, {"gamma"}, "{0} must be >= 0, got ", gamma);
-  require_setting(gamma == 0 || model.head == "soc", {"gamma", "head"},
+  require_setting(gamma == 0 || model.head == HeadKind::soc, {"gamma", "head"},
                   "{0} (certificate regularization) needs {1} soc");
   require_setting(train_subset >= 0, {"train_subset"}, "{0} must be >= 0, got ", train_subset);
   require_setting(val_split >= 0, {"val_split"}, "{0} must be >= 0, got ", val_split);
@@ -35,11 +35,7 @@ void TrainConfig::validate() const {
   for (int e : eps) require_setting(e >= 0, {"eps"}, "{0} values must be non-negative numerators over 255, got ", e);
   require_setting(precision != ConvPrecision::tf32 || device == Device::cuda, {"precision", "device"},
                   "{0} tf32 is a CUDA tensor-core format; with {1} cpu use {0} fp32 or bf16");
-  try {
-    require_thread_count(threads, "{0}");
-  } catch (const ConfigError& e) {
-    throw SettingError({"threads"}, e.what());
-  }
+  require_thread_count(threads);  // SettingError naming "threads"
   for (int i = 0; i < 3; ++i)
     require_setting(normalization.std[i] > 0 && std::isfinite(normalization.std[i]), {"std"},
                     "{0} values must be positive");
@@ -47,13 +43,13 @@ void TrainConfig::validate() const {
 
 std::string TrainConfig::to_json() const {
   json j;
-  j["conv"] = model.conv;
+  j["conv"] = conv_kind_name(model.conv);
   j["groups"] = model.groups_text();
   j["depth"] = model.depth;
   j["width"] = model.init_channels;
   j["classes"] = model.classes;
-  j["activation"] = model.activation;
-  j["head"] = model.head;
+  j["activation"] = activation_name(model.activation);
+  j["head"] = head_name(model.head);
   j["downsample_keep"] = keep_name(model.keep);
   j["train_terms"] = model.train_terms;
   j["eval_terms"] = model.eval_terms;
@@ -87,15 +83,13 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
   TrainConfig c;
   try {
     json j = json::parse(text);
-    c.model.conv = j.at("conv").get<std::string>();
-    const GroupCounts groups = parse_groups(j.at("groups").get<std::string>(), "'groups'");
-    c.model.groups_first = groups.first;
-    c.model.groups_second = groups.second;
+    c.model.conv = parse_conv_kind(j.at("conv").get<std::string>());
+    c.model.groups = GroupCounts::parse(j.at("groups").get<std::string>(), "'groups'");
     c.model.depth = json_int(j, "depth", 5, kMaxDepth);
     c.model.init_channels = json_int(j, "width", 1, kLargestInt64);
     c.model.classes = json_int(j, "classes", 2, kLargestInt64);
-    c.model.activation = j.at("activation").get<std::string>();
-    c.model.head = j.at("head").get<std::string>();
+    c.model.activation = parse_activation(j.at("activation").get<std::string>());
+    c.model.head = parse_head(j.at("head").get<std::string>());
     c.model.keep = parse_keep(j.at("downsample_keep").get<std::string>());
     c.model.train_terms = static_cast<int>(json_int(j, "train_terms", 1, kMaxSeriesTerms));
     c.model.eval_terms = static_cast<int>(json_int(j, "eval_terms", 1, kMaxSeriesTerms));

@@ -190,11 +190,12 @@ CertifyReport Trainer::evaluate(const CifarSplit& split, const std::vector<int64
 }
 
 void Trainer::diverged(const std::string& what) const {
-  throw TrainingDiverged(what + "; stopped. " +
-                         (last_good_checkpoint_.empty() ? std::string("No checkpoint had been written yet.")
-                                                        : "The last good checkpoint is kept: " + last_good_checkpoint_ +
-                                                              " (step " + std::to_string(last_good_step_) + ").") +
-                         " Try a smaller --lr.");
+  throw TrainingDiverged(
+      {"lr"}, what + "; stopped. " +
+                  (last_good_checkpoint_.empty() ? std::string("No checkpoint had been written yet.")
+                                                 : "The last good checkpoint is kept: " + last_good_checkpoint_ +
+                                                       " (step " + std::to_string(last_good_step_) + ").") +
+                  " Try a smaller {0}.");
 }
 
 void Trainer::save_interrupted(const std::string& last_path) {

@@ -115,7 +115,7 @@ std::string Trainer::configuration_table() const {
   out << rule;
   row("model", "LipConvnet-" + std::to_string(config_.model.depth) + " " + config_.model.conv_label());
   row("width / classes", std::to_string(config_.model.init_channels) + " / " + std::to_string(config_.model.classes));
-  row("activation / head", config_.model.activation + " / " + config_.model.head);
+  row("activation / head", activation_name(config_.model.activation) + " / " + head_name(config_.model.head));
   row("downsample keep", keep_name(config_.model.keep));
   row("series terms",
       std::to_string(config_.model.train_terms) + " train, " + std::to_string(config_.model.eval_terms) + " eval");

@@ -48,8 +48,7 @@ struct MyNetwork {
     config.base.kernel = 3;
     config.base.bias = false;
     config.base.seed = seed;
-    config.groups_first = 4;
-    config.groups_second = 1;
+    config.groups = GroupCounts{4, 1};
     return config;
   }
   MyNetwork() : first(layer(1)), second(layer(2)) {}

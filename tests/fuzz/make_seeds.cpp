@@ -60,13 +60,12 @@ int main(int argc, char** argv) {
   // its epoch (train.epoch_progress); the same metadata without tensors, and that of the lln head.
   for (const char* head : {"soc", "lln"}) {
     TrainConfig c;
-    c.model.conv = "soc";
-    c.model.groups_first = 1;
-    c.model.groups_second.reset();
+    c.model.conv = ConvKind::soc;
+    c.model.groups = GroupCounts{1, std::nullopt};
     c.model.depth = 5;
     c.model.init_channels = 1;
     c.model.classes = 2;
-    c.model.head = head;
+    c.model.head = parse_head(head);
     c.batch_size = 2;
     c.epochs = 1;
     c.threads = 1;
@@ -78,7 +77,7 @@ int main(int argc, char** argv) {
     trainer.prepare();
     trainer.run();
     const fs::path last = fs::path(c.out_dir) / "last.safetensors";
-    if (c.model.head == "soc")
+    if (c.model.head == HeadKind::soc)
       fs::copy_file(last, dir / "checkpoint" / "train-soc.safetensors", fs::copy_options::overwrite_existing);
     // The same metadata without any tensor: small, and every metadata path is still reached.
     Checkpoint k = load_checkpoint(last.string());

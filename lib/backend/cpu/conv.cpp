@@ -537,15 +537,14 @@ void CpuBackend::run_scaled(const ConvShape& shape, ConvKernels& k, const float*
 // ---------------------------------------------------------------- bf16
 
 void CpuBackend::check_precision(ConvPrecision precision) const {
-  require(precision != ConvPrecision::tf32,
-          "--precision tf32 is a CUDA tensor-core format; the CPU backend runs "
-          "--precision fp32 or bf16");
-  require(precision != ConvPrecision::bf16 || has_bf16_, "--precision bf16 needs a CPU with AVX512-BF16 (oneDNN's ",
-          "avx512_core_bf16 ISA); oneDNN finds none here",
-          std::getenv("DNNL_MAX_CPU_ISA") ? " (DNNL_MAX_CPU_ISA is "
-                                            "set)"
-                                          : "",
-          "; use --precision fp32");
+  require_setting(precision != ConvPrecision::tf32, {"precision"},
+                  "{0} tf32 is a CUDA tensor-core format; the CPU backend runs {0} fp32 or bf16");
+  require_setting(precision != ConvPrecision::bf16 || has_bf16_, {"precision"},
+                  "{0} bf16 needs a CPU with AVX512-BF16 (oneDNN's ", "avx512_core_bf16 ISA); oneDNN finds none here",
+                  std::getenv("DNNL_MAX_CPU_ISA") ? " (DNNL_MAX_CPU_ISA is "
+                                                    "set)"
+                                                  : "",
+                  "; use {0} fp32");
 }
 
 std::vector<std::string> CpuBackend::precision_choices() const {

@@ -223,9 +223,10 @@ std::string CudaBackend::implementation(const ConvShape& shape) {
 
 void CudaBackend::check_precision(ConvPrecision precision) const {
   if (precision == ConvPrecision::fp32) return;
-  require(compute_capability_ >= 80, "--precision ", conv_precision_name(precision), " needs a GPU with ",
-          conv_precision_name(precision), " tensor cores (compute capability 8.0 or newer); ", name_, " has ",
-          compute_capability_ / 10, ".", compute_capability_ % 10, "; use --precision fp32");
+  require_setting(compute_capability_ >= 80, {"precision"}, "{0} ", conv_precision_name(precision),
+                  " needs a GPU with ", conv_precision_name(precision),
+                  " tensor cores (compute capability 8.0 or newer); ", name_, " has ", compute_capability_ / 10, ".",
+                  compute_capability_ % 10, "; use {0} fp32");
 }
 
 // bf16 conv inputs stack like float32 buffers only with an even number of values per buffer (two per float).
