@@ -68,6 +68,32 @@ std::vector<float> run_layout_roundtrip(orthoconv::Backend& be, const ConvShape&
   return back;
 }
 
+// bf16 backward-weights of a stacked batch as SocConv runs it (x then dy as one input, dy then x as the other, back
+// to back), against the double reference on the rounded inputs: dW(x, dy) + dW(dy, x), which the float32 sums of
+// exact products meet within kConvTolerance. x_conv and dy_conv are in s's conv layout; returns the implementation
+// that ran.
+std::string check_stacked_bf16_backward_weights(orthoconv::Backend& be, const ConvShape& s,
+                                                const std::vector<float>& x_conv, const std::vector<float>& dy_conv,
+                                                const ref::Vec& xr, const ref::Vec& dyr) {
+  ConvShape stacked = s;
+  stacked.batch = 2 * s.batch;
+  const ref::ConvDims d = dims_of(s);
+  const size_t half = static_cast<size_t>(be.conv_input_size(s));
+  std::vector<float> x2(2 * half), dy2(2 * half);
+  be.to_conv_input(s, x_conv.data(), x2.data());
+  be.to_conv_input(s, dy_conv.data(), x2.data() + half);
+  be.to_conv_input(s, dy_conv.data(), dy2.data());
+  be.to_conv_input(s, x_conv.data(), dy2.data() + half);
+  std::vector<float> dw(static_cast<size_t>(d.weight_size()), 7.0f);
+  be.conv_backward_weights(stacked, x2.data(), dy2.data(), dw.data());
+  const std::string impl = implementation(be, stacked);
+  INFO("shape " << stacked.str() << ": " << impl);
+  auto want = ref::conv_backward_weights(d, xr, dyr), second = ref::conv_backward_weights(d, dyr, xr);
+  for (size_t i = 0; i < want.size(); ++i) want[i] += second[i];
+  CHECK(ref::max_relative_error(ref::to_double(dw), want) < kConvTolerance);
+  return impl;
+}
+
 }  // namespace
 
 // Float32 shapes; then, where the CPU runs bf16, the same shapes with bf16 requested and every pass kept float32
@@ -551,16 +577,7 @@ TEST_CASE(
     if (amx) REQUIRE(be.conv_precision(stacked, ConvPass::backward_weights) == orthoconv::ConvPrecision::bf16);
     if (be.conv_precision(stacked, ConvPass::backward_weights) == orthoconv::ConvPrecision::bf16) {
       INFO("backward-weights of a stacked batch: the diagonal blocks of the dense gradient");
-      std::vector<float> x2(2 * x_in.size()), dy2(2 * x_in.size());
-      be.to_conv_input(s, x_conv.data(), x2.data());
-      be.to_conv_input(s, dy_conv.data(), x2.data() + x_in.size());
-      be.to_conv_input(s, dy_conv.data(), dy2.data());
-      be.to_conv_input(s, x_conv.data(), dy2.data() + x_in.size());
-      std::vector<float> dw(static_cast<size_t>(d.weight_size()), 7.0f);
-      be.conv_backward_weights(stacked, x2.data(), dy2.data(), dw.data());
-      auto want = ref::conv_backward_weights(d, xr, dyr), second = ref::conv_backward_weights(d, dyr, xr);
-      for (size_t i = 0; i < want.size(); ++i) want[i] += second[i];
-      CHECK(ref::max_relative_error(ref::to_double(dw), want) < kConvTolerance);
+      check_stacked_bf16_backward_weights(be, s, x_conv, dy_conv, xr, dyr);
     }
   }
   // Every case has fewer than 16 channels per group and at most 4 groups: with AMX all run dense, without none.
@@ -604,21 +621,10 @@ TEST_CASE(
     std::vector<float> x_conv, dy_conv;
     run_layout_roundtrip(be, s, xf, x_conv);
     run_layout_roundtrip(be, s, dyf, dy_conv);
-    const size_t half = static_cast<size_t>(be.conv_input_size(s));
-    std::vector<float> x2(2 * half), dy2(2 * half);
-    be.to_conv_input(s, x_conv.data(), x2.data());
-    be.to_conv_input(s, dy_conv.data(), x2.data() + half);
-    be.to_conv_input(s, dy_conv.data(), dy2.data());
-    be.to_conv_input(s, x_conv.data(), dy2.data() + half);
-    std::vector<float> dw(static_cast<size_t>(d.weight_size()), 7.0f);
-    be.conv_backward_weights(stacked, x2.data(), dy2.data(), dw.data());
-    const std::string impl = implementation(be, stacked);
+    const std::string impl = check_stacked_bf16_backward_weights(be, s, x_conv, dy_conv, xr, dyr);
     INFO("shape " << stacked.str() << ": " << impl);
     CHECK(impl.find("im2col + bf16 matmul") != std::string::npos);
     CHECK(impl.find("not run yet") == std::string::npos);
-    auto want = ref::conv_backward_weights(d, xr, dyr), second = ref::conv_backward_weights(d, dyr, xr);
-    for (size_t i = 0; i < want.size(); ++i) want[i] += second[i];
-    CHECK(ref::max_relative_error(ref::to_double(dw), want) < kConvTolerance);
   }
 }
 
@@ -659,20 +665,8 @@ TEST_CASE(
     std::vector<float> x_conv, dy_conv;
     run_layout_roundtrip(be, s, xf, x_conv);
     run_layout_roundtrip(be, s, dyf, dy_conv);
-    const size_t half = static_cast<size_t>(be.conv_input_size(s));
-    std::vector<float> x2(2 * half), dy2(2 * half);
-    be.to_conv_input(s, x_conv.data(), x2.data());
-    be.to_conv_input(s, dy_conv.data(), x2.data() + half);
-    be.to_conv_input(s, dy_conv.data(), dy2.data());
-    be.to_conv_input(s, x_conv.data(), dy2.data() + half);
-    std::vector<float> dw(static_cast<size_t>(d.weight_size()), 7.0f);
-    be.conv_backward_weights(stacked, x2.data(), dy2.data(), dw.data());
-    const std::string impl = implementation(be, stacked);
-    INFO("shape " << stacked.str() << ": " << impl);
+    const std::string impl = check_stacked_bf16_backward_weights(be, s, x_conv, dy_conv, xr, dyr);
     gemm_cases += impl.find("im2col + bf16 matmul") != std::string::npos;
-    auto want = ref::conv_backward_weights(d, xr, dyr), second = ref::conv_backward_weights(d, dyr, xr);
-    for (size_t i = 0; i < want.size(); ++i) want[i] += second[i];
-    CHECK(ref::max_relative_error(ref::to_double(dw), want) < kConvTolerance);
   }
   // With AMX all three run in a layout of all channels per pixel (nhwc, or nChw16c at 16 channels).
   if (cpu_has_amx(be)) CHECK(gemm_cases == 3);

@@ -9,39 +9,44 @@
 
 namespace orthoconv {
 
-ConvKind parse_conv_kind(const std::string& text) {
-  if (text == "soc") return ConvKind::soc;
-  if (text == "gs-soc") return ConvKind::gs_soc;
-  throw SettingError({"conv"}, "{0} must be 'soc' or 'gs-soc', got '" + text + "'");
-}
+namespace {
 
-std::string conv_kind_name(ConvKind kind) { return kind == ConvKind::soc ? "soc" : "gs-soc"; }
+// A setting with two values and their texts: the one parse / name pair behind each of the four below. The parse
+// error names the setting (main() turns it into the flag) and quotes both texts.
+template <class Kind>
+struct TwoValues {
+  const char* setting;
+  Kind first;
+  const char* first_text;
+  Kind second;
+  const char* second_text;
 
-ActivationKind parse_activation(const std::string& text) {
-  if (text == "maxmin") return ActivationKind::maxmin;
-  if (text == "maxmin-paired") return ActivationKind::maxmin_paired;
-  throw SettingError({"activation"}, "{0} must be 'maxmin' or 'maxmin-paired', got '" + text + "'");
-}
+  Kind parse(const std::string& text) const {
+    if (text == first_text) return first;
+    if (text == second_text) return second;
+    throw SettingError({setting},
+                       std::string("{0} must be '") + first_text + "' or '" + second_text + "', got '" + text + "'");
+  }
+  std::string name(Kind kind) const { return kind == first ? first_text : second_text; }
+};
 
-std::string activation_name(ActivationKind activation) {
-  return activation == ActivationKind::maxmin ? "maxmin" : "maxmin-paired";
-}
+constexpr TwoValues<ConvKind> kConvKinds{"conv", ConvKind::soc, "soc", ConvKind::gs_soc, "gs-soc"};
+constexpr TwoValues<ActivationKind> kActivations{"activation", ActivationKind::maxmin, "maxmin",
+                                                 ActivationKind::maxmin_paired, "maxmin-paired"};
+constexpr TwoValues<HeadKind> kHeads{"head", HeadKind::soc, "soc", HeadKind::lln, "lln"};
+constexpr TwoValues<KeepChannels> kKeeps{"downsample_keep", KeepChannels::first, "first", KeepChannels::per_group,
+                                         "per-group"};
 
-HeadKind parse_head(const std::string& text) {
-  if (text == "soc") return HeadKind::soc;
-  if (text == "lln") return HeadKind::lln;
-  throw SettingError({"head"}, "{0} must be 'soc' or 'lln', got '" + text + "'");
-}
+}  // namespace
 
-std::string head_name(HeadKind head) { return head == HeadKind::soc ? "soc" : "lln"; }
-
-KeepChannels parse_keep(const std::string& text) {
-  if (text == "first") return KeepChannels::first;
-  if (text == "per-group") return KeepChannels::per_group;
-  throw SettingError({"downsample_keep"}, "{0} must be 'first' or 'per-group', got '" + text + "'");
-}
-
-std::string keep_name(KeepChannels keep) { return keep == KeepChannels::first ? "first" : "per-group"; }
+ConvKind parse_conv_kind(const std::string& text) { return kConvKinds.parse(text); }
+std::string conv_kind_name(ConvKind kind) { return kConvKinds.name(kind); }
+ActivationKind parse_activation(const std::string& text) { return kActivations.parse(text); }
+std::string activation_name(ActivationKind activation) { return kActivations.name(activation); }
+HeadKind parse_head(const std::string& text) { return kHeads.parse(text); }
+std::string head_name(HeadKind head) { return kHeads.name(head); }
+KeepChannels parse_keep(const std::string& text) { return kKeeps.parse(text); }
+std::string keep_name(KeepChannels keep) { return kKeeps.name(keep); }
 
 GroupCounts default_groups(ConvKind conv) {
   return conv == ConvKind::soc ? GroupCounts{1, std::nullopt} : GroupCounts{4, 1};
