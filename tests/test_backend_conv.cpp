@@ -94,6 +94,43 @@ std::string check_stacked_bf16_backward_weights(orthoconv::Backend& be, const Co
   return impl;
 }
 
+// The forward passes of a shape whose forward weights w (conv layout) and input x_in (conv input: bf16 where the
+// forward runs bf16) give `expected` (double reference): overwrite, accumulate onto a float32 destination, and
+// scaled with and without a float32 addend (Horner's x0), in s's conv layout. add_conv and addq: the addend.
+void check_forward_passes(orthoconv::Backend& be, const ConvShape& s, const std::vector<float>& x_in,
+                          const std::vector<float>& w, const std::vector<float>& add_conv, const ref::Vec& expected,
+                          const ref::Vec& addq) {
+  std::vector<float> out_conv(static_cast<size_t>(be.conv_buffer_size(s))), out(expected.size());
+  {
+    INFO("forward overwrites");
+    std::fill(out_conv.begin(), out_conv.end(), 7.0f);
+    be.conv_forward(s, x_in.data(), w.data(), out_conv.data(), false);
+    be.from_conv_layout(s, out_conv.data(), out.data());
+    CHECK(ref::max_relative_error(ref::to_double(out), expected) < kConvTolerance);
+  }
+  {
+    INFO("forward accumulates into a float32 destination");
+    out_conv = add_conv;
+    be.conv_forward(s, x_in.data(), w.data(), out_conv.data(), true);
+    be.from_conv_layout(s, out_conv.data(), out.data());
+    auto sum = expected;
+    for (size_t i = 0; i < sum.size(); ++i) sum[i] += addq[i];
+    CHECK(ref::max_relative_error(ref::to_double(out), sum) < kConvTolerance);
+  }
+  for (float alpha : {1.0f, -0.25f, 1.0f / 3.0f}) {
+    INFO("scaled forward, alpha " << alpha << ", float32 addend (Horner's x0) and without");
+    for (bool with_addend : {true, false}) {
+      std::fill(out_conv.begin(), out_conv.end(), 7.0f);
+      be.conv_forward_scaled(s, x_in.data(), w.data(), alpha, with_addend ? add_conv.data() : nullptr,
+                             out_conv.data());
+      be.from_conv_layout(s, out_conv.data(), out.data());
+      auto want = expected;
+      for (size_t i = 0; i < want.size(); ++i) want[i] = double(alpha) * expected[i] + (with_addend ? addq[i] : 0.0);
+      CHECK(ref::max_relative_error(ref::to_double(out), want) < kConvTolerance);
+    }
+  }
+}
+
 }  // namespace
 
 // Float32 shapes; then, where the CPU runs bf16, the same shapes with bf16 requested and every pass kept float32
@@ -237,8 +274,8 @@ uint16_t bits_of(double rounded) {
 }  // namespace
 
 TEST_CASE(
-    "float32 backward-weights on planes of at most 4 pixels (im2col + sgemm per group) matches the double "
-    "reference",
+    "float32 backward-weights on planes of at most 4 pixels (im2col + sgemm per group, or the pixel matmul) matches "
+    "the double reference",
     "[backend][conv]") {
   auto& be = *orthoconv::cpu_backend();
   struct Case {
@@ -247,10 +284,14 @@ TEST_CASE(
   uint64_t seed = 700;
   // 20 channels: padded channels in the blocked layout; 1x1 and 1x2 planes: every tap but the centre is padding;
   // groups: GS-SOC's 4 groups at 2x2 (3x3) and 1x1 (1x1 kernel), 16-channel groups in nChw16c, 8-channel groups
-  // (nChw8c), 3 groups of 8 channels (padded blocks).
+  // (nChw8c), 3 groups of 8 channels (padded blocks). Where the kernel covers the plane and the groups are whole
+  // blocks of the layout the pixel matmul runs instead (its own test is below); padded channels and a kernel of 1
+  // at 2x2 keep im2col in every layout.
+  int im2col = 0, pixel = 0;
   for (const Case& c :
        {Case{32, 3, 2, 2, 1}, Case{20, 3, 2, 2, 1}, Case{16, 3, 1, 2, 1}, Case{24, 5, 2, 2, 1}, Case{8, 3, 1, 1, 1},
-        Case{64, 3, 2, 2, 4}, Case{64, 1, 1, 1, 4}, Case{32, 3, 2, 2, 4}, Case{24, 3, 1, 2, 3}, Case{16, 1, 1, 1, 1}}) {
+        Case{64, 3, 2, 2, 4}, Case{64, 1, 1, 1, 4}, Case{32, 3, 2, 2, 4}, Case{24, 3, 1, 2, 3}, Case{16, 1, 1, 1, 1},
+        Case{32, 1, 2, 2, 2}, Case{20, 1, 1, 1, 1}}) {
     ConvShape s;
     s.batch = 5;
     s.in_channels = s.out_channels = c.channels;
@@ -259,8 +300,10 @@ TEST_CASE(
     s.kernel = c.kernel;
     s.groups = c.groups;
     const ref::ConvDims d = dims_of(s);
-    INFO("shape " << s.str() << ": " << implementation(be, s));
-    CHECK(implementation(be, s).find("im2col + sgemm") != std::string::npos);
+    const std::string impl = implementation(be, s);
+    INFO("shape " << s.str() << ": " << impl);
+    im2col += impl.find("im2col + sgemm") != std::string::npos;
+    pixel += impl.find("bwd-weights pixel matmul sgemm") != std::string::npos;
     const auto xf = ref::to_float(ref::random_normal(d.input_size(), ++seed));
     const auto dyf = ref::to_float(ref::random_normal(d.output_size(), ++seed));
     std::vector<float> x_conv, dy_conv;
@@ -271,6 +314,8 @@ TEST_CASE(
     const auto expected = ref::conv_backward_weights(d, ref::to_double(xf), ref::to_double(dyf));
     CHECK(ref::max_relative_error(ref::to_double(dw), expected) < kConvTolerance);
   }
+  CHECK(im2col + pixel == 12);  // each case ran one of the two
+  CHECK(im2col >= 3);
 }
 
 TEST_CASE("to_conv_input rounds to bfloat16 to nearest, ties to even, as the reference", "[backend][conv][bf16]") {
@@ -356,47 +401,18 @@ TEST_CASE(
     const auto addf = ref::to_float(ref::random_normal(d.output_size(), ++seed));
     const auto xr = ref::round_to_bf16(ref::to_double(xf)), wr = ref::round_to_bf16(ref::to_double(wf)),
                dyr = ref::round_to_bf16(ref::to_double(dyf)), addq = ref::to_double(addf);
-    std::vector<float> x_conv, dy_conv, add_conv, out_conv(static_cast<size_t>(be.conv_buffer_size(s)));
+    std::vector<float> x_conv, dy_conv, add_conv;
     run_layout_roundtrip(be, s, xf, x_conv);
     run_layout_roundtrip(be, s, dyf, dy_conv);
     run_layout_roundtrip(be, s, addf, add_conv);
-    std::vector<float> x_in(static_cast<size_t>(be.conv_input_size(s))), dy_in(x_in.size());
-    std::vector<float> out(static_cast<size_t>(d.output_size()));
+    std::vector<float> x_in(static_cast<size_t>(be.conv_input_size(s)));
 
     if (be.conv_precision(s, ConvPass::forward) == orthoconv::ConvPrecision::bf16) {
       ++forward_cases;
       be.to_conv_input(s, x_conv.data(), x_in.data());
       std::vector<float> w(static_cast<size_t>(be.conv_weights_size(s, ConvPass::forward)));
       be.weights_to_conv_layout(s, ConvPass::forward, wf.data(), w.data());
-      const auto expected = ref::conv_forward(d, xr, wr);
-      {
-        INFO("forward overwrites");
-        std::fill(out_conv.begin(), out_conv.end(), 7.0f);
-        be.conv_forward(s, x_in.data(), w.data(), out_conv.data(), false);
-        be.from_conv_layout(s, out_conv.data(), out.data());
-        CHECK(ref::max_relative_error(ref::to_double(out), expected) < kConvTolerance);
-      }
-      {
-        INFO("forward accumulates into a float32 destination");
-        out_conv = add_conv;
-        be.conv_forward(s, x_in.data(), w.data(), out_conv.data(), true);
-        be.from_conv_layout(s, out_conv.data(), out.data());
-        auto sum = expected;
-        for (size_t i = 0; i < sum.size(); ++i) sum[i] += addq[i];
-        CHECK(ref::max_relative_error(ref::to_double(out), sum) < kConvTolerance);
-      }
-      for (float alpha : {1.0f, -0.25f, 1.0f / 3.0f}) {
-        INFO("scaled forward, alpha " << alpha << ", float32 addend (Horner's x0) and without");
-        for (bool with_addend : {true, false}) {
-          be.conv_forward_scaled(s, x_in.data(), w.data(), alpha, with_addend ? add_conv.data() : nullptr,
-                                 out_conv.data());
-          be.from_conv_layout(s, out_conv.data(), out.data());
-          auto want = expected;
-          for (size_t i = 0; i < want.size(); ++i)
-            want[i] = double(alpha) * expected[i] + (with_addend ? addq[i] : 0.0);
-          CHECK(ref::max_relative_error(ref::to_double(out), want) < kConvTolerance);
-        }
-      }
+      check_forward_passes(be, s, x_in, w, add_conv, ref::conv_forward(d, xr, wr), addq);
     }
     ConvShape stacked = s;  // backward-weights as SocConv runs it: K = 2 batches back to back
     stacked.batch = 2 * s.batch;
@@ -602,7 +618,9 @@ TEST_CASE(
     int64_t channels, height, width, kernel, groups;
   };
   uint64_t seed = 1200;
-  for (const Case& c : {Case{64, 2, 2, 3, 4}, Case{48, 1, 1, 1, 1}, Case{24, 1, 2, 3, 3}, Case{32, 2, 2, 1, 2}}) {
+  // (Shapes the pixel matmul does not take in any layout: a kernel not covering the plane, groups of 4 channels on
+  // planes of more than one pixel, padded channels.)
+  for (const Case& c : {Case{12, 2, 2, 3, 3}, Case{20, 1, 1, 1, 1}, Case{20, 1, 2, 3, 5}, Case{32, 2, 2, 1, 2}}) {
     ConvShape s;
     s.batch = 3;
     s.in_channels = s.out_channels = c.channels;
@@ -670,4 +688,85 @@ TEST_CASE(
   }
   // With AMX all three run in a layout of all channels per pixel (nhwc, or nChw16c at 16 channels).
   if (cpu_has_amx(be)) CHECK(gemm_cases == 3);
+}
+
+// Planes of at most 4 pixels that the kernel covers from every pixel run the forward as one matmul per group by
+// the pixel matrix, and backward-weights as that matrix's gradient folded into the taps (GS-SOC's 512 / 1024
+// channels in 4 groups at 2x2, its 1x1 layers), float32 and, where the CPU has it, bf16: every forward pass and
+// backward-weights against the double reference (bf16: on the rounded inputs; backward-weights of a stacked batch),
+// on planes of 2x2, 2x1, 1x2 and 1x1, kernels 1 to 5, 1 to 4 groups. A kernel that does not cover the plane (k = 1 at 2x2)
+// keeps oneDNN's convolution.
+TEST_CASE(
+    "convolutions on planes of at most 4 pixels run as a pixel matmul (forward, backward-weights) and match the double "
+    "reference",
+          "[backend][conv][bf16]") {
+  struct PixelCase {
+    int64_t channels, kernel, groups, height, width;
+  };
+  const PixelCase cases[] = {{32, 3, 2, 2, 2}, {64, 3, 4, 2, 2}, {48, 1, 3, 1, 1}, {16, 3, 1, 1, 1},
+                             {32, 3, 1, 2, 1}, {16, 5, 1, 2, 2}, {32, 3, 2, 1, 2}};
+  auto& be = *orthoconv::cpu_backend();
+  ref::AlwaysBf16 always;
+  uint64_t seed = 900;
+  for (const auto precision : {orthoconv::ConvPrecision::fp32, orthoconv::ConvPrecision::bf16}) {
+    if (precision == orthoconv::ConvPrecision::bf16 && !ref::cpu_has_bf16()) {
+      WARN("no AVX512-BF16 on this CPU: the bf16 pixel matmul is not tested");
+      break;
+    }
+    const bool low = precision == orthoconv::ConvPrecision::bf16;
+    for (const PixelCase& c : cases) {
+      ConvShape s;
+      s.batch = 3;
+      s.in_channels = s.out_channels = c.channels;
+      s.height = c.height;
+      s.width = c.width;
+      s.kernel = c.kernel;
+      s.groups = c.groups;
+      s.precision = precision;
+      const ref::ConvDims d = dims_of(s);
+      REQUIRE(be.conv_precision(s, ConvPass::forward) == precision);
+      const std::string impl = implementation(be, s);
+      INFO("shape " << s.str() << ": " << impl);
+      CHECK(impl.find("pixel matmul") != std::string::npos);
+      const auto xf = ref::to_float(ref::random_normal(d.input_size(), ++seed));
+      const auto wf = ref::to_float(ref::random_normal(d.weight_size(), ++seed, 1.0 / std::sqrt(double(c.channels))));
+      const auto addf = ref::to_float(ref::random_normal(d.output_size(), ++seed));
+      auto xr = ref::to_double(xf), wr = ref::to_double(wf);
+      if (low) {
+        xr = ref::round_to_bf16(xr);
+        wr = ref::round_to_bf16(wr);
+      }
+      std::vector<float> x_conv, add_conv;
+      run_layout_roundtrip(be, s, xf, x_conv);
+      run_layout_roundtrip(be, s, addf, add_conv);
+      std::vector<float> x_in = x_conv;
+      if (low) {
+        x_in.assign(static_cast<size_t>(be.conv_input_size(s)), 0.0f);
+        be.to_conv_input(s, x_conv.data(), x_in.data());
+      }
+      std::vector<float> w(static_cast<size_t>(be.conv_weights_size(s, ConvPass::forward)));
+      be.weights_to_conv_layout(s, ConvPass::forward, wf.data(), w.data());
+      check_forward_passes(be, s, x_in, w, add_conv, ref::conv_forward(d, xr, wr), ref::to_double(addf));
+
+      const auto dyf = ref::to_float(ref::random_normal(d.output_size(), ++seed));
+      std::vector<float> dy_conv;
+      run_layout_roundtrip(be, s, dyf, dy_conv);
+      if (low) {  // a stacked batch of 2, as SocConv runs it
+        const std::string stacked = check_stacked_bf16_backward_weights(be, s, x_conv, dy_conv, xr,
+                                                                        ref::round_to_bf16(ref::to_double(dyf)));
+        CHECK(stacked.find("bwd-weights pixel matmul brg") != std::string::npos);
+      } else {
+        INFO("backward-weights is the weight gradient, plain layout");
+        std::vector<float> dw(static_cast<size_t>(d.weight_size()), 7.0f);
+        be.conv_backward_weights(s, x_conv.data(), dy_conv.data(), dw.data());
+        CHECK(ref::max_relative_error(ref::to_double(dw), ref::conv_backward_weights(d, xr, ref::to_double(dyf))) <
+              kConvTolerance);
+      }
+    }
+  }
+  ConvShape pointwise;  // k = 1 at 2x2: one pixel reaches only itself
+  pointwise.batch = 3;
+  pointwise.in_channels = pointwise.out_channels = 32;
+  pointwise.height = pointwise.width = 2;
+  CHECK(implementation(be, pointwise).find("pixel matmul") == std::string::npos);
 }

@@ -26,15 +26,6 @@ using tag = memory::format_tag;
 
 namespace {
 
-template <typename F>
-auto dnnl_checked(const char* what, const ConvShape& shape, F&& body) -> decltype(body()) {
-  try {
-    return body();
-  } catch (const dnnl::error& e) {
-    throw BackendError(detail::concat("oneDNN ", what, " failed for convolution ", shape.str(), ": ", e.what()));
-  }
-}
-
 // Below this many floats a pass runs on one thread: the work is shorter than waking the OpenMP team (and on a
 // busy machine a descheduled team member can cost a whole scheduler tick).
 constexpr int64_t kParallelFloats = int64_t{1} << 18;
@@ -98,6 +89,8 @@ struct CpuBackend::ConvKernels {
   bool dense = false;
   memory dense_plain;
   std::map<std::pair<float, bool>, ScaledPrimitive> scaled;  // (alpha, has addend)
+  // The forward as a pixel matmul (pixel_matmul_applies), replacing fwd / fwd_acc / scaled and their weights.
+  std::unique_ptr<PixelMatmul> pixel;
   std::string impl;
 };
 
@@ -216,8 +209,13 @@ std::unique_ptr<CpuBackend::ConvKernels> CpuBackend::make_kernels(const ConvShap
     k->diff_weights_reorder =
         dnnl::reorder(dnnl::reorder::primitive_desc(engine_, k->bwd_weights_pd.diff_weights_desc(), engine_, plain));
   }
-  k->impl = detail::concat(k->dense ? "dense block-diagonal " : "", "fwd ", k->fwd_pd.impl_info_str(), ", bwd-weights ",
-                           k->bwd_weights_pd.impl_info_str());
+  if (pixel_matmul_applies(shape, p.block)) k->pixel = make_pixel_matmul(shape, p.block, input_type);
+  if (k->pixel)
+    k->impl = detail::concat("fwd pixel matmul ", k->pixel->impl, ", bwd-weights pixel matmul",
+                             input_type == memory::data_type::f32 ? " sgemm" : "");
+  else
+    k->impl = detail::concat(k->dense ? "dense block-diagonal " : "", "fwd ", k->fwd_pd.impl_info_str(),
+                             ", bwd-weights ", k->bwd_weights_pd.impl_info_str());
   return k;
 }
 
@@ -276,7 +274,7 @@ CpuBackend::ConvPrimitives& CpuBackend::primitives(const ConvShape& shape) {
         detail::concat(p->block == 16  ? "nChw16c"
                        : p->block == 8 ? "nChw8c"
                                        : "nhwc",
-                       ": ", p->f32->impl, gemm_backward_weights(shape) ? " (float32: im2col + sgemm per group)" : "",
+                       ": ", p->f32->impl, gemm_backward_weights(shape) && !p->f32->pixel ? " (float32: im2col + sgemm per group)" : "",
                        ", bwd-data ", p->bwd_data_pd.impl_info_str());
     auto& slot = cache_[key];
     slot = std::move(p);
@@ -306,7 +304,8 @@ std::string CpuBackend::implementation(const ConvShape& shape) {
   conv_precision(shape, ConvPass::forward);
   conv_precision(shape, ConvPass::backward_weights);
   return detail::concat(p.impl, "; bf16 requested: ", p.bf16_choices, p.bf16 ? "; bf16 " + p.bf16->impl : "",
-                        (gemm_backward_weights(shape) || nhwc_gemm_backward_weights(shape, p.block)) && p.bf16
+                        (gemm_backward_weights(shape) || nhwc_gemm_backward_weights(shape, p.block)) && p.bf16 &&
+                                !p.bf16->pixel
                             ? "; bf16 bwd-weights: im2col + bf16 matmul " + bf16_gemm_implementation(shape)
                             : "");
 }
@@ -339,15 +338,24 @@ void CpuBackend::from_conv_layout(const ConvShape& shape, const float* src, floa
 
 int64_t CpuBackend::conv_weights_size(const ConvShape& shape, ConvPass pass) {
   auto& p = primitives(shape);
-  auto desc =
-      pass == ConvPass::backward_data ? p.bwd_data_pd.weights_desc() : kernels(shape, pass).fwd_pd.weights_desc();
-  return static_cast<int64_t>((desc.get_size() + sizeof(float) - 1) / sizeof(float));
+  if (pass == ConvPass::backward_data)
+    return static_cast<int64_t>((p.bwd_data_pd.weights_desc().get_size() + sizeof(float) - 1) / sizeof(float));
+  return forward_weights_floats(kernels(shape, pass));
+}
+
+int64_t CpuBackend::forward_weights_floats(const ConvKernels& k) {
+  const size_t bytes = k.pixel ? k.pixel->weights.get_size() : k.fwd_pd.weights_desc().get_size();
+  return static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float));
 }
 
 void CpuBackend::weights_to_conv_layout(const ConvShape& shape, ConvPass pass, const float* plain, float* dst) {
   auto& p = primitives(shape);
   const bool forward = pass != ConvPass::backward_data;
   ConvKernels* k = forward ? &kernels(shape, pass) : nullptr;
+  if (forward && k->pixel) {
+    pixel_weights(shape, *k->pixel, plain, dst);
+    return;
+  }
   const bool dense = forward && k->dense;  // a bf16 dense kernel's weights: from the block-diagonal expansion
   if (dense) {
     expand_groups(shape, plain, static_cast<float*>(k->dense_plain.get_data_handle()));
@@ -370,6 +378,10 @@ void CpuBackend::conv_forward(const ConvShape& shape, const float* src, const fl
                               bool accumulate) {
   auto& p = primitives(shape);
   auto& k = kernels(shape, ConvPass::forward);
+  if (k.pixel) {
+    run_pixel_matmul(shape, *k.pixel, src, weights, 1.0f, accumulate ? dst : nullptr, dst);
+    return;
+  }
   dnnl_checked("convolution forward", shape, [&] {
     memory s(k.act, engine_, const_cast<float*>(src));
     memory w(k.fwd_pd.weights_desc(), engine_, const_cast<float*>(weights));
@@ -399,6 +411,10 @@ void CpuBackend::conv_backward_weights(const ConvShape& shape, const float* src,
 void CpuBackend::run_backward_weights(const ConvShape& shape, ConvKernels& k, const float* src, const float* diff_dst,
                                       float* diff_weights) {
   auto& p = primitives(shape);
+  if (k.pixel) {
+    run_pixel_backward_weights(shape, k.impl, *k.pixel, src, diff_dst, diff_weights);
+    return;
+  }
   if (gemm_backward_weights(shape)) {
     if (&k == p.f32.get())
       run_gemm_backward_weights(shape, p, src, diff_dst, diff_weights);
@@ -519,6 +535,10 @@ void CpuBackend::conv_forward_scaled(const ConvShape& shape, const float* src, c
 
 void CpuBackend::run_scaled(const ConvShape& shape, ConvKernels& k, const float* src, const float* weights, float alpha,
                             const float* addend, float* dst) {
+  if (k.pixel) {
+    run_pixel_matmul(shape, *k.pixel, src, weights, alpha, addend, dst);
+    return;
+  }
   auto& p = primitives(shape);
   auto& scaled = scaled_primitive(shape, k, alpha, addend != nullptr);
   dnnl_checked("scaled convolution forward", shape, [&] {
@@ -644,9 +664,8 @@ bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass
   ConvKernels& high = *p.f32;
   const int64_t floats = static_cast<int64_t>(p.out.get_size() / sizeof(float));
   const int64_t weights =
-      static_cast<int64_t>(std::max({high.fwd_pd.weights_desc().get_size(), low.fwd_pd.weights_desc().get_size(),
-                                     p.plain_weights.get_size()}) /
-                           sizeof(float));
+      std::max({forward_weights_floats(high), forward_weights_floats(low),
+                static_cast<int64_t>(p.plain_weights.get_size() / sizeof(float))});
   std::vector<float> a(static_cast<size_t>(floats)), b(a.size()), out(a.size()), a_low(a.size() / 2 + 1),
       b_low(a_low.size()), w_high(static_cast<size_t>(weights)), w_low(w_high.size());
   std::function<void()> run_high, run_low;

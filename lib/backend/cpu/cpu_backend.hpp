@@ -24,6 +24,16 @@
 
 namespace orthoconv::cpu {
 
+// Runs body, turning a dnnl::error into a BackendError naming what failed and the convolution.
+template <typename F>
+auto dnnl_checked(const char* what, const ConvShape& shape, F&& body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (const dnnl::error& e) {
+    throw BackendError(detail::concat("oneDNN ", what, " failed for convolution ", shape.str(), ": ", e.what()));
+  }
+}
+
 class CpuBackend final : public Backend {
  public:
   CpuBackend();
@@ -129,6 +139,7 @@ class CpuBackend final : public Backend {
   void run_backward_weights(const ConvShape& shape, ConvKernels& k, const float* src, const float* diff_dst,
                             float* diff_weights);
   bool choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass pass);
+  static int64_t forward_weights_floats(const ConvKernels& k);  // the forward weights of k, in floats
   // Whether oneDNN's bf16 forward of `shape` in `layout` is one of its AMX kernels.
   bool amx_forward(const ConvShape& shape, dnnl::memory::format_tag layout) const;
   // Float32 backward-weights as one sgemm per group, dW_i = dY_i^T im2col(X_i), for convolutions on planes of
@@ -164,6 +175,37 @@ class CpuBackend final : public Backend {
     dnnl::memory::desc a, b, out;
     std::string impl;
   };
+  // The forward at planes of at most 4 pixels whose kernel reaches every pixel (GS-SOC's 512 / 1024 channels in
+  // 4 groups at 2x2, its 1x1 layers) as one matmul per group by a "pixel matrix" holding each tap once per pixel
+  // pair that uses it (pixel_matmul.cpp): 2.25x fewer multiply-adds than the convolution at 2x2 with k = 3, and
+  // oneDNN's matmul (AMX in bf16) instead of its convolution kernels, which are at their slowest at such planes.
+  // Where a group's channels are whole blocks of the layout (or the plane is one pixel). The weights of such a
+  // shape's forward are the pixel matrix in the matmul's format (conv_weights_size, weights_to_conv_layout).
+  struct PixelMatmul {
+    dnnl::memory::data_type type = dnnl::memory::data_type::f32;
+    int64_t block = 1, groups = 1, rows = 1, size = 1, image = 1;  // size: cg * plane; image: values per image
+    dnnl::memory::desc a, weights, c;
+    dnnl::memory plain;  // the pixel matrix [groups, size, size] float32, before its reorder
+    dnnl::reorder reorder;
+    dnnl::matmul primitive;                                   // no post-ops (bf16: then the addend pass)
+    std::map<std::pair<float, bool>, dnnl::matmul> scaled;  // float32: (alpha, sum onto dst)
+    std::optional<dnnl::matmul> backward;                     // bf16 backward-weights, created at its first use
+    dnnl::memory::desc x_t, dy, gradient;
+    std::string impl;
+  };
+  static bool pixel_matmul_applies(const ConvShape& shape, int64_t block);
+  std::unique_ptr<PixelMatmul> make_pixel_matmul(const ConvShape& shape, int64_t block,
+                                                 dnnl::memory::data_type type);
+  dnnl::matmul& pixel_scaled(PixelMatmul& pm, float alpha, bool sum);
+  void pixel_weights(const ConvShape& shape, PixelMatmul& pm, const float* plain, float* dst);
+  // Backward-weights where the forward is a pixel matmul: the pixel matrix's gradient per group (float32 sgemm on the
+  // conv layout in place; bf16 gathered + one AMX matmul), folded into the plain [g, o, i, k, k] diff_weights.
+  void run_pixel_backward_weights(const ConvShape& shape, std::string& impl, PixelMatmul& pm, const float* src,
+                                  const float* diff_dst, float* diff_weights);
+  void fold_pixel_gradient(const ConvShape& shape, const PixelMatmul& pm, const float* matrix, float* diff_weights);
+  // dst = alpha * conv(src) (+ addend, which may be dst itself); src in the kernels' input type.
+  void run_pixel_matmul(const ConvShape& shape, PixelMatmul& pm, const float* src, const float* weights, float alpha,
+                        const float* addend, float* dst);
   dnnl::memory::desc activation_desc(const ConvShape& shape, int64_t channels, dnnl::memory::format_tag layout) const;
   dnnl::memory::desc plain_weights_desc(const ConvShape& shape) const;
   // bf16 kernels of grouped shapes with fewer than 16 channels per group (GS-SOC's 32 channels in 4 groups) run as
@@ -197,6 +239,8 @@ class CpuBackend final : public Backend {
   std::vector<float> summed_scratch_;
   std::map<ShapeKey, Bf16Gemm> bf16_gemm_;
   std::map<ShapeKey, NhwcGemm> bf16_nhwc_gemm_;
+  std::vector<float> folded_scratch_;  // fold_pixel_gradient: [g, ci, tap, co]
+  std::vector<float> pixel_scratch_;  // run_pixel_matmul (bf16): gathered rows and the product, grown once
   std::vector<uint16_t> bf16_gemm_scratch_;  // run_bf16_gemm_backward_weights: im2col(X) and dY^T per group
 };
 

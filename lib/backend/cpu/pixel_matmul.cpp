@@ -1,0 +1,249 @@
+// The forward convolution on planes of at most 4 pixels whose kernel reaches every pixel from every pixel
+// (GS-SOC's 512 / 1024 channels in 4 groups at 2x2 with k = 3, its 1x1 layers at 1x1) as one matmul per group:
+// there each output pixel is a dense function of every input pixel of its group, so
+//   Y_i[n, (co, p)] = sum over (ci, q) of X_i[n, (ci, q)] * W_i[co, ci, q - p + k/2]
+// is a [N, cg * P] x [cg * P, cg * P] product per group i, whose right factor (the "pixel matrix") holds each
+// tap of the filter once per (p, q) pair that uses it. A convolution kernel does the same multiply-adds plus
+// those of the zero padding: at 2x2 with k = 3, 9 taps per pixel pair where 4 are real, so the matmul does 2.25x
+// fewer; at 1x1 it is the one centre tap. oneDNN 2.6's convolution kernels are also at their slowest at such
+// planes (1024 channels in 4 groups at 2x2, 128 images, CPU ms: float32 9.8, bf16 9.3 in nChw16c), while its
+// matmul runs 3.2 ms in float32 (jit gemm on the conv layout in place) and 0.8 ms in bf16 (AMX brgemm, after
+// gathering each group's rows contiguous) (tools: /tmp/pm/probe2.cpp-style standalone timings, see
+// docs/performance.md).
+//
+// The conv layout keeps a group's values contiguous within an image where the group's channels are whole
+// channel blocks (or the plane is one pixel): element (ci, q) of group i sits at offset
+// i * cg * P + (ci / B) * P * B + q * B + ci % B of the image, with B the layout's channels per block. The pixel
+// matrix's rows and columns use that same order, so the activations are read and written in the conv layout.
+#include <omp.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "backend/cpu/cpu_backend.hpp"
+
+namespace orthoconv::cpu {
+
+using dnnl::memory;
+
+namespace {
+
+constexpr int64_t kParallelPixelFloats = int64_t{1} << 16;
+
+int64_t pixel_offset(int64_t channel, int64_t pixel, int64_t plane, int64_t block) {
+  return (channel / block) * plane * block + pixel * block + channel % block;
+}
+
+}  // namespace
+
+bool CpuBackend::pixel_matmul_applies(const ConvShape& shape, int64_t block) {
+  const int64_t plane = shape.height * shape.width, cg = shape.in_channels / shape.groups;
+  if (shape.in_channels != shape.out_channels || plane > 4) return false;
+  // Every pixel reaches every pixel: |q - p| <= k / 2 along both axes.
+  if (shape.kernel / 2 < std::max(shape.height, shape.width) - 1) return false;
+  // A group's values contiguous in an image, and no padded channels in the layout.
+  if (shape.in_channels % block != 0) return false;
+  return plane == 1 || cg % block == 0;
+}
+
+std::unique_ptr<CpuBackend::PixelMatmul> CpuBackend::make_pixel_matmul(const ConvShape& shape, int64_t block,
+                                                                       memory::data_type type) {
+  auto pm = std::make_unique<PixelMatmul>();
+  const int64_t plane = shape.height * shape.width;
+  pm->type = type;
+  pm->block = block;
+  pm->groups = shape.groups;
+  pm->rows = shape.batch;
+  pm->size = shape.in_channels / shape.groups * plane;
+  pm->image = shape.in_channels * plane;
+  const int64_t g = pm->groups, n = pm->rows, s = pm->size;
+  memory::desc weights({g, s, s}, type, memory::format_tag::any);
+  if (type == memory::data_type::bf16) {
+    // bf16: oneDNN's AMX matmul wants contiguous operands: each group's rows are gathered first.
+    pm->a = memory::desc({g, n, s}, type, memory::format_tag::abc);
+    pm->c = memory::desc({g, n, s}, memory::data_type::f32, memory::format_tag::abc);
+  } else {
+    // float32: the conv layout in place (row stride: one image), dst scaled and summed onto the addend.
+    pm->a = memory::desc({g, n, s}, type, memory::dims{s, pm->image, 1});
+    pm->c = memory::desc({g, n, s}, type, memory::dims{s, pm->image, 1});
+  }
+  dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(pm->a, weights, pm->c), engine_);
+  pm->weights = pd.weights_desc();
+  pm->plain = memory(memory::desc({g, s, s}, memory::data_type::f32, memory::format_tag::abc), engine_);
+  pm->reorder = dnnl::reorder(dnnl::reorder::primitive_desc(engine_, pm->plain.get_desc(), engine_, pm->weights));
+  pm->primitive = dnnl::matmul(pd);
+  pm->impl = pd.impl_info_str();
+  return pm;
+}
+
+dnnl::matmul& CpuBackend::pixel_scaled(PixelMatmul& pm, float alpha, bool sum) {
+  auto key = std::make_pair(alpha, sum);
+  auto it = pm.scaled.find(key);
+  if (it != pm.scaled.end()) return it->second;
+  dnnl::primitive_attr attr;
+  if (alpha != 1.0f) attr.set_output_scales(0, {alpha});
+  if (sum) {
+    dnnl::post_ops ops;
+    ops.append_sum(1.0f);
+    attr.set_post_ops(ops);
+  }
+  dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(pm.a, pm.weights, pm.c), attr, engine_);
+  return pm.scaled.emplace(key, dnnl::matmul(pd)).first->second;
+}
+
+void CpuBackend::pixel_weights(const ConvShape& shape, PixelMatmul& pm, const float* plain, float* dst) {
+  // Row (ci, q), column (co, p) of group i: W_i[co, ci, qy - py + k/2, qx - px + k/2]. The filter is first
+  // transposed to [i, ci, tap, co], so that each (row, p) takes runs of `block` contiguous output channels.
+  const int64_t h = shape.height, w = shape.width, k = shape.kernel, pad = k / 2, plane = h * w;
+  const int64_t cg = shape.in_channels / shape.groups, s = pm.size, taps = k * k;
+  const int64_t block = plane == 1 ? cg : pm.block;  // one pixel: the group's channels in order
+  const size_t filter = static_cast<size_t>(pm.groups * cg * cg * taps);
+  if (pixel_scratch_.size() < filter) pixel_scratch_.resize(filter);
+  float* transposed = pixel_scratch_.data();
+#pragma omp parallel for collapse(2) schedule(static) if (static_cast<int64_t>(filter) > kParallelPixelFloats)
+  for (int64_t i = 0; i < pm.groups; ++i)
+    for (int64_t ci = 0; ci < cg; ++ci)
+      for (int64_t co = 0; co < cg; ++co)
+        for (int64_t t = 0; t < taps; ++t)
+          transposed[((i * cg + ci) * taps + t) * cg + co] = plain[((i * cg + co) * cg + ci) * taps + t];
+  auto* matrix = static_cast<float*>(pm.plain.get_data_handle());
+#pragma omp parallel for collapse(3) schedule(static) if (pm.groups * s * s > kParallelPixelFloats)
+  for (int64_t i = 0; i < pm.groups; ++i)
+    for (int64_t ci = 0; ci < cg; ++ci)
+      for (int64_t q = 0; q < plane; ++q) {
+        float* row = matrix + (i * s + pixel_offset(ci, q, plane, block)) * s;
+        for (int64_t p = 0; p < plane; ++p) {
+          const int64_t tap = (q / w - p / w + pad) * k + (q % w - p % w + pad);
+          const float* from = transposed + ((i * cg + ci) * taps + tap) * cg;
+          for (int64_t b = 0; b < cg; b += block)
+            std::memcpy(row + pixel_offset(b, p, plane, block), from + b, static_cast<size_t>(block) * sizeof(float));
+        }
+      }
+  dnnl_checked("pixel-matmul weights reorder", shape, [&] {
+    memory out(pm.weights, engine_, dst);
+    pm.reorder.execute(stream_, pm.plain, out);
+    stream_.wait();
+  });
+}
+
+void CpuBackend::run_pixel_matmul(const ConvShape& shape, PixelMatmul& pm, const float* src, const float* weights,
+                                  float alpha, const float* addend, float* dst) {
+  const int64_t g = pm.groups, n = pm.rows, s = pm.size, image = pm.image;
+  if (pm.type == memory::data_type::f32) {
+    // dst = alpha * X W (+ dst, holding the addend)
+    if (addend != nullptr && addend != dst) copy(addend, dst, n * image);
+    dnnl::matmul& mm = pixel_scaled(pm, alpha, addend != nullptr);
+    dnnl_checked("pixel-matmul forward", shape, [&] {
+      memory a(pm.a, engine_, const_cast<float*>(src)), b(pm.weights, engine_, const_cast<float*>(weights)),
+          c(pm.c, engine_, dst);
+      mm.execute(stream_, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+      stream_.wait();
+    });
+    return;
+  }
+  // bf16: gather [g, n, s], one batched matmul into [g, n, s] float32, then dst = addend + alpha * that.
+  const size_t gathered = static_cast<size_t>((g * n * s + 1) / 2), product = static_cast<size_t>(g * n * s);
+  if (pixel_scratch_.size() < gathered + product) pixel_scratch_.resize(gathered + product);
+  auto* rows = reinterpret_cast<uint16_t*>(pixel_scratch_.data());
+  float* out = pixel_scratch_.data() + gathered;
+  const auto* x = reinterpret_cast<const uint16_t*>(src);
+  const bool parallel = g * n * s > kParallelPixelFloats;
+#pragma omp parallel for collapse(2) schedule(static) if (parallel)
+  for (int64_t i = 0; i < g; ++i)
+    for (int64_t r = 0; r < n; ++r)
+      std::memcpy(rows + (i * n + r) * s, x + r * image + i * s, static_cast<size_t>(s) * sizeof(uint16_t));
+  dnnl_checked("pixel-matmul forward", shape, [&] {
+    memory a(pm.a, engine_, rows), b(pm.weights, engine_, const_cast<float*>(weights)), c(pm.c, engine_, out);
+    pm.primitive.execute(stream_, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+    stream_.wait();
+  });
+#pragma omp parallel for collapse(2) schedule(static) if (parallel)
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t i = 0; i < g; ++i) {
+      const float* from = out + (i * n + r) * s;
+      float* to = dst + r * image + i * s;
+      if (addend != nullptr) {
+        const float* add = addend + r * image + i * s;
+        for (int64_t j = 0; j < s; ++j) to[j] = add[j] + alpha * from[j];
+      } else {
+        for (int64_t j = 0; j < s; ++j) to[j] = alpha * from[j];
+      }
+    }
+}
+
+void CpuBackend::run_pixel_backward_weights(const ConvShape& shape, std::string& impl, PixelMatmul& pm, const float* src,
+                                            const float* diff_dst, float* diff_weights) {
+  // The pixel matrix's gradient per group, D_i = X_i^T dY_i ([cg P, cg P], summed over the batch), then each tap's
+  // gradient is the sum of D_i over the (q, p) pairs that use it.
+  const int64_t g = pm.groups, n = pm.rows, s = pm.size, image = pm.image;
+  const size_t matrices = static_cast<size_t>(g * s * s);
+  if (pm.type == dnnl::memory::data_type::f32) {
+    if (pixel_scratch_.size() < matrices) pixel_scratch_.resize(matrices);
+    for (int64_t i = 0; i < g; ++i) {
+      const dnnl::status status = dnnl::sgemm('T', 'N', s, s, n, 1.0f, src + i * s, image, diff_dst + i * s, image,
+                                              0.0f, pixel_scratch_.data() + i * s * s, s);
+      require<BackendError>(status == dnnl::status::success, "oneDNN sgemm failed (status ", static_cast<int>(status),
+                            ") for the pixel-matmul backward-weights of ", shape.str());
+    }
+  } else {
+    // bf16: both operands gathered contiguous per group, then one batched matmul (AMX) with X_i read transposed.
+    const size_t operand = static_cast<size_t>((g * n * s + 1) / 2);
+    if (pixel_scratch_.size() < matrices + 2 * operand) pixel_scratch_.resize(matrices + 2 * operand);
+    auto* x = reinterpret_cast<uint16_t*>(pixel_scratch_.data() + matrices);
+    auto* dy = reinterpret_cast<uint16_t*>(pixel_scratch_.data() + matrices + operand);
+    const auto* xs = reinterpret_cast<const uint16_t*>(src);
+    const auto* dys = reinterpret_cast<const uint16_t*>(diff_dst);
+#pragma omp parallel for collapse(2) schedule(static) if (g * n * s > kParallelPixelFloats)
+    for (int64_t i = 0; i < g; ++i)
+      for (int64_t r = 0; r < n; ++r) {
+        std::memcpy(x + (i * n + r) * s, xs + r * image + i * s, static_cast<size_t>(s) * sizeof(uint16_t));
+        std::memcpy(dy + (i * n + r) * s, dys + r * image + i * s, static_cast<size_t>(s) * sizeof(uint16_t));
+      }
+    dnnl_checked("pixel-matmul backward-weights", shape, [&] {
+      if (!pm.backward) {
+        pm.x_t = memory::desc({g, s, n}, memory::data_type::bf16, memory::format_tag::acb);
+        pm.dy = memory::desc({g, n, s}, memory::data_type::bf16, memory::format_tag::abc);
+        pm.gradient = memory::desc({g, s, s}, memory::data_type::f32, memory::format_tag::abc);
+        dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(pm.x_t, pm.dy, pm.gradient), engine_);
+        pm.backward = dnnl::matmul(pd);
+        impl += detail::concat(" ", pd.impl_info_str());
+      }
+      memory a(pm.x_t, engine_, x), b(pm.dy, engine_, dy), c(pm.gradient, engine_, pixel_scratch_.data());
+      pm.backward->execute(stream_, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+      stream_.wait();
+    });
+  }
+  fold_pixel_gradient(shape, pm, pixel_scratch_.data(), diff_weights);
+}
+
+void CpuBackend::fold_pixel_gradient(const ConvShape& shape, const PixelMatmul& pm, const float* matrix,
+                                     float* diff_weights) {
+  const int64_t h = shape.height, w = shape.width, k = shape.kernel, pad = k / 2, plane = h * w;
+  const int64_t cg = shape.in_channels / shape.groups, s = pm.size, taps = k * k;
+  const int64_t block = plane == 1 ? cg : pm.block;
+  // [i, ci, tap, co] first (each (row, p) adds runs of `block` output channels), then the plain [i, co, ci, tap].
+  folded_scratch_.assign(static_cast<size_t>(pm.groups * cg * taps * cg), 0.0f);
+  float* folded = folded_scratch_.data();
+#pragma omp parallel for collapse(2) schedule(static) if (pm.groups * s * s > kParallelPixelFloats)
+  for (int64_t i = 0; i < pm.groups; ++i)
+    for (int64_t ci = 0; ci < cg; ++ci)
+      for (int64_t q = 0; q < plane; ++q) {
+        const float* row = matrix + (i * s + pixel_offset(ci, q, plane, block)) * s;
+        for (int64_t p = 0; p < plane; ++p) {
+          const int64_t tap = (q / w - p / w + pad) * k + (q % w - p % w + pad);
+          float* to = folded + ((i * cg + ci) * taps + tap) * cg;
+          for (int64_t b = 0; b < cg; b += block) {
+            const float* from = row + pixel_offset(b, p, plane, block);
+            for (int64_t l = 0; l < block; ++l) to[b + l] += from[l];
+          }
+        }
+      }
+#pragma omp parallel for collapse(2) schedule(static) if (pm.groups * cg * cg * taps > kParallelPixelFloats)
+  for (int64_t i = 0; i < pm.groups; ++i)
+    for (int64_t co = 0; co < cg; ++co)
+      for (int64_t ci = 0; ci < cg; ++ci)
+        for (int64_t t = 0; t < taps; ++t)
+          diff_weights[((i * cg + co) * cg + ci) * taps + t] = folded[((i * cg + ci) * taps + t) * cg + co];
+}
+
+}  // namespace orthoconv::cpu
