@@ -6,6 +6,7 @@
 // these random-sign sums, i.e. ~1e-6 of the largest output. 1e-5 of the largest |output| is the bound.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 
@@ -769,4 +770,57 @@ TEST_CASE(
   pointwise.in_channels = pointwise.out_channels = 32;
   pointwise.height = pointwise.width = 2;
   CHECK(implementation(be, pointwise).find("pixel matmul") == std::string::npos);
+}
+
+// conv_forward_scaled_to_input (SocConv's forward Horner steps where both bf16 passes run: oneDNN's bf16 dst after
+// the float32 accumulation and addend; the pixel matmul rounds its float32 result) gives the very bits of
+// conv_forward_scaled followed by to_conv_input, and leaves the scratch buffer alone where it fuses. Shapes: AMX
+// nhwc (grouped and the 8-channel groups run dense), the blocked layout, and the pixel matmul at 2x2 and 1x1.
+TEST_CASE("bf16 forward with a rounded destination equals the float32 forward rounded, bit for bit",
+          "[backend][conv][bf16]") {
+  ref::AlwaysBf16 always;
+  auto& be = *orthoconv::cpu_backend();
+  if (!ref::cpu_has_bf16()) {
+    WARN("no AVX512-BF16 on this CPU: the rounded forward is not tested");
+    return;
+  }
+  struct Case {
+    int64_t channels, height, width, kernel, groups;
+  };
+  uint64_t seed = 1500;
+  for (const Case& c : {Case{32, 6, 5, 3, 4}, Case{64, 5, 7, 3, 4}, Case{48, 5, 7, 3, 1}, Case{32, 2, 2, 3, 2},
+                        Case{64, 1, 1, 1, 1}, Case{16, 5, 7, 1, 1}}) {
+    ConvShape s;
+    s.batch = 4;
+    s.in_channels = s.out_channels = c.channels;
+    s.height = c.height;
+    s.width = c.width;
+    s.kernel = c.kernel;
+    s.groups = c.groups;
+    s.precision = orthoconv::ConvPrecision::bf16;
+    REQUIRE(be.conv_precision(s, ConvPass::forward) == orthoconv::ConvPrecision::bf16);
+    const ref::ConvDims d = dims_of(s);
+    INFO("shape " << s.str() << ": " << implementation(be, s));
+    const auto xf = ref::to_float(ref::random_normal(d.input_size(), ++seed));
+    const auto wf = ref::to_float(ref::random_normal(d.weight_size(), ++seed, 1.0 / std::sqrt(double(c.channels))));
+    const auto addf = ref::to_float(ref::random_normal(d.output_size(), ++seed));
+    std::vector<float> x_conv, add_conv;
+    run_layout_roundtrip(be, s, xf, x_conv);
+    run_layout_roundtrip(be, s, addf, add_conv);
+    std::vector<float> x_in(static_cast<size_t>(be.conv_input_size(s)));
+    be.to_conv_input(s, x_conv.data(), x_in.data());
+    std::vector<float> w(static_cast<size_t>(be.conv_weights_size(s, ConvPass::forward)));
+    be.weights_to_conv_layout(s, ConvPass::forward, wf.data(), w.data());
+    for (float alpha : {1.0f, -0.25f, 1.0f / 3.0f})
+      for (bool with_addend : {true, false}) {
+        INFO("alpha " << alpha << (with_addend ? ", with" : ", without") << " the float32 addend");
+        const float* addend = with_addend ? add_conv.data() : nullptr;
+        std::vector<float> full(add_conv.size()), want(x_in.size()), got(x_in.size(), 7.0f), scratch(add_conv.size());
+        be.conv_forward_scaled(s, x_in.data(), w.data(), alpha, addend, full.data());
+        be.to_conv_input(s, full.data(), want.data());
+        be.conv_forward_scaled_to_input(s, x_in.data(), w.data(), alpha, addend, scratch.data(), got.data());
+        CHECK(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0);
+        CHECK(std::all_of(scratch.begin(), scratch.end(), [](float v) { return v == 0.0f; }));  // fused
+      }
+  }
 }

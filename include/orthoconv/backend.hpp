@@ -172,6 +172,17 @@ class Backend {
     else if (alpha != 1.0f)
       axpby(alpha, dst, 0.0f, dst, conv_buffer_size(shape));
   }
+  // conv_forward_scaled whose result is wanted only as the conv input of the next bf16 pass: dst_input =
+  // to_conv_input(alpha * conv(src, weights) + addend), the float32 result rounded once to nearest even, as the
+  // two calls would give. Where the backend fuses it (the CPU: oneDNN's bf16 dst, after its float32 accumulation
+  // and the float32 addend) `scratch` (a float32 conv-layout buffer) is left alone and the float32 result never
+  // written; the default writes it there and rounds it from there. Only where conv_precision(shape, forward) is
+  // bf16.
+  virtual void conv_forward_scaled_to_input(const ConvShape& shape, const float* src, const float* weights,
+                                            float alpha, const float* addend, float* scratch, float* dst_input) {
+    conv_forward_scaled(shape, src, weights, alpha, addend, scratch);
+    to_conv_input(shape, scratch, dst_input);
+  }
 
   // ---- elementwise ----
   virtual void fill(float* dst, int64_t count, float value) = 0;

@@ -16,7 +16,9 @@
 // bf16 (training mode on the series path, where the backend chooses it for the shape and pass): every
 // convolution input is the term rounded once to bfloat16 (to_conv_input, K conversions per direction, kept in
 // series_input_ / diff_series_input_, which also feed the stacked backward-weights); the float32 terms stay in
-// series_ / diff_series_ for the addend x0, the output and the weighted sum. Rounding p_{j+1} or h_j costs
+// series_ / diff_series_ for the addend x0, the output and the weighted sum. Where both the forward and the
+// backward-weights run bf16, the forward's p_K..p_2 are wanted only rounded: each Horner step writes its term
+// straight to its rounded slot (conv_forward_scaled_to_input: the same bits, without the float32 term's pass). Rounding p_{j+1} or h_j costs
 // relative u times ||A_n / j|| in the result; rounding x0 or h_1 would cost u itself (tests/test_precision.cpp).
 // The matrix path stays float32 (its one convolution's input is x0 itself).
 #include "orthoconv/soc_conv.hpp"
@@ -424,11 +426,15 @@ void SocConv::run_series(const Tensor& input, bool keep, float* y) {
     }
     for (int j = K; j >= 1; --j) {
       const float* src = low.forward ? rounded(j) : p(j + 1);
-      if (scaled_copies)
-        be.conv_forward_scaled(shape, src, j == 1 ? w : w + j * wsize, 1.0f, x0, p(j));
-      else
-        be.conv_forward_scaled(shape, src, w, 1.0f / static_cast<float>(j), x0, p(j));
-      if (low.size && j > 1) be.to_conv_input(shape, p(j), rounded(j - 1));
+      const float* wj = scaled_copies && j > 1 ? w + j * wsize : w;
+      const float alpha = scaled_copies ? 1.0f : 1.0f / static_cast<float>(j);
+      if (low.forward && low.weights && j > 1) {
+        // p_j is read only rounded (the next convolution, the stacked backward-weights): written only rounded.
+        be.conv_forward_scaled_to_input(shape, src, wj, alpha, x0, p(j), rounded(j - 1));
+      } else {
+        be.conv_forward_scaled(shape, src, wj, alpha, x0, p(j));
+        if (low.size && j > 1) be.to_conv_input(shape, p(j), rounded(j - 1));
+      }
     }
   }
   if (y != nullptr) be.from_conv_layout(shape, p(1), y);

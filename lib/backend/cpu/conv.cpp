@@ -88,7 +88,7 @@ struct CpuBackend::ConvKernels {
   // the diagonal blocks are copied out.
   bool dense = false;
   memory dense_plain;
-  std::map<std::pair<float, bool>, ScaledPrimitive> scaled;  // (alpha, has addend)
+  std::map<std::tuple<float, bool, bool>, ScaledPrimitive> scaled;  // (alpha, has addend, rounded dst)
   // The forward as a pixel matmul (pixel_matmul_applies), replacing fwd / fwd_acc / scaled and their weights.
   std::unique_ptr<PixelMatmul> pixel;
   std::string impl;
@@ -498,15 +498,15 @@ void CpuBackend::run_gemm_backward_weights(const ConvShape& shape, const ConvPri
 }
 
 CpuBackend::ScaledPrimitive& CpuBackend::scaled_primitive(const ConvShape& shape, ConvKernels& k, float alpha,
-                                                          bool addend) {
-  auto key = std::make_pair(alpha, addend);
+                                                          bool addend, bool rounded) {
+  auto key = std::make_tuple(alpha, addend, rounded);
   auto it = k.scaled.find(key);
   if (it != k.scaled.end()) return it->second;
   return dnnl_checked("scaled forward primitive creation", shape, [&]() -> ScaledPrimitive& {
     const memory::desc& out = primitives(shape).out;
     memory::dims strides{1, 1}, pad{shape.kernel / 2, shape.kernel / 2};
     dnnl::convolution_forward::desc desc(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, k.act,
-                                         k.fwd_pd.weights_desc(), out, strides, pad, pad);
+                                         k.fwd_pd.weights_desc(), rounded ? k.act : out, strides, pad, pad);
     dnnl::post_ops ops;
     ScaledPrimitive entry;
     if (alpha != 1.0f) ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_linear, alpha, 0.0f);
@@ -533,18 +533,27 @@ void CpuBackend::conv_forward_scaled(const ConvShape& shape, const float* src, c
   run_scaled(shape, kernels(shape, ConvPass::forward), src, weights, alpha, addend, dst);
 }
 
+void CpuBackend::conv_forward_scaled_to_input(const ConvShape& shape, const float* src, const float* weights,
+                                              float alpha, const float* addend, float* scratch, float* dst_input) {
+  if (conv_precision(shape, ConvPass::forward) != ConvPrecision::bf16) {  // float32 kernels: no bf16 dst
+    Backend::conv_forward_scaled_to_input(shape, src, weights, alpha, addend, scratch, dst_input);
+    return;
+  }
+  run_scaled(shape, kernels(shape, ConvPass::forward), src, weights, alpha, addend, dst_input, true);
+}
+
 void CpuBackend::run_scaled(const ConvShape& shape, ConvKernels& k, const float* src, const float* weights, float alpha,
-                            const float* addend, float* dst) {
+                            const float* addend, float* dst, bool rounded) {
   if (k.pixel) {
-    run_pixel_matmul(shape, *k.pixel, src, weights, alpha, addend, dst);
+    run_pixel_matmul(shape, *k.pixel, src, weights, alpha, addend, dst, rounded);
     return;
   }
   auto& p = primitives(shape);
-  auto& scaled = scaled_primitive(shape, k, alpha, addend != nullptr);
+  auto& scaled = scaled_primitive(shape, k, alpha, addend != nullptr, rounded);
   dnnl_checked("scaled convolution forward", shape, [&] {
     memory s(k.act, engine_, const_cast<float*>(src));
     memory w(k.fwd_pd.weights_desc(), engine_, const_cast<float*>(weights));
-    memory d(p.out, engine_, dst);
+    memory d(rounded ? k.act : p.out, engine_, dst);
     std::unordered_map<int, memory> args{{DNNL_ARG_SRC, s}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, d}};
     if (addend)
       args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(scaled.addend_index) | DNNL_ARG_SRC_1,
@@ -708,9 +717,6 @@ int64_t CpuBackend::conv_input_size(const ConvShape& shape) {
   return static_cast<int64_t>((p.out.get_size() / sizeof(float) + 1) / 2);
 }
 
-namespace {
-
-// float32 -> bfloat16, round to nearest even (as oneDNN's conversions); NaN stays a (quiet) NaN.
 ORTHOCONV_SIMD_CLONES
 void round_to_bf16(const float* src, uint16_t* dst, int64_t count) {
   for (int64_t i = 0; i < count; ++i) {
@@ -721,8 +727,6 @@ void round_to_bf16(const float* src, uint16_t* dst, int64_t count) {
     dst[i] = static_cast<uint16_t>(nan ? (bits >> 16) | 0x40u : rounded);
   }
 }
-
-}  // namespace
 
 void CpuBackend::to_conv_input(const ConvShape& shape, const float* src, float* dst) {
   const int64_t count = static_cast<int64_t>(primitives(shape).out.get_size() / sizeof(float));

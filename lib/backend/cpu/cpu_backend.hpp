@@ -24,6 +24,9 @@
 
 namespace orthoconv::cpu {
 
+// float32 -> bfloat16, round to nearest even (as oneDNN's conversions); NaN stays a (quiet) NaN.
+void round_to_bf16(const float* src, uint16_t* dst, int64_t count);
+
 // Runs body, turning a dnnl::error into a BackendError naming what failed and the convolution.
 template <typename F>
 auto dnnl_checked(const char* what, const ConvShape& shape, F&& body) -> decltype(body()) {
@@ -54,6 +57,8 @@ class CpuBackend final : public Backend {
                              float* diff_weights) override;
   void conv_forward_scaled(const ConvShape& shape, const float* src, const float* weights, float alpha,
                            const float* addend, float* dst) override;
+  void conv_forward_scaled_to_input(const ConvShape& shape, const float* src, const float* weights, float alpha,
+                                    const float* addend, float* scratch, float* dst_input) override;
 
   void check_precision(ConvPrecision precision) const override;
   ConvPrecision conv_precision(const ConvShape& shape, ConvPass pass) override;
@@ -133,9 +138,10 @@ class CpuBackend final : public Backend {
                                             dnnl::memory::data_type input_type);
   // The forward primitive with post-ops alpha * conv (+ addend) of kernels k, created at its first use.
   struct ScaledPrimitive;
-  ScaledPrimitive& scaled_primitive(const ConvShape& shape, ConvKernels& k, float alpha, bool addend);
+  // rounded: dst in the kernels' input type (bf16 kernels: conv_forward_scaled_to_input), else float32.
+  ScaledPrimitive& scaled_primitive(const ConvShape& shape, ConvKernels& k, float alpha, bool addend, bool rounded);
   void run_scaled(const ConvShape& shape, ConvKernels& k, const float* src, const float* weights, float alpha,
-                  const float* addend, float* dst);
+                  const float* addend, float* dst, bool rounded = false);
   void run_backward_weights(const ConvShape& shape, ConvKernels& k, const float* src, const float* diff_dst,
                             float* diff_weights);
   bool choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass pass);
@@ -190,7 +196,7 @@ class CpuBackend final : public Backend {
     dnnl::matmul primitive;                                   // no post-ops (bf16: then the addend pass)
     std::map<std::pair<float, bool>, dnnl::matmul> scaled;  // float32: (alpha, sum onto dst)
     std::optional<dnnl::matmul> backward;                     // bf16 backward-weights, created at its first use
-    dnnl::memory::desc x_t, dy, gradient;
+    dnnl::memory::desc dy_t, x, gradient;
     std::string impl;
   };
   static bool pixel_matmul_applies(const ConvShape& shape, int64_t block);
@@ -198,14 +204,16 @@ class CpuBackend final : public Backend {
                                                  dnnl::memory::data_type type);
   dnnl::matmul& pixel_scaled(PixelMatmul& pm, float alpha, bool sum);
   void pixel_weights(const ConvShape& shape, PixelMatmul& pm, const float* plain, float* dst);
-  // Backward-weights where the forward is a pixel matmul: the pixel matrix's gradient per group (float32 sgemm on the
-  // conv layout in place; bf16 gathered + one AMX matmul), folded into the plain [g, o, i, k, k] diff_weights.
+  // Backward-weights where the forward is a pixel matmul: the pixel matrix's gradient per group, transposed (float32
+  // sgemm on the conv layout in place; bf16 gathered + one AMX matmul), folded into the plain [g, o, i, k, k]
+  // diff_weights (overwritten).
   void run_pixel_backward_weights(const ConvShape& shape, std::string& impl, PixelMatmul& pm, const float* src,
                                   const float* diff_dst, float* diff_weights);
   void fold_pixel_gradient(const ConvShape& shape, const PixelMatmul& pm, const float* matrix, float* diff_weights);
   // dst = alpha * conv(src) (+ addend, which may be dst itself); src in the kernels' input type.
+  // rounded (bf16 only): dst is a conv input, the float32 result rounded once.
   void run_pixel_matmul(const ConvShape& shape, PixelMatmul& pm, const float* src, const float* weights, float alpha,
-                        const float* addend, float* dst);
+                        const float* addend, float* dst, bool rounded = false);
   dnnl::memory::desc activation_desc(const ConvShape& shape, int64_t channels, dnnl::memory::format_tag layout) const;
   dnnl::memory::desc plain_weights_desc(const ConvShape& shape) const;
   // bf16 kernels of grouped shapes with fewer than 16 channels per group (GS-SOC's 32 channels in 4 groups) run as
@@ -239,7 +247,6 @@ class CpuBackend final : public Backend {
   std::vector<float> summed_scratch_;
   std::map<ShapeKey, Bf16Gemm> bf16_gemm_;
   std::map<ShapeKey, NhwcGemm> bf16_nhwc_gemm_;
-  std::vector<float> folded_scratch_;  // fold_pixel_gradient: [g, ci, tap, co]
   std::vector<float> pixel_scratch_;  // run_pixel_matmul (bf16): gathered rows and the product, grown once
   std::vector<uint16_t> bf16_gemm_scratch_;  // run_bf16_gemm_backward_weights: im2col(X) and dY^T per group
 };

@@ -127,7 +127,7 @@ void CpuBackend::pixel_weights(const ConvShape& shape, PixelMatmul& pm, const fl
 }
 
 void CpuBackend::run_pixel_matmul(const ConvShape& shape, PixelMatmul& pm, const float* src, const float* weights,
-                                  float alpha, const float* addend, float* dst) {
+                                  float alpha, const float* addend, float* dst, bool rounded) {
   const int64_t g = pm.groups, n = pm.rows, s = pm.size, image = pm.image;
   if (pm.type == memory::data_type::f32) {
     // dst = alpha * X W (+ dst, holding the addend)
@@ -160,33 +160,36 @@ void CpuBackend::run_pixel_matmul(const ConvShape& shape, PixelMatmul& pm, const
 #pragma omp parallel for collapse(2) schedule(static) if (parallel)
   for (int64_t r = 0; r < n; ++r)
     for (int64_t i = 0; i < g; ++i) {
-      const float* from = out + (i * n + r) * s;
-      float* to = dst + r * image + i * s;
+      float* from = out + (i * n + r) * s;
       if (addend != nullptr) {
         const float* add = addend + r * image + i * s;
-        for (int64_t j = 0; j < s; ++j) to[j] = add[j] + alpha * from[j];
+        for (int64_t j = 0; j < s; ++j) from[j] = add[j] + alpha * from[j];
       } else {
-        for (int64_t j = 0; j < s; ++j) to[j] = alpha * from[j];
+        for (int64_t j = 0; j < s; ++j) from[j] = alpha * from[j];
       }
+      if (rounded)
+        round_to_bf16(from, reinterpret_cast<uint16_t*>(dst) + r * image + i * s, s);
+      else
+        std::memcpy(dst + r * image + i * s, from, static_cast<size_t>(s) * sizeof(float));
     }
 }
 
 void CpuBackend::run_pixel_backward_weights(const ConvShape& shape, std::string& impl, PixelMatmul& pm, const float* src,
                                             const float* diff_dst, float* diff_weights) {
-  // The pixel matrix's gradient per group, D_i = X_i^T dY_i ([cg P, cg P], summed over the batch), then each tap's
-  // gradient is the sum of D_i over the (q, p) pairs that use it.
+  // The pixel matrix's gradient per group, transposed: G_i = dY_i^T X_i ([cg P, cg P], rows (co, p), columns
+  // (ci, q), summed over the batch); then each tap's gradient is the sum of G_i over the (p, q) pairs using it.
   const int64_t g = pm.groups, n = pm.rows, s = pm.size, image = pm.image;
   const size_t matrices = static_cast<size_t>(g * s * s);
   if (pm.type == dnnl::memory::data_type::f32) {
     if (pixel_scratch_.size() < matrices) pixel_scratch_.resize(matrices);
     for (int64_t i = 0; i < g; ++i) {
-      const dnnl::status status = dnnl::sgemm('T', 'N', s, s, n, 1.0f, src + i * s, image, diff_dst + i * s, image,
+      const dnnl::status status = dnnl::sgemm('T', 'N', s, s, n, 1.0f, diff_dst + i * s, image, src + i * s, image,
                                               0.0f, pixel_scratch_.data() + i * s * s, s);
       require<BackendError>(status == dnnl::status::success, "oneDNN sgemm failed (status ", static_cast<int>(status),
                             ") for the pixel-matmul backward-weights of ", shape.str());
     }
   } else {
-    // bf16: both operands gathered contiguous per group, then one batched matmul (AMX) with X_i read transposed.
+    // bf16: both operands gathered contiguous per group, then one batched matmul (AMX) with dY_i read transposed.
     const size_t operand = static_cast<size_t>((g * n * s + 1) / 2);
     if (pixel_scratch_.size() < matrices + 2 * operand) pixel_scratch_.resize(matrices + 2 * operand);
     auto* x = reinterpret_cast<uint16_t*>(pixel_scratch_.data() + matrices);
@@ -201,14 +204,14 @@ void CpuBackend::run_pixel_backward_weights(const ConvShape& shape, std::string&
       }
     dnnl_checked("pixel-matmul backward-weights", shape, [&] {
       if (!pm.backward) {
-        pm.x_t = memory::desc({g, s, n}, memory::data_type::bf16, memory::format_tag::acb);
-        pm.dy = memory::desc({g, n, s}, memory::data_type::bf16, memory::format_tag::abc);
+        pm.dy_t = memory::desc({g, s, n}, memory::data_type::bf16, memory::format_tag::acb);
+        pm.x = memory::desc({g, n, s}, memory::data_type::bf16, memory::format_tag::abc);
         pm.gradient = memory::desc({g, s, s}, memory::data_type::f32, memory::format_tag::abc);
-        dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(pm.x_t, pm.dy, pm.gradient), engine_);
+        dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(pm.dy_t, pm.x, pm.gradient), engine_);
         pm.backward = dnnl::matmul(pd);
         impl += detail::concat(" ", pd.impl_info_str());
       }
-      memory a(pm.x_t, engine_, x), b(pm.dy, engine_, dy), c(pm.gradient, engine_, pixel_scratch_.data());
+      memory a(pm.dy_t, engine_, dy), b(pm.x, engine_, x), c(pm.gradient, engine_, pixel_scratch_.data());
       pm.backward->execute(stream_, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
       stream_.wait();
     });
@@ -218,32 +221,27 @@ void CpuBackend::run_pixel_backward_weights(const ConvShape& shape, std::string&
 
 void CpuBackend::fold_pixel_gradient(const ConvShape& shape, const PixelMatmul& pm, const float* matrix,
                                      float* diff_weights) {
+  // Output channel co of group i owns diff_weights[i, co, :, :]: its rows (co, p) of the transposed gradient add
+  // runs of `block` input channels into tap (q - p + k/2) of each.
   const int64_t h = shape.height, w = shape.width, k = shape.kernel, pad = k / 2, plane = h * w;
   const int64_t cg = shape.in_channels / shape.groups, s = pm.size, taps = k * k;
   const int64_t block = plane == 1 ? cg : pm.block;
-  // [i, ci, tap, co] first (each (row, p) adds runs of `block` output channels), then the plain [i, co, ci, tap].
-  folded_scratch_.assign(static_cast<size_t>(pm.groups * cg * taps * cg), 0.0f);
-  float* folded = folded_scratch_.data();
 #pragma omp parallel for collapse(2) schedule(static) if (pm.groups * s * s > kParallelPixelFloats)
   for (int64_t i = 0; i < pm.groups; ++i)
-    for (int64_t ci = 0; ci < cg; ++ci)
-      for (int64_t q = 0; q < plane; ++q) {
-        const float* row = matrix + (i * s + pixel_offset(ci, q, plane, block)) * s;
-        for (int64_t p = 0; p < plane; ++p) {
+    for (int64_t co = 0; co < cg; ++co) {
+      float* out = diff_weights + (i * cg + co) * cg * taps;
+      std::fill(out, out + cg * taps, 0.0f);
+      for (int64_t p = 0; p < plane; ++p) {
+        const float* row = matrix + (i * s + pixel_offset(co, p, plane, block)) * s;
+        for (int64_t q = 0; q < plane; ++q) {
           const int64_t tap = (q / w - p / w + pad) * k + (q % w - p % w + pad);
-          float* to = folded + ((i * cg + ci) * taps + tap) * cg;
           for (int64_t b = 0; b < cg; b += block) {
-            const float* from = row + pixel_offset(b, p, plane, block);
-            for (int64_t l = 0; l < block; ++l) to[b + l] += from[l];
+            const float* from = row + pixel_offset(b, q, plane, block);
+            for (int64_t l = 0; l < block; ++l) out[(b + l) * taps + tap] += from[l];
           }
         }
       }
-#pragma omp parallel for collapse(2) schedule(static) if (pm.groups * cg * cg * taps > kParallelPixelFloats)
-  for (int64_t i = 0; i < pm.groups; ++i)
-    for (int64_t co = 0; co < cg; ++co)
-      for (int64_t ci = 0; ci < cg; ++ci)
-        for (int64_t t = 0; t < taps; ++t)
-          diff_weights[((i * cg + co) * cg + ci) * taps + t] = folded[((i * cg + ci) * taps + t) * cg + co];
+    }
 }
 
 }  // namespace orthoconv::cpu
