@@ -122,8 +122,7 @@ void check_forward_passes(orthoconv::Backend& be, const ConvShape& s, const std:
     INFO("scaled forward, alpha " << alpha << ", float32 addend (Horner's x0) and without");
     for (bool with_addend : {true, false}) {
       std::fill(out_conv.begin(), out_conv.end(), 7.0f);
-      be.conv_forward_scaled(s, x_in.data(), w.data(), alpha, with_addend ? add_conv.data() : nullptr,
-                             out_conv.data());
+      be.conv_forward_scaled(s, x_in.data(), w.data(), alpha, with_addend ? add_conv.data() : nullptr, out_conv.data());
       be.from_conv_layout(s, out_conv.data(), out.data());
       auto want = expected;
       for (size_t i = 0; i < want.size(); ++i) want[i] = double(alpha) * expected[i] + (with_addend ? addq[i] : 0.0);
@@ -289,10 +288,9 @@ TEST_CASE(
   // blocks of the layout the pixel matmul runs instead (its own test is below); padded channels and a kernel of 1
   // at 2x2 keep im2col in every layout.
   int im2col = 0, pixel = 0;
-  for (const Case& c :
-       {Case{32, 3, 2, 2, 1}, Case{20, 3, 2, 2, 1}, Case{16, 3, 1, 2, 1}, Case{24, 5, 2, 2, 1}, Case{8, 3, 1, 1, 1},
-        Case{64, 3, 2, 2, 4}, Case{64, 1, 1, 1, 4}, Case{32, 3, 2, 2, 4}, Case{24, 3, 1, 2, 3}, Case{16, 1, 1, 1, 1},
-        Case{32, 1, 2, 2, 2}, Case{20, 1, 1, 1, 1}}) {
+  for (const Case& c : {Case{32, 3, 2, 2, 1}, Case{20, 3, 2, 2, 1}, Case{16, 3, 1, 2, 1}, Case{24, 5, 2, 2, 1},
+                        Case{8, 3, 1, 1, 1}, Case{64, 3, 2, 2, 4}, Case{64, 1, 1, 1, 4}, Case{32, 3, 2, 2, 4},
+                        Case{24, 3, 1, 2, 3}, Case{16, 1, 1, 1, 1}, Case{32, 1, 2, 2, 2}, Case{20, 1, 1, 1, 1}}) {
     ConvShape s;
     s.batch = 5;
     s.in_channels = s.out_channels = c.channels;
@@ -695,12 +693,12 @@ TEST_CASE(
 // the pixel matrix, and backward-weights as that matrix's gradient folded into the taps (GS-SOC's 512 / 1024
 // channels in 4 groups at 2x2, its 1x1 layers), float32 and, where the CPU has it, bf16: every forward pass and
 // backward-weights against the double reference (bf16: on the rounded inputs; backward-weights of a stacked batch),
-// on planes of 2x2, 2x1, 1x2 and 1x1, kernels 1 to 5, 1 to 4 groups. A kernel that does not cover the plane (k = 1 at 2x2)
-// keeps oneDNN's convolution.
+// on planes of 2x2, 2x1, 1x2 and 1x1, kernels 1 to 5, 1 to 4 groups. A kernel that does not cover the plane (k = 1 at
+// 2x2) keeps oneDNN's convolution.
 TEST_CASE(
     "convolutions on planes of at most 4 pixels run as a pixel matmul (forward, backward-weights) and match the double "
     "reference",
-          "[backend][conv][bf16]") {
+    "[backend][conv][bf16]") {
   struct PixelCase {
     int64_t channels, kernel, groups, height, width;
   };
@@ -753,8 +751,8 @@ TEST_CASE(
       std::vector<float> dy_conv;
       run_layout_roundtrip(be, s, dyf, dy_conv);
       if (low) {  // a stacked batch of 2, as SocConv runs it
-        const std::string stacked = check_stacked_bf16_backward_weights(be, s, x_conv, dy_conv, xr,
-                                                                        ref::round_to_bf16(ref::to_double(dyf)));
+        const std::string stacked =
+            check_stacked_bf16_backward_weights(be, s, x_conv, dy_conv, xr, ref::round_to_bf16(ref::to_double(dyf)));
         CHECK(stacked.find("bwd-weights pixel matmul brg") != std::string::npos);
       } else {
         INFO("backward-weights is the weight gradient, plain layout");

@@ -145,6 +145,11 @@ class RecordingBackend final : public Backend {
     note("conv_forward_scaled");
     inner_->conv_forward_scaled(shape, src, weights, alpha, addend, dst);
   }
+  void conv_forward_scaled_to_input(const ConvShape& shape, const float* src, const float* weights, float alpha,
+                                    const float* addend, float* scratch, float* dst_input) override {
+    note("conv_forward_scaled_to_input");
+    inner_->conv_forward_scaled_to_input(shape, src, weights, alpha, addend, scratch, dst_input);
+  }
   void fill(float* dst, int64_t count, float value) override {
     note("fill");
     inner_->fill(dst, count, value);
@@ -486,7 +491,7 @@ struct ConvCase {
   int64_t batch, channels, height, width, kernel, groups;
 };
 
-enum class ConvOp { forward, accumulate, scaled_addend, scaled, backward_data, backward_weights };
+enum class ConvOp { forward, accumulate, scaled_addend, scaled, scaled_to_input, backward_data, backward_weights };
 
 const char* conv_op_name(ConvOp op) {
   switch (op) {
@@ -496,6 +501,8 @@ const char* conv_op_name(ConvOp op) {
     case ConvOp::scaled_addend:
     case ConvOp::scaled:
       return "conv_forward_scaled";
+    case ConvOp::scaled_to_input:
+      return "conv_forward_scaled_to_input";
     case ConvOp::backward_data:
       return "conv_backward_data";
     default:
@@ -582,10 +589,26 @@ void run_conv(const ConvCase& c, ConvOp op, RecordingBackend& be, Buffers& buffe
     float* dst = buffers.output("y (conv layout)", conv_floats).data();
     float alpha = 1.0f;
     const float* addend = nullptr;
+    const bool with_addend = op == ConvOp::scaled_addend || op == ConvOp::scaled_to_input;
     if (op == ConvOp::accumulate) be.to_conv_layout(s, buffers.input("y0", y0), dst);
-    if (op == ConvOp::scaled_addend) addend = conv_operand("y0", y0, false);
+    if (with_addend) addend = conv_operand("y0", y0, false);
     if (op == ConvOp::forward || op == ConvOp::accumulate) {
       be.conv_forward(s, src, weights, dst, op == ConvOp::accumulate);
+    } else if (op == ConvOp::scaled_to_input) {
+      // The result as a bf16 conv input: its 2-byte values widened to float32 on the host (the conv layout's
+      // element order), then back through from_conv_layout.
+      alpha = -0.25f;
+      DeviceBuffer& rounded = buffers.output("y (bf16 conv input)", be.conv_input_size(s));
+      be.conv_forward_scaled_to_input(s, src, weights, alpha, addend, dst, rounded.data());
+      const std::vector<float> packed = rounded.read();
+      std::vector<uint16_t> halves(packed.size() * 2);
+      std::memcpy(halves.data(), packed.data(), halves.size() * sizeof(uint16_t));
+      std::vector<float> widened(static_cast<size_t>(conv_floats));
+      for (size_t i = 0; i < widened.size(); ++i) {
+        const uint32_t bits = uint32_t{halves[i]} << 16;
+        std::memcpy(&widened[i], &bits, sizeof(bits));
+      }
+      dst = buffers.input("y (widened)", widened);
     } else {
       alpha = op == ConvOp::scaled ? 0.5f : -0.25f;
       be.conv_forward_scaled(s, src, weights, alpha, addend, dst);
@@ -594,7 +617,7 @@ void run_conv(const ConvCase& c, ConvOp op, RecordingBackend& be, Buffers& buffe
     exact = ref::conv_forward(d, xr, wr);
     magnitude = ref::conv_forward(d, absolute(xr), absolute(wr));
     for (size_t i = 0; i < exact.size(); ++i) {
-      const double add = op == ConvOp::accumulate || op == ConvOp::scaled_addend ? double(y0[i]) : 0.0;
+      const double add = op == ConvOp::accumulate || with_addend ? double(y0[i]) : 0.0;
       exact[i] = alpha * exact[i] + add;
       magnitude[i] = std::abs(alpha) * magnitude[i] + std::abs(add);
     }
@@ -618,6 +641,7 @@ void run_conv(const ConvCase& c, ConvOp op, RecordingBackend& be, Buffers& buffe
   double relative = gamma(row.tolerance.terms);
   if (runs == ConvPrecision::tf32) relative = (1 + kTf32Unit) * (1 + kTf32Unit) * (1 + relative) - 1;
   if (runs == ConvPrecision::bf16 && be.device() == Device::cuda && pass == ConvPass::forward) relative += kBf16Unit;
+  if (op == ConvOp::scaled_to_input) relative = (1 + relative) * (1 + kBf16Unit) - 1;  // the result rounded once
   expect_within(row.op, got, exact, magnitude, relative);
 }
 
@@ -649,8 +673,8 @@ void add_conv_cases(std::vector<OpCase>& table) {
   // (SocConv's one backward-weights call per layer), 64 channels.
   const ConvCase cases[] = {{3, 8, 5, 7, 1, 1},  {3, 12, 5, 7, 3, 4},  {2, 16, 6, 6, 3, 16}, {2, 24, 9, 5, 5, 2},
                             {4, 32, 2, 2, 3, 1}, {20, 16, 6, 6, 3, 2}, {1, 64, 8, 8, 3, 1}};
-  const ConvOp ops[] = {ConvOp::forward, ConvOp::accumulate,    ConvOp::scaled_addend,
-                        ConvOp::scaled,  ConvOp::backward_data, ConvOp::backward_weights};
+  const ConvOp ops[] = {ConvOp::forward,         ConvOp::accumulate,    ConvOp::scaled_addend,   ConvOp::scaled,
+                        ConvOp::scaled_to_input, ConvOp::backward_data, ConvOp::backward_weights};
   const std::vector<std::string> conv_uses = {"to_conv_layout",    "from_conv_layout",       "conv_buffer_size",
                                               "conv_weights_size", "weights_to_conv_layout", "conv_precision"};
   uint64_t seed = 1000;
@@ -666,12 +690,14 @@ void add_conv_cases(std::vector<OpCase>& table) {
     for (ConvPrecision precision : {ConvPrecision::fp32, ConvPrecision::bf16, ConvPrecision::tf32})
       for (ConvOp op : ops) {
         if (precision == ConvPrecision::tf32 && op != ConvOp::forward && op != ConvOp::backward_weights) continue;
+        if (op == ConvOp::scaled_to_input && precision != ConvPrecision::bf16) continue;  // a bf16 pass's input
         const ConvPass pass = conv_pass(op);
         const int64_t taps = (c.channels / c.groups) * c.kernel * c.kernel;
         const int64_t reduction = pass == ConvPass::backward_weights ? c.batch * c.height * c.width : taps;
-        const int64_t extra = op == ConvOp::accumulate || op == ConvOp::scaled_addend ? 2
-                              : op == ConvOp::scaled                                  ? 1
-                                                                                      : 0;
+        const int64_t extra = op == ConvOp::accumulate || op == ConvOp::scaled_addend || op == ConvOp::scaled_to_input
+                                  ? 2
+                              : op == ConvOp::scaled ? 1
+                                                     : 0;
         std::ostringstream reason;
         reason << "each output sums " << reduction << " products"
                << (pass == ConvPass::backward_weights ? " (batch x plane)" : " (C/g k^2)");
@@ -689,6 +715,7 @@ void add_conv_cases(std::vector<OpCase>& table) {
         if (op == ConvOp::accumulate) params += ", accumulate";
         if (op == ConvOp::scaled_addend) params += ", alpha -0.25, addend";
         if (op == ConvOp::scaled) params += ", alpha 0.5, no addend";
+        if (op == ConvOp::scaled_to_input) params += ", alpha -0.25, addend, result rounded to bf16 (+ 2^-8)";
         table.push_back(
             {conv_op_name(op), uses, params, sum(reduction + extra, reason.str()), precision, seed += 10,
              [c, op](RecordingBackend& be, Buffers& b, const OpCase& row) { run_conv(c, op, be, b, row); }});

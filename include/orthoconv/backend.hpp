@@ -178,8 +178,8 @@ class Backend {
   // and the float32 addend) `scratch` (a float32 conv-layout buffer) is left alone and the float32 result never
   // written; the default writes it there and rounds it from there. Only where conv_precision(shape, forward) is
   // bf16.
-  virtual void conv_forward_scaled_to_input(const ConvShape& shape, const float* src, const float* weights,
-                                            float alpha, const float* addend, float* scratch, float* dst_input) {
+  virtual void conv_forward_scaled_to_input(const ConvShape& shape, const float* src, const float* weights, float alpha,
+                                            const float* addend, float* scratch, float* dst_input) {
     conv_forward_scaled(shape, src, weights, alpha, addend, scratch);
     to_conv_input(shape, scratch, dst_input);
   }

@@ -18,9 +18,9 @@
 // series_input_ / diff_series_input_, which also feed the stacked backward-weights); the float32 terms stay in
 // series_ / diff_series_ for the addend x0, the output and the weighted sum. Where both the forward and the
 // backward-weights run bf16, the forward's p_K..p_2 are wanted only rounded: each Horner step writes its term
-// straight to its rounded slot (conv_forward_scaled_to_input: the same bits, without the float32 term's pass). Rounding p_{j+1} or h_j costs
-// relative u times ||A_n / j|| in the result; rounding x0 or h_1 would cost u itself (tests/test_precision.cpp).
-// The matrix path stays float32 (its one convolution's input is x0 itself).
+// straight to its rounded slot (conv_forward_scaled_to_input: the same bits, without the float32 term's pass). Rounding
+// p_{j+1} or h_j costs relative u times ||A_n / j|| in the result; rounding x0 or h_1 would cost u itself
+// (tests/test_precision.cpp). The matrix path stays float32 (its one convolution's input is x0 itself).
 #include "orthoconv/soc_conv.hpp"
 
 #include <cmath>

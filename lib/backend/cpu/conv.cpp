@@ -274,7 +274,8 @@ CpuBackend::ConvPrimitives& CpuBackend::primitives(const ConvShape& shape) {
         detail::concat(p->block == 16  ? "nChw16c"
                        : p->block == 8 ? "nChw8c"
                                        : "nhwc",
-                       ": ", p->f32->impl, gemm_backward_weights(shape) && !p->f32->pixel ? " (float32: im2col + sgemm per group)" : "",
+                       ": ", p->f32->impl,
+                       gemm_backward_weights(shape) && !p->f32->pixel ? " (float32: im2col + sgemm per group)" : "",
                        ", bwd-data ", p->bwd_data_pd.impl_info_str());
     auto& slot = cache_[key];
     slot = std::move(p);
@@ -303,11 +304,11 @@ std::string CpuBackend::implementation(const ConvShape& shape) {
   if (shape.precision != ConvPrecision::bf16) return p.impl;
   conv_precision(shape, ConvPass::forward);
   conv_precision(shape, ConvPass::backward_weights);
-  return detail::concat(p.impl, "; bf16 requested: ", p.bf16_choices, p.bf16 ? "; bf16 " + p.bf16->impl : "",
-                        (gemm_backward_weights(shape) || nhwc_gemm_backward_weights(shape, p.block)) && p.bf16 &&
-                                !p.bf16->pixel
-                            ? "; bf16 bwd-weights: im2col + bf16 matmul " + bf16_gemm_implementation(shape)
-                            : "");
+  return detail::concat(
+      p.impl, "; bf16 requested: ", p.bf16_choices, p.bf16 ? "; bf16 " + p.bf16->impl : "",
+      (gemm_backward_weights(shape) || nhwc_gemm_backward_weights(shape, p.block)) && p.bf16 && !p.bf16->pixel
+          ? "; bf16 bwd-weights: im2col + bf16 matmul " + bf16_gemm_implementation(shape)
+          : "");
 }
 
 int64_t CpuBackend::conv_buffer_size(const ConvShape& shape) {
@@ -672,9 +673,8 @@ bool CpuBackend::choose_bf16(const ConvShape& shape, ConvPrimitives& p, ConvPass
   // Scratch buffers of the shape (zeros: the kernels' time does not depend on the values).
   ConvKernels& high = *p.f32;
   const int64_t floats = static_cast<int64_t>(p.out.get_size() / sizeof(float));
-  const int64_t weights =
-      std::max({forward_weights_floats(high), forward_weights_floats(low),
-                static_cast<int64_t>(p.plain_weights.get_size() / sizeof(float))});
+  const int64_t weights = std::max({forward_weights_floats(high), forward_weights_floats(low),
+                                    static_cast<int64_t>(p.plain_weights.get_size() / sizeof(float))});
   std::vector<float> a(static_cast<size_t>(floats)), b(a.size()), out(a.size()), a_low(a.size() / 2 + 1),
       b_low(a_low.size()), w_high(static_cast<size_t>(weights)), w_low(w_high.size());
   std::function<void()> run_high, run_low;

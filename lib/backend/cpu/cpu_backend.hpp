@@ -193,15 +193,14 @@ class CpuBackend final : public Backend {
     dnnl::memory::desc a, weights, c;
     dnnl::memory plain;  // the pixel matrix [groups, size, size] float32, before its reorder
     dnnl::reorder reorder;
-    dnnl::matmul primitive;                                   // no post-ops (bf16: then the addend pass)
+    dnnl::matmul primitive;                                 // no post-ops (bf16: then the addend pass)
     std::map<std::pair<float, bool>, dnnl::matmul> scaled;  // float32: (alpha, sum onto dst)
-    std::optional<dnnl::matmul> backward;                     // bf16 backward-weights, created at its first use
+    std::optional<dnnl::matmul> backward;                   // bf16 backward-weights, created at its first use
     dnnl::memory::desc dy_t, x, gradient;
     std::string impl;
   };
   static bool pixel_matmul_applies(const ConvShape& shape, int64_t block);
-  std::unique_ptr<PixelMatmul> make_pixel_matmul(const ConvShape& shape, int64_t block,
-                                                 dnnl::memory::data_type type);
+  std::unique_ptr<PixelMatmul> make_pixel_matmul(const ConvShape& shape, int64_t block, dnnl::memory::data_type type);
   dnnl::matmul& pixel_scaled(PixelMatmul& pm, float alpha, bool sum);
   void pixel_weights(const ConvShape& shape, PixelMatmul& pm, const float* plain, float* dst);
   // Backward-weights where the forward is a pixel matmul: the pixel matrix's gradient per group, transposed (float32
@@ -247,7 +246,7 @@ class CpuBackend final : public Backend {
   std::vector<float> summed_scratch_;
   std::map<ShapeKey, Bf16Gemm> bf16_gemm_;
   std::map<ShapeKey, NhwcGemm> bf16_nhwc_gemm_;
-  std::vector<float> pixel_scratch_;  // run_pixel_matmul (bf16): gathered rows and the product, grown once
+  std::vector<float> pixel_scratch_;         // run_pixel_matmul (bf16): gathered rows and the product, grown once
   std::vector<uint16_t> bf16_gemm_scratch_;  // run_bf16_gemm_backward_weights: im2col(X) and dY^T per group
 };
 

@@ -100,7 +100,7 @@ void CpuBackend::pixel_weights(const ConvShape& shape, PixelMatmul& pm, const fl
   const size_t filter = static_cast<size_t>(pm.groups * cg * cg * taps);
   if (pixel_scratch_.size() < filter) pixel_scratch_.resize(filter);
   float* transposed = pixel_scratch_.data();
-#pragma omp parallel for collapse(2) schedule(static) if (static_cast<int64_t>(filter) > kParallelPixelFloats)
+#pragma omp parallel for collapse(2) schedule(static) if (static_cast <int64_t>(filter) > kParallelPixelFloats)
   for (int64_t i = 0; i < pm.groups; ++i)
     for (int64_t ci = 0; ci < cg; ++ci)
       for (int64_t co = 0; co < cg; ++co)
@@ -174,8 +174,8 @@ void CpuBackend::run_pixel_matmul(const ConvShape& shape, PixelMatmul& pm, const
     }
 }
 
-void CpuBackend::run_pixel_backward_weights(const ConvShape& shape, std::string& impl, PixelMatmul& pm, const float* src,
-                                            const float* diff_dst, float* diff_weights) {
+void CpuBackend::run_pixel_backward_weights(const ConvShape& shape, std::string& impl, PixelMatmul& pm,
+                                            const float* src, const float* diff_dst, float* diff_weights) {
   // The pixel matrix's gradient per group, transposed: G_i = dY_i^T X_i ([cg P, cg P], rows (co, p), columns
   // (ci, q), summed over the batch); then each tap's gradient is the sum of G_i over the (p, q) pairs using it.
   const int64_t g = pm.groups, n = pm.rows, s = pm.size, image = pm.image;
