@@ -1,5 +1,6 @@
-// bf16 backward-weights at planes of at most 4 pixels (GS-SOC's 512 / 1024 channels in 4 groups at 2x2, its 1x1
-// layers at 1x1) as im2col + ONE oneDNN bf16 matmul batched over the groups: dW_i = dY_i^T im2col(X_i), bf16
+// bf16 backward-weights at planes of at most 4 pixels where the pixel matmul (pixel_matmul.cpp, which takes GS-SOC's
+// 512 / 1024 channels in 4 groups at 2x2 and its 1x1 layers) does not apply, as im2col + ONE oneDNN bf16 matmul
+// batched over the groups: dW_i = dY_i^T im2col(X_i), bf16
 // operands, float32 accumulation and output. oneDNN 2.6's convolution backward-weights at such planes is its
 // slowest kernel in both types (its AMX one runs at reference speed at 1x1; float32 is already replaced by
 // im2col + sgemm, run_gemm_backward_weights); its matmul runs AMX tiles on this problem, whose reduction axis is

@@ -151,7 +151,9 @@ class CpuBackend final : public Backend {
   // Float32 backward-weights as one sgemm per group, dW_i = dY_i^T im2col(X_i), for convolutions on planes of
   // at most 4 pixels, where oneDNN 2.6's kernel is up to 6x slower (1024 channels at 2x2: 2.6 against 0.44 CPU s
   // for 2560 images; GS-SOC's 1024 channels in 4 groups at 2x2 and its 1x1 layers at 1x1 alike); im2col and dY
-  // gathered from the conv layout into gemm_scratch_.
+  // gathered from the conv layout into gemm_scratch_. Where the pixel matmul applies (pixel_matmul_applies: those
+  // GS-SOC shapes) its backward-weights runs instead; this path keeps the other small planes (k = 1 at 2x2, groups
+  // that are not whole channel blocks, padded channels).
   static bool gemm_backward_weights(const ConvShape& shape);
   void run_gemm_backward_weights(const ConvShape& shape, const ConvPrimitives& p, const float* src,
                                  const float* diff_dst, float* diff_weights);
@@ -161,7 +163,8 @@ class CpuBackend final : public Backend {
                                float* c);
   // bf16 backward-weights at the planes of gemm_backward_weights as im2col + one oneDNN bf16 matmul batched over
   // the groups (AMX where the CPU has it), src / diff_dst bf16 conv inputs in a layout of `block` channels per
-  // block; diff_weights plain float32, overwritten (bf16_gemm.cpp). Its matmul is created once per shape.
+  // block; diff_weights plain float32, overwritten (bf16_gemm.cpp). Its matmul is created once per shape. Not
+  // where the pixel matmul applies.
   void run_bf16_gemm_backward_weights(const ConvShape& shape, int64_t block, const float* src, const float* diff_dst,
                                       float* diff_weights);
   std::string bf16_gemm_implementation(const ConvShape& shape) const;  // oneDNN's matmul, once it ran

@@ -1,15 +1,17 @@
-// The forward convolution on planes of at most 4 pixels whose kernel reaches every pixel from every pixel
-// (GS-SOC's 512 / 1024 channels in 4 groups at 2x2 with k = 3, its 1x1 layers at 1x1) as one matmul per group:
-// there each output pixel is a dense function of every input pixel of its group, so
+// Convolutions on planes of at most 4 pixels whose kernel reaches every pixel from every pixel (GS-SOC's 512 /
+// 1024 channels in 4 groups at 2x2 with k = 3, its 1x1 layers at 1x1) as one matmul per group: there each output
+// pixel is a dense function of every input pixel of its group, so
 //   Y_i[n, (co, p)] = sum over (ci, q) of X_i[n, (ci, q)] * W_i[co, ci, q - p + k/2]
 // is a [N, cg * P] x [cg * P, cg * P] product per group i, whose right factor (the "pixel matrix") holds each
 // tap of the filter once per (p, q) pair that uses it. A convolution kernel does the same multiply-adds plus
 // those of the zero padding: at 2x2 with k = 3, 9 taps per pixel pair where 4 are real, so the matmul does 2.25x
 // fewer; at 1x1 it is the one centre tap. oneDNN 2.6's convolution kernels are also at their slowest at such
-// planes (1024 channels in 4 groups at 2x2, 128 images, CPU ms: float32 9.8, bf16 9.3 in nChw16c), while its
-// matmul runs 3.2 ms in float32 (jit gemm on the conv layout in place) and 0.8 ms in bf16 (AMX brgemm, after
-// gathering each group's rows contiguous) (tools: /tmp/pm/probe2.cpp-style standalone timings, see
-// docs/performance.md).
+// planes. Standalone oneDNN timings, 1024 channels in 4 groups at 2x2, 128 images, the forward with alpha and the
+// x0 addend, best of 7, CPU ms: convolution float32 9.8, bf16 9.3 (nChw16c); matmul float32 7.5 (jit gemm on the
+// conv layout in place, scale and sum post-ops), bf16 0.8 (AMX brgemm, rows gathered contiguous per group, then
+// the addend pass). Backward-weights: the pixel matrix's gradient per group, folded into the taps. Each output is
+// a sum of cg * P <= cg * k * k exact-input products (the convolution's, without the zero taps), so the float32
+// rounding bound of a Horner step (network_bound.hpp, gamma_{n+1} with n = C k^2) covers it unchanged.
 //
 // The conv layout keeps a group's values contiguous within an image where the group's channels are whole
 // channel blocks (or the plane is one pixel): element (ci, q) of group i sits at offset
