@@ -194,7 +194,7 @@ class CpuBackend final : public Backend {
     dnnl::memory::data_type type = dnnl::memory::data_type::f32;
     int64_t block = 1, groups = 1, rows = 1, size = 1, image = 1;  // size: cg * plane; image: values per image
     dnnl::memory::desc a, weights, c;
-    dnnl::memory plain;  // the pixel matrix [groups, size, size] float32, before its reorder
+    dnnl::memory plain;  // the pixel matrix [groups, size, size] float32 (acb at one pixel), before its reorder
     dnnl::reorder reorder;
     dnnl::matmul primitive;                                 // no post-ops (bf16: then the addend pass)
     std::map<std::pair<float, bool>, dnnl::matmul> scaled;  // float32: (alpha, sum onto dst)
@@ -206,6 +206,7 @@ class CpuBackend final : public Backend {
   std::unique_ptr<PixelMatmul> make_pixel_matmul(const ConvShape& shape, int64_t block, dnnl::memory::data_type type);
   dnnl::matmul& pixel_scaled(PixelMatmul& pm, float alpha, bool sum);
   void pixel_weights(const ConvShape& shape, PixelMatmul& pm, const float* plain, float* dst);
+  void pixel_matrix_rows(const ConvShape& shape, const PixelMatmul& pm, const float* plain, float* matrix);
   // Backward-weights where the forward is a pixel matmul: the pixel matrix's gradient per group, transposed (float32
   // sgemm on the conv layout in place; bf16 gathered + one AMX matmul), folded into the plain [g, o, i, k, k]
   // diff_weights (overwritten).

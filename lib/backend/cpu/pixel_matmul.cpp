@@ -71,7 +71,10 @@ std::unique_ptr<CpuBackend::PixelMatmul> CpuBackend::make_pixel_matmul(const Con
   }
   dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(pm->a, weights, pm->c), engine_);
   pm->weights = pd.weights_desc();
-  pm->plain = memory(memory::desc({g, s, s}, memory::data_type::f32, memory::format_tag::abc), engine_);
+  // At one pixel the matrix is the filter's centre taps, [co, ci] per group: written in that order (format acb).
+  pm->plain = memory(
+      memory::desc({g, s, s}, memory::data_type::f32, plane == 1 ? memory::format_tag::acb : memory::format_tag::abc),
+      engine_);
   pm->reorder = dnnl::reorder(dnnl::reorder::primitive_desc(engine_, pm->plain.get_desc(), engine_, pm->weights));
   pm->primitive = dnnl::matmul(pd);
   pm->impl = pd.impl_info_str();
@@ -94,11 +97,30 @@ dnnl::matmul& CpuBackend::pixel_scaled(PixelMatmul& pm, float alpha, bool sum) {
 }
 
 void CpuBackend::pixel_weights(const ConvShape& shape, PixelMatmul& pm, const float* plain, float* dst) {
-  // Row (ci, q), column (co, p) of group i: W_i[co, ci, qy - py + k/2, qx - px + k/2]. The filter is first
-  // transposed to [i, ci, tap, co], so that each (row, p) takes runs of `block` contiguous output channels.
+  // Row (ci, q), column (co, p) of group i: W_i[co, ci, qy - py + k/2, qx - px + k/2].
+  const int64_t k = shape.kernel, pad = k / 2, plane = shape.height * shape.width, taps = k * k;
+  const int64_t cg = shape.in_channels / shape.groups, s = pm.size;
+  auto* matrix = static_cast<float*>(pm.plain.get_data_handle());
+  if (plane == 1) {  // W_i[co, ci, centre] at [i, co, ci] (the plain matrix is acb here): no transpose
+    const int64_t centre = pad * k + pad;
+#pragma omp parallel for schedule(static) if (pm.groups * s * s > kParallelPixelFloats)
+    for (int64_t row = 0; row < pm.groups * cg; ++row)
+      for (int64_t ci = 0; ci < cg; ++ci) matrix[row * cg + ci] = plain[(row * cg + ci) * taps + centre];
+  } else {
+    pixel_matrix_rows(shape, pm, plain, matrix);
+  }
+  dnnl_checked("pixel-matmul weights reorder", shape, [&] {
+    memory out(pm.weights, engine_, dst);
+    pm.reorder.execute(stream_, pm.plain, out);
+    stream_.wait();
+  });
+}
+
+// More than one pixel: the filter is first transposed to [i, ci, tap, co], so that each (row, p) takes runs of
+// `block` contiguous output channels.
+void CpuBackend::pixel_matrix_rows(const ConvShape& shape, const PixelMatmul& pm, const float* plain, float* matrix) {
   const int64_t h = shape.height, w = shape.width, k = shape.kernel, pad = k / 2, plane = h * w;
-  const int64_t cg = shape.in_channels / shape.groups, s = pm.size, taps = k * k;
-  const int64_t block = plane == 1 ? cg : pm.block;  // one pixel: the group's channels in order
+  const int64_t cg = shape.in_channels / shape.groups, s = pm.size, taps = k * k, block = pm.block;
   const size_t filter = static_cast<size_t>(pm.groups * cg * cg * taps);
   if (pixel_scratch_.size() < filter) pixel_scratch_.resize(filter);
   float* transposed = pixel_scratch_.data();
@@ -108,7 +130,6 @@ void CpuBackend::pixel_weights(const ConvShape& shape, PixelMatmul& pm, const fl
       for (int64_t co = 0; co < cg; ++co)
         for (int64_t t = 0; t < taps; ++t)
           transposed[((i * cg + ci) * taps + t) * cg + co] = plain[((i * cg + co) * cg + ci) * taps + t];
-  auto* matrix = static_cast<float*>(pm.plain.get_data_handle());
 #pragma omp parallel for collapse(3) schedule(static) if (pm.groups * s * s > kParallelPixelFloats)
   for (int64_t i = 0; i < pm.groups; ++i)
     for (int64_t ci = 0; ci < cg; ++ci)
@@ -121,11 +142,6 @@ void CpuBackend::pixel_weights(const ConvShape& shape, PixelMatmul& pm, const fl
             std::memcpy(row + pixel_offset(b, p, plane, block), from + b, static_cast<size_t>(block) * sizeof(float));
         }
       }
-  dnnl_checked("pixel-matmul weights reorder", shape, [&] {
-    memory out(pm.weights, engine_, dst);
-    pm.reorder.execute(stream_, pm.plain, out);
-    stream_.wait();
-  });
 }
 
 void CpuBackend::run_pixel_matmul(const ConvShape& shape, PixelMatmul& pm, const float* src, const float* weights,
