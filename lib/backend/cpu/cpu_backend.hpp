@@ -195,6 +195,7 @@ class CpuBackend final : public Backend {
     int64_t block = 1, groups = 1, rows = 1, size = 1, image = 1;  // size: cg * plane; image: values per image
     dnnl::memory::desc a, weights, c;
     dnnl::memory plain;  // the pixel matrix [groups, size, size] float32 (acb at one pixel), before its reorder
+    dnnl::memory::desc plain_desc;
     dnnl::reorder reorder;
     dnnl::matmul primitive;                                 // no post-ops (bf16: then the addend pass)
     std::map<std::pair<float, bool>, dnnl::matmul> scaled;  // float32: (alpha, sum onto dst)

@@ -72,10 +72,10 @@ std::unique_ptr<CpuBackend::PixelMatmul> CpuBackend::make_pixel_matmul(const Con
   dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(pm->a, weights, pm->c), engine_);
   pm->weights = pd.weights_desc();
   // At one pixel the matrix is the filter's centre taps, [co, ci] per group: written in that order (format acb).
-  pm->plain = memory(
-      memory::desc({g, s, s}, memory::data_type::f32, plane == 1 ? memory::format_tag::acb : memory::format_tag::abc),
-      engine_);
-  pm->reorder = dnnl::reorder(dnnl::reorder::primitive_desc(engine_, pm->plain.get_desc(), engine_, pm->weights));
+  // Allocated at the first pixel_weights (the stacked batch's kernels never need it).
+  pm->plain_desc =
+      memory::desc({g, s, s}, memory::data_type::f32, plane == 1 ? memory::format_tag::acb : memory::format_tag::abc);
+  pm->reorder = dnnl::reorder(dnnl::reorder::primitive_desc(engine_, pm->plain_desc, engine_, pm->weights));
   pm->primitive = dnnl::matmul(pd);
   pm->impl = pd.impl_info_str();
   return pm;
@@ -100,6 +100,7 @@ void CpuBackend::pixel_weights(const ConvShape& shape, PixelMatmul& pm, const fl
   // Row (ci, q), column (co, p) of group i: W_i[co, ci, qy - py + k/2, qx - px + k/2].
   const int64_t k = shape.kernel, pad = k / 2, plane = shape.height * shape.width, taps = k * k;
   const int64_t cg = shape.in_channels / shape.groups, s = pm.size;
+  if (!pm.plain) pm.plain = memory(pm.plain_desc, engine_);
   auto* matrix = static_cast<float*>(pm.plain.get_data_handle());
   if (plane == 1) {  // W_i[co, ci, centre] at [i, co, ci] (the plain matrix is acb here): no transpose
     const int64_t centre = pad * k + pad;
