@@ -182,7 +182,8 @@ using orthoconv::testing::run_command;
 using orthoconv::testing::slurp;
 
 std::string fresh_dir(const std::string& name) {
-  const fs::path dir = fs::path(ORTHOCONV_TEST_BINARY_DIR) / ("distributed-" + std::to_string(getpid())) / name;
+  static const orthoconv::testing::TempDir base;  // removed, with every run directory in it, at exit
+  const fs::path dir = base.path / name;
   fs::remove_all(dir);
   fs::create_directories(dir.parent_path());
   return dir.string();

@@ -3,8 +3,6 @@
 // schedule setting (including holding u, v fixed), the umbrella header and the run-time thread control.
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -13,6 +11,7 @@
 
 #include "orthoconv/orthoconv.hpp"
 #include "reference.hpp"
+#include "cli_helpers.hpp"
 
 using namespace orthoconv;
 namespace fs = std::filesystem;
@@ -20,8 +19,8 @@ namespace fs = std::filesystem;
 namespace {
 
 std::string fresh_path(const std::string& name) {
-  const fs::path dir = fs::path(ORTHOCONV_TEST_BINARY_DIR) / ("model-state-" + std::to_string(getpid()));
-  fs::create_directories(dir);
+  static const orthoconv::testing::TempDir base;  // removed, with every file in it, at exit
+  const fs::path dir = base.path;
   const fs::path path = dir / name;
   fs::remove(path);
   return path.string();

@@ -4,8 +4,6 @@
 // script), every value bit for bit, and converting back gives the checkpoint's model again, exactly.
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
 #include <filesystem>
 #include <map>
 #include <random>
@@ -38,8 +36,8 @@ testing::CliResult run_script(const std::string& args) {
 }
 
 std::string fresh_path(const std::string& name) {
-  const fs::path dir = fs::path(ORTHOCONV_TEST_BINARY_DIR) / ("torch-state-" + std::to_string(getpid()));
-  fs::create_directories(dir);
+  static const orthoconv::testing::TempDir base;  // removed, with every file in it, at exit
+  const fs::path dir = base.path;
   fs::remove(dir / name);
   return (dir / name).string();
 }
