@@ -25,17 +25,23 @@ struct ConvCase {
   int64_t channels, kernel, groups;
 };
 
-// A case as a batch of 3 images of 5 x 7.
-ConvShape shape_of(const ConvCase& c, orthoconv::ConvPrecision precision = orthoconv::ConvPrecision::fp32) {
+// A square convolution (in = out channels) of `batch` images of height x width.
+ConvShape conv_of(int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t kernel, int64_t groups,
+                  orthoconv::ConvPrecision precision = orthoconv::ConvPrecision::fp32) {
   ConvShape s;
-  s.batch = 3;
-  s.in_channels = s.out_channels = c.channels;
-  s.height = 5;
-  s.width = 7;
-  s.kernel = c.kernel;
-  s.groups = c.groups;
+  s.batch = batch;
+  s.in_channels = s.out_channels = channels;
+  s.height = height;
+  s.width = width;
+  s.kernel = kernel;
+  s.groups = groups;
   s.precision = precision;
   return s;
+}
+
+// A case as a batch of 3 images of 5 x 7.
+ConvShape shape_of(const ConvCase& c, orthoconv::ConvPrecision precision = orthoconv::ConvPrecision::fp32) {
+  return conv_of(3, c.channels, 5, 7, c.kernel, c.groups, precision);
 }
 
 // The CPU backend's description of a shape's kernels (its layout first: "nChw16c: ...", "nhwc: ...").
@@ -291,13 +297,7 @@ TEST_CASE(
   for (const Case& c : {Case{32, 3, 2, 2, 1}, Case{20, 3, 2, 2, 1}, Case{16, 3, 1, 2, 1}, Case{24, 5, 2, 2, 1},
                         Case{8, 3, 1, 1, 1}, Case{64, 3, 2, 2, 4}, Case{64, 1, 1, 1, 4}, Case{32, 3, 2, 2, 4},
                         Case{24, 3, 1, 2, 3}, Case{16, 1, 1, 1, 1}, Case{32, 1, 2, 2, 2}, Case{20, 1, 1, 1, 1}}) {
-    ConvShape s;
-    s.batch = 5;
-    s.in_channels = s.out_channels = c.channels;
-    s.height = c.height;
-    s.width = c.width;
-    s.kernel = c.kernel;
-    s.groups = c.groups;
+    const ConvShape s = conv_of(5, c.channels, c.height, c.width, c.kernel, c.groups);
     const ref::ConvDims d = dims_of(s);
     const std::string impl = implementation(be, s);
     INFO("shape " << s.str() << ": " << impl);
@@ -620,14 +620,7 @@ TEST_CASE(
   // (Shapes the pixel matmul does not take in any layout: a kernel not covering the plane, groups of 4 channels on
   // planes of more than one pixel, padded channels.)
   for (const Case& c : {Case{12, 2, 2, 3, 3}, Case{20, 1, 1, 1, 1}, Case{20, 1, 2, 3, 5}, Case{32, 2, 2, 1, 2}}) {
-    ConvShape s;
-    s.batch = 3;
-    s.in_channels = s.out_channels = c.channels;
-    s.height = c.height;
-    s.width = c.width;
-    s.kernel = c.kernel;
-    s.groups = c.groups;
-    s.precision = orthoconv::ConvPrecision::bf16;
+    const ConvShape s = conv_of(3, c.channels, c.height, c.width, c.kernel, c.groups, orthoconv::ConvPrecision::bf16);
     ConvShape stacked = s;  // as SocConv runs it: 2 batches back to back
     stacked.batch = 2 * s.batch;
     const ref::ConvDims d = dims_of(s);
@@ -665,13 +658,7 @@ TEST_CASE(
   int gemm_cases = 0;
   uint64_t seed = 1500;
   for (const Case& c : {Case{48, 16, 32, 32, 3}, Case{3, 32, 5, 7, 3}, Case{3, 64, 4, 4, 1}}) {
-    ConvShape s;
-    s.batch = c.batch;
-    s.in_channels = s.out_channels = c.channels;
-    s.height = c.height;
-    s.width = c.width;
-    s.kernel = c.kernel;
-    s.precision = orthoconv::ConvPrecision::bf16;
+    const ConvShape s = conv_of(c.batch, c.channels, c.height, c.width, c.kernel, 1, orthoconv::ConvPrecision::bf16);
     ConvShape stacked = s;  // as SocConv runs it: 2 batches back to back
     stacked.batch = 2 * s.batch;
     const ref::ConvDims d = dims_of(s);
@@ -714,14 +701,7 @@ TEST_CASE(
     }
     const bool low = precision == orthoconv::ConvPrecision::bf16;
     for (const PixelCase& c : cases) {
-      ConvShape s;
-      s.batch = 3;
-      s.in_channels = s.out_channels = c.channels;
-      s.height = c.height;
-      s.width = c.width;
-      s.kernel = c.kernel;
-      s.groups = c.groups;
-      s.precision = precision;
+      const ConvShape s = conv_of(3, c.channels, c.height, c.width, c.kernel, c.groups, precision);
       const ref::ConvDims d = dims_of(s);
       REQUIRE(be.conv_precision(s, ConvPass::forward) == precision);
       const std::string impl = implementation(be, s);
@@ -763,10 +743,7 @@ TEST_CASE(
       }
     }
   }
-  ConvShape pointwise;  // k = 1 at 2x2: one pixel reaches only itself
-  pointwise.batch = 3;
-  pointwise.in_channels = pointwise.out_channels = 32;
-  pointwise.height = pointwise.width = 2;
+  const ConvShape pointwise = conv_of(3, 32, 2, 2, 1, 1);  // k = 1 at 2x2: one pixel reaches only itself
   CHECK(implementation(be, pointwise).find("pixel matmul") == std::string::npos);
 }
 
@@ -788,14 +765,7 @@ TEST_CASE("bf16 forward with a rounded destination equals the float32 forward ro
   uint64_t seed = 1500;
   for (const Case& c : {Case{32, 6, 5, 3, 4}, Case{64, 5, 7, 3, 4}, Case{48, 5, 7, 3, 1}, Case{32, 2, 2, 3, 2},
                         Case{64, 1, 1, 1, 1}, Case{16, 5, 7, 1, 1}}) {
-    ConvShape s;
-    s.batch = 4;
-    s.in_channels = s.out_channels = c.channels;
-    s.height = c.height;
-    s.width = c.width;
-    s.kernel = c.kernel;
-    s.groups = c.groups;
-    s.precision = orthoconv::ConvPrecision::bf16;
+    const ConvShape s = conv_of(4, c.channels, c.height, c.width, c.kernel, c.groups, orthoconv::ConvPrecision::bf16);
     REQUIRE(be.conv_precision(s, ConvPass::forward) == orthoconv::ConvPrecision::bf16);
     const ref::ConvDims d = dims_of(s);
     INFO("shape " << s.str() << ": " << implementation(be, s));

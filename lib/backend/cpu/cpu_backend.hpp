@@ -193,6 +193,9 @@ class CpuBackend final : public Backend {
   struct PixelMatmul {
     dnnl::memory::data_type type = dnnl::memory::data_type::f32;
     int64_t block = 1, groups = 1, rows = 1, size = 1, image = 1;  // size: cg * plane; image: values per image
+    // Channels per block in the order of a group's (ci, q) values (pixel_offset): the layout's block, or all cg
+    // channels at one pixel.
+    int64_t row_block = 1;
     dnnl::memory::desc a, weights, c;
     dnnl::memory plain;  // the pixel matrix [groups, size, size] float32 (acb at one pixel), before its reorder
     dnnl::memory::desc plain_desc;

@@ -36,6 +36,16 @@ int64_t pixel_offset(int64_t channel, int64_t pixel, int64_t plane, int64_t bloc
   return (channel / block) * plane * block + pixel * block + channel % block;
 }
 
+// bf16 conv-layout values -> [groups, rows, size]: group i's `size` contiguous values of each of the `rows` images
+// (`image` values apart), so that each group's operand is one contiguous matrix.
+void gather_group_rows(const uint16_t* src, int64_t groups, int64_t rows, int64_t size, int64_t image, uint16_t* dst) {
+#pragma omp parallel for collapse(2) schedule(static) if (groups * rows * size > kParallelPixelFloats)
+  for (int64_t i = 0; i < groups; ++i)
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(dst + (i * rows + r) * size, src + r * image + i * size,
+                  static_cast<size_t>(size) * sizeof(uint16_t));
+}
+
 }  // namespace
 
 bool CpuBackend::pixel_matmul_applies(const ConvShape& shape, int64_t block) {
@@ -54,6 +64,7 @@ std::unique_ptr<CpuBackend::PixelMatmul> CpuBackend::make_pixel_matmul(const Con
   const int64_t plane = shape.height * shape.width;
   pm->type = type;
   pm->block = block;
+  pm->row_block = plane == 1 ? shape.in_channels / shape.groups : block;  // one pixel: the channels in order
   pm->groups = shape.groups;
   pm->rows = shape.batch;
   pm->size = shape.in_channels / shape.groups * plane;
@@ -121,7 +132,7 @@ void CpuBackend::pixel_weights(const ConvShape& shape, PixelMatmul& pm, const fl
 // `block` contiguous output channels.
 void CpuBackend::pixel_matrix_rows(const ConvShape& shape, const PixelMatmul& pm, const float* plain, float* matrix) {
   const int64_t h = shape.height, w = shape.width, k = shape.kernel, pad = k / 2, plane = h * w;
-  const int64_t cg = shape.in_channels / shape.groups, s = pm.size, taps = k * k, block = pm.block;
+  const int64_t cg = shape.in_channels / shape.groups, s = pm.size, taps = k * k, block = pm.row_block;
   const size_t filter = static_cast<size_t>(pm.groups * cg * cg * taps);
   if (pixel_scratch_.size() < filter) pixel_scratch_.resize(filter);
   float* transposed = pixel_scratch_.data();
@@ -165,12 +176,8 @@ void CpuBackend::run_pixel_matmul(const ConvShape& shape, PixelMatmul& pm, const
   if (pixel_scratch_.size() < gathered + product) pixel_scratch_.resize(gathered + product);
   auto* rows = reinterpret_cast<uint16_t*>(pixel_scratch_.data());
   float* out = pixel_scratch_.data() + gathered;
-  const auto* x = reinterpret_cast<const uint16_t*>(src);
+  gather_group_rows(reinterpret_cast<const uint16_t*>(src), g, n, s, image, rows);
   const bool parallel = g * n * s > kParallelPixelFloats;
-#pragma omp parallel for collapse(2) schedule(static) if (parallel)
-  for (int64_t i = 0; i < g; ++i)
-    for (int64_t r = 0; r < n; ++r)
-      std::memcpy(rows + (i * n + r) * s, x + r * image + i * s, static_cast<size_t>(s) * sizeof(uint16_t));
   dnnl_checked("pixel-matmul forward", shape, [&] {
     memory a(pm.a, engine_, rows), b(pm.weights, engine_, const_cast<float*>(weights)), c(pm.c, engine_, out);
     pm.primitive.execute(stream_, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
@@ -213,14 +220,8 @@ void CpuBackend::run_pixel_backward_weights(const ConvShape& shape, std::string&
     if (pixel_scratch_.size() < matrices + 2 * operand) pixel_scratch_.resize(matrices + 2 * operand);
     auto* x = reinterpret_cast<uint16_t*>(pixel_scratch_.data() + matrices);
     auto* dy = reinterpret_cast<uint16_t*>(pixel_scratch_.data() + matrices + operand);
-    const auto* xs = reinterpret_cast<const uint16_t*>(src);
-    const auto* dys = reinterpret_cast<const uint16_t*>(diff_dst);
-#pragma omp parallel for collapse(2) schedule(static) if (g * n * s > kParallelPixelFloats)
-    for (int64_t i = 0; i < g; ++i)
-      for (int64_t r = 0; r < n; ++r) {
-        std::memcpy(x + (i * n + r) * s, xs + r * image + i * s, static_cast<size_t>(s) * sizeof(uint16_t));
-        std::memcpy(dy + (i * n + r) * s, dys + r * image + i * s, static_cast<size_t>(s) * sizeof(uint16_t));
-      }
+    gather_group_rows(reinterpret_cast<const uint16_t*>(src), g, n, s, image, x);
+    gather_group_rows(reinterpret_cast<const uint16_t*>(diff_dst), g, n, s, image, dy);
     dnnl_checked("pixel-matmul backward-weights", shape, [&] {
       if (!pm.backward) {
         pm.dy_t = memory::desc({g, s, n}, memory::data_type::bf16, memory::format_tag::acb);
@@ -244,7 +245,7 @@ void CpuBackend::fold_pixel_gradient(const ConvShape& shape, const PixelMatmul& 
   // runs of `block` input channels into tap (q - p + k/2) of each.
   const int64_t h = shape.height, w = shape.width, k = shape.kernel, pad = k / 2, plane = h * w;
   const int64_t cg = shape.in_channels / shape.groups, s = pm.size, taps = k * k;
-  const int64_t block = plane == 1 ? cg : pm.block;
+  const int64_t block = pm.row_block;
 #pragma omp parallel for collapse(2) schedule(static) if (pm.groups * s * s > kParallelPixelFloats)
   for (int64_t i = 0; i < pm.groups; ++i)
     for (int64_t co = 0; co < cg; ++co) {
